@@ -1,0 +1,43 @@
+"""perturb: predict what SGD will do before running it.
+
+The perturbation theory of SGD (Tenka, *A Perturbative Analysis of Stochastic
+Descent*): SGD's expected test loss after ``T`` steps at learning rate ``η`` is a
+sum over diagrams, rooted trees whose nodes are grouped into parts; a diagram
+with ``d`` edges contributes ``O(η^d)``.
+
+Example:
+    >>> import perturb
+    >>> print(perturb.series(2, perturb.Online(batch_size=1)))  # doctest: +NORMALIZE_WHITESPACE
+    η^0: (1)·l
+    η^1: (-T)·G·G
+    η^2: (T*(2*T - 1)/2)·G·H·G + (T/2)·tr(C H)
+"""
+
+from perturb.contractions import Contraction, tensor_name
+from perturb.diagrams import Diagram, count_rooted_trees, diagrams, rooted_trees
+from perturb.predict import Population, Prediction, predict
+from perturb.schedules import GD, Epochs, Online, Schedule
+from perturb.series import QUANTITIES, Series, Term, eta, series
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GD",
+    "QUANTITIES",
+    "Contraction",
+    "Diagram",
+    "Epochs",
+    "Online",
+    "Population",
+    "Prediction",
+    "Schedule",
+    "Series",
+    "Term",
+    "count_rooted_trees",
+    "diagrams",
+    "eta",
+    "predict",
+    "rooted_trees",
+    "series",
+    "tensor_name",
+]

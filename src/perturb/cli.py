@@ -1,0 +1,495 @@
+"""The ``perturb`` command line.
+
+Subcommands:
+
+* ``perturb series``: the η-series of a quantity for a schedule, order by order, as
+  text, LaTeX or JSON;
+* ``perturb diagrams``: the diagrams of one order with their symmetry factors,
+  embedding counts and contractions, optionally drawn to files.
+
+Every subcommand is a small click command on the group :data:`cli`; the options
+that build a schedule are shared through :func:`schedule_options` and
+:func:`make_schedule`, so a new subcommand (``predict``, ``validate``, ...) is one
+more ``@cli.command`` taking the same options.  Sizes left out stay symbolic
+(``T``, ``B``, ``N``, ``E``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+import sympy as sp
+
+from perturb.contractions import Contraction
+from perturb.diagrams import Diagram, diagrams
+from perturb.schedules import FORMS, GD, Epochs, Online, Schedule
+from perturb.series import QUANTITIES, series
+
+__all__ = [
+    "SCHEDULES",
+    "cli",
+    "contraction_names",
+    "describe",
+    "diagram_table",
+    "main",
+    "make_schedule",
+    "schedule_options",
+    "series_report",
+]
+
+SCHEDULES = ("online", "epochs", "gd")
+"""Schedule names accepted by ``--schedule``."""
+
+OUTPUT_FORMATS = ("text", "latex", "json")
+DIAGRAM_QUANTITIES = ("test", "train", "displacement")
+IMAGE_FORMATS = ("svg", "png")
+
+# which schedule takes which size option (the option's parameter name -> schedules)
+_APPLIES = {
+    "steps": ("online", "gd"),
+    "batch_size": ("online", "epochs"),
+    "train_size": ("epochs", "gd"),
+    "epochs": ("epochs",),
+    "shuffle": ("epochs",),
+}
+
+_QUANTITY_LABELS = {
+    "test": "E[test loss]",
+    "train": "E[train loss]",
+    "gap": "E[test loss − train loss]",
+    "displacement": "E[θ_T − θ_0]",
+}
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def make_schedule(
+    name: str,
+    *,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    train_size: int | None = None,
+    epochs: int | None = None,
+    shuffle: bool = False,
+) -> Schedule:
+    """The schedule named ``name`` from the command line's size options.
+
+    Sizes left as ``None`` stay symbolic.  Options a schedule does not take are an
+    error rather than silently ignored.
+
+    Args:
+        name: ``"online"``, ``"epochs"`` or ``"gd"``.
+        steps: ``T`` (online, gd).
+        batch_size: ``B`` (online, epochs).
+        train_size: ``N`` (epochs, gd).
+        epochs: ``E`` (epochs).
+        shuffle: reshuffle before each epoch (epochs).
+
+    Returns:
+        The :class:`~perturb.schedules.Schedule`.
+
+    Raises:
+        ValueError: unknown name, an option the schedule does not take, or sizes
+            the schedule rejects (e.g. a batch size not dividing the train size).
+
+    Example:
+        >>> make_schedule("epochs", train_size=6, batch_size=2).steps
+        3*E
+        >>> make_schedule("gd", epochs=2)
+        Traceback (most recent call last):
+        ...
+        ValueError: --epochs does not apply to --schedule gd (it takes --steps, --train-size)
+    """
+    if name not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {name!r}")
+    given = {
+        "steps": steps is not None,
+        "batch_size": batch_size is not None,
+        "train_size": train_size is not None,
+        "epochs": epochs is not None,
+        "shuffle": bool(shuffle),
+    }
+    for option, used in given.items():
+        if used and name not in _APPLIES[option]:
+            takes = ", ".join(
+                _flag(o) for o, names in _APPLIES.items() if name in names and o != "shuffle"
+            )
+            raise ValueError(
+                f"{_flag(option)} does not apply to --schedule {name} (it takes {takes})"
+            )
+    if name == "online":
+        return Online(steps=steps, batch_size=batch_size)
+    if name == "gd":
+        return GD(train_size=train_size, steps=steps)
+    if train_size is not None and batch_size is not None and train_size % batch_size:
+        raise ValueError(
+            f"--batch-size must divide --train-size, got batch size {batch_size} "
+            f"and train size {train_size}"
+        )
+    return Epochs(train_size=train_size, batch_size=batch_size, epochs=epochs, shuffle=shuffle)
+
+
+def describe(schedule: Schedule) -> str:
+    """A short English description of a schedule, with its sizes or symbols.
+
+    Args:
+        schedule: the schedule.
+
+    Returns:
+        e.g. ``online SGD (T steps, batch B)``.
+
+    Example:
+        >>> describe(Online())
+        'online SGD (T steps, batch B)'
+        >>> describe(Epochs(train_size=6, batch_size=2, epochs=1, shuffle=True))
+        'SGD on 6 training points (batch 2, 1 epoch, reshuffled each epoch)'
+        >>> describe(GD(steps=5))
+        'full-batch GD (N points, 5 steps)'
+    """
+    if schedule.name == "online":
+        return f"online SGD ({_count(schedule.steps, 'step')}, batch {schedule.batch_size})"
+    if schedule.name == "gd":
+        return f"full-batch GD ({schedule.train_size} points, {_count(schedule.steps, 'step')})"
+    order = "reshuffled each epoch" if schedule.shuffle else "fixed order"
+    return (
+        f"SGD on {schedule.train_size} training points (batch {schedule.batch_size}, "
+        f"{_count(schedule.epochs, 'epoch')}, {order})"
+    )
+
+
+def series_report(
+    order: int,
+    schedule: Schedule,
+    quantity: str = "test",
+    *,
+    fmt: str = "text",
+    form: str = "cumulant",
+) -> str:
+    """The series of ``quantity`` for ``schedule`` formatted for printing.
+
+    Args:
+        order: the highest power of η.
+        schedule: the schedule.
+        quantity: ``"test"``, ``"train"``, ``"gap"`` or ``"displacement"``.
+        fmt: ``"text"`` (a header line, then one line per power of η), ``"latex"``
+            (an ``align*`` environment after a ``%`` comment header) or ``"json"``.
+        form: ``"cumulant"`` or ``"moment"``.
+
+    Returns:
+        The report, without a trailing newline.
+
+    Example:
+        >>> print(series_report(1, Online(batch_size=1)))
+        E[test loss] for online SGD (T steps, batch 1), to order η^1:
+        η^0: (1)·l
+        η^1: (-T)·G·G
+    """
+    if fmt not in OUTPUT_FORMATS:
+        raise ValueError(f"fmt must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
+    result = series(order, schedule, quantity, form=form)
+    if fmt == "json":
+        return result.to_json()
+    header = f"{_QUANTITY_LABELS[quantity]} for {describe(schedule)}, to order η^{order}"
+    if form != "cumulant":
+        header += f" ({form} form)"
+    if fmt == "latex":
+        return f"% {header}\n\\begin{{align*}}\n{result.to_latex()}\n\\end{{align*}}"
+    return f"{header}:\n{result.to_text()}"
+
+
+def diagram_table(
+    items: Sequence[Diagram],
+    schedule: Schedule,
+    quantity: str = "test",
+    *,
+    form: str = "cumulant",
+) -> str:
+    """A table of diagrams: tree, parts, ``|Aut(D)|``, embeddings, contraction.
+
+    Args:
+        items: the diagrams, e.g. ``diagrams(order, quantity=quantity)``.
+        schedule: the schedule counting the embeddings.
+        quantity: ``"test"``, ``"train"`` (the root takes a training point) or
+            ``"displacement"`` (the root is a free index).
+        form: ``"cumulant"`` or ``"moment"`` (embedding counts and tensor names).
+
+    Returns:
+        The table, one row per diagram, columns aligned, without a trailing newline.
+
+    Example:
+        >>> print(diagram_table(diagrams(2), Online()))  # doctest: +NORMALIZE_WHITESPACE
+        #  tree         parts        |Aut|  embeddings      contraction
+        0  [-1, 0, 1]   {0} {1} {2}  1      B**2*T*(T - 1)/2  G·H·G
+        1  [-1, 0, 0]   {0} {1,2}    2      B*T             tr(C H)
+        2  [-1, 0, 0]   {0} {1} {2}  2      B**2*T**2       G·H·G
+    """
+    if quantity not in DIAGRAM_QUANTITIES:
+        raise ValueError(
+            f"quantity must be one of {', '.join(DIAGRAM_QUANTITIES)}, got {quantity!r}"
+        )
+    rows = [("#", "tree", "parts", "|Aut|", "embeddings", "contraction")]
+    names = contraction_names(items, quantity, form=form)
+    for i, (d, name) in enumerate(zip(items, names, strict=True)):
+        count = schedule.embeddings(d, form=form, train_root=quantity == "train")
+        rows.append(
+            (
+                str(i),
+                str(list(d.parents)),
+                " ".join("{" + ",".join(map(str, p)) + "}" for p in d.parts),
+                str(d.automorphisms),
+                str(sp.factor(count)),
+                name,
+            )
+        )
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
+    return "\n".join(
+        "  ".join([*(cell.ljust(w) for cell, w in zip(r, widths, strict=False)), r[-1]])
+        for r in rows
+    )
+
+
+def contraction_names(
+    items: Sequence[Diagram], quantity: str = "test", *, form: str = "cumulant"
+) -> list[str]:
+    """The name of each diagram's tensor network, equal for equal networks.
+
+    Names come from the network's canonical form
+    (:attr:`Contraction.canonical <perturb.contractions.Contraction.canonical>`), so
+    they match what :func:`perturb.series.series` prints for the merged term.
+
+    Args:
+        items: the diagrams.
+        quantity: ``"displacement"`` leaves the root as a free index.
+        form: ``"cumulant"`` or ``"moment"``.
+
+    Returns:
+        One name per diagram.
+
+    Example:
+        >>> names = contraction_names(diagrams(3))
+        >>> names[1] == names[7]
+        True
+    """
+    return [
+        Contraction(
+            parents=d.parents, parts=d.parts, form=form, open_root=quantity == "displacement"
+        ).text
+        for d in items
+    ]
+
+
+def _flag(option: str) -> str:
+    return "--" + option.replace("_", "-")
+
+
+def _count(value: sp.Expr, noun: str) -> str:
+    return f"{value} {noun}" if value == 1 else f"{value} {noun}s"
+
+
+# ------------------------------------------------------------------- the group
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Perturbation theory of SGD: predict what SGD will do before running it."""
+
+
+def schedule_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the options that build a schedule; the command receives ``schedule``.
+
+    The decorated command gets one keyword argument ``schedule`` (a
+    :class:`~perturb.schedules.Schedule`) in place of the raw options; invalid
+    combinations are usage errors (exit code 2).
+
+    Example:
+        >>> @click.command()
+        ... @schedule_options
+        ... def show(schedule):
+        ...     click.echo(describe(schedule))
+        >>> show(["--schedule", "gd", "--train-size", "10"], standalone_mode=False)
+        full-batch GD (10 points, T steps)
+    """
+
+    def wrapper(
+        *args: Any,
+        schedule_name: str,
+        steps: int | None,
+        batch_size: int | None,
+        train_size: int | None,
+        epochs: int | None,
+        shuffle: bool,
+        **kwargs: Any,
+    ) -> Any:
+        try:
+            schedule = make_schedule(
+                schedule_name,
+                steps=steps,
+                batch_size=batch_size,
+                train_size=train_size,
+                epochs=epochs,
+                shuffle=shuffle,
+            )
+        except ValueError as error:
+            raise click.UsageError(str(error)) from error
+        return command(*args, schedule=schedule, **kwargs)
+
+    functools.update_wrapper(wrapper, command, updated=())
+    # the command's own options so far, copied (not shared) before adding ours
+    wrapper.__click_params__ = list(getattr(command, "__click_params__", []))  # type: ignore[attr-defined]
+    for option in reversed(_SCHEDULE_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+_positive = click.IntRange(min=1)
+_SCHEDULE_OPTIONS = (
+    click.option(
+        "--schedule",
+        "schedule_name",
+        type=click.Choice(SCHEDULES),
+        default="online",
+        show_default=True,
+        help="online: fresh samples each step; epochs: passes over a training set; gd: full batch.",
+    ),
+    click.option(
+        "--steps", "-T", type=_positive, help="Steps T (online, gd); symbolic if left out."
+    ),
+    click.option(
+        "--batch-size",
+        "-B",
+        type=_positive,
+        help="Batch size B (online, epochs); symbolic if left out.",
+    ),
+    click.option(
+        "--train-size",
+        "-N",
+        type=_positive,
+        help="Training set size N (epochs, gd); symbolic if left out.",
+    ),
+    click.option("--epochs", "-E", type=_positive, help="Epochs E (epochs); symbolic if left out."),
+    click.option(
+        "--shuffle/--no-shuffle",
+        default=False,
+        show_default=True,
+        help="Reshuffle the training set before each epoch (epochs).",
+    ),
+)
+
+
+_order_option = click.option(
+    "--order",
+    "-d",
+    required=True,
+    type=click.IntRange(min=0),
+    help="Highest power of η (number of diagram edges), at least 0.",
+)
+_form_option = click.option(
+    "--form",
+    type=click.Choice(FORMS),
+    default="cumulant",
+    show_default=True,
+    help="Name parts by joint cumulants (the paper's fuzzy outlines) or by moments.",
+)
+
+
+@cli.command("series")
+@_order_option
+@schedule_options
+@click.option(
+    "--quantity",
+    type=click.Choice(QUANTITIES),
+    default="test",
+    show_default=True,
+    help="Expected test loss, train loss, their gap, or the displacement θ_T − θ_0.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(OUTPUT_FORMATS),
+    default="text",
+    show_default=True,
+)
+@_form_option
+def series_command(order: int, schedule: Schedule, quantity: str, fmt: str, form: str) -> None:
+    """Print the η-series of a quantity, order by order."""
+    click.echo(series_report(order, schedule, quantity, fmt=fmt, form=form))
+
+
+@cli.command("diagrams")
+@_order_option
+@schedule_options
+@click.option(
+    "--quantity",
+    type=click.Choice(DIAGRAM_QUANTITIES),
+    default="test",
+    show_default=True,
+    help="The measured quantity, which decides where the root may sit.",
+)
+@_form_option
+@click.option(
+    "--draw",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Draw each diagram into this directory.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(IMAGE_FORMATS),
+    help="Image format for --draw.  [default: svg]",
+)
+def diagrams_command(
+    order: int,
+    schedule: Schedule,
+    quantity: str,
+    form: str,
+    directory: Path | None,
+    fmt: str | None,
+) -> None:
+    """List the diagrams of one order with their counts and contractions."""
+    if fmt is not None and directory is None:
+        raise click.UsageError("--format applies to drawings only; give --draw DIR too")
+    items = diagrams(order, quantity=quantity, path_condition=schedule.single_epoch)
+    condition = "with" if schedule.single_epoch else "without"
+    click.echo(
+        f"{len(items)} diagram{'' if len(items) == 1 else 's'} of order η^{order} for "
+        f"{_QUANTITY_LABELS[quantity]} in {describe(schedule)}, {condition} the path condition:"
+    )
+    click.echo(diagram_table(items, schedule, quantity, form=form))
+    if directory is not None:
+        from perturb.draw import draw_diagrams  # matplotlib only when drawing
+
+        names = contraction_names(items, quantity, form=form)
+        titles = [f"{i}: {name}" for i, name in enumerate(names)]
+        for path in draw_diagrams(items, directory, fmt=fmt or "svg", titles=titles):
+            click.echo(f"wrote {path}")
+
+
+def main(args: Sequence[str] | None = None, *, standalone_mode: bool = True) -> Any:
+    """Run the ``perturb`` command line (the console script's entry point).
+
+    Args:
+        args: the arguments; ``None`` reads ``sys.argv``.
+        standalone_mode: click's standalone mode: handle errors and exit.  Pass
+            ``False`` to call it from Python and get exceptions instead.
+
+    Returns:
+        The subcommand's return value (only when ``standalone_mode`` is false).
+
+    Example:
+        >>> main(["series", "--order", "1", "--schedule", "gd", "--quantity", "gap"],
+        ...      standalone_mode=False)
+        E[test loss − train loss] for full-batch GD (N points, T steps), to order η^1:
+        η^0: 0
+        η^1: (T/N)·tr(C)
+    """
+    return cli.main(args=args, prog_name="perturb", standalone_mode=standalone_mode)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,497 @@
+"""Smooth models for perturbative SGD experiments.
+
+The perturbative (diagrammatic) theory of SGD expands the loss in a Taylor series around the
+initial weights, so every model here is built from analytic pieces only: convolutions, linear
+layers, average pooling and ``tanh``/``softplus`` activations; no ReLU, max-pooling or
+BatchNorm. :func:`check_model` inspects user-supplied models for pieces that break those
+assumptions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import math
+import os
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "ModelSpecError",
+    "NonSmoothWarning",
+    "build_model",
+    "check_model",
+    "cross_entropy_per_sample",
+    "load_checkpoint",
+    "mlp",
+    "smooth_convnet",
+]
+
+#: Built-in model specs accepted by :func:`build_model` (besides ``"pkg.module:factory"``).
+BUILTIN_MODELS: tuple[str, ...] = ("smooth-convnet", "mlp")
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "softplus": nn.Softplus}
+# Variance gain of the activation used to scale the initialisation of the layer feeding it.
+_GAINS = {"tanh": 5.0 / 3.0, "softplus": 1.0}
+
+
+class NonSmoothWarning(UserWarning):
+    """A model contains a piece that breaks the smoothness assumed by the perturbative expansion.
+
+    Examples:
+        >>> issubclass(NonSmoothWarning, UserWarning)
+        True
+    """
+
+
+class ModelSpecError(ValueError):
+    """A model spec passed to :func:`build_model` cannot be turned into a model.
+
+    Examples:
+        >>> try:
+        ...     build_model("resnet", (1, 8, 8), 10)
+        ... except ModelSpecError as err:
+        ...     print("smooth-convnet" in str(err))
+        True
+    """
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def _activation(name: str) -> nn.Module:
+    try:
+        return _ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(
+            f"unknown activation {name!r}; analytic activations available: "
+            f"{', '.join(_ACTIVATIONS)}"
+        ) from None
+
+
+def _check_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {input_shape}")
+    return shape  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _private_rng() -> Iterator[None]:
+    """Restore the global CPU RNG afterwards (nn layer constructors draw default inits from it)."""
+    state = torch.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+
+
+@torch.no_grad()
+def _init(model: nn.Module, *, seed: int, gain: float) -> None:
+    """Deterministic LeCun-style init from a private generator (the global RNG is untouched).
+
+    Weights of every conv/linear layer are uniform with variance ``gain**2 / fan_in`` (gain 1 for
+    the last layer, which feeds no activation); biases are zero.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    for i, layer in enumerate(layers):
+        weight = layer.weight
+        fan_in = weight[0].numel()
+        g = 1.0 if i == len(layers) - 1 else gain
+        bound = g * math.sqrt(3.0 / fan_in)
+        weight.copy_(torch.empty(weight.shape).uniform_(-bound, bound, generator=gen))
+        if layer.bias is not None:
+            layer.bias.zero_()
+
+
+def smooth_convnet(
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    width: int = 8,
+    activation: str = "tanh",
+    seed: int = 0,
+) -> nn.Sequential:
+    """A small convnet made only of analytic pieces.
+
+    Layout: a 3×3 stem convolution with ``width`` channels, then 3×3 stride-2 convolutions
+    (doubling the channels each time) until the spatial size is at most 4, then global average
+    pooling and a linear classifier; ``activation`` follows every convolution. No BatchNorm, no
+    max-pooling. At ``width=8`` this gives 1,418 parameters for 1×8×8 digits, 25,034 for
+    1×28×28 Fashion-MNIST and 25,178 for 3×32×32 CIFAR-10.
+
+    Args:
+        input_shape: ``(C, H, W)`` of one input.
+        num_classes: Number of output logits.
+        width: Channels of the stem convolution.
+        activation: ``"tanh"`` or ``"softplus"``.
+        seed: Seed of the private generator used for the initial weights.
+
+    Returns:
+        An ``nn.Sequential`` mapping ``(n, C, H, W)`` to logits ``(n, num_classes)``.
+
+    Examples:
+        >>> net = smooth_convnet((1, 8, 8), 10)
+        >>> net(torch.zeros(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+        >>> sum(p.numel() for p in net.parameters())
+        1418
+    """
+    c, h, w = _check_shape(input_shape)
+    if width < 1 or num_classes < 1:
+        raise ValueError(f"width and num_classes must be >= 1, got {width} and {num_classes}")
+    _activation(activation)
+    with _private_rng():
+        layers: list[nn.Module] = [nn.Conv2d(c, width, 3, padding=1), _activation(activation)]
+        channels = width
+        while min(h, w) > 4:
+            layers += [nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1)]
+            layers += [_activation(activation)]
+            channels *= 2
+            h, w = (h + 1) // 2, (w + 1) // 2
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
+        model = nn.Sequential(*layers)
+    _init(model, seed=seed, gain=_GAINS[activation])
+    return model
+
+
+def mlp(
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    hidden: Sequence[int] = (32,),
+    activation: str = "tanh",
+    seed: int = 0,
+) -> nn.Sequential:
+    """A fully connected network with analytic activations.
+
+    Args:
+        input_shape: ``(C, H, W)`` of one input (flattened by the first layer).
+        num_classes: Number of output logits.
+        hidden: Widths of the hidden layers (empty for a linear model).
+        activation: ``"tanh"`` or ``"softplus"``.
+        seed: Seed of the private generator used for the initial weights.
+
+    Returns:
+        An ``nn.Sequential`` mapping ``(n, C, H, W)`` to logits ``(n, num_classes)``.
+
+    Examples:
+        >>> net = mlp((1, 8, 8), 10, hidden=(32,))
+        >>> net(torch.zeros(3, 1, 8, 8)).shape, sum(p.numel() for p in net.parameters())
+        (torch.Size([3, 10]), 2410)
+    """
+    c, h, w = _check_shape(input_shape)
+    if num_classes < 1 or any(int(k) < 1 for k in hidden):
+        raise ValueError(f"num_classes and hidden widths must be >= 1, got {num_classes}, {hidden}")
+    _activation(activation)  # validate the name even when there are no hidden layers
+    with _private_rng():
+        layers: list[nn.Module] = [nn.Flatten()]
+        fan_in = c * h * w
+        for k in hidden:
+            layers += [nn.Linear(fan_in, int(k)), _activation(activation)]
+            fan_in = int(k)
+        layers.append(nn.Linear(fan_in, num_classes))
+        model = nn.Sequential(*layers)
+    _init(model, seed=seed, gain=_GAINS[activation])
+    return model
+
+
+def build_model(
+    spec: str, input_shape: Sequence[int], num_classes: int, *, seed: int = 0
+) -> nn.Module:
+    """Build a model from a spec string.
+
+    Args:
+        spec: ``"smooth-convnet"``, ``"mlp"`` or ``"pkg.module:factory"``. A factory is called
+            with whichever of the keywords ``input_shape``, ``num_classes`` and ``seed`` it
+            accepts (all of them if it takes ``**kwargs``; none if it accepts none).
+        input_shape: ``(C, H, W)`` of one input.
+        num_classes: Number of output logits.
+        seed: Seed for the initial weights.
+
+    Returns:
+        The model (an ``nn.Module``).
+
+    Raises:
+        ModelSpecError: Unknown built-in, malformed spec, module that cannot be imported,
+            missing attribute, non-callable factory, or a factory not returning an ``nn.Module``.
+
+    Examples:
+        >>> build_model("mlp", (1, 8, 8), 10)(torch.zeros(1, 1, 8, 8)).shape
+        torch.Size([1, 10])
+        >>> isinstance(build_model("torch.nn:Identity", (1, 8, 8), 10), torch.nn.Identity)
+        True
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelSpecError(
+            f"model spec must be a non-empty string, got {spec!r}; "
+            f"valid built-ins: {', '.join(BUILTIN_MODELS)}, or 'pkg.module:factory'"
+        )
+    spec = spec.strip()
+    key = spec.lower().replace("_", "-")
+    if key == "smooth-convnet":
+        return smooth_convnet(input_shape, num_classes, seed=seed)
+    if key == "mlp":
+        return mlp(input_shape, num_classes, seed=seed)
+    if ":" not in spec:
+        raise ModelSpecError(
+            f"unknown model spec {spec!r}; valid built-ins: {', '.join(BUILTIN_MODELS)}, "
+            "or 'pkg.module:factory' for a factory function returning an nn.Module"
+        )
+    module_name, _, attr_path = spec.partition(":")
+    if not module_name or not attr_path:
+        raise ModelSpecError(
+            f"malformed model spec {spec!r}: expected 'pkg.module:factory' with both parts "
+            f"non-empty (valid built-ins: {', '.join(BUILTIN_MODELS)})"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ModelSpecError(
+            f"cannot import module {module_name!r} from model spec {spec!r}: {err}"
+        ) from err
+    factory: Any = module
+    for part in attr_path.split("."):
+        try:
+            factory = getattr(factory, part)
+        except AttributeError:
+            raise ModelSpecError(
+                f"module {module_name!r} has no attribute {attr_path!r} (model spec {spec!r})"
+            ) from None
+    if not callable(factory):
+        raise ModelSpecError(
+            f"{spec!r} is not callable (got {type(factory).__name__}); expected a factory "
+            "returning an nn.Module"
+        )
+    offered = {"input_shape": tuple(input_shape), "num_classes": num_classes, "seed": seed}
+    model = factory(**_accepted_kwargs(factory, offered))
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(
+            f"factory {spec!r} returned {type(model).__name__}, expected a torch.nn.Module"
+        )
+    return model
+
+
+def _accepted_kwargs(func: Any, offered: dict[str, Any]) -> dict[str, Any]:
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return dict(offered)
+    names = {
+        p.name
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    return {k: v for k, v in offered.items() if k in names}
+
+
+# --------------------------------------------------------------------------- checks
+
+_NON_ANALYTIC: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ReLU6,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.Hardtanh,
+    nn.Hardsigmoid,
+    nn.Hardswish,
+    nn.Hardshrink,
+    nn.Softshrink,
+    nn.Softsign,
+    nn.Threshold,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.FractionalMaxPool2d,
+    nn.FractionalMaxPool3d,
+    nn.LPPool1d,
+    nn.LPPool2d,
+)
+_DROPOUT: tuple[type[nn.Module], ...] = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+_BATCHNORM: tuple[type[nn.Module], ...] = tuple(
+    cls
+    for cls in (
+        getattr(nn.modules.batchnorm, "_BatchNorm", None),
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.SyncBatchNorm,
+    )
+    if cls is not None
+)
+
+
+def check_model(model: nn.Module) -> None:
+    """Check that a model fits the smoothness assumptions of the perturbative expansion.
+
+    Only submodules are inspected; activations applied functionally inside ``forward`` (e.g.
+    ``F.relu``) cannot be seen.
+
+    Args:
+        model: The model to inspect.
+
+    Warns:
+        NonSmoothWarning: For each non-analytic submodule (ReLU and its variants, ELU/CELU/SELU,
+            hard activations, max-pooling, LP-pooling) and each dropout layer in training mode.
+
+    Raises:
+        ValueError: If a BatchNorm layer is in training mode (it couples the samples in a batch).
+
+    Examples:
+        >>> check_model(smooth_convnet((1, 8, 8), 10))  # silent
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     check_model(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+        >>> print(caught[0].message)
+        submodule '1' (ReLU): the perturbative expansion assumes a smooth loss; ReLU is not analytic
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"check_model expects a torch.nn.Module, got {type(model).__name__}")
+    for name, module in model.named_modules():
+        label = f"submodule {name!r}" if name else "the model"
+        kind = type(module).__name__
+        if isinstance(module, _BATCHNORM) and module.training:
+            raise ValueError(
+                f"{label} ({kind}) is in training mode: batch normalisation couples the samples "
+                "in a batch; call model.eval() or remove it"
+            )
+        if isinstance(module, _NON_ANALYTIC):
+            warnings.warn(
+                f"{label} ({kind}): the perturbative expansion assumes a smooth loss; "
+                f"{kind} is not analytic",
+                NonSmoothWarning,
+                stacklevel=2,
+            )
+        elif isinstance(module, _DROPOUT) and module.training and module.p > 0:
+            warnings.warn(
+                f"{label} ({kind}): the perturbative expansion assumes a smooth, deterministic "
+                f"loss; {kind} is random in training mode; call model.eval() or remove it",
+                NonSmoothWarning,
+                stacklevel=2,
+            )
+
+
+# --------------------------------------------------------------------------- loss / checkpoints
+
+
+def cross_entropy_per_sample(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy loss.
+
+    Args:
+        logits: ``(n, num_classes)`` logits.
+        y: ``(n,)`` integer labels.
+
+    Returns:
+        A ``(n,)`` tensor of losses (differentiable).
+
+    Examples:
+        >>> cross_entropy_per_sample(torch.zeros(2, 4), torch.tensor([0, 3]))
+        tensor([1.3863, 1.3863])
+    """
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
+    """Load a saved ``state_dict`` into ``model`` (in place) after checking it matches.
+
+    The file is read with ``torch.load(..., weights_only=True)`` (no arbitrary code) and may
+    hold the state dict itself or a dict with the key ``"state_dict"`` or ``"model"``. A
+    ``"module."`` prefix (from ``DataParallel``) is stripped when the model has none.
+
+    Args:
+        model: The model to fill.
+        path: Path of the checkpoint file.
+
+    Returns:
+        ``model``, for chaining.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If the file is not a readable state dict, or its keys or shapes do not
+            match the model (all missing and unexpected keys and shape mismatches are listed).
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> a, b = mlp((1, 2, 2), 3, seed=0), mlp((1, 2, 2), 3, seed=1)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     torch.save(a.state_dict(), pathlib.Path(tmp) / "a.pt")
+        ...     _ = load_checkpoint(b, pathlib.Path(tmp) / "a.pt")
+        >>> all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+        True
+    """
+    path_str = os.fspath(path)
+    if not os.path.isfile(path_str):
+        raise FileNotFoundError(f"checkpoint file {path_str!r} does not exist")
+    try:
+        obj = torch.load(path_str, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise ValueError(
+            f"cannot read checkpoint {path_str!r} as a weights-only state dict: {err}"
+        ) from err
+    state = _extract_state_dict(obj, path_str)
+    expected = model.state_dict()
+    if not any(k.startswith("module.") for k in expected) and all(
+        k.startswith("module.") for k in state
+    ):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: expected {tuple(expected[k].shape)}, found {tuple(state[k].shape)}"
+        for k in expected
+        if k in state and tuple(expected[k].shape) != tuple(state[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {', '.join(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches: {'; '.join(mismatched)}")
+        raise ValueError(
+            f"checkpoint {path_str!r} does not match {type(model).__name__}: " + "; ".join(parts)
+        )
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _extract_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise ValueError(
+            f"checkpoint {path!r} is not a state dict: expected a mapping of parameter names to "
+            "tensors (optionally under the key 'state_dict' or 'model'), "
+            f"got {type(obj).__name__}"
+        )
+    return dict(obj)

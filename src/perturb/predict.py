@@ -1,0 +1,170 @@
+"""Numeric predictions: a series evaluated on a population at ``θ_0``.
+
+``predict`` assembles the η-series of a quantity for a schedule
+(:func:`perturb.series.series`) and evaluates every contraction on a
+:class:`Population`.  With ``exact=True`` the expectations are exact averages over
+the population's rows, computed in float64 from materialized derivative tensors
+(:mod:`perturb.reference.tensors`), which suits models with a few dozen
+parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from perturb.reference.tensors import derivative_tensors
+from perturb.schedules import Schedule
+from perturb.series import QUANTITIES, Series, series
+
+__all__ = ["Population", "Prediction", "predict"]
+
+
+@dataclass(frozen=True)
+class Population:
+    """A finite population: a per-sample loss and its rows, uniformly weighted.
+
+    Attributes:
+        loss_fn: ``loss_fn(params, x) -> scalar tensor`` for parameters ``params`` (a
+            1-D tensor) and one row ``x`` of ``data``.
+        data: the rows, shape ``(n, ...)``.
+
+    Example:
+        >>> import torch
+        >>> pop = Population(lambda p, x: ((p - x) ** 2).sum() / 2, torch.eye(2))
+        >>> len(pop)
+        2
+    """
+
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    data: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if not callable(self.loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(self.loss_fn).__name__}")
+        data = torch.as_tensor(self.data)
+        if data.ndim == 0 or data.shape[0] == 0:
+            raise ValueError(f"data must have at least one row, got shape {tuple(data.shape)}")
+        object.__setattr__(self, "data", data)
+
+    def __len__(self) -> int:
+        return int(self.data.shape[0])
+
+    def derivatives(self, theta0: torch.Tensor, max_order: int) -> dict[int, torch.Tensor]:
+        """Materialized per-sample ``∇^k l_x(θ_0)``, ``k = 0..max_order``, float64."""
+        return derivative_tensors(self.loss_fn, self.data, theta0, max_order)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A prediction, split by power of η.
+
+    Attributes:
+        series: the series that was evaluated.
+        lr: the learning rate.
+        coefficients: the numeric coefficient of each ``η^d`` (independent of ``lr``).
+
+    Example:
+        >>> import torch
+        >>> pop = Population(lambda p, x: ((p - x) ** 2).sum() / 2, torch.eye(2))
+        >>> from perturb.schedules import Online
+        >>> pred = predict(pop, torch.zeros(2), Online(steps=3, batch_size=1), lr=0.1, order=1)
+        >>> [round(v, 6) for v in pred.by_order]
+        [0.5, -0.15]
+    """
+
+    series: Series
+    lr: float
+    coefficients: tuple
+
+    @property
+    def by_order(self) -> list:
+        """The contribution of ``η^0, η^1, …, η^d``: floats (vectors for displacement)."""
+        return [_plain(c * self.lr**d) for d, c in enumerate(self.coefficients)]
+
+    @property
+    def total(self):
+        """The sum of :attr:`by_order`: the prediction truncated at order ``d``."""
+        return _plain(sum(c * self.lr**d for d, c in enumerate(self.coefficients)))
+
+    def at(self, lr: float) -> Prediction:
+        """The same prediction at another learning rate (no re-evaluation)."""
+        return Prediction(series=self.series, lr=_check_lr(lr), coefficients=self.coefficients)
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.ndim == 0 else value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return float(value)
+    return value if isinstance(value, np.ndarray) else float(value)
+
+
+def _check_lr(lr) -> float:
+    try:
+        value = float(lr)
+    except (TypeError, ValueError):
+        raise ValueError(f"lr must be a real number, got {lr!r}") from None
+    if not np.isfinite(value):
+        raise ValueError(f"lr must be finite, got {lr!r}")
+    return value
+
+
+def predict(
+    population: Population,
+    theta0: torch.Tensor,
+    schedule: Schedule,
+    *,
+    lr: float,
+    order: int,
+    quantity: str = "test",
+    exact: bool = True,
+) -> Prediction:
+    """Predict SGD's expected ``quantity`` after ``schedule`` from ``θ_0``.
+
+    Args:
+        population: the data distribution (uniform over its rows).
+        theta0: initial parameters, 1-D.
+        schedule: a numeric schedule (:func:`perturb.Online`, :func:`perturb.Epochs`, …).
+        lr: learning rate η.
+        order: highest power of η kept.
+        quantity: ``"test"``, ``"train"``, ``"gap"`` or ``"displacement"``.
+        exact: use exact population expectations (materialized tensors, float64).
+            Sampled estimates with error bars are not available yet: ``False`` raises.
+
+    Returns:
+        A :class:`Prediction`; ``by_order[d]`` is the ``η^d`` contribution.
+
+    Example:
+        >>> import torch
+        >>> from perturb.schedules import Online
+        >>> pop = Population(lambda p, x: ((p - x) ** 2).sum() / 2, torch.eye(2))
+        >>> p = predict(pop, torch.zeros(2), Online(steps=2, batch_size=1), lr=0.1, order=2)
+        >>> round(p.total, 6)
+        0.42
+    """
+    if not isinstance(population, Population):
+        raise TypeError(f"population must be a Population, got {type(population).__name__}")
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+    if not schedule.is_numeric:
+        raise ValueError(
+            "predict needs numeric schedule sizes, got a symbolic schedule; "
+            "e.g. Online(steps=100, batch_size=1)"
+        )
+    if quantity not in QUANTITIES:
+        raise ValueError(f"quantity must be one of {QUANTITIES}, got {quantity!r}")
+    if not exact:
+        raise ValueError(
+            "exact=False (estimates from a data sample, with error bars) is not available "
+            "yet; use exact=True on a population small enough to enumerate"
+        )
+    lr = _check_lr(lr)
+    s = series(order, schedule, quantity)
+    theta0 = torch.as_tensor(theta0, dtype=torch.float64)
+    derivs = population.derivatives(theta0, max(order, 1))
+    coefficients = tuple(s.evaluate(derivs, lr=1))
+    return Prediction(series=s, lr=lr, coefficients=coefficients)

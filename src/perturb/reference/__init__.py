@@ -1,0 +1,22 @@
+"""Independent reference implementations used to check the perturbative engine.
+
+Nothing in this subpackage imports the rest of :mod:`perturb`: it is the ground truth the
+engine is tested against, and users can run it to check perturb themselves.
+
+* :func:`oracle_series`: exact unrolling of SGD with a symbolic η on polynomial
+  landscapes, every sample sequence enumerated (exact rationals).
+* :func:`unroll_taylor`: the same for any torch loss, by autodiff in η at η = 0.
+* :func:`derivative_tensors`, :func:`polynomial_derivative_tensors`: materialized
+  per-sample derivative tensors (float64, or exact rationals).
+"""
+
+from .oracle import oracle_series, unroll_taylor
+from .tensors import derivative_tensors, polynomial_derivative_tensors, population_statistics
+
+__all__ = [
+    "derivative_tensors",
+    "oracle_series",
+    "polynomial_derivative_tensors",
+    "population_statistics",
+    "unroll_taylor",
+]

@@ -1,0 +1,242 @@
+"""Tests for the ``perturb`` command line (perturb.cli) through click's CliRunner."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from perturb.cli import cli, describe, main, make_schedule
+from perturb.schedules import Epochs, Online
+from perturb.series import series
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run(*args: str):
+    """Invoke the CLI in-process; exceptions other than SystemExit propagate."""
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+# ---------------------------------------------------------------------- series
+
+
+def test_series_order_2_matches_theory_notes():
+    result = run("series", "--order", "2", "--batch-size", "1")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "E[test loss] for online SGD (T steps, batch 1), to order η^2:"
+    assert lines[1] == "η^0: (1)·l"
+    assert lines[2] == "η^1: (-T)·G·G"
+    assert "(T*(2*T - 1)/2)·G·H·G" in lines[3]
+    assert "(T/2)·tr(C H)" in lines[3]
+
+
+def test_series_symbolic_header_and_terms():
+    result = run("series", "--order", "2")
+    assert result.exit_code == 0, result.output
+    first, *rest = result.output.splitlines()
+    assert first == "E[test loss] for online SGD (T steps, batch B), to order η^2:"
+    assert len(rest) == 3
+    assert "(T*(2*T - 1)/2)·G·H·G" in result.output
+    assert "tr(C H)" in result.output
+
+
+def test_series_order_3_header():
+    result = run("series", "--order", "3")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(
+        "E[test loss] for online SGD (T steps, batch B), to order η^3:\n"
+    )
+    assert result.output.splitlines()[-1].startswith("η^3: ")
+    assert "J:S" in result.output
+
+
+def test_series_json_parses_with_every_term():
+    result = run("series", "--order", "2", "--format", "json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    expected = series(2, Online())
+    assert len(data["terms"]) == len(expected.terms) == 4
+    assert data["order"] == 2 and data["quantity"] == "test"
+    assert {t["contraction"] for t in data["terms"]} == {"l", "G·G", "G·H·G", "tr(C H)"}
+    assert data["schedule"]["name"] == "online"
+
+
+def test_series_latex():
+    result = run("series", "--order", "2", "--format", "latex")
+    assert result.exit_code == 0, result.output
+    assert r"\operatorname{tr}" in result.output
+    assert r"\begin{align*}" in result.output and r"\end{align*}" in result.output
+    assert result.output.startswith("% E[test loss]")
+
+
+def test_series_gd_gap():
+    result = run("series", "--schedule", "gd", "--quantity", "gap", "--order", "1")
+    assert result.exit_code == 0, result.output
+    assert "(T/N)·tr(C)" in result.output
+    assert result.output.splitlines()[0].startswith("E[test loss − train loss] for full-batch GD")
+
+
+def test_series_numeric_sizes():
+    result = run("series", "--order", "2", "--steps", "3", "--batch-size", "1")
+    assert result.exit_code == 0, result.output
+    assert "(3 steps, batch 1)" in result.output
+    assert "η^1: (-3)·G·G" in result.output
+    assert "(15/2)·G·H·G" in result.output and "(3/2)·tr(C H)" in result.output
+    assert "T" not in result.output.split("\n", 1)[1]  # no symbol left after the header
+
+
+def test_series_epochs_and_moment_form():
+    result = run(
+        "series", "-d", "1", "--schedule", "epochs", "-N", "6", "-B", "2", "-E", "2", "--shuffle"
+    )
+    assert result.exit_code == 0, result.output
+    assert "reshuffled each epoch" in result.output
+    assert "η^1: (-6)·G·G" in result.output
+    moment = run("series", "--order", "2", "--form", "moment", "--batch-size", "1")
+    assert moment.exit_code == 0, moment.output
+    assert "(moment form)" in moment.output and "E[∇l ∇l]" in moment.output
+
+
+def test_series_displacement():
+    result = run("series", "--order", "1", "--quantity", "displacement")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].startswith("E[θ_T − θ_0]")
+    assert "(-T)·G" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["series", "--order", "-1"], "-1 is not in the range"),
+        (["series"], "Missing option '--order'"),
+        (["series", "--order", "x"], "is not a valid integer"),
+        (["series", "--order", "1", "--schedule", "sgd"], "'online', 'epochs', 'gd'"),
+        (["series", "--order", "1", "--quantity", "loss"], "'test', 'train', 'gap'"),
+        (["series", "--order", "1", "--format", "html"], "'text', 'latex', 'json'"),
+        (["series", "--order", "1", "--form", "raw"], "'cumulant', 'moment'"),
+        (["series", "--order", "1", "--steps", "0"], "0 is not in the range x>=1"),
+        (
+            ["series", "--order", "1", "--schedule", "epochs", "-N", "6", "-B", "4"],
+            "--batch-size must divide --train-size",
+        ),
+        (["series", "--order", "1", "--epochs", "2"], "--epochs does not apply to --schedule"),
+        (["series", "--order", "1", "--schedule", "gd", "-B", "2"], "--batch-size does not"),
+        (["series", "--order", "1", "--shuffle"], "--shuffle does not apply"),
+        (["diagrams", "--order", "-2"], "-2 is not in the range"),
+        (["diagrams", "--order", "2", "--quantity", "gap"], "'test', 'train', 'displacement'"),
+        (["diagrams", "--order", "2", "--schedule", "adam"], "'online', 'epochs', 'gd'"),
+        (["diagrams", "--order", "2", "--draw", "x", "--format", "pdf"], "'svg', 'png'"),
+        (["diagrams", "--order", "2", "--format", "png"], "give --draw DIR"),
+        (["frobnicate"], "No such command"),
+    ],
+)
+def test_bad_input_is_a_usage_error(args, message):
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not isinstance(result.exception, (ValueError, TypeError))
+
+
+def test_help_lists_commands():
+    result = run("--help")
+    assert result.exit_code == 0
+    assert "series" in result.output and "diagrams" in result.output
+
+
+def test_main_entry_point(capsys):
+    assert main(["series", "--order", "0"], standalone_mode=False) is None
+    assert capsys.readouterr().out.splitlines()[-1] == "η^0: (1)·l"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["series", "--order", "-1"])
+    assert exit_info.value.code == 2
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def test_make_schedule_symbolic_and_numeric():
+    assert make_schedule("online") == Online()
+    assert make_schedule("epochs", train_size=6, batch_size=2, epochs=3, shuffle=True) == Epochs(
+        train_size=6, batch_size=2, epochs=3, shuffle=True
+    )
+    gd = make_schedule("gd", train_size=5, steps=2)
+    assert (gd.batch_size, gd.steps) == (5, 2)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        make_schedule("adam")
+
+
+def test_describe():
+    assert describe(Online(steps=1, batch_size=2)) == "online SGD (1 step, batch 2)"
+    assert describe(Epochs()) == "SGD on N training points (batch B, E epochs, fixed order)"
+
+
+# -------------------------------------------------------------------- diagrams
+
+
+def _table_rows(output: str) -> list[list[str]]:
+    lines = output.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("#  tree"))
+    rows = []
+    for line in lines[header + 1 :]:
+        if line.startswith("wrote "):
+            break
+        rows.append(line.split("  "))
+    return rows
+
+
+def test_diagrams_order_3_table():
+    result = run("diagrams", "--order", "3")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("9 diagrams of order η^3 for E[test loss] in online SGD")
+    rows = _table_rows(result.output)
+    assert len(rows) == 9
+    assert [r[0] for r in rows] == [str(i) for i in range(9)]
+    text = result.output
+    assert "B*T " in text and "J:S" in text  # the three-leaf star in one part: S
+    assert "[-1, 0, 1, 2]" in text and "B**3*T*(T - 2)*(T - 1)/6" in text
+    star = next(line for line in text.splitlines() if "{0} {1,2,3}" in line)
+    assert " 6 " in star  # |Aut| of the star whose leaves share a part
+
+
+def test_diagrams_name_equal_networks_alike_and_as_series_does():
+    result = run("diagrams", "--order", "3")
+    names = {line.rsplit("  ", 1)[-1] for line in result.output.splitlines()[2:]}
+    series_names = {t.contraction.text for t in series(3, Online()).terms if t.power == 3}
+    assert names == series_names
+
+
+def test_diagrams_train_and_multi_epoch():
+    train = run("diagrams", "--order", "1", "--quantity", "train", "--schedule", "gd")
+    assert train.exit_code == 0, train.output
+    assert "without the path condition" in train.output
+    assert "{0,1}" in train.output and "tr(C)" in train.output
+    assert len(_table_rows(train.output)) == 2
+    disp = run("diagrams", "--order", "2", "--quantity", "displacement", "--steps", "4")
+    assert disp.exit_code == 0, disp.output
+    assert "1 diagram of order η^2" in disp.output and "6*B**2" in disp.output
+
+
+@pytest.mark.parametrize("fmt", ["svg", "png"])
+def test_diagrams_draw(tmp_path: Path, fmt: str):
+    out = tmp_path / "pictures"
+    args = ["diagrams", "--order", "3", "--draw", str(out)]
+    if fmt == "png":
+        args += ["--format", "png"]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    written = [Path(line.removeprefix("wrote ")) for line in result.output.splitlines()]
+    written = [p for p in written if p.suffix == f".{fmt}"]
+    assert len(written) == 9
+    assert sorted(p.name for p in out.iterdir()) == [f"d3_{i:03d}.{fmt}" for i in range(9)]
+    for path in written:
+        assert path.is_file()
+        if fmt == "png":
+            assert path.read_bytes()[:8] == PNG_MAGIC
+        else:
+            assert ET.parse(path).getroot().tag == "{http://www.w3.org/2000/svg}svg"
