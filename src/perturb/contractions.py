@@ -338,23 +338,34 @@ class Contraction:
         return total
 
     def _refinements(self) -> list[tuple[tuple[tuple[int, ...], ...], int]]:
-        tensors = list(self.tensors)
-        if self.open_root:
-            tensors.append((0,))
-        if self.form == "moment":
-            return [(tuple(tensors), 1)]
-        options = []
-        for part in tensors:
-            opts = []
-            for sub in set_partitions(list(part)):
-                k = len(sub)
-                opts.append(([tuple(b) for b in sub], (-1) ** (k - 1) * math.factorial(k - 1)))
-            options.append(opts)
-        out = []
-        for choice in itertools.product(*options):
-            blocks = tuple(b for sub, _ in choice for b in sub)
-            out.append((blocks, math.prod(w for _, w in choice)))
-        return out
+        return _refinements_of(self.tensors, open_root=self.open_root, form=self.form)
+
+
+def _refinements_of(
+    parts, *, open_root: bool, form: str = "cumulant"
+) -> list[tuple[tuple[tuple[int, ...], ...], int]]:
+    """Moment networks and Möbius weights whose sum is the cumulant network of ``parts``.
+
+    With ``open_root`` the root's part is left out of the tensors and kept as the
+    singleton block ``(0,)``.
+    """
+    tensors = [tuple(p) for p in parts if not (open_root and 0 in p)]
+    if open_root:
+        tensors.append((0,))
+    if form == "moment":
+        return [(tuple(tensors), 1)]
+    options = []
+    for part in tensors:
+        opts = []
+        for sub in set_partitions(list(part)):
+            k = len(sub)
+            opts.append(([tuple(b) for b in sub], (-1) ** (k - 1) * math.factorial(k - 1)))
+        options.append(opts)
+    out = []
+    for choice in itertools.product(*options):
+        blocks = tuple(b for sub, _ in choice for b in sub)
+        out.append((blocks, math.prod(w for _, w in choice)))
+    return out
 
 
 def _walk(count: int, links: list[tuple[int, int]], free: int | None):

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from perturb.reference.tensors import derivative_tensors
+from perturb.resum import resummed_terms, resummed_values
 from perturb.schedules import Schedule
 from perturb.series import QUANTITIES, Series, series
 
@@ -60,12 +61,16 @@ class Population:
 
 @dataclass(frozen=True)
 class Prediction:
-    """A prediction, split by power of η.
+    """A prediction, split by order (power of η, or edges of re-summed diagrams).
 
     Attributes:
-        series: the series that was evaluated.
+        quantity: what was predicted.
         lr: the learning rate.
-        coefficients: the numeric coefficient of each ``η^d`` (independent of ``lr``).
+        values: the contribution of each order at ``lr``.
+        series: the un-resummed series (``None`` when re-summed).
+        coefficients: the numeric coefficient of each ``η^d`` (un-resummed only;
+            independent of ``lr``, so :meth:`at` costs nothing).
+        resummed: whether edges carry ``η(I − ηH)^{Δt−1}``.
 
     Example:
         >>> import torch
@@ -76,23 +81,36 @@ class Prediction:
         [0.5, -0.15]
     """
 
-    series: Series
+    quantity: str
     lr: float
-    coefficients: tuple
+    values: tuple
+    series: Series | None = None
+    coefficients: tuple | None = None
+    resummed: bool = False
 
     @property
     def by_order(self) -> list:
-        """The contribution of ``η^0, η^1, …, η^d``: floats (vectors for displacement)."""
-        return [_plain(c * self.lr**d) for d, c in enumerate(self.coefficients)]
+        """The contribution of each order ``0..d``: floats (vectors for displacement)."""
+        return [_plain(v) for v in self.values]
 
     @property
     def total(self):
         """The sum of :attr:`by_order`: the prediction truncated at order ``d``."""
-        return _plain(sum(c * self.lr**d for d, c in enumerate(self.coefficients)))
+        return _plain(sum(self.values))
 
     def at(self, lr: float) -> Prediction:
-        """The same prediction at another learning rate (no re-evaluation)."""
-        return Prediction(series=self.series, lr=_check_lr(lr), coefficients=self.coefficients)
+        """The same un-resummed prediction at another learning rate (no re-evaluation)."""
+        if self.coefficients is None:
+            raise ValueError("a re-summed prediction depends on lr non-polynomially; call predict")
+        lr = _check_lr(lr)
+        values = tuple(c * lr**d for d, c in enumerate(self.coefficients))
+        return Prediction(
+            quantity=self.quantity,
+            lr=lr,
+            values=values,
+            series=self.series,
+            coefficients=self.coefficients,
+        )
 
 
 def _plain(value):
@@ -122,6 +140,7 @@ def predict(
     order: int,
     quantity: str = "test",
     exact: bool = True,
+    resummed: bool = False,
 ) -> Prediction:
     """Predict SGD's expected ``quantity`` after ``schedule`` from ``θ_0``.
 
@@ -134,6 +153,9 @@ def predict(
         quantity: ``"test"``, ``"train"``, ``"gap"`` or ``"displacement"``.
         exact: use exact population expectations (materialized tensors, float64).
             Sampled estimates with error bars are not available yet: ``False`` raises.
+        resummed: re-summed diagrams, edges carrying ``η(I − ηH)^{Δt−1}``
+            (:mod:`perturb.resum`; online SGD and GD), exact through a full
+            eigendecomposition of ``H``; ``order`` then counts edges.
 
     Returns:
         A :class:`Prediction`; ``by_order[d]`` is the ``η^d`` contribution.
@@ -163,8 +185,25 @@ def predict(
             "yet; use exact=True on a population small enough to enumerate"
         )
     lr = _check_lr(lr)
-    s = series(order, schedule, quantity)
     theta0 = torch.as_tensor(theta0, dtype=torch.float64)
-    derivs = population.derivatives(theta0, max(order, 1))
+    derivs = population.derivatives(theta0, max(order, 2))
+    if resummed:
+        values = _resummed(derivs, schedule, quantity, order=order, lr=lr)
+        return Prediction(quantity=quantity, lr=lr, values=tuple(values), resummed=True)
+    s = series(order, schedule, quantity)
     coefficients = tuple(s.evaluate(derivs, lr=1))
-    return Prediction(series=s, lr=lr, coefficients=coefficients)
+    values = tuple(c * lr**d for d, c in enumerate(coefficients))
+    return Prediction(quantity=quantity, lr=lr, values=values, series=s, coefficients=coefficients)
+
+
+def _resummed(derivs, schedule: Schedule, quantity: str, *, order: int, lr: float) -> list:
+    steps = int(schedule.steps)
+    if quantity == "gap":
+        test = _resummed(derivs, schedule, "test", order=order, lr=lr)
+        train = _resummed(derivs, schedule, "train", order=order, lr=lr)
+        return [a - b for a, b in zip(test, train, strict=True)]
+    terms = resummed_terms(order, schedule, quantity)
+    values = resummed_values(terms, derivs, lr=lr, steps=steps, schedule=schedule)
+    if quantity == "displacement":
+        values[0] = torch.zeros(derivs[1].shape[1], dtype=torch.float64)
+    return values
