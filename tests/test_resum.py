@@ -162,7 +162,7 @@ def test_resummed_agrees_with_unresummed_to_next_order_on_tanh_net():
 def test_long_runs_cost_no_more_than_short_ones():
     import time
 
-    hess, xs, theta0, loss_fn = _linear_gaussian(3, 6, 0)
+    _hess, xs, theta0, loss_fn = _linear_gaussian(3, 6, 0)
     pop = perturb.Population(loss_fn, xs)
     times = []
     for steps in (100, 100_000):
@@ -193,11 +193,11 @@ def test_time_sum_is_the_brute_force_sum_over_embeddings():
         if t.diagram.parents == (-1, 0, 1)
     ]
     assert len(chain) == 0  # a one-child singleton node is re-summed away
-    cherry = [
+    cherry = next(
         t
         for t in resummed_terms(2, perturb.Online(steps=6, batch_size=1))
         if t.diagram.parents == (-1, 0, 0) and len(t.diagram.parts) == 3
-    ][0]
+    )
     xa, xb = torch.tensor(0.7, dtype=torch.float64), torch.tensor(0.4, dtype=torch.float64)
     brute = sum(0.7 ** (6 - s - 1) * 0.4 ** (6 - t - 1) for s in range(6) for t in range(6))
     assert float(time_sum(cherry.orders, [xa, xb], 6)) == pytest.approx(brute, rel=1e-13)

@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import itertools
 import string
-from fractions import Fraction
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 
 import sympy as sp
 import torch
@@ -293,7 +293,7 @@ def complete_homogeneous(zs: torch.Tensor, n: int) -> torch.Tensor:
     if j == 0:
         return zs[..., 0] ** n
     z = torch.diag_embed(zs) + torch.diag_embed(
-        torch.ones(zs.shape[:-1] + (j,), dtype=zs.dtype, device=zs.device), offset=-1
+        torch.ones((*zs.shape[:-1], j), dtype=zs.dtype, device=zs.device), offset=-1
     )
     return torch.linalg.matrix_power(z, n + j)[..., j, 0]
 
