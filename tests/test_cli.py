@@ -240,3 +240,18 @@ def test_diagrams_draw(tmp_path: Path, fmt: str):
             assert path.read_bytes()[:8] == PNG_MAGIC
         else:
             assert ET.parse(path).getroot().tag == "{http://www.w3.org/2000/svg}svg"
+
+
+def test_series_resummed_reproduces_example_1():
+    """Example 1 of the paper: the skew term −(η³/3!) Σ S J (1 − y^T)/(1 − y), y = Π x."""
+    result = run("series", "--order", "3", "--resummed", "--batch-size", "1")
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if "S_(a,b,c)" in x)
+    assert line == "η^3·(-1/6)·Σ J_abc S_(a,b,c) · (x_a**T*x_b**T*x_c**T - 1)/(x_a*x_b*x_c - 1)"
+
+
+def test_series_resummed_bad_inputs():
+    result = run("series", "--order", "2", "--resummed", "--schedule", "epochs", "--epochs", "2")
+    assert result.exit_code == 2 and "re-summation supports" in result.output
+    result = run("series", "--order", "2", "--resummed", "--quantity", "gap")
+    assert result.exit_code == 2 and "test and train separately" in result.output

@@ -26,6 +26,7 @@ import sympy as sp
 
 from perturb.contractions import Contraction
 from perturb.diagrams import Diagram, diagrams
+from perturb.resum import resummed_report
 from perturb.schedules import FORMS, GD, Epochs, Online, Schedule
 from perturb.series import QUANTITIES, series
 
@@ -415,9 +416,34 @@ _form_option = click.option(
     show_default=True,
 )
 @_form_option
-def series_command(order: int, schedule: Schedule, quantity: str, fmt: str, form: str) -> None:
+@click.option(
+    "--resummed",
+    is_flag=True,
+    help="Print the re-summed diagrams (edges carry η(I − ηH)^{Δt−1}) with their exact "
+    "sums over embeddings, in an eigenbasis of H (online SGD and GD).",
+)
+def series_command(
+    order: int, schedule: Schedule, quantity: str, fmt: str, form: str, resummed: bool
+) -> None:
     """Print the η-series of a quantity, order by order."""
-    click.echo(series_report(order, schedule, quantity, fmt=fmt, form=form))
+    if not resummed:
+        click.echo(series_report(order, schedule, quantity, fmt=fmt, form=form))
+        return
+    if quantity == "gap":
+        raise click.BadParameter(
+            "with --resummed print test and train separately", param_hint="--quantity"
+        )
+    try:
+        report = resummed_report(order, schedule, quantity, fmt=fmt)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    if fmt == "text":
+        header = (
+            f"Re-summed {_QUANTITY_LABELS[quantity]} for {describe(schedule)}, diagrams "
+            f"with up to {order} edges; x_a = 1 − η·h_a, h_a the eigenvalue of H on index a:"
+        )
+        report = f"{header}\n{report}"
+    click.echo(report)
 
 
 @cli.command("diagrams")

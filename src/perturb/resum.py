@@ -407,3 +407,52 @@ def _open_network(term: ResummedTerm, rotated: Mapping[int, torch.Tensor]) -> to
         value = value * Fraction(weight, n**nblocks) if exact else value * (weight / n**nblocks)
         total = value if total is None else total + value
     return total
+
+
+def resummed_report(order: int, schedule: Schedule, quantity: str = "test", *, fmt: str = "text"):
+    """The re-summed diagrams of ``quantity`` with their exact sums over embeddings.
+
+    Each line is ``η^d · prefactor · Σ_{indices} (tensor network) · S(x)``: the
+    network in index notation with one letter per edge, summed over an eigenbasis of
+    ``H``, and ``S`` the exact sum over embeddings in ``x_a = 1 − η h_a`` (``h_a`` the
+    eigenvalue of edge ``a``'s index), symbolic in ``T``.
+
+    Args:
+        order: highest number of edges.
+        schedule: online SGD or GD.
+        quantity: ``"test"``, ``"train"`` or ``"displacement"``.
+        fmt: ``"text"``, ``"latex"`` or ``"json"``.
+
+    Example:
+        >>> from perturb.schedules import Online
+        >>> lines = resummed_report(3, Online(batch_size=1)).splitlines()
+        >>> print(next(line for line in lines if "S_(a,b,c)" in line))
+        η^3·(-1/6)·Σ J_abc S_(a,b,c) · (x_a**T*x_b**T*x_c**T - 1)/(x_a*x_b*x_c - 1)
+    """
+    import json
+
+    if fmt not in ("text", "latex", "json"):
+        raise ValueError(f"fmt must be one of 'text', 'latex', 'json', got {fmt!r}")
+    steps = schedule.steps
+    steps = sp.Symbol("T", positive=True, integer=True) if not steps.is_number else steps
+    records = []
+    for term in resummed_terms(order, schedule, quantity):
+        network = term.contraction
+        text, tex = network._einstein(network._names())
+        time = sp.factor(sp.simplify(term.time_sum_expr(steps))) if term.edges else sp.Integer(1)
+        records.append((term.diagram.edges, sp.factor(term.prefactor), text, tex, time))
+    if fmt == "json":
+        return json.dumps(
+            [
+                {"edges": d, "prefactor": str(p), "network": t, "latex": x, "time_sum": str(s)}
+                for d, p, t, x, s in records
+            ],
+            indent=2,
+            ensure_ascii=False,
+        )
+    if fmt == "latex":
+        return " \\\\\n".join(
+            rf"\eta^{{{d}}} \left({sp.latex(p)}\right) \sum {x} \; {sp.latex(s)}"
+            for d, p, _, x, s in records
+        )
+    return "\n".join(f"η^{d}·({p})·Σ {t} · {s}" for d, p, t, _, s in records)
