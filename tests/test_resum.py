@@ -210,3 +210,25 @@ def test_bad_schedules():
         resummed_terms(2, perturb.Online(), "gap")
     with pytest.raises(TypeError, match="schedule must be a Schedule"):
         resummed_terms(2, "online")
+
+
+def test_mean_tensors_replace_per_sample_tensors_for_lone_nodes():
+    """Order-2 re-summed values need per-sample gradients only; H may be a mean."""
+    from perturb.reference import derivative_tensors
+    from perturb.resum import resummed_values
+
+    hess, xs, theta0, loss_fn = _linear_gaussian(4, 5, 3)
+    derivs = derivative_tensors(loss_fn, xs, theta0, 2)
+    schedule = perturb.Online(steps=50, batch_size=2)
+    terms = resummed_terms(2, schedule)
+    full = resummed_values(terms, derivs, lr=0.2, steps=50, schedule=schedule)
+    lean = resummed_values(
+        terms,
+        {0: derivs[0], 1: derivs[1]},
+        lr=0.2,
+        steps=50,
+        schedule=schedule,
+        means={2: derivs[2].mean(0)},
+    )
+    for a, b in zip(full, lean, strict=True):
+        assert float(b) == pytest.approx(float(a), rel=1e-12)

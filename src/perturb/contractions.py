@@ -307,6 +307,7 @@ class Contraction:
         derivs: Mapping[int, object],
         *,
         einsum: Callable[..., object] | None = None,
+        means: Mapping[int, object] | None = None,
     ):
         """Evaluate the network from per-sample derivative tensors.
 
@@ -316,6 +317,9 @@ class Contraction:
                 ``derivs[0]`` holds the losses.  Arrays may be numpy (any dtype,
                 ``object`` for exact rationals) or torch tensors.
             einsum: the einsum to use (default: numpy's, or torch's for tensors).
+            means: optional mean tensors ``E∇^k l`` (shape ``(P,)*k``), used for nodes
+                alone in their block, so that per-sample tensors of that order are not
+                needed (e.g. the Hessian of a test root).
 
         Returns:
             A scalar, or a vector of length ``P`` when :attr:`open_root`.
@@ -332,7 +336,7 @@ class Contraction:
         n = _rows(derivs)
         total = None
         for refined, weight in self._refinements():
-            term = _moment_network(self.parents, refined, self.open_root, derivs, n, einsum)
+            term = _moment_network(self.parents, refined, self.open_root, derivs, n, einsum, means)
             term = term * weight
             total = term if total is None else total + term
         return total
@@ -407,8 +411,13 @@ def _default_einsum(derivs: Mapping[int, object]) -> Callable[..., object]:
     return lambda spec, *ops: np.einsum(spec, *ops, optimize="greedy")
 
 
-def _moment_network(parents, blocks, open_root, derivs, n, einsum):
-    """``E`` over one independent sample per block of the contracted product."""
+def _moment_network(parents, blocks, open_root, derivs, n, einsum, means=None, keep_edges=False):
+    """``E`` over one independent sample per block of the contracted product.
+
+    A node alone in its block uses ``means[k]`` (no sample index) when given.  With
+    ``keep_edges`` every edge index stays open in the output (edges in node order).
+    """
+    means = means or {}
     letter = {}
     for v, p in enumerate(parents):
         if p >= 0:
@@ -427,13 +436,21 @@ def _moment_network(parents, blocks, open_root, derivs, n, einsum):
             out = idx[0]
             continue
         k = len(idx)
+        alone = sum(1 for u in sample if sample[u] == sample[v]) == 1
+        if alone and k in means:
+            specs.append("".join(idx))
+            operands.append(means[k])
+            continue
         if k not in derivs:
             raise KeyError(
-                f"derivative tensors of order {k} are needed, got orders {sorted(derivs)}"
+                f"per-sample derivative tensors of order {k} are needed, got orders "
+                f"{sorted(derivs)} (and means of orders {sorted(means)})"
             )
         specs.append(sample[v] + "".join(idx))
         operands.append(derivs[k])
-    nblocks = len({sample[v] for v in range(len(parents)) if not (v == 0 and open_root)})
+    nblocks = len({s[0] for s in specs if s[:1].isupper()})
+    if keep_edges:
+        out = "".join(letter[v] for v in range(1, len(parents)))
     value = einsum(",".join(specs) + "->" + out, *operands)
     count = n**nblocks
     if _is_exact(value):

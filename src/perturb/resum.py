@@ -37,12 +37,17 @@ import itertools
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
-from fractions import Fraction
 
 import sympy as sp
 import torch
 
-from perturb.contractions import Contraction, _default_einsum, _is_exact, _refinements_of
+from perturb.contractions import (
+    Contraction,
+    _default_einsum,
+    _moment_network,
+    _refinements_of,
+    _rows,
+)
 from perturb.diagrams import Diagram, _check_order, _labelled_partitions, rooted_trees
 from perturb.schedules import Schedule
 
@@ -338,31 +343,36 @@ def resummed_values(
     lr: float,
     steps: int,
     schedule: Schedule,
+    means: Mapping[int, torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Exact re-summed contributions by number of edges, via a full eigendecomposition.
 
     Args:
         terms: from :func:`resummed_terms`.
-        derivs: materialized per-sample derivative tensors (float64 torch).
+        derivs: per-sample derivative tensors (float64 torch), ``{k: (n, P, …)}``.
         lr: η.
         steps: ``T``.
         schedule: the (numeric) schedule the terms were built for.
+        means: optional mean tensors ``{k: (P, …)}``; nodes alone in their part use
+            them, so per-sample tensors are needed only for orders that occur in
+            multi-node parts.  ``means[2]`` (else the mean of ``derivs[2]``) is ``H``.
 
     Returns:
         One value per number of edges ``0..order`` (vectors for displacement).
     """
-    hess = derivs[2].mean(0)
-    evals, evecs = torch.linalg.eigh(hess)
-    rotated = {k: _rotate(t, evecs) for k, t in derivs.items()}
-    x = 1 - lr * evals
     if not schedule.is_numeric:
         raise ValueError("resummed_values needs a schedule with numeric sizes")
+    means = dict(means or {})
+    hess = means[2] if 2 in means else derivs[2].mean(0)
+    evals, evecs = torch.linalg.eigh(hess)
+    rotated = {k: _rotate(t, evecs, first=1) for k, t in derivs.items()}
+    rotated_means = {k: _rotate(t, evecs, first=0) for k, t in means.items()}
+    x = 1 - lr * evals
     order = max(t.diagram.edges for t in terms)
     out: list = [0.0] * (order + 1)
     for term in terms:
         d = term.diagram.edges
-        prefactor = float(term.prefactor)
-        network = _open_network(term, rotated)
+        network = _open_network(term, rotated, rotated_means)
         xs = [x.reshape((-1,) + (1,) * (d - 1 - i)) for i in range(d)]
         weights = time_sum(term.orders, xs, steps) if d else torch.ones(())
         if term.open_root:
@@ -370,41 +380,31 @@ def resummed_values(
             value = evecs @ torch.einsum(f"{letters},{letters}->a", network, weights)
         else:
             value = (network * weights).sum()
-        out[d] = out[d] + prefactor * lr**d * value
+        out[d] = out[d] + float(term.prefactor) * lr**d * value
     return out
 
 
-def _rotate(tensor: torch.Tensor, evecs: torch.Tensor) -> torch.Tensor:
+def _rotate(tensor: torch.Tensor, evecs: torch.Tensor, *, first: int) -> torch.Tensor:
+    """Express every parameter axis (from axis ``first`` on) in the eigenbasis."""
     out = tensor
-    for axis in range(1, tensor.ndim):
+    for axis in range(first, tensor.ndim):
         out = torch.tensordot(out, evecs, dims=([axis], [0])).movedim(-1, axis)
     return out
 
 
-def _open_network(term: ResummedTerm, rotated: Mapping[int, torch.Tensor]) -> torch.Tensor:
-    """The cumulant network with every edge index left open, in the eigenbasis."""
+def _open_network(
+    term: ResummedTerm, rotated: Mapping[int, object], means: Mapping[int, object] | None = None
+):
+    """The cumulant network with every edge index left open (edges in node order)."""
     d = term.diagram
-    edge_letter = {v: string.ascii_lowercase[i] for i, (v, _) in enumerate(term.edges)}
-    out_spec = "".join(edge_letter[v] for v, _ in term.edges)
-    first = next(iter(rotated.values()))
-    n = first.shape[0]
     einsum = _default_einsum(rotated)
-    exact = _is_exact(first)
+    n = _rows(rotated)
     total = None
     for blocks, weight in _refinements_of(d.parts, open_root=term.open_root):
-        sample = {v: string.ascii_uppercase[i] for i, b in enumerate(blocks) for v in b}
-        specs, ops = [], []
-        for v in range(d.nodes):
-            idx = [edge_letter[c] for c in d.children[v]]
-            if v != 0:
-                idx.append(edge_letter[v])
-            if v == 0 and term.open_root:
-                continue
-            specs.append(sample[v] + "".join(idx))
-            ops.append(rotated[len(idx)])
-        nblocks = len({sample[v] for v in range(d.nodes) if not (v == 0 and term.open_root)})
-        value = einsum(",".join(specs) + "->" + out_spec, *ops)
-        value = value * Fraction(weight, n**nblocks) if exact else value * (weight / n**nblocks)
+        value = _moment_network(
+            d.parents, blocks, term.open_root, rotated, n, einsum, means, keep_edges=True
+        )
+        value = value * weight
         total = value if total is None else total + value
     return total
 
