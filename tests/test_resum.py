@@ -217,7 +217,7 @@ def test_mean_tensors_replace_per_sample_tensors_for_lone_nodes():
     from perturb.reference import derivative_tensors
     from perturb.resum import resummed_values
 
-    hess, xs, theta0, loss_fn = _linear_gaussian(4, 5, 3)
+    _hess, xs, theta0, loss_fn = _linear_gaussian(4, 5, 3)
     derivs = derivative_tensors(loss_fn, xs, theta0, 2)
     schedule = perturb.Online(steps=50, batch_size=2)
     terms = resummed_terms(2, schedule)
@@ -232,3 +232,19 @@ def test_mean_tensors_replace_per_sample_tensors_for_lone_nodes():
     )
     for a, b in zip(full, lean, strict=True):
         assert float(b) == pytest.approx(float(a), rel=1e-12)
+
+
+def test_cyclic_part_constraints_have_no_embedding():
+    """Parts whose edges force each to precede the other are dropped (order 5)."""
+    _hess, xs, theta0, loss_fn = _linear_gaussian(2, 3, 0)
+    pop = perturb.Population(loss_fn, xs)
+    sched = perturb.Online(steps=4, batch_size=1)
+    for quantity in ("test", "displacement"):
+        pred = perturb.predict(
+            pop, theta0, sched, lr=0.1, order=5, quantity=quantity, resummed=True
+        )
+        assert len(pred.by_order) == 6
+    disp = perturb.predict(
+        pop, theta0, sched, lr=0.1, order=5, quantity="displacement", resummed=True
+    )
+    assert all(np.shape(v) == (2,) for v in disp.by_order)

@@ -13,9 +13,12 @@ Example:
     η^2: (T*(2*T - 1)/2)·G·H·G + (T/2)·tr(C H)
 """
 
+from perturb import corollaries, landscapes, reference
 from perturb.contractions import Contraction, tensor_name
 from perturb.diagrams import Diagram, count_rooted_trees, diagrams, rooted_trees
 from perturb.predict import Population, Prediction, predict
+from perturb.resum import resummed_terms
+from perturb.simulate import Trials, simulate
 from perturb.schedules import GD, Epochs, Online, Schedule
 from perturb.series import QUANTITIES, Series, Term, eta, series
 
@@ -33,11 +36,17 @@ __all__ = [
     "Schedule",
     "Series",
     "Term",
+    "Trials",
+    "corollaries",
     "count_rooted_trees",
     "diagrams",
     "eta",
+    "landscapes",
     "predict",
+    "reference",
+    "resummed_terms",
     "rooted_trees",
     "series",
+    "simulate",
     "tensor_name",
 ]

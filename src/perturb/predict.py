@@ -203,7 +203,4 @@ def _resummed(derivs, schedule: Schedule, quantity: str, *, order: int, lr: floa
         train = _resummed(derivs, schedule, "train", order=order, lr=lr)
         return [a - b for a, b in zip(test, train, strict=True)]
     terms = resummed_terms(order, schedule, quantity)
-    values = resummed_values(terms, derivs, lr=lr, steps=steps, schedule=schedule)
-    if quantity == "displacement":
-        values[0] = torch.zeros(derivs[1].shape[1], dtype=torch.float64)
-    return values
+    return resummed_values(terms, derivs, lr=lr, steps=steps, schedule=schedule)

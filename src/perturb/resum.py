@@ -260,6 +260,8 @@ def _term(schedule, diagram, aut, train, open_root) -> ResummedTerm | None:
             (levels[unit_of[v]], j + 1 if p == 0 else levels[unit_of[p]]) for v, p in edges
         )
         orders.append((j, spans))
+    if not orders:  # the part constraints are cyclic: no embedding
+        return None
     b = schedule.batch_size
     prefactor = sp.Integer(-1) ** d / b**d / aut
     data_parts = [p for p in diagram.parts if train or 0 not in p]
@@ -369,7 +371,9 @@ def resummed_values(
     rotated_means = {k: _rotate(t, evecs, first=0) for k, t in means.items()}
     x = 1 - lr * evals
     order = max(t.diagram.edges for t in terms)
-    out: list = [0.0] * (order + 1)
+    open_root = any(t.open_root for t in terms)
+    zero = torch.zeros(hess.shape[0], dtype=hess.dtype) if open_root else torch.zeros(())
+    out: list = [zero] * (order + 1)
     for term in terms:
         d = term.diagram.edges
         network = _open_network(term, rotated, rotated_means)
