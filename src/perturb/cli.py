@@ -496,6 +496,81 @@ def diagrams_command(
             click.echo(f"wrote {path}")
 
 
+@cli.command("validate")
+@click.option(
+    "--dataset",
+    default="digits",
+    show_default=True,
+    help="digits (built in), fashion-mnist, cifar10 or npz:PATH.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder with the dataset's files as distributed.",
+)
+@click.option(
+    "--model",
+    default="smooth-convnet",
+    show_default=True,
+    help="smooth-convnet, mlp or pkg.module:factory.",
+)
+@click.option(
+    "--lr", "lrs", type=float, multiple=True, help="Learning rate (repeat the option for several)."
+)
+@click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--trials", type=click.IntRange(min=2), default=256, show_default=True)
+@click.option(
+    "--orders",
+    type=click.IntRange(0, 4),
+    multiple=True,
+    help="Orders of the series to report (repeat; default 0 1 2 3).",
+)
+@click.option(
+    "--resummed/--no-resummed",
+    default=True,
+    show_default=True,
+    help="Also report the re-summed prediction (up to two edges).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--population",
+    type=click.IntRange(min=2),
+    default=256,
+    show_default=True,
+    help="Images in the population SGD samples from (and the test loss averages).",
+)
+@click.option(
+    "--records",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Recorded steps per run, evenly spaced up to --steps.",
+)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default="perturb-validate",
+    show_default=True,
+    help="Folder for results.json, results.csv and plots.",
+)
+def validate_command(**options: Any) -> None:
+    """Predict SGD's test loss and compare with the mean of many real SGD runs."""
+    from perturb.data import DataError
+    from perturb.validate import DEFAULT_LRS, validate
+
+    options["lrs"] = tuple(options["lrs"]) or DEFAULT_LRS
+    options["orders"] = tuple(options["orders"]) or (0, 1, 2, 3)
+    try:
+        result = validate(**options)
+    except (DataError, ValueError) as err:
+        raise click.UsageError(str(err)) from None
+    click.echo(result.table())
+    click.echo(f"wrote {options['out']}/results.json, results.csv and plots")
+
+
 def main(args: Sequence[str] | None = None, *, standalone_mode: bool = True) -> Any:
     """Run the ``perturb`` command line (the console script's entry point).
 

@@ -346,6 +346,7 @@ def resummed_values(
     steps: int,
     schedule: Schedule,
     means: Mapping[int, torch.Tensor] | None = None,
+    eigh: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Exact re-summed contributions by number of edges, via a full eigendecomposition.
 
@@ -358,6 +359,7 @@ def resummed_values(
         means: optional mean tensors ``{k: (P, …)}``; nodes alone in their part use
             them, so per-sample tensors are needed only for orders that occur in
             multi-node parts.  ``means[2]`` (else the mean of ``derivs[2]``) is ``H``.
+        eigh: ``torch.linalg.eigh(H)`` if already computed (reused across calls).
 
     Returns:
         One value per number of edges ``0..order`` (vectors for displacement).
@@ -366,7 +368,7 @@ def resummed_values(
         raise ValueError("resummed_values needs a schedule with numeric sizes")
     means = dict(means or {})
     hess = means[2] if 2 in means else derivs[2].mean(0)
-    evals, evecs = torch.linalg.eigh(hess)
+    evals, evecs = torch.linalg.eigh(hess) if eigh is None else eigh
     rotated = {k: _rotate(t, evecs, first=1) for k, t in derivs.items()}
     rotated_means = {k: _rotate(t, evecs, first=0) for k, t in means.items()}
     x = 1 - lr * evals
