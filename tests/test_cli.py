@@ -255,3 +255,64 @@ def test_series_resummed_bad_inputs():
     assert result.exit_code == 2 and "re-summation supports" in result.output
     result = run("series", "--order", "2", "--resummed", "--quantity", "gap")
     assert result.exit_code == 2 and "test and train separately" in result.output
+
+
+def test_predict_from_checkpoint(tmp_path):
+    import json as _json
+
+    import torch
+
+    from perturb.data import load_dataset
+    from perturb.measure import measure
+    from perturb.models import build_model
+
+    data = load_dataset("digits")
+    model = build_model("mlp", data.input_shape, data.num_classes, seed=3)
+    torch.save(model.state_dict(), tmp_path / "ckpt.pt")
+    args = [
+        "predict",
+        "--model",
+        "mlp",
+        "--checkpoint",
+        str(tmp_path / "ckpt.pt"),
+        "--lr",
+        "0.01",
+        "--lr",
+        "0.02",
+        "--steps",
+        "10",
+        "--order",
+        "1",
+        "--samples",
+        "40",
+        "--exact",
+        "--format",
+        "json",
+    ]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    payload = _json.loads(result.output[result.output.index("{") :])
+    # the same numbers from the Python API on the same 40 points (exact averages)
+    sub = data.subset(40, seed=0)
+    stats = measure(model, (sub.x, sub.y), order=1, exact=True, progress=False, dtype=torch.float32)
+    pred = stats.predict(Online(steps=10, batch_size=1), lr=[0.01, 0.02])
+    assert payload["total"] == pytest.approx(pred.total.tolist(), rel=1e-6)
+    assert payload["total"][0] < payload["by_order"][0][0]  # η¹ lowers the loss
+
+
+def test_predict_bad_checkpoint(tmp_path):
+    import torch
+
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "bad.pt")
+    result = run(
+        "predict",
+        "--model",
+        "mlp",
+        "--checkpoint",
+        str(tmp_path / "bad.pt"),
+        "--lr",
+        "0.01",
+        "--steps",
+        "5",
+    )
+    assert result.exit_code == 2 and "missing" in result.output.lower()

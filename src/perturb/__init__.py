@@ -16,6 +16,7 @@ Example:
 from perturb import corollaries, landscapes, reference
 from perturb.contractions import Contraction, tensor_name
 from perturb.diagrams import Diagram, count_rooted_trees, diagrams, rooted_trees
+from perturb.measure import Statistics, measure
 from perturb.predict import Population, Prediction, predict
 from perturb.resum import resummed_terms
 from perturb.simulate import Trials, simulate
@@ -35,6 +36,7 @@ __all__ = [
     "Prediction",
     "Schedule",
     "Series",
+    "Statistics",
     "Term",
     "Trials",
     "corollaries",
@@ -42,6 +44,7 @@ __all__ = [
     "diagrams",
     "eta",
     "landscapes",
+    "measure",
     "predict",
     "reference",
     "resummed_terms",

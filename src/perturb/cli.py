@@ -496,6 +496,130 @@ def diagrams_command(
             click.echo(f"wrote {path}")
 
 
+@cli.command("predict")
+@click.option(
+    "--model", "model_spec", required=True, help="smooth-convnet, mlp or pkg.module:factory."
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="A saved state_dict (torch.save); default: the model's initialization.",
+)
+@click.option(
+    "--data",
+    "dataset",
+    default="digits",
+    show_default=True,
+    help="digits (built in), fashion-mnist, cifar10 or npz:PATH.",
+)
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option(
+    "--lr",
+    "lrs",
+    type=float,
+    multiple=True,
+    required=True,
+    help="Learning rate (repeat the option for several).",
+)
+@click.option("--steps", type=click.IntRange(min=1), required=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--order", type=click.IntRange(0, 4), default=3, show_default=True)
+@click.option("--quantity", type=click.Choice(QUANTITIES[:3]), default="test", show_default=True)
+@click.option(
+    "--samples",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Estimate from this many data points (default: all of the split).",
+)
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="Treat the points as the population (exact averages, no error bars).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
+def predict_command(
+    model_spec,
+    checkpoint,
+    dataset,
+    data_dir,
+    lrs,
+    steps,
+    batch_size,
+    order,
+    quantity,
+    samples,
+    exact,
+    seed,
+    device,
+    fmt,
+) -> None:
+    """Predict SGD's test loss, train loss or gap from a checkpoint, with error bars."""
+    import json
+
+    import torch
+
+    from perturb.data import DataError, load_dataset
+    from perturb.measure import measure
+    from perturb.models import ModelSpecError, build_model, load_checkpoint
+
+    try:
+        data = load_dataset(dataset, data_dir=data_dir, split="train")
+        model = build_model(model_spec, data.input_shape, data.num_classes, seed=seed)
+        if checkpoint is not None:
+            load_checkpoint(model, checkpoint)
+    except (DataError, ModelSpecError, ValueError, FileNotFoundError) as err:
+        raise click.UsageError(str(err)) from None
+    if exact and samples is not None and samples < len(data):
+        data, samples = data.subset(samples, seed=seed), None
+    model = model.to(device)
+    schedule = Online(steps=steps, batch_size=batch_size)
+    stats = measure(
+        model,
+        (data.x.to(device), data.y.to(device)),
+        order=order,
+        schedules=[schedule],
+        quantities=(quantity,),
+        exact=exact,
+        samples=samples,
+        seed=seed,
+        dtype=torch.float32,
+        groups=1 if exact else 16,
+    )
+    pred = stats.predict(schedule, lr=list(lrs), quantity=quantity, order=order)
+    if fmt == "json":
+        click.echo(
+            json.dumps(
+                {
+                    "quantity": quantity,
+                    "steps": steps,
+                    "batch_size": batch_size,
+                    "exact": exact,
+                    "rows": stats.rows,
+                    "lr": pred.lr.tolist(),
+                    "by_order": pred.by_order.tolist(),
+                    "total": pred.total.tolist(),
+                    "se": pred.se.tolist(),
+                },
+                indent=2,
+            )
+        )
+        return
+    head = f"{'lr':>8} " + " ".join(f"{'η^' + str(d):>12}" for d in range(order + 1))
+    click.echo(
+        f"E[{quantity}] after {steps} steps of online SGD (batch {batch_size}), "
+        f"order {order}, from {stats.rows} points ({'exact' if exact else 'estimated'}):"
+    )
+    click.echo(head + f" {'total':>12} {'± s.e.':>10}")
+    for i, lr in enumerate(pred.lr):
+        cells = " ".join(f"{v:12.6f}" for v in pred.by_order[i])
+        click.echo(f"{lr:8.4g} {cells} {pred.total[i]:12.6f} {pred.se[i]:10.6f}")
+
+
 @cli.command("validate")
 @click.option(
     "--dataset",

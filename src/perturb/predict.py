@@ -152,7 +152,8 @@ def predict(
         order: highest power of η kept.
         quantity: ``"test"``, ``"train"``, ``"gap"`` or ``"displacement"``.
         exact: use exact population expectations (materialized tensors, float64).
-            Sampled estimates with error bars are not available yet: ``False`` raises.
+            For sampled estimates with error bars use :func:`perturb.measure`;
+            ``False`` raises and says so.
         resummed: re-summed diagrams, edges carrying ``η(I − ηH)^{Δt−1}``
             (:mod:`perturb.resum`; online SGD and GD), exact through a full
             eigendecomposition of ``H``; ``order`` then counts edges.
@@ -181,8 +182,9 @@ def predict(
         raise ValueError(f"quantity must be one of {QUANTITIES}, got {quantity!r}")
     if not exact:
         raise ValueError(
-            "exact=False (estimates from a data sample, with error bars) is not available "
-            "yet; use exact=True on a population small enough to enumerate"
+            "predict(exact=False) is not the path for sampled estimates: use "
+            "perturb.measure(model_or_loss, data, order=..., exact=False) and "
+            "Statistics.predict(schedule, lr=...), which report standard errors"
         )
     lr = _check_lr(lr)
     theta0 = torch.as_tensor(theta0, dtype=torch.float64)
