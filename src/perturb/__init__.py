@@ -19,9 +19,9 @@ from perturb.diagrams import Diagram, count_rooted_trees, diagrams, rooted_trees
 from perturb.measure import Statistics, measure
 from perturb.predict import Population, Prediction, predict
 from perturb.resum import resummed_terms
-from perturb.simulate import Trials, simulate
 from perturb.schedules import GD, Epochs, Online, Schedule
 from perturb.series import QUANTITIES, Series, Term, eta, series
+from perturb.simulate import Trials, simulate
 
 __version__ = "0.1.0"
 
