@@ -95,7 +95,7 @@ def test_bad_inputs():
         perturb.predict(pop, theta, perturb.Online(), lr=0.1, order=1)
     with pytest.raises(ValueError, match="lr must be finite"):
         perturb.predict(pop, theta, sched, lr=math.inf, order=1)
-    with pytest.raises(ValueError, match="perturb.measure"):
+    with pytest.raises(ValueError, match=r"perturb\.measure"):
         perturb.predict(pop, theta, sched, lr=0.1, order=1, exact=False)
     with pytest.raises(ValueError, match="quantity must be one of"):
         perturb.predict(pop, theta, sched, lr=0.1, order=1, quantity="loss")
