@@ -20,6 +20,7 @@ discrete recursion of SGD on linear-Gaussian models.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -66,7 +67,9 @@ class QuadraticModel:
             hess = derivs[2].mean(0)
         return cls(loss=derivs[0].mean(0), grad=mean, hess=hess, cov=cov)
 
-    def _eig(self) -> tuple[torch.Tensor, torch.Tensor]:
+    @cached_property
+    def eig(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues and eigenvectors of ``H`` (computed once)."""
         return torch.linalg.eigh((self.hess + self.hess.T) / 2)
 
 
@@ -92,7 +95,7 @@ def ode_test_loss(model: QuadraticModel, *, lr: float, steps: int) -> torch.Tens
 
 
 def _flow_mean(model: QuadraticModel, t: float) -> torch.Tensor:
-    h, v = model._eig()
+    h, v = model.eig
     g = v.T @ model.grad
     return -(v @ (_phi(h, t) * g))
 
@@ -115,7 +118,7 @@ def sde_test_loss(
         0.021617
     """
     t = lr * steps
-    h, v = model._eig()
+    h, v = model.eig
     c = v.T @ model.cov @ v
     pair = h[:, None] + h[None, :]
     sigma = (lr / batch_size) * c * _phi(pair, t)

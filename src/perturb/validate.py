@@ -367,6 +367,7 @@ def _compare(result: ValidationResult, trials, predictions, lrs, record_steps) -
 def write_outputs(result: ValidationResult, out: Path) -> list[Path]:
     """Write ``results.json``, ``results.csv`` and the plots into ``out``."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -411,6 +412,11 @@ def write_outputs(result: ValidationResult, out: Path) -> list[Path]:
     for n in names:
         ax.plot(lr, [r["predictions"][n]["value"] for r in rows], "-", marker=".", label=n)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    actual = [r["actual"] for r in rows if math.isfinite(r["actual"])]
+    if actual:
+        pad = max(3 * (max(actual) - min(actual)), 0.02)
+        ax.set_ylim(min(actual) - pad, max(actual) + pad)  # predictions that blow up leave
     ax.set_xlabel("learning rate η")
     ax.set_ylabel(f"test loss after T = {final} steps")
     ax.legend(fontsize=7)
