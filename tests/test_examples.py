@@ -24,6 +24,7 @@ CASES = {
         "200",
     ],
     "mean_estimation.py": ["--sets", "200", "--points", "3"],
+    "gdc.py": ["--trials", "4", "--lrs", "0.1", "--train-size", "3", "--population", "16"],
 }
 
 
