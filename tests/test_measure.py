@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -351,6 +352,7 @@ def test_unbiased_and_calibrated():
         seed=5,
         chunk_size=4096,
         progress=False,
+        estimator="groups",
     )
     assert stats.groups == reps * k and stats.rows == reps * k * size
     ratios, checked = [], 0
@@ -397,6 +399,162 @@ def test_unbiased_value_is_distinct_tuple_average():
     assert abs(float(got) - want) < 1e-12
 
 
+# ------------------------------------------------------------------- 3b. tuple estimator
+
+
+def test_tuples_unbiased_and_calibrated():
+    # The default estimator (disjoint tuples of m = 4 rows, one row per block of every
+    # refinement).  Population: 40 rows of the polynomial landscape, uniform noise; truth
+    # from materialized tensors.  reps = 300 replicates of R = 6 tuples (24 iid rows drawn
+    # with replacement); they are measured in one call as 1800 tuples (a shuffle of iid rows
+    # gives iid tuples), replicate r being tuples 6r..6r+5: its estimate is their mean and
+    # its SE² is var/6, unbiased for Var(estimate) since the Z_r are iid.
+    reps, per = 300, 6
+    gen = torch.Generator().manual_seed(12)
+    population = torch.rand(40, 3, generator=gen, dtype=F64) * 2 - 1
+    theta0 = torch.tensor([0.3, -0.2, 0.4], dtype=F64)
+    derivs = derivative_tensors(poly_loss, population, theta0, 3)
+    draws = population[torch.randint(0, 40, (reps * per * 4,), generator=gen)]
+    stats = measure(
+        poly_loss,
+        draws,
+        theta0,
+        order=3,
+        schedules=(Online(steps=3, batch_size=2), Epochs(train_size=4, batch_size=2, epochs=2)),
+        quantities=("test", "train", "displacement"),
+        seed=5,
+        chunk_size=4096,
+        progress=False,
+    )
+    assert stats.meta["estimator"] == "tuples" and stats.meta["tuple_size"] == 4
+    assert stats.groups == reps * per and stats.rows == reps * per * 4
+    ratios, checked = [], 0
+    for key, c in stats.contractions.items():
+        truth = np.asarray(c.value(derivs).numpy(), dtype=float).reshape(-1)
+        z = stats.group_values[key].reshape(reps, per, -1)
+        est = z.mean(axis=1)
+        se2 = z.var(axis=1, ddof=1) / per
+        for j in range(est.shape[1]):
+            sem = math.sqrt(se2[:, j].mean() / reps)
+            if sem == 0:  # constant over rows (a third derivative of the polynomial)
+                assert abs(est[:, j].mean() - truth[j]) <= 1e-10 * max(1.0, abs(truth[j]))
+                continue
+            # |z| > 4 has probability 6e-5 under normality: with ~70 comparisons about 0.4%
+            # false failures (the seed is fixed, so the outcome is deterministic).
+            score = (est[:, j].mean() - truth[j]) / sem
+            assert abs(score) < 4, f"{c.text}[{j}]: {est[:, j].mean()} vs {truth[j]} ({score})"
+            ratios.append(est[:, j].var(ddof=1) / se2[:, j].mean())
+            checked += 1
+    assert checked >= 40
+    # Calibration: E[SE²] = Var(estimate).  The variance of 300 estimates has a relative sd
+    # of about sqrt(2/299) ≈ 0.08 (more with the heavier tails of products of rows), so each
+    # ratio lies in [0.6, 1.6] at more than 4 sd, and the median is close to 1.
+    ratios = np.array(ratios)
+    assert np.all((ratios > 0.6) & (ratios < 1.6)), ratios
+    assert 0.85 < np.median(ratios) < 1.15, np.median(ratios)
+
+
+def test_tuples_average_over_assignments_is_complete_u_statistic():
+    # One tuple uses one assignment of its m rows to the blocks.  Averaged over all m!
+    # orderings of the same m rows it is the complete U-statistic of those rows (every
+    # injective map of a refinement's blocks into the rows occurs equally often), which the
+    # group estimator computes (validated by hand in the test above).  Every order-3
+    # contraction of every schedule and quantity, on the polynomial and the MLP.
+    from perturb.measure import _Engine, _objective, _tuple_size, _tuple_values
+
+    perms = torch.tensor(list(itertools.permutations(range(4))))
+    for name in ("poly", "mlp"):
+        model, data, theta0, *_ = _case(name)
+        sub = tuple(d[:4] for d in data) if isinstance(data, tuple) else data[:4]
+        complete = measure(
+            model,
+            sub,
+            theta0,
+            order=3,
+            schedules=SCHEDULES,
+            quantities=QUANTITIES,
+            groups=1,
+            estimator="groups",
+            progress=False,
+        )
+        obj = _objective(model, sub, theta0, loss=None, dtype=F64, device=None)
+        engine = _Engine(obj, perms, chunk_size=64, budget=None)
+        for key, c in complete.contractions.items():
+            got = _tuple_values(engine, c, perms).mean(dim=0)
+            want = complete.group_values[key][0]
+            _assert_close(got.numpy(), want, 1e-10, f"{name} {c.text} (m={_tuple_size(c)})")
+    # and explicitly from per-row gradients and Hessians: tr(C H) = E g_b·H_a g_b −
+    # g_b·H_a g_c over distinct (a, b, c), with H at the (test) root
+    rows = POLY_DATA
+    g = torch.func.vmap(torch.func.grad(poly_loss), in_dims=(None, 0))(POLY_TH, rows)
+    h = torch.func.vmap(torch.func.hessian(poly_loss), in_dims=(None, 0))(POLY_TH, rows)
+    triples = list(itertools.permutations(range(4), 3))
+    want = sum(float(g[b] @ h[a] @ g[b] - g[b] @ h[a] @ g[c]) for a, b, c in triples)
+    want /= len(triples)
+    obj = _objective(poly_loss, rows, POLY_TH, loss=None, dtype=F64, device=None)
+    engine = _Engine(obj, perms, chunk_size=64, budget=None)
+    trch = Contraction(parents=(-1, 0, 0), parts=((0,), (1, 2)))
+    got = float(_tuple_values(engine, trch, perms).mean())
+    assert abs(got - want) < 1e-12 * max(1.0, abs(want))
+
+
+def test_tuples_cost_is_linear():
+    # single-row derivative evaluations: R × (nodes summed over the distinct networks)
+    gen = torch.Generator().manual_seed(4)
+    rows = torch.rand(96, 3, generator=gen, dtype=F64)
+    counts = {}
+    for estimator in ("tuples", "groups"):
+        for n in (48, 96):  # multiples of m = 3 (tr(C H))
+            st = measure(
+                poly_loss,
+                rows[:n],
+                POLY_TH,
+                order=2,
+                groups=4,
+                estimator=estimator,
+                progress=False,
+            )
+            counts[estimator, n] = st.meta["evaluations"]
+    assert counts["tuples", 96] == 2 * counts["tuples", 48]
+    # the group estimator with K fixed is superlinear (blocks spanning two subtrees)
+    assert counts["groups", 96] > 2.5 * counts["groups", 48]
+    assert counts["tuples", 96] < counts["groups", 96]
+
+
+def test_tuples_share_rows_across_contractions_and_predict():
+    gen = torch.Generator().manual_seed(3)
+    draws = torch.rand(64, 3, generator=gen, dtype=F64)
+    stats = measure(poly_loss, draws, POLY_TH, order=2, samples=50, seed=1, progress=False)
+    # order 2 needs tuples of 3 rows (tr(C H)): R = 16, the same tuples for every statistic
+    assert stats.meta["tuple_size"] == 3 and stats.groups == 16 and stats.rows == 48
+    assert all(v.shape[0] == 16 for v in stats.group_values.values())
+    pred = stats.predict(Online(steps=4, batch_size=1), lr=[0.0, 0.1, 0.2])
+    s = series(2, Online(steps=4, batch_size=1))
+    per_tuple = sum(
+        float(t.coefficient) * 0.2**t.power * stats.group_values[contraction_key(t.contraction)]
+        for t in s.terms
+    )
+    assert abs(pred.se[2] - per_tuple.std(ddof=1) / 4) < 1e-12
+    assert abs(pred.total[2] - per_tuple.mean()) < 1e-12
+    # the first-order statistic G·G uses the first two rows of each tuple: rows of one tuple
+    # are distinct, so g_i·g_j with i ≠ j (unbiased for |E g|²)
+    g = torch.func.vmap(torch.func.grad(poly_loss), in_dims=(None, 0))(POLY_TH, draws)
+    gg = Contraction(parents=(-1, 0), parts=((0,), (1,)))
+    z = stats.group_values[contraction_key(gg)]
+    pairs = {(float(g[i] @ g[j])) for i in range(64) for j in range(64) if i != j}
+    assert all(min(abs(v - p) for p in pairs) < 1e-12 for v in z)
+
+
+def test_tuples_non_finite_names_row():
+    def bad(p, x):
+        return torch.sqrt(p[0] * x[0]) + p[1] ** 2
+
+    theta0 = torch.tensor([1.0, 0.5], dtype=F64)
+    many = torch.cat([torch.ones(7, 1), torch.tensor([[-1.0]])]).to(F64)
+    with pytest.raises(ValueError, match="at data row 7"):
+        measure(bad, many, theta0, order=2, samples=8, progress=False)
+
+
 def test_population_input_matches_predict():
     population = Population(poly_loss, POLY_DATA)
     stats = measure(population, None, POLY_TH, order=2, exact=True, progress=False)
@@ -409,7 +567,15 @@ def test_sampled_predictions_carry_group_errors():
     gen = torch.Generator().manual_seed(3)
     draws = torch.rand(64, 3, generator=gen, dtype=F64)
     stats = measure(
-        poly_loss, draws, POLY_TH, order=2, samples=48, groups=8, seed=1, progress=False
+        poly_loss,
+        draws,
+        POLY_TH,
+        order=2,
+        samples=48,
+        groups=8,
+        seed=1,
+        progress=False,
+        estimator="groups",
     )
     assert stats.rows == 48 and stats.groups == 8 and not stats.exact
     pred = stats.predict(Online(steps=4, batch_size=1), lr=[0.0, 0.1, 0.2])
@@ -504,9 +670,15 @@ def test_errors_inputs():
     with pytest.raises(ValueError, match="dtype must be"):
         measure(poly_loss, POLY_DATA, POLY_TH, order=1, dtype=torch.float16, progress=False)
     with pytest.raises(ValueError, match="cannot be split into 16"):
-        measure(poly_loss, POLY_DATA, POLY_TH, order=1, progress=False)
+        measure(poly_loss, POLY_DATA, POLY_TH, order=1, estimator="groups", progress=False)
     with pytest.raises(ValueError, match="distinct rows per group"):
-        measure(poly_loss, POLY_DATA, POLY_TH, order=2, groups=2, progress=False)
+        measure(
+            poly_loss, POLY_DATA, POLY_TH, order=2, groups=2, estimator="groups", progress=False
+        )
+    with pytest.raises(ValueError, match="tuples of 3 distinct rows, got only 2"):
+        measure(poly_loss, POLY_DATA[:2], POLY_TH, order=2, progress=False)
+    with pytest.raises(ValueError, match="estimator must be"):
+        measure(poly_loss, POLY_DATA, POLY_TH, order=1, estimator="jackknife", progress=False)
     with pytest.raises(ValueError, match="samples applies to estimates only"):
         measure(poly_loss, POLY_DATA, POLY_TH, order=1, exact=True, samples=2, progress=False)
     with pytest.raises(ValueError, match="exceeds the 4 rows"):

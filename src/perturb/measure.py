@@ -68,6 +68,23 @@ Hoeffding term vanishes): the variance of the second-order term grows by up to a
 of every network, i.e. group axes on every message, multiplying the cost by up to
 ``K^{m-1}``.
 
+**Disjoint tuples (the default estimator, linear cost).**  The complete U-statistic above
+costs ``n_g²`` or more single-row derivatives per group whenever a block spans two
+subtrees.  An *incomplete* U-statistic avoids that: shuffle the rows once and cut them into
+``R = ⌊n/m⌋`` disjoint tuples of ``m`` rows, ``m`` the most blocks of any refinement (the
+same tuples for every requested contraction, each using its first columns).  Within tuple
+``r`` every refinement's moment network is evaluated with block ``i`` on row ``i`` of the
+tuple (one sample per block, no sums: every node is one single-row nested directional
+derivative), and the Möbius sum of these gives ``Z_r``, an unbiased estimate of the
+cumulant network because the rows of a tuple are distinct iid draws.  The ``Z_r`` of
+different tuples are iid, so ``mean_r Z_r`` has standard error ``sd(Z_r)/√R``, exactly the
+batch-means formula with ``K = R`` groups: :class:`Statistics` stores the ``Z_r`` as its
+group values, and since every contraction uses the same tuples, the spread of per-tuple
+predictions gives a prediction's error bar.  The cost is ``R × nodes`` derivatives per
+network, linear in ``n``; the price is variance: each tuple uses one assignment of its rows
+to the blocks instead of all of them, typically a few times the variance of the complete
+U-statistic on the same rows, repaid many times over by the rows one can afford.
+
 **Predictions.**  :func:`measure` computes every contraction of the requested series once at
 ``θ_0``; :meth:`Statistics.predict` then evaluates any numeric schedule's coefficients and a
 whole grid of learning rates at no further cost.
@@ -430,6 +447,7 @@ class _Engine:
             raise ValueError(f"max_message_elements must be a positive integer, got {budget!r}")
         self.budget = _DEFAULT_BUDGET if budget is None else budget
         self.cache: dict[str, list[tuple[Contraction, torch.Tensor]]] = {}
+        self.tuple_cache: dict[str, list[tuple[Contraction, torch.Tensor]]] = {}
         self.evaluations = 0
         single, batch = obj.single, obj.batch
         self._fns = {
@@ -583,6 +601,63 @@ class _Engine:
                     out.index_add_(0, oidx.reshape(-1), res.reshape(-1, p).to(torch.float64))
         return out
 
+    # ------------------------------------------------------------------ tuples
+    def tuple_values(self, net: _Net, tuples: torch.Tensor, label: str) -> torch.Tensor:
+        """One sample per block: block ``i`` takes row ``tuples[r, i]``; ``(R,)`` or ``(R, P)``.
+
+        Every node is one single-row nested directional derivative per tuple (``vmap`` over
+        the tuples, in chunks of ``chunk_size`` tuples for the whole network, so memory
+        stays at a few ``chunk × P`` messages).  Isomorphic networks are evaluated once; a
+        cached one may assign the blocks to other columns of the tuple, which leaves each
+        term an unbiased estimate of its moment network and the tuples independent.
+        """
+        c = net.contraction
+        bucket = self.tuple_cache.setdefault(c.hash, [])
+        for other, value in bucket:
+            if other.is_isomorphic(c):
+                return value
+        value = self._network_tuples(net, tuples, label)
+        bucket.append((c, value))
+        return value
+
+    def _network_tuples(self, net: _Net, tuples: torch.Tensor, label: str) -> torch.Tensor:
+        parents, open_root = net.parents, net.open_root
+        children: list[list[int]] = [[] for _ in parents]
+        for v, p in enumerate(parents):
+            if p >= 0:
+                children[p].append(v)
+        preorder, stack = [], [0]
+        while stack:
+            v = stack.pop()
+            preorder.append(v)
+            stack.extend(children[v])
+        postorder = preorder[::-1]
+        block_of = {v: i for i, b in enumerate(net.blocks) for v in b}
+        obj, p = self.obj, self.obj.size
+        count = int(tuples.shape[0])
+        out = torch.zeros(
+            (count, p) if open_root else (count,), dtype=torch.float64, device=obj.theta0.device
+        )
+        for t0 in range(0, count, self.chunk):
+            chunk = tuples[t0 : t0 + self.chunk]
+            msgs: dict[int, torch.Tensor] = {}
+            for v in postorder:
+                if v == 0 and open_root:
+                    (child,) = children[0]
+                    out[t0 : t0 + len(chunk)] = msgs.pop(child).to(torch.float64)
+                    break
+                row_ids = chunk[:, block_of[v]]
+                data = tuple(r[row_ids] for r in obj.rows)
+                us = tuple(msgs.pop(c) for c in children[v])
+                res = self._fns[("elem", v != 0)](obj.theta0, data, us)
+                self.evaluations += len(row_ids)
+                self._check(res, lambda j, r=row_ids: int(r[j]), v, len(us), label)
+                if v == 0:
+                    out[t0 : t0 + len(chunk)] = res.to(torch.float64)
+                else:
+                    msgs[v] = res
+        return out
+
     # ------------------------------------------------------------------ errors
     def _describe(self, v: int, k: int, label: str, row: int) -> str:
         order = k + (1 if v != 0 else 0)
@@ -709,6 +784,49 @@ def _group_values(
     total = None
     for net, weight in _networks(contraction, unbiased=unbiased, group_size=engine.group_size):
         term = engine.sums(net, label) * weight
+        total = term if total is None else total + term
+    return total
+
+
+def _tuple_size(contraction: Contraction) -> int:
+    """``m``: the most independent blocks of any refinement (an open root is no block)."""
+    return max(
+        sum(1 for b in refined if not (contraction.open_root and tuple(b) == (0,)))
+        for refined, _ in contraction._refinements()
+    )
+
+
+def _tuple_networks(contraction: Contraction) -> list[tuple[_Net, float]]:
+    """Moment networks and Möbius weights, one sample per block: ``Σ_ρ w_ρ M_ρ``."""
+    out: dict[tuple[tuple[int, ...], ...], float] = {}
+    for refined, weight in contraction._refinements():
+        blocks = [tuple(b) for b in refined if not (contraction.open_root and tuple(b) == (0,))]
+        key = _canonical_blocks(blocks)
+        out[key] = out.get(key, 0.0) + weight
+    return [
+        (_Net(contraction.parents, key, contraction.open_root), w)
+        for key, w in out.items()
+        if w != 0.0
+    ]
+
+
+def _tuple_values(
+    engine: _Engine, contraction: Contraction, tuples: torch.Tensor, label: str | None = None
+) -> torch.Tensor:
+    """Per-tuple unbiased estimates ``Z_r`` of a cumulant network: ``(R,)`` or ``(R, P)``.
+
+    ``tuples`` is ``(R, m')`` row indices, distinct within a row, ``m' ≥``
+    :func:`_tuple_size`; block ``i`` of every refinement takes column ``i``.  As the rows of
+    a tuple are distinct iid draws, every moment network with one row per block is an
+    unbiased estimate of its population value, and so is their Möbius sum.
+    """
+    label = contraction.text if label is None else label
+    m = _tuple_size(contraction)
+    if tuples.shape[1] < m:
+        raise ValueError(f"{contraction.text!r} needs tuples of {m} rows, got {tuples.shape[1]}")
+    total = None
+    for net, weight in _tuple_networks(contraction):
+        term = engine.tuple_values(net, tuples, label) * weight
         total = term if total is None else total + term
     return total
 
@@ -880,11 +998,13 @@ class Statistics:
     Attributes:
         order: the highest power of η the statistics serve.
         exact: whether the values are exact averages over the rows (``se`` is zero).
-        rows: rows used (``K · n_g`` for estimates).
-        groups: ``K``, the number of disjoint groups (1 when exact).
+        rows: rows used (``K · n_g`` for groups, ``R · m`` for tuples).
+        groups: ``K``, the number of disjoint groups, or ``R``, the number of tuples (1
+            when exact).
         parameters: ``P``.
         contractions: key -> :class:`Contraction`.
-        group_values: key -> per-group values ``(K,)`` or ``(K, P)`` (float64).
+        group_values: key -> per-group (per-tuple) values ``(K,)`` or ``(K, P)`` (float64);
+            with tuples an open-root statistic holds ``R × P`` numbers.
         meta: free-form JSON-able metadata (dtype, seed, schedules, quantities, …).
 
     Example:
@@ -1137,16 +1257,29 @@ def measure(
     progress: bool = True,
     loss: Callable | None = None,
     max_message_elements: int | None = None,
+    estimator: str = "tuples",
 ) -> Statistics:
     r"""Measure every contraction of the requested series once at ``θ_0``.
 
     With ``exact=True`` the rows are the population and each value is the exact average
     (V-statistic), as :func:`perturb.predict` computes from materialized tensors.  Otherwise
     the rows are an iid sample from the population (``samples`` of them drawn without
-    replacement when given): they are split at random (``seed``) into ``groups`` disjoint
-    groups of ``⌊n/K⌋`` rows (the ``n mod K`` left over are unused), each contraction's
-    U-statistic is computed within every group (exactly unbiased), and the value is the mean
-    of the group estimates with standard error ``sd/√K`` (batch means; see the module notes).
+    replacement when given), and ``estimator`` picks the unbiased estimate:
+
+    * ``"tuples"`` (default, cost linear in ``n``): the rows are shuffled (``seed``) and cut
+      into ``R = ⌊n/m⌋`` disjoint tuples of ``m`` rows, ``m`` the most independent blocks of
+      any refinement of any requested contraction (the same tuples serve every contraction,
+      each using the first columns it needs, so per-tuple predictions are well defined).
+      Each tuple gives one unbiased estimate ``Z_r`` per contraction (every block of every
+      refinement takes its own row of the tuple, one single-row derivative per node); the
+      value is ``mean_r Z_r`` with standard error ``sd(Z_r)/√R`` (the ``Z_r`` are iid).
+      :attr:`Statistics.groups` is ``R`` and :attr:`Statistics.group_values` holds the
+      ``Z_r``; ``groups`` is ignored.
+    * ``"groups"`` (cost up to quadratic in ``n``): the rows are split at random into
+      ``groups`` disjoint groups of ``⌊n/K⌋`` rows (the ``n mod K`` left over are unused),
+      each contraction's complete U-statistic is computed within every group, and the value
+      is the mean of the group estimates with standard error ``sd/√K`` (batch means; see
+      the module notes).  More efficient per row, far slower per second.
 
     Args:
         loss_fn_or_model: an ``nn.Module`` (``data = (x, y)``), a :class:`FlatLoss`, a
@@ -1164,10 +1297,11 @@ def measure(
         chunk_size: most single-row directional derivatives per ``vmap`` call.
         device: where to compute (default: ``theta0``'s or the model's device).
         dtype: ``torch.float32`` or ``torch.float64`` (sums are accumulated in float64).
-        groups: ``K``, the number of groups for the error bars (estimates only).
+        groups: ``K``, the number of groups for the error bars (``estimator="groups"``).
         progress: show a tqdm bar over the contractions.
         loss: a model's per-sample loss (default cross-entropy).
         max_message_elements: memory bound of one message (see :func:`moment_network`).
+        estimator: ``"tuples"`` or ``"groups"`` (estimates only; see above).
 
     Returns:
         :class:`Statistics`.
@@ -1198,13 +1332,19 @@ def measure(
             raise ValueError(f"quantities must be among {QUANTITIES}, got {q!r}")
     if exact and samples is not None:
         raise ValueError("exact=True averages over all rows; samples applies to estimates only")
+    if estimator not in ("tuples", "groups"):
+        raise ValueError(f"estimator must be 'tuples' or 'groups', got {estimator!r}")
     obj = _objective(loss_fn_or_model, data, theta0, loss=loss, dtype=dtype, device=device)
     device_ = obj.theta0.device
     gen = torch.Generator().manual_seed(int(seed))
+    contractions = _collect(order, schedules, quantities)
+    tuples = None
     if exact:
         k, layout = 1, _single_layout(obj.n, device_)
     else:
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        if estimator == "groups" and (
+            isinstance(groups, bool) or not isinstance(groups, int) or groups < 1
+        ):
             raise ValueError(f"groups must be a positive integer, got {groups!r}")
         n = obj.n
         if samples is not None:
@@ -1214,19 +1354,36 @@ def measure(
                 raise ValueError(f"samples={samples} exceeds the {n} rows of data")
             obj = obj.select(torch.randperm(n, generator=gen)[:samples].to(device_))
             n = samples
-        size = n // groups
-        if size < 1:
-            raise ValueError(f"{n} rows cannot be split into {groups} non-empty groups")
-        k = groups
-        layout = torch.randperm(n, generator=gen)[: k * size].reshape(k, size).to(device_)
-    contractions = _collect(order, schedules, quantities)
+        if estimator == "groups":
+            size = n // groups
+            if size < 1:
+                raise ValueError(f"{n} rows cannot be split into {groups} non-empty groups")
+            k = groups
+            layout = torch.randperm(n, generator=gen)[: k * size].reshape(k, size).to(device_)
+        else:
+            m = max(_tuple_size(c) for c in contractions.values())
+            k = n // m
+            if k < 1:
+                raise ValueError(
+                    f"the statistics need tuples of {m} distinct rows, got only {n} rows"
+                )
+            tuples = torch.randperm(n, generator=gen)[: k * m].reshape(k, m).to(device_)
+            layout = tuples
     engine = _Engine(obj, layout, chunk_size=chunk_size, budget=max_message_elements)
     values: dict[str, np.ndarray] = {}
     bar = tqdm(contractions.items(), desc="measure", disable=not progress, unit="stat")
     for key, c in bar:
         bar.set_postfix_str(c.text, refresh=False)
-        v = _group_values(engine, c, unbiased=not exact)
+        if tuples is None:
+            v = _group_values(engine, c, unbiased=not exact)
+        else:
+            v = _tuple_values(engine, c, tuples)
         values[key] = v.detach().cpu().numpy().astype(np.float64)
+    meta_extra = {}
+    if not exact:
+        meta_extra["estimator"] = estimator
+        if tuples is not None:
+            meta_extra["tuple_size"] = int(tuples.shape[1])
     return Statistics(
         order=order,
         exact=bool(exact),
@@ -1241,6 +1398,8 @@ def measure(
             "quantities": list(quantities),
             "schedules": [str(s) for s in schedules],
             "evaluations": engine.evaluations,
-            "networks": sum(len(b) for b in engine.cache.values()),
+            "networks": sum(len(b) for b in engine.cache.values())
+            + sum(len(b) for b in engine.tuple_cache.values()),
+            **meta_extra,
         },
     )
