@@ -28,8 +28,10 @@ def main() -> None:
     schedule = perturb.Online()
     x, y = sp.symbols("x y")
     losses = [x**2 / 2 + x * y - y + x**3 / 3, 2 * y**2 + x - x * y**2 / 2, x * y - x + y**4 / 4]
-    print("| order | diagrams (classes) | merged terms | engine s (this order) | cumulative s "
-          "| oracle s (T = 1..d+1, B=1, one landscape) |")
+    print(
+        "| order | diagrams (classes) | merged terms | engine s (this order) | cumulative s "
+        "| oracle s (T = 1..d+1, B=1, one landscape) |"
+    )
     print("|---|---|---|---|---|---|")
     cumulative = 0.0
     for d in range(args.max_order + 1):
@@ -42,11 +44,14 @@ def main() -> None:
         if d <= args.oracle_max_order:
             start = time.perf_counter()
             for steps in range(1, d + 2):
-                oracle_series(losses, [x, y], [sp.Rational(1, 2), -1], kind="online",
-                              steps=steps, order=d)
+                oracle_series(
+                    losses, [x, y], [sp.Rational(1, 2), -1], kind="online", steps=steps, order=d
+                )
             oracle = f"{time.perf_counter() - start:.2f}"
-        print(f"| {d} | {classes} | {len(terms)} | {spent:.2f} | {cumulative:.2f} | {oracle} |",
-              flush=True)
+        print(
+            f"| {d} | {classes} | {len(terms)} | {spent:.2f} | {cumulative:.2f} | {oracle} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -65,19 +65,19 @@ def run(*, lrs, train_size, trials, population, model, seed):
     for lr in lrs:
         weight = (train_size - 1) / (4 * train_size) * lr
 
-        def gd(p, xb, yb, w):
+        def gd(p, xb, yb, w, lr=lr):
             for _ in range(train_size):
                 p = p - lr * grad(full_batch)(p, xb, yb, w)
             return test_loss(p)
 
-        def sgd(p, xb, yb):
+        def sgd(p, xb, yb, lr=lr):
             for i in range(train_size):
                 p = p - lr * grad(row_loss)(p, xb[i], yb[i])
             return test_loss(p)
 
         start = time.perf_counter()
         out_gd = vmap(lambda a, b: gd(theta0, a, b, 0.0))(xs, ys)
-        out_gdc = vmap(lambda a, b: gd(theta0, a, b, weight))(xs, ys)
+        out_gdc = vmap(lambda a, b, w=weight: gd(theta0, a, b, w))(xs, ys)
         out_sgd = vmap(lambda a, b: sgd(theta0, a, b))(xs_sgd, ys_sgd)
         spent = time.perf_counter() - start
         a = (out_gd - out_sgd).double().numpy()  # GD − SGD

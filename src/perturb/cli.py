@@ -588,7 +588,6 @@ def predict_command(
         samples=samples,
         seed=seed,
         dtype=torch.float32,
-        groups=1 if exact else 16,
     )
     pred = stats.predict(schedule, lr=list(lrs), quantity=quantity, order=order)
     if fmt == "json":
