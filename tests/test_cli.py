@@ -316,3 +316,10 @@ def test_predict_bad_checkpoint(tmp_path):
         "5",
     )
     assert result.exit_code == 2 and "missing" in result.output.lower()
+
+
+def test_series_resummed_integral_form_is_the_papers_example_1():
+    result = run("series", "--order", "3", "--resummed", "--integral", "--batch-size", "1")
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if "S_(a,b,c)" in x)
+    assert line.endswith("(1 - exp(T*(-r_a - r_b - r_c)))/(r_a + r_b + r_c)")

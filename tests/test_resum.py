@@ -248,3 +248,50 @@ def test_cyclic_part_constraints_have_no_embedding():
         pop, theta0, sched, lr=0.1, order=5, quantity="displacement", resummed=True
     )
     assert all(np.shape(v) == (2,) for v in disp.by_order)
+
+
+def test_integral_form_of_example_1():
+    """Remark 2: one level, three edges to the root: (1 − e^{−T Σr}) / Σr."""
+    from perturb.resum import time_integral
+
+    rates = [torch.tensor(v, dtype=torch.float64) for v in (0.01, 0.02, 0.005)]
+    total = sum(float(r) for r in rates)
+    got = float(time_integral(((1, ((1, 2), (1, 2), (1, 2))),), rates, 100.0))
+    assert got == pytest.approx(-np.expm1(-100 * total) / total, rel=1e-13)
+
+
+def test_integral_form_of_the_split_cherry():
+    """Two lone leaves under the root: the three weak orders give the full square plus
+    the diagonal, ∏ (1 − e^{−r_i T})/r_i + (1 − e^{−(r_1+r_2)T})/(r_1 + r_2)."""
+    from perturb.resum import time_integral
+
+    cherry = next(
+        t
+        for t in resummed_terms(2, perturb.Online(steps=7, batch_size=1))
+        if t.diagram.parents == (-1, 0, 0) and len(t.diagram.parts) == 3
+    )
+    r1, r2 = torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.05, dtype=torch.float64)
+    t = 7.0
+    square = (-np.expm1(-0.3 * t) / 0.3) * (-np.expm1(-0.05 * t) / 0.05)
+    diagonal = -np.expm1(-0.35 * t) / 0.35
+    assert float(time_integral(cherry.orders, [r1, r2], t)) == pytest.approx(
+        square + diagonal, rel=1e-12
+    )
+
+
+def test_integral_form_is_exact_to_first_order_in_eta():
+    """At fixed ηT the integral form differs from the exact sums by O(η)."""
+    _, xs, theta0, loss_fn = _linear_gaussian(3, 6, 1)
+    pop = perturb.Population(loss_fn, xs)
+    gaps = []
+    for lr, steps in ((0.02, 50), (0.01, 100), (0.005, 200)):
+        sched = perturb.Online(steps=steps, batch_size=1)
+        exact = perturb.predict(pop, theta0, sched, lr=lr, order=2, resummed=True).total
+        approx = perturb.predict(
+            pop, theta0, sched, lr=lr, order=2, resummed=True, integral=True
+        ).total
+        gaps.append(approx - exact)
+    assert gaps[0] / gaps[1] == pytest.approx(2, rel=0.1)
+    assert gaps[1] / gaps[2] == pytest.approx(2, rel=0.1)
+    with pytest.raises(ValueError, match="integral=True applies to re-summed"):
+        perturb.predict(pop, theta0, sched, lr=0.1, order=2, integral=True)

@@ -422,8 +422,19 @@ _form_option = click.option(
     help="Print the re-summed diagrams (edges carry η(I − ηH)^{Δt−1}) with their exact "
     "sums over embeddings, in an eigenbasis of H (online SGD and GD).",
 )
+@click.option(
+    "--integral",
+    is_flag=True,
+    help="With --resummed: Remark 2's integrals of exponentials in r = ηh.",
+)
 def series_command(
-    order: int, schedule: Schedule, quantity: str, fmt: str, form: str, resummed: bool
+    order: int,
+    schedule: Schedule,
+    quantity: str,
+    fmt: str,
+    form: str,
+    resummed: bool,
+    integral: bool,
 ) -> None:
     """Print the η-series of a quantity, order by order."""
     if not resummed:
@@ -434,7 +445,7 @@ def series_command(
             "with --resummed print test and train separately", param_hint="--quantity"
         )
     try:
-        report = resummed_report(order, schedule, quantity, fmt=fmt)
+        report = resummed_report(order, schedule, quantity, fmt=fmt, integral=integral)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     if fmt == "text":

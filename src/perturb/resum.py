@@ -56,6 +56,7 @@ __all__ = [
     "complete_homogeneous",
     "resummed_terms",
     "resummed_values",
+    "time_integral",
     "time_sum",
     "time_sum_exact",
 ]
@@ -86,6 +87,30 @@ class ResummedTerm:
         """The diagram's tensor network (edges carry ``η K^{Δt−1}``)."""
         d = self.diagram
         return Contraction(parents=d.parents, parts=d.parts, open_root=self.open_root)
+
+    def time_integral_expr(self, steps: sp.Expr) -> sp.Expr:
+        """Remark 2's integral form of :meth:`time_sum_expr`, in rates ``r_a = ηh_a``.
+
+        Example:
+            >>> import sympy as sp
+            >>> from perturb.schedules import Online
+            >>> skew = [t for t in resummed_terms(3, Online(batch_size=1))
+            ...         if t.contraction.text == "J:S"][0]
+            >>> skew.time_integral_expr(sp.Symbol("T"))
+            (1 - exp(T*(-r_a - r_b - r_c)))/(r_a + r_b + r_c)
+        """
+        rs = [sp.Symbol(f"r_{string.ascii_lowercase[i]}") for i in range(len(self.edges))]
+        total = sp.Integer(0)
+        for j, spans in self.orders:
+            lams = [sp.Integer(0)] + [
+                sp.Add(*(r for r, (a, b) in zip(rs, spans, strict=True) if a <= i < b))
+                for i in range(1, j + 1)
+            ]
+            if j == 1:  # the common case, in the paper's form (1 − e^{−λT})/λ
+                total += (1 - sp.exp(-lams[1] * steps)) / lams[1]
+            else:
+                total += _divided_difference_exp(lams, steps)
+        return total
 
     def time_sum_expr(self, steps: sp.Expr) -> sp.Expr:
         """The sum over embeddings as a sympy expression in ``x_a = 1 − η h_a``.
@@ -138,6 +163,15 @@ def time_sum_exact(orders, xs: list[sp.Expr], steps: int) -> sp.Expr:
                 z[i, i - 1] = 1
         total += factor * (z ** (steps))[j, 0]
     return total
+
+
+def _divided_difference_exp(lams: list[sp.Expr], steps: sp.Expr) -> sp.Expr:
+    """``∫_{Σg=T} Π e^{−λ_i g_i} = Σ_i e^{−λ_i T} / Π_{k≠i} (λ_k − λ_i)`` (distinct λ)."""
+    out = sp.Integer(0)
+    for i, li in enumerate(lams):
+        den = sp.Mul(*(lk - li for k, lk in enumerate(lams) if k != i))
+        out += sp.exp(-li * steps) / den
+    return out
 
 
 def _divided_difference_power(zs: list[sp.Expr], steps: sp.Expr) -> sp.Expr:
@@ -338,6 +372,50 @@ def time_sum(orders, xs: list[torch.Tensor], steps: int) -> torch.Tensor:
     return total
 
 
+def time_integral(orders, rates: list[torch.Tensor], steps: float) -> torch.Tensor:
+    """Remark 2's continuous form of :func:`time_sum`: integrals of exponentials.
+
+    Each edge's ``x_e^{Δt−1}`` becomes ``exp(−r_e Δt)`` with ``r_e = ηh_e``, and the sum
+    over embedding steps the integral over ``0 < τ_1 < … < τ_j < T``:
+
+        ∫ Π_i exp(−λ_i g_i) dg over g_0 + … + g_j = T, g ≥ 0,
+
+    with ``λ_i`` the summed rates of the edges spanning gap ``i`` (``λ_0 = 0``), the
+    corner entry of ``exp(T·Z)`` for the bidiagonal ``Z`` with diagonal ``−λ`` and unit
+    sub-diagonal (stable for coinciding rates).  Its ratio to the exact sum is
+    ``1 + O(η)`` at fixed ``ηT`` (the paper's ``1 + o(η)``).
+
+    Args:
+        orders: :attr:`ResummedTerm.orders`.
+        rates: one broadcastable tensor of ``ηh`` values per edge.
+        steps: ``T``.
+
+    Example:
+        >>> import torch
+        >>> r = torch.tensor(0.1, dtype=torch.float64)
+        >>> round(float(time_integral(((1, ((1, 2),)),), [r], 10.0)), 6)  # (1 − e^{−1})/0.1
+        6.321206
+    """
+    total = None
+    for j, spans in orders:
+        shape = torch.broadcast_shapes(*(r.shape for r in rates)) if rates else ()
+        ref = rates[0] if rates else torch.zeros((), dtype=torch.float64)
+        lams = [torch.zeros(shape, dtype=ref.dtype, device=ref.device)]
+        for i in range(1, j + 1):
+            lam = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
+            for r, (a, b) in zip(rates, spans, strict=True):
+                if a <= i < b:
+                    lam = lam + r
+            lams.append(lam)
+        diag = -torch.stack(lams, dim=-1)
+        z = torch.diag_embed(diag)
+        if j:
+            z = z + torch.diag_embed(torch.ones((*shape, j), dtype=ref.dtype), offset=-1)
+        value = torch.linalg.matrix_exp(steps * z)[..., j, 0]
+        total = value if total is None else total + value
+    return total
+
+
 def resummed_values(
     terms: list[ResummedTerm],
     derivs: Mapping[int, torch.Tensor],
@@ -347,6 +425,7 @@ def resummed_values(
     schedule: Schedule,
     means: Mapping[int, torch.Tensor] | None = None,
     eigh: tuple[torch.Tensor, torch.Tensor] | None = None,
+    integral: bool = False,
 ) -> list[torch.Tensor]:
     """Exact re-summed contributions by number of edges, via a full eigendecomposition.
 
@@ -360,6 +439,8 @@ def resummed_values(
             them, so per-sample tensors are needed only for orders that occur in
             multi-node parts.  ``means[2]`` (else the mean of ``derivs[2]``) is ``H``.
         eigh: ``torch.linalg.eigh(H)`` if already computed (reused across calls).
+        integral: use Remark 2's integrals of exponentials (:func:`time_integral`)
+            instead of the exact sums over steps.
 
     Returns:
         One value per number of edges ``0..order`` (vectors for displacement).
@@ -380,7 +461,13 @@ def resummed_values(
         d = term.diagram.edges
         network = _open_network(term, rotated, rotated_means)
         xs = [x.reshape((-1,) + (1,) * (d - 1 - i)) for i in range(d)]
-        weights = time_sum(term.orders, xs, steps) if d else torch.ones(())
+        if not d:
+            weights = torch.ones(())
+        elif integral:
+            rates = [(lr * evals).reshape((-1,) + (1,) * (d - 1 - i)) for i in range(d)]
+            weights = time_integral(term.orders, rates, steps)
+        else:
+            weights = time_sum(term.orders, xs, steps)
         if term.open_root:
             letters = string.ascii_lowercase[:d]
             value = evecs @ torch.einsum(f"{letters},{letters}->a", network, weights)
@@ -415,7 +502,14 @@ def _open_network(
     return total
 
 
-def resummed_report(order: int, schedule: Schedule, quantity: str = "test", *, fmt: str = "text"):
+def resummed_report(
+    order: int,
+    schedule: Schedule,
+    quantity: str = "test",
+    *,
+    fmt: str = "text",
+    integral: bool = False,
+):
     """The re-summed diagrams of ``quantity`` with their exact sums over embeddings.
 
     Each line is ``η^d · prefactor · Σ_{indices} (tensor network) · S(x)``: the
@@ -428,6 +522,8 @@ def resummed_report(order: int, schedule: Schedule, quantity: str = "test", *, f
         schedule: online SGD or GD.
         quantity: ``"test"``, ``"train"`` or ``"displacement"``.
         fmt: ``"text"``, ``"latex"`` or ``"json"``.
+        integral: print Remark 2's integrals of exponentials in ``r_a = ηh_a`` instead
+            of the exact sums in ``x_a``.
 
     Example:
         >>> from perturb.schedules import Online
@@ -445,7 +541,12 @@ def resummed_report(order: int, schedule: Schedule, quantity: str = "test", *, f
     for term in resummed_terms(order, schedule, quantity):
         network = term.contraction
         text, tex = network._einstein(network._names())
-        time = sp.factor(sp.simplify(term.time_sum_expr(steps))) if term.edges else sp.Integer(1)
+        if not term.edges:
+            time = sp.Integer(1)
+        elif integral:
+            time = term.time_integral_expr(steps)
+        else:
+            time = sp.factor(sp.simplify(term.time_sum_expr(steps)))
         records.append((term.diagram.edges, sp.factor(term.prefactor), text, tex, time))
     if fmt == "json":
         return json.dumps(
