@@ -737,3 +737,23 @@ def test_errors_predict():
     with pytest.raises(KeyError, match="no statistic"):
         stats.value("nothing")
     assert Contraction((-1, 0), ((0,), (1,))) in stats
+
+
+def test_tuple_range_evaluates_a_slice_of_the_same_tuples():
+    """The sharding hook: a range of tuples gives exactly those tuples' values."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(30, 2, dtype=torch.float64, generator=gen)
+
+    def f(p, row):
+        return ((p - row) ** 2).sum() / 2 + (p[0] * row[1]) ** 3 / 6
+
+    theta = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    full = measure(f, x, theta, order=2, progress=False, seed=3)
+    part = measure(f, x, theta, order=2, progress=False, seed=3, tuple_range=lambda k: range(2, 5))
+    assert part.meta["tuples_total"] == full.groups and part.groups == 3
+    for key, values in full.group_values.items():
+        np.testing.assert_array_equal(part.group_values[key], values[2:5])
+    empty = measure(f, x, theta, order=2, progress=False, seed=3, tuple_range=lambda k: range(0))
+    assert all(v.shape[0] == 0 for v in empty.group_values.values())
+    with pytest.raises(ValueError, match="tuple_range applies to estimator='tuples'"):
+        measure(f, x, theta, order=2, progress=False, exact=True, tuple_range=lambda k: range(1))

@@ -28,16 +28,14 @@ import dataclasses
 import datetime
 import importlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
-from perturb.schedules import Epochs, Online, Schedule
-from perturb.series import QUANTITIES
+from perturb.schedules import Schedule
 
 # the modules, not the functions of the same name that ``perturb`` re-exports
 _m = importlib.import_module("perturb.measure")
@@ -284,19 +282,9 @@ def measure_distributed(
     data: Any,
     theta0: torch.Tensor | None = None,
     *,
-    order: int,
-    schedules: Sequence[Schedule] | Schedule | None = None,
-    quantities: Sequence[str] | str = ("test",),
-    samples: int | None = None,
     exact: bool = False,
-    seed: int = 0,
-    chunk_size: int | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float64,
-    progress: bool = True,
-    loss: Callable | None = None,
-    max_message_elements: int | None = None,
     estimator: str = "tuples",
+    progress: bool = True,
     **kw: Any,
 ) -> _m.Statistics:
     """:func:`perturb.measure.measure`, with the tuples split across the ranks.
@@ -318,85 +306,28 @@ def measure_distributed(
         True
     """
     rank, size = world()
-    args = dict(
-        order=order, schedules=schedules, quantities=quantities, samples=samples, exact=exact,
-        seed=seed, chunk_size=chunk_size, device=device, dtype=dtype, progress=progress,
-        loss=loss, max_message_elements=max_message_elements, estimator=estimator, **kw,
-    )  # fmt: skip
-    if exact or estimator != "tuples" or kw:
-        if size == 1:
-            return _m.measure(loss_fn_or_model, data, theta0, **args)
+    if size == 1:
+        return _m.measure(
+            loss_fn_or_model, data, theta0, exact=exact, estimator=estimator, progress=progress,
+            **kw,
+        )  # fmt: skip
+    if exact or estimator != "tuples":
         raise ValueError(
             "measure_distributed splits only estimator='tuples' with exact=False "
-            f"(got exact={exact!r}, estimator={estimator!r}, extra={sorted(kw)})"
+            f"(got exact={exact!r}, estimator={estimator!r})"
         )
-    # The argument checks and layout below mirror perturb.measure.measure exactly.
-    if not isinstance(order, int) or isinstance(order, bool) or order < 0:
-        raise ValueError(f"order must be a non-negative integer, got {order!r}")
-    if schedules is None:
-        schedules = (Online(), Epochs())
-    elif isinstance(schedules, Schedule):
-        schedules = (schedules,)
-    schedules = tuple(schedules)
-    for sch in schedules:
-        if not isinstance(sch, Schedule):
-            raise TypeError(f"schedules must hold Schedule objects, got {type(sch).__name__}")
-    if isinstance(quantities, str):
-        quantities = (quantities,)
-    quantities = tuple(quantities)
-    for q in quantities:
-        if q not in QUANTITIES:
-            raise ValueError(f"quantities must be among {QUANTITIES}, got {q!r}")
-    obj = _m._objective(loss_fn_or_model, data, theta0, loss=loss, dtype=dtype, device=device)
-    device_ = obj.theta0.device
-    gen = torch.Generator().manual_seed(int(seed))
-    contractions = _m._collect(order, schedules, quantities)
-    n = obj.n
-    if samples is not None:
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"samples must be a positive integer, got {samples!r}")
-        if samples > n:
-            raise ValueError(f"samples={samples} exceeds the {n} rows of data")
-        obj = obj.select(torch.randperm(n, generator=gen)[:samples].to(device_))
-        n = samples
-    m = max(_m._tuple_size(c) for c in contractions.values())
-    k = n // m
-    if k < 1:
-        raise ValueError(f"the statistics need tuples of {m} distinct rows, got only {n} rows")
-    tuples = torch.randperm(n, generator=gen)[: k * m].reshape(k, m).to(device_)
-    mine = shard(k, rank, size)
-    local_tuples = tuples[mine.start : mine.stop]
-    engine = _m._Engine(obj, local_tuples, chunk_size=chunk_size, budget=max_message_elements)
-    values: dict[str, np.ndarray] = {}
-    bar = tqdm(
-        contractions.items(), desc="measure", disable=not (progress and rank == 0), unit="stat"
-    )
-    for key, c in bar:
-        bar.set_postfix_str(c.text, refresh=False)
-        if len(mine) > 0:
-            v = _m._tuple_values(engine, c, local_tuples).detach().cpu().numpy()
-        else:
-            shape = (0, obj.size) if c.open_root else (0,)
-            v = np.zeros(shape)
-        values[key] = _gather_blocks(v, k, axis=0)
-    return _m.Statistics(
-        order=order,
-        exact=False,
-        rows=int(tuples.numel()),
-        groups=k,
-        parameters=obj.size,
-        contractions=contractions,
+    local = _m.measure(
+        loss_fn_or_model, data, theta0, exact=False, estimator="tuples",
+        progress=progress and rank == 0, tuple_range=lambda k: shard(k, rank, size), **kw,
+    )  # fmt: skip
+    total = int(local.meta["tuples_total"])
+    values = {key: _gather_blocks(v, total, axis=0) for key, v in local.group_values.items()}
+    meta = {k: v for k, v in local.meta.items() if k not in ("tuple_range", "tuples_total")}
+    meta.update(evaluations=_sum_int(local.meta["evaluations"]), world_size=size)
+    return dataclasses.replace(
+        local,
+        rows=total * int(local.meta["tuple_size"]),
+        groups=total,
         group_values=values,
-        meta={
-            "dtype": str(dtype).replace("torch.", ""),
-            "seed": int(seed),
-            "quantities": list(quantities),
-            "schedules": [str(sch) for sch in schedules],
-            "evaluations": _sum_int(engine.evaluations),
-            "networks": sum(len(b) for b in engine.cache.values())
-            + sum(len(b) for b in engine.tuple_cache.values()),
-            "estimator": "tuples",
-            "tuple_size": int(tuples.shape[1]),
-            "world_size": size,
-        },
+        meta=meta,
     )

@@ -1258,6 +1258,7 @@ def measure(
     loss: Callable | None = None,
     max_message_elements: int | None = None,
     estimator: str = "tuples",
+    tuple_range: Callable[[int], range] | None = None,
 ) -> Statistics:
     r"""Measure every contraction of the requested series once at ``θ_0``.
 
@@ -1302,6 +1303,9 @@ def measure(
         loss: a model's per-sample loss (default cross-entropy).
         max_message_elements: memory bound of one message (see :func:`moment_network`).
         estimator: ``"tuples"`` or ``"groups"`` (estimates only; see above).
+        tuple_range: for sharding across processes (:mod:`perturb.distributed`): given
+            the number ``R`` of tuples, the range of tuples this call evaluates; the
+            result then holds those tuples only (``meta["tuples_total"]`` is ``R``).
 
     Returns:
         :class:`Statistics`.
@@ -1369,17 +1373,26 @@ def measure(
                 )
             tuples = torch.randperm(n, generator=gen)[: k * m].reshape(k, m).to(device_)
             layout = tuples
+    meta_extra: dict[str, Any] = {}
+    if tuple_range is not None:
+        if tuples is None:
+            raise ValueError("tuple_range applies to estimator='tuples' with exact=False only")
+        part = tuple_range(k)
+        meta_extra.update(tuple_range=[part.start, part.stop], tuples_total=k)
+        tuples = layout = tuples[part.start : part.stop]
+        k = len(part)
     engine = _Engine(obj, layout, chunk_size=chunk_size, budget=max_message_elements)
     values: dict[str, np.ndarray] = {}
     bar = tqdm(contractions.items(), desc="measure", disable=not progress, unit="stat")
     for key, c in bar:
         bar.set_postfix_str(c.text, refresh=False)
         if tuples is None:
-            v = _group_values(engine, c, unbiased=not exact)
+            v = _group_values(engine, c, unbiased=not exact).detach().cpu().numpy()
+        elif len(tuples) == 0:
+            v = np.zeros((0, obj.size) if c.open_root else (0,))
         else:
-            v = _tuple_values(engine, c, tuples)
-        values[key] = v.detach().cpu().numpy().astype(np.float64)
-    meta_extra = {}
+            v = _tuple_values(engine, c, tuples).detach().cpu().numpy()
+        values[key] = v.astype(np.float64)
     if not exact:
         meta_extra["estimator"] = estimator
         if tuples is not None:
