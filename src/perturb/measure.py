@@ -416,6 +416,20 @@ class _Net:
         )
 
 
+def _tree_order(parents: Sequence[int]) -> tuple[list[list[int]], list[int]]:
+    """Children of each node and a post-order (every child before its parent)."""
+    children: list[list[int]] = [[] for _ in parents]
+    for v, p in enumerate(parents):
+        if p >= 0:
+            children[p].append(v)
+    preorder, stack = [], [0]
+    while stack:
+        v = stack.pop()
+        preorder.append(v)
+        stack.extend(children[v])
+    return children, preorder[::-1]
+
+
 def _canonical_blocks(blocks: Iterable[Iterable[int]]) -> tuple[tuple[int, ...], ...]:
     return tuple(sorted(tuple(sorted(b)) for b in blocks))
 
@@ -479,16 +493,7 @@ class _Engine:
     def _network_sums(self, net: _Net, label: str) -> torch.Tensor:
         parents, open_root = net.parents, net.open_root
         count = len(parents)
-        children: list[list[int]] = [[] for _ in range(count)]
-        for v, p in enumerate(parents):
-            if p >= 0:
-                children[p].append(v)
-        preorder, stack = [], [0]
-        while stack:
-            v = stack.pop()
-            preorder.append(v)
-            stack.extend(children[v])
-        postorder = preorder[::-1]
+        children, postorder = _tree_order(parents)
         sub: dict[int, frozenset[int]] = {}
         for v in postorder:
             sub[v] = frozenset({v}).union(*(sub[c] for c in children[v]))
@@ -622,16 +627,7 @@ class _Engine:
 
     def _network_tuples(self, net: _Net, tuples: torch.Tensor, label: str) -> torch.Tensor:
         parents, open_root = net.parents, net.open_root
-        children: list[list[int]] = [[] for _ in parents]
-        for v, p in enumerate(parents):
-            if p >= 0:
-                children[p].append(v)
-        preorder, stack = [], [0]
-        while stack:
-            v = stack.pop()
-            preorder.append(v)
-            stack.extend(children[v])
-        postorder = preorder[::-1]
+        children, postorder = _tree_order(parents)
         block_of = {v: i for i, b in enumerate(net.blocks) for v in b}
         obj, p = self.obj, self.obj.size
         count = int(tuples.shape[0])
