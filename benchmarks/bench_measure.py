@@ -1,9 +1,11 @@
 """Time the sampled estimators of perturb.measure on a real convnet.
 
 Run: ``python benchmarks/bench_measure.py`` (options: ``--rows``, ``--naive-tuples``,
-``--skip-groups``).  All order-3 test-loss contractions of ``Online(steps=100,
-batch_size=1)`` on ``smooth_convnet((1, 28, 28), 10)`` (25,034 parameters) at random
-inputs, float32, two threads.  Three ways:
+``--skip-groups``, ``--device``, ``--width``, ``--all``).  All order-3 test-loss
+contractions of ``Online(steps=100, batch_size=1)`` (with ``--all``: every order-3
+contraction of every schedule and quantity) on ``smooth_convnet((1, 28, 28), 10,
+width=W)`` (``W = 8``: 25,034 parameters; ``W = 16``: 98,442) at random inputs, float32,
+two threads on the CPU.  Three ways:
 
 * ``tuples``: ``measure(..., estimator="tuples")``, linear in the rows;
 * ``groups``: ``measure(..., estimator="groups", groups=16)``, complete U-statistics within
@@ -35,7 +37,12 @@ from perturb.measure import (
     measure,
 )
 from perturb.models import smooth_convnet
-from perturb.schedules import Online
+from perturb.schedules import Epochs, Online
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _naive_network(fn, theta0, x, y, net, row_of_block):
@@ -64,6 +71,26 @@ def _naive_network(fn, theta0, x, y, net, row_of_block):
     return node(0)
 
 
+def _full_gradient_seconds(model, x, y, device: torch.device, repeat: int = 5) -> float:
+    """Median seconds of one gradient of the summed loss over all rows (the floor)."""
+    params = dict(model.named_parameters())
+
+    def total(p):
+        logits = torch.func.functional_call(model, p, (x,))
+        return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+
+    g = torch.func.grad(total)
+    g(params)
+    times = []
+    for _ in range(repeat):
+        _sync(device)
+        start = time.perf_counter()
+        g(params)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=1024)
@@ -72,23 +99,62 @@ def main() -> None:
     parser.add_argument(
         "--groups-rows", type=int, default=None, help="rows for groups (default: --rows)"
     )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--width", type=int, default=8)
+    parser.add_argument("--chunk-size", type=int, default=None)
+    parser.add_argument(
+        "--all", action="store_true", help="every schedule and quantity, not online test loss"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
-    model = smooth_convnet((1, 28, 28), 10)
+    device = torch.device(args.device)
+    model = smooth_convnet((1, 28, 28), 10, width=args.width).to(device)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.rows, 1, 28, 28, generator=gen)
-    y = torch.randint(0, 10, (args.rows,), generator=gen)
-    schedule = Online(steps=100, batch_size=1)
-    common = dict(order=3, schedules=schedule, quantities="test", dtype=torch.float32)
-    contractions = _collect(3, (schedule,), ("test",))
+    x = torch.randn(args.rows, 1, 28, 28, generator=gen).to(device)
+    y = torch.randint(0, 10, (args.rows,), generator=gen).to(device)
+    if args.all:
+        schedules, quantities = None, ("test", "train", "gap", "displacement")
+        contractions = _collect(3, (Online(), Epochs()), quantities)
+    else:
+        schedules, quantities = Online(steps=100, batch_size=1), ("test",)
+        contractions = _collect(3, (schedules,), quantities)
+    common = dict(
+        order=3,
+        schedules=schedules,
+        quantities=quantities,
+        dtype=torch.float32,
+        chunk_size=args.chunk_size,
+    )
     params = sum(p.numel() for p in model.parameters())
-    print(f"{len(contractions)} contractions, {params} parameters, {args.rows} rows\n")
+    print(
+        f"{len(contractions)} contractions, {params} parameters, {args.rows} rows, "
+        f"device {device}\n"
+    )
     rows = []
 
+    # warm-up on a few rows (kernel selection, allocator), not timed
+    measure(model, (x[:64], y[:64]), estimator="tuples", progress=False, **common)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
     start = time.perf_counter()
     tup = measure(model, (x, y), estimator="tuples", progress=False, **common)
+    _sync(device)
     spent = time.perf_counter() - start
+    tuple_seconds = spent
     rows.append(("tuples", tup.meta["evaluations"], spent, f"R = {tup.groups} tuples"))
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        print(f"tuples: peak extra GPU memory {peak:.0f} MiB")
+    floor = _full_gradient_seconds(model, x, y, device)
+    passes = tup.meta["evaluations"] / tup.groups
+    print(
+        f"tuples: {passes:.0f} node passes over the {tup.groups} tuples; one full-batch "
+        f"gradient over all {args.rows} rows takes {1e3 * floor:.2f} ms; a node pass costs "
+        f"{spent / passes / floor:.2f} full-batch gradients, the whole measurement "
+        f"{spent / floor:.0f}\n"
+    )
 
     if not args.skip_groups:
         n_g = args.rows if args.groups_rows is None else args.groups_rows
@@ -103,8 +169,8 @@ def main() -> None:
     # naive: the same tuples (same seed and permutation as measure) and networks
     m = max(_tuple_size(c) for c in contractions.values())
     perm = torch.randperm(args.rows, generator=torch.Generator().manual_seed(0))
-    tuples = perm[: (args.rows // m) * m].reshape(-1, m)
-    obj = _objective(model, (x, y), None, loss=None, dtype=torch.float32, device=None)
+    tuples = perm[: (args.rows // m) * m].reshape(-1, m).to(device)
+    obj = _objective(model, (x, y), None, loss=None, dtype=torch.float32, device=device)
     engine = _Engine(obj, tuples, chunk_size=None, budget=None)  # only for its network cache
     fn, theta0 = obj.batch, obj.theta0
     distinct = []  # (net, cache index) with isomorphic networks evaluated once, as measure does
@@ -124,6 +190,7 @@ def main() -> None:
             vals.append(_naive_network(fn, theta0, x, y, net, tuples[r].tolist()))
             evaluations += sum(1 for v in range(len(net.parents)) if not (v == 0 and net.open_root))
         naive_values[net] = torch.stack(vals)
+    _sync(device)
     spent = (time.perf_counter() - start) * len(tuples) / count
     evaluations = evaluations * len(tuples) // count
     rows.append(
@@ -144,10 +211,13 @@ def main() -> None:
         worst = max(worst, float((vals - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
     print(f"naive vs engine per-tuple values: max relative difference {worst:.2e}\n")
 
-    print("| method | single-row derivatives | seconds | µs / derivative | notes |")
-    print("|---|---|---|---|---|")
+    print("| method | single-row derivatives | seconds | µs / derivative | × tuples | notes |")
+    print("|---|---|---|---|---|---|")
     for name, ev, sec, note in rows:
-        print(f"| {name} | {ev:,} | {sec:.1f} | {1e6 * sec / max(ev, 1):.0f} | {note} |")
+        print(
+            f"| {name} | {ev:,} | {sec:.2f} | {1e6 * sec / max(ev, 1):.1f} "
+            f"| {sec / tuple_seconds:.1f} | {note} |"
+        )
     if not args.skip_groups:
         keys = list(tup.contractions)
         z = [(tup.value(k) - grp.value(k)) / np.hypot(tup.se(k), grp.se(k)) for k in keys]

@@ -5,9 +5,15 @@ online SGD with batch 1 for 50 steps, float32, ``torch.set_num_threads(2)``.  Bo
 paths run the identical trials (same per-trial seeds) and include the final test
 and train loss evaluation on the 1,297-image digits population.
 
+With ``--side 28`` the model is ``smooth_convnet((1, 28, 28), 10, width=W)`` on 4,096 random
+28×28 images instead (``W = 12``: 55,690 parameters), the size of the Fashion-MNIST runs;
+``--device cuda`` runs both paths on the GPU (times there are wall-clock after a
+synchronize; process CPU time is then not a measure of the work).
+
 Usage::
 
-    python benchmarks/bench_simulate.py [--ks 16 64 256] [--steps 50] [--out FILE]
+    python benchmarks/bench_simulate.py [--ks 16 64 256] [--steps 50] [--device cpu]
+        [--side 8|28] [--width W] [--out FILE]
 """
 
 from __future__ import annotations
@@ -32,9 +38,17 @@ def _time(fn, repeat: int) -> tuple[float, float, object]:
     for _ in range(repeat):
         w, c = time.perf_counter(), time.process_time()
         out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         wall = min(wall, time.perf_counter() - w)
         cpu = min(cpu, time.process_time() - c)
     return wall, cpu, out
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -46,14 +60,39 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1, help="best of this many runs")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("bench_simulate.md"))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--side", type=int, choices=(8, 28), default=8)
+    parser.add_argument("--width", type=int, default=8)
+    parser.add_argument(
+        "--test-rows",
+        type=int,
+        default=None,
+        help="measure the final test loss on the first N rows only (default: all), to time "
+        "the SGD steps rather than the evaluation",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    data = load_dataset("digits")
-    loss_fn, theta0 = model_loss(smooth_convnet((1, 8, 8), 10))
+    device = torch.device(args.device)
+    if args.side == 8:
+        data = load_dataset("digits")
+        population = (data.x, data.y)
+        what = "the 1,297-image digits population"
+    else:
+        gen = torch.Generator().manual_seed(0)
+        population = (
+            torch.randn(4096, 1, 28, 28, generator=gen),
+            torch.randint(0, 10, (4096,), generator=gen),
+        )
+        what = "4,096 random 28×28 images"
+    side = args.side
+    model = smooth_convnet((1, side, side), 10, width=args.width)
+    loss_fn, theta0 = model_loss(model)
     schedule = Online(steps=args.steps, batch_size=1)
-    common = dict(lr=args.lr, dtype=torch.float32, seed=0)
-    population = (data.x, data.y)
+    common = dict(lr=args.lr, dtype=torch.float32, seed=0, device=device)
+    if args.test_rows is not None:
+        common["test"] = (population[0][: args.test_rows], population[1][: args.test_rows])
+        what = f"the first {args.test_rows} rows"
     # warm-up (vmap tracing, allocator)
     simulate(loss_fn, theta0, population, schedule, trials=2, **common)
     simulate_loop(loss_fn, theta0, population, schedule, trials=2, **common)
@@ -84,10 +123,11 @@ def main() -> None:
     lines = [
         "### `simulate`: vmapped trials vs a Python loop",
         "",
-        f"digits `smooth_convnet((1, 8, 8), 10)` ({theta0.numel()} parameters), online SGD, "
+        f"`smooth_convnet((1, {side}, {side}), 10, width={args.width})` "
+        f"({theta0.numel()} parameters), online SGD, "
         f"batch 1, {args.steps} steps, float32, `torch.set_num_threads({args.threads})`, "
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}; "
-        "times include the final test/train loss on the 1,297-image population; "
+        f"torch {torch.__version__}, device {_device_name(device)}; "
+        f"times include the final test/train loss on {what}; "
         f"best of {args.repeat}; CPU = process CPU time (both threads), less sensitive "
         "to other load on the machine.",
         "",

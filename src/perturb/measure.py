@@ -128,6 +128,7 @@ __all__ = [
 
 _GROUP = -1  # the axis of the disjoint groups (batch means); present on every message
 _DEFAULT_BUDGET = 2**25  # elements of one message (sample axes × P)
+_MESSAGE_CACHE = 2**28  # elements of the tuple messages kept for reuse across networks
 _DTYPES = (torch.float32, torch.float64)
 
 
@@ -434,6 +435,41 @@ def _canonical_blocks(blocks: Iterable[Iterable[int]]) -> tuple[tuple[int, ...],
     return tuple(sorted(tuple(sorted(b)) for b in blocks))
 
 
+def _auto_chunk(obj: _Objective) -> int:
+    """Rows per ``vmap`` call when ``chunk_size`` is not given.
+
+    On the CPU, messages of about 16 MB (``2^24 / (8 P)`` rows, 16 to 1024).  On a CUDA
+    device, the rows whose third-order node (``J_i[u, v, ·]``, the costliest node of an
+    order-3 network) fits in a quarter of the free memory: the memory per row is read off
+    two small probe calls (4 and 16 rows; the difference removes fixed workspace), and the
+    chunk is clamped to 16..8192 rows.  This resets CUDA's peak-memory statistics.
+    """
+    p = obj.size
+    row_numel = sum(r[0].numel() for r in obj.rows)
+    cpu_chunk = int(min(1024, max(16, 2**24 // (8 * p + 8 * row_numel))))
+    device = obj.theta0.device
+    if device.type != "cuda" or obj.n < 16:
+        return cpu_chunk
+    fn = vmap(_derivative(obj.single, True), in_dims=(None, 0, 0))
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    peaks = []
+    for k in (4, 16):
+        rows = tuple(r[:k] for r in obj.rows)
+        us = tuple(
+            torch.randn(k, p, generator=gen).to(device=device, dtype=obj.theta0.dtype)
+            for _ in range(2)
+        )
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn(obj.theta0, rows, us)
+        torch.cuda.synchronize(device)
+        peaks.append(torch.cuda.max_memory_allocated(device) - base)
+    per_row = max((peaks[1] - peaks[0]) / 12, 4 * p * obj.theta0.element_size())
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(min(8192, max(16, free // 4 // per_row)))
+
+
 class _Engine:
     """Evaluates moment networks as per-group V-sums over a row layout ``perm (K, n_g)``."""
 
@@ -448,10 +484,8 @@ class _Engine:
         self.obj = obj
         self.perm = perm
         self.groups, self.group_size = (int(s) for s in perm.shape)
-        p = obj.size
         if chunk_size is None:
-            row_numel = sum(r[0].numel() for r in obj.rows)
-            chunk_size = int(min(1024, max(16, 2**24 // (8 * p + 8 * row_numel))))
+            chunk_size = _auto_chunk(obj)
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         self.chunk = chunk_size
@@ -463,6 +497,9 @@ class _Engine:
         self.cache: dict[str, list[tuple[Contraction, torch.Tensor]]] = {}
         self.tuple_cache: dict[str, list[tuple[Contraction, torch.Tensor]]] = {}
         self.evaluations = 0
+        self.messages: dict[tuple, torch.Tensor] = {}
+        self.message_elements = 0
+        self.message_budget = _MESSAGE_CACHE
         single, batch = obj.single, obj.batch
         self._fns = {
             ("elem", True): vmap(_derivative(single, True), in_dims=(None, 0, 0)),
@@ -631,28 +668,61 @@ class _Engine:
         block_of = {v: i for i, b in enumerate(net.blocks) for v in b}
         obj, p = self.obj, self.obj.size
         count = int(tuples.shape[0])
+        # A node's message depends only on its tuple column and its children's messages (a
+        # derivative is symmetric in its directions): equal keys, equal messages, within
+        # this network and across networks on the same tuples.
+        keys: dict[int, tuple] = {}
+        for v in postorder:
+            if v == 0 and open_root:
+                break
+            kids = tuple(sorted(keys[c] for c in children[v]))
+            keys[v] = (block_of[v], kids, v == 0, tuples.data_ptr(), tuple(tuples.shape))
+        stored = {v: self.messages.get(k) for v, k in keys.items()}
+        keep = {}
+        for v, k in keys.items():
+            if stored[v] is None and k not in keep.values() and self._room(count, v == 0):
+                shape = (count,) if v == 0 else (count, p)
+                stored[v] = torch.empty(shape, dtype=obj.theta0.dtype, device=obj.theta0.device)
+                keep[v] = k
         out = torch.zeros(
             (count, p) if open_root else (count,), dtype=torch.float64, device=obj.theta0.device
         )
         for t0 in range(0, count, self.chunk):
             chunk = tuples[t0 : t0 + self.chunk]
-            msgs: dict[int, torch.Tensor] = {}
+            span = slice(t0, t0 + len(chunk))
+            msgs: dict[tuple, torch.Tensor] = {}
             for v in postorder:
                 if v == 0 and open_root:
                     (child,) = children[0]
-                    out[t0 : t0 + len(chunk)] = msgs.pop(child).to(torch.float64)
+                    out[span] = msgs[keys[child]].to(torch.float64)
                     break
-                row_ids = chunk[:, block_of[v]]
-                data = tuple(r[row_ids] for r in obj.rows)
-                us = tuple(msgs.pop(c) for c in children[v])
-                res = self._fns[("elem", v != 0)](obj.theta0, data, us)
-                self.evaluations += len(row_ids)
-                self._check(res, lambda j, r=row_ids: int(r[j]), v, len(us), label)
+                key = keys[v]
+                if key not in msgs:
+                    if stored[v] is not None and v not in keep:
+                        msgs[key] = stored[v][span]
+                    else:
+                        row_ids = chunk[:, block_of[v]]
+                        data = tuple(r[row_ids] for r in obj.rows)
+                        us = tuple(msgs[keys[c]] for c in children[v])
+                        res = self._fns[("elem", v != 0)](obj.theta0, data, us)
+                        self.evaluations += len(row_ids)
+                        self._check(res, lambda j, r=row_ids: int(r[j]), v, len(us), label)
+                        msgs[key] = res
+                        if v in keep:
+                            stored[v][span] = res
                 if v == 0:
-                    out[t0 : t0 + len(chunk)] = res.to(torch.float64)
-                else:
-                    msgs[v] = res
+                    out[span] = msgs[key].to(torch.float64)
+        for v, k in keep.items():
+            self.messages[k] = stored[v]
         return out
+
+    def _room(self, count: int, scalar: bool) -> bool:
+        """Whether one more stored message of ``count`` rows fits the cache budget."""
+        size = count if scalar else count * self.obj.size
+        if self.message_elements + size > self.message_budget:
+            return False
+        self.message_elements += size
+        return True
 
     # ------------------------------------------------------------------ errors
     def _describe(self, v: int, k: int, label: str, row: int) -> str:

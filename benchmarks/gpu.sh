@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks of docs/benchmarks.md, in one command (one lease).
+# Usage: OUT=/some/dir bash benchmarks/gpu.sh [part ...]   (parts: check deriv measure
+# simulate validate; default: all).  Each part writes $OUT/<part>.txt and is capped in time.
+set -u
+OUT=${OUT:-/tmp/perturb-gpu}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+parts=${*:-check deriv measure simulate validate}
+py=${PYTHON:-python3}
+run() {  # name seconds command...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name: $*" | tee -a "$OUT/$name.txt"
+    local start=$SECONDS
+    timeout "$limit" "$@" >>"$OUT/$name.txt" 2>&1
+    echo "=== $name: exit $? after $((SECONDS - start)) s" | tee -a "$OUT/$name.txt"
+}
+for part in $parts; do
+    case $part in
+    check)
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/check.txt"
+        $py -c 'import torch; print("torch", torch.__version__)' >>"$OUT/check.txt"
+        run check 150 $py benchmarks/check_gpu.py ;;
+    deriv)
+        run deriv 120 $py benchmarks/bench_derivatives.py --device cuda --width 16 --rows 4096 \
+            --naive-rows 256 --repeat 10 ;;
+    measure)
+        run measure 150 $py benchmarks/bench_measure.py --device cuda --width 16 --rows 4096 \
+            --skip-groups --naive-tuples 32
+        run measure 150 $py benchmarks/bench_measure.py --device cuda --width 16 --rows 4096 \
+            --skip-groups --naive-tuples 16 --all ;;
+    simulate)
+        run simulate 200 $py benchmarks/bench_simulate.py --device cuda --side 28 --width 12 \
+            --ks 256 --out /tmp/simulate28.md
+        run simulate 120 $py benchmarks/bench_simulate.py --device cuda --ks 256 \
+            --out /tmp/simulate8.md ;;
+    validate)
+        run validate 240 $py -m perturb.cli validate --device cuda --out /tmp/validate
+        cp /tmp/validate/results.json "$OUT/validate.json" ;;
+    *) echo "unknown part $part (valid: check deriv measure simulate validate)"; exit 2 ;;
+    esac
+done
+tail -n 30 "$OUT"/*.txt
