@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
+import json
 import os
 import socket
 import subprocess
@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from perturb import distributed as D
-from perturb.schedules import Epochs, Online
+from perturb.cli import cli
+from perturb.schedules import Online
 
 _m = importlib.import_module("perturb.measure")
 _s = importlib.import_module("perturb.simulate")
@@ -25,8 +27,19 @@ LAUNCH_TIMEOUT_S = 120
 
 # The tiny problem shared by the workers and the single-process reference.
 PROBLEM = """
+import math
 import torch
 from perturb.schedules import Epochs, Online
+
+def tiny(input_shape, num_classes, seed):
+    # a 2-unit tanh network (P = 162 on digits): a cheap Hessian for perturb validate
+    g = torch.Generator().manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(input_shape), 2),
+                              torch.nn.Tanh(), torch.nn.Linear(2, num_classes))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return net
 
 def loss_fn(theta, x, y):
     return 0.5 * (x @ theta[:2] + theta[2] * torch.tanh(x[..., 0]) - y) ** 2
@@ -47,23 +60,74 @@ MEASURE = dict(order=2, schedules=(Online(), Epochs()), quantities=("test", "dis
 SIMULATE = dict(lr=[0.05, 0.2], trials=7, seed=11, record_every=2)
 """
 
+VALIDATE = [
+    "validate", "--population", "16", "--steps", "4", "--trials", "6", "--lr", "0.01",
+    "--lr", "0.05", "--orders", "0", "--orders", "1", "--records", "2", "--model",
+    "problem:tiny", "--out", "out",
+]  # fmt: skip
+PREDICT = [
+    "predict", "--model", "problem:tiny", "--lr", "0.01", "--lr", "0.1", "--steps", "5", "--order",
+    "2", "--samples", "64", "--format", "json",
+]  # fmt: skip
+
+# Every 2-process check in one torchrun job (each launch costs seconds of imports).
 WORKER = """
-import sys
+import contextlib, json, os, sys
+from pathlib import Path
 import numpy as np
+import torch
 from perturb import distributed as D
+from perturb.measure import measure
+from perturb.simulate import simulate
+from perturb.cli import main as perturb_cli
 from problem import MEASURE, SCHEDULE, SIMULATE, problem, row_loss, loss_fn
 
-rank, size = D.init_from_env(timeout_s=60)
-assert size == 2, size
-x, y, theta0 = problem()
-st = D.measure_distributed(row_loss, (x, y), theta0, **MEASURE)
-tr = D.simulate_distributed(loss_fn, theta0, (x, y), SCHEDULE, **SIMULATE)
+with D.session(timeout_s=60) as (rank, size):
+    assert size == 2 and torch.distributed.is_initialized(), size
+    print(f"stdout of rank {rank}")  # only rank 0's reaches the terminal
+    main = D.is_main()
+    x, y, theta0 = problem()
+    gather, traffic = torch.distributed.all_gather, []
+
+    def counting(parts, tensor, *args, **kwargs):  # bytes received, as the collective has them
+        traffic[-1] += sum(t.numel() * t.element_size() for t in parts)
+        return gather(parts, tensor, *args, **kwargs)
+
+    torch.distributed.all_gather = counting
+    traffic.append(0)
+    st = measure(row_loss, (x, y), theta0, **MEASURE)  # split: plain API under a group
+    traffic.append(0)
+    ex = measure(row_loss, (x, y), theta0, order=2, exact=True, progress=False)  # whole
+    traffic.append(0)
+    tr = simulate(loss_fn, theta0, (x, y), SCHEDULE, **SIMULATE)
+    torch.distributed.all_gather = gather
+    one = simulate(loss_fn, theta0, (x, y), SCHEDULE, lr=0.1, trials=range(4, 5))  # K < W
+    local = simulate(loss_fn, theta0, (x, y), SCHEDULE, lr=0.1, trials=3, distributed=False)
+    disagree = []
+    for call in (  # ranks that disagree fail together, with a message
+        lambda: simulate(loss_fn, theta0, (x, y), SCHEDULE, lr=0.1, trials=4, seed=rank),
+        lambda: measure(row_loss, (x, y), theta0, order=1, seed=rank, progress=False),
+    ):
+        try:
+            call()
+            disagree.append("")
+        except ValueError as err:
+            disagree.append(str(err))
+    # the command line as the console script runs it, in a folder per rank (to see who
+    # writes), in this process group (a torchrun job can initialize one only once)
+    os.chdir(Path(sys.argv[1]) / f"rank{rank}")
+    for name, args in zip(("validate", "predict"), json.loads(sys.argv[2]), strict=True):
+        with open(f"{name}.stdout", "w") as fh, contextlib.redirect_stdout(fh):
+            perturb_cli(args, standalone_mode=False)
 out = {f"g_{k}": v for k, v in st.group_values.items()}
 out.update({f"se_{k}": st.se(k) for k in st.group_values})
+out.update({f"exact_{k}": v for k, v in ex.group_values.items()})
 out.update(test=tr.test_loss, train=tr.train_loss, div=tr.diverged, curve=tr.curve,
-           groups=st.groups, evaluations=st.meta["evaluations"], main=D.is_main())
+           groups=st.groups, evaluations=st.meta["evaluations"], main=main,
+           one=one.test_loss, local=local.test_loss, disagree=disagree,
+           world=st.meta["world_size"], after=torch.distributed.is_initialized(),
+           traffic=traffic)
 np.savez(sys.argv[1] + f"/rank{rank}.npz", **out)
-D.shutdown()
 """
 
 FAILING = """
@@ -163,6 +227,16 @@ def test_single_process_equals_measure_and_simulate():
     assert tr.steps == tref.steps and tr.lrs == tref.lrs
 
 
+def test_communication_bytes_rejects_bad_arguments():
+    t = _s.Trials((0.1,), np.zeros((1, 2)), np.zeros((1, 2)), np.zeros((1, 2), bool), (1,),
+                  np.zeros((1, 2, 1)))  # fmt: skip
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="world must be a positive integer"):
+            D.communication_bytes(t, bad)
+    with pytest.raises(TypeError, match="Statistics or a Trials"):
+        D.communication_bytes(np.zeros(3), 2)
+
+
 def test_single_process_other_estimators_pass_through():
     f = lambda p, x: ((p - x) ** 2).sum() / 2  # noqa: E731
     x = torch.eye(3, dtype=torch.float64)
@@ -173,29 +247,33 @@ def test_single_process_other_estimators_pass_through():
     )
 
 
-def test_shard_offset_reproduces_global_trials():
-    """Running trials 3..6 alone equals columns 3..6 of the full run."""
-    p = _problem()
-    x, y, theta0 = p["problem"]()
-    args = (p["loss_fn"], theta0, (x, y), Epochs(train_size=4, batch_size=2, epochs=2))
-    full = _s.simulate(*args, lr=0.1, trials=7, seed=2)
-    s = _s._setup(*args, 0.1, 7, None, 2, None, None, torch.float64, False, None, 1e8)
-    fields = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)} | {"trials": 4}
-    part = _s._run(D._ShardSetup(**fields, offset=3), vectorized=True)
-    np.testing.assert_allclose(part.test_loss, full.test_loss[:, 3:], rtol=0, atol=1e-12)
-
-
 # --------------------------------------------------------------------------- 2 processes
 
 
-def test_two_gloo_processes_equal_single_process(tmp_path):
-    proc = _torchrun(tmp_path, WORKER, str(tmp_path))
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The folder and the finished process of one 2-rank Gloo run of ``WORKER``."""
+    tmp_path = tmp_path_factory.mktemp("two_ranks")
+    for r in (0, 1):
+        (tmp_path / f"rank{r}").mkdir()
+    proc = _torchrun(tmp_path, WORKER, str(tmp_path), json.dumps([VALIDATE, PREDICT]))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp_path, proc
+
+
+def test_two_gloo_processes_equal_single_process(two_ranks):
+    tmp_path, proc = two_ranks
     r0 = np.load(tmp_path / "rank0.npz")
     r1 = np.load(tmp_path / "rank1.npz")
     assert bool(r0["main"]) and not bool(r1["main"])
+    assert int(r0["world"]) == 2 and not r0["after"] and not r1["after"]  # shut down
+    assert proc.stdout.count("stdout of rank") == 1 and "stdout of rank 0" in proc.stdout
+    for r in (r0, r1):
+        assert len(r["disagree"]) == 2
+        for message in r["disagree"]:
+            assert "the ranks disagree on" in str(message) and "[[" in str(message)
     for name in r0.files:  # every rank holds the same gathered result
-        if name != "main":
+        if name not in ("main", "local", "disagree"):
             np.testing.assert_array_equal(r0[name], r1[name])
 
     p = _problem()
@@ -209,8 +287,24 @@ def test_two_gloo_processes_equal_single_process(tmp_path):
         np.testing.assert_allclose(r0[f"se_{k}"], ref.se(k), rtol=0, atol=1e-12)
     assert any(v.ndim == 2 for v in ref.group_values.values())  # displacement, (R, P)
 
+    exact = _m.measure(p["row_loss"], (x, y), theta0, order=2, exact=True, progress=False)
+    for k, v in exact.group_values.items():
+        np.testing.assert_array_equal(r0[f"exact_{k}"], v)
+
     tref = _s.simulate(p["loss_fn"], theta0, (x, y), p["SCHEDULE"], **p["SIMULATE"])
+    args = (p["loss_fn"], theta0, (x, y), p["SCHEDULE"])
+    five = _s.simulate(*args, lr=0.1, trials=5)
+    np.testing.assert_allclose(r0["one"], five.test_loss[:, 4:], rtol=0, atol=1e-12)
+    for r in (r0, r1):  # distributed=False: each rank ran all 3 trials itself
+        np.testing.assert_allclose(r["local"], five.test_loss[:, :3], rtol=0, atol=1e-12)
     np.testing.assert_allclose(r0["test"], tref.test_loss, rtol=0, atol=1e-12)
+    # bytes counted in the collectives = the formula, from the single-process results
+    assert r0["traffic"].tolist() == [
+        D.communication_bytes(ref, 2),
+        0,
+        D.communication_bytes(tref, 2),
+    ]
+    assert D.communication_bytes(exact, 2) == 0 and D.communication_bytes(ref, 1) == 0
     np.testing.assert_allclose(r0["train"], tref.train_loss, rtol=0, atol=1e-12)
     np.testing.assert_allclose(r0["curve"], tref.curve, rtol=0, atol=1e-12)
     np.testing.assert_array_equal(r0["div"].astype(bool), tref.diverged)
@@ -220,3 +314,51 @@ def test_failed_rank_fails_the_job(tmp_path):
     proc = _torchrun(tmp_path, FAILING)
     assert proc.returncode != 0
     assert "rank one exploded" in proc.stdout + proc.stderr
+
+
+def test_cli_validate_and_predict_under_torchrun(two_ranks, monkeypatch):
+    """``perturb validate`` and ``perturb predict`` on 2 ranks equal 1 process; rank 0 only
+    prints and writes."""
+    tmp_path, _ = two_ranks
+    quiet = tmp_path / "rank1"
+    assert sorted(f.name for f in quiet.iterdir()) == ["predict.stdout", "validate.stdout"]
+    assert all(f.read_text() == "" for f in quiet.iterdir())  # rank 1: no output, no files
+    loud = tmp_path / "rank0"
+    assert "wrote out/results.json" in (loud / "validate.stdout").read_text()
+
+    monkeypatch.syspath_prepend(str(tmp_path))  # the model factory problem:tiny
+    single = tmp_path / "single"
+    single.mkdir()
+    out = single / "out"
+    runner = CliRunner()
+    ref_v = runner.invoke(cli, [*VALIDATE[:-1], str(out)], catch_exceptions=False)
+    ref_p = runner.invoke(cli, PREDICT, catch_exceptions=False)
+    assert ref_v.exit_code == 0 and ref_p.exit_code == 0
+
+    two = json.loads((loud / "out" / "results.json").read_text())
+    one = json.loads((out / "results.json").read_text())
+    assert two.pop("timings").keys() == one.pop("timings").keys()
+    assert len(two["rows"]) == 4 and {"actual", "ci_low", "predictions"} <= set(two["rows"][0])
+    _assert_json_close(two, one)
+    assert sorted(f.name for f in (loud / "out").iterdir()) == sorted(f.name for f in out.iterdir())
+
+    two_p = json.loads((loud / "predict.stdout").read_text())
+    one_p = json.loads(ref_p.stdout)
+    assert two_p["rows"] == 63 and {"by_order", "total", "se"} <= set(two_p)
+    _assert_json_close(two_p, one_p)
+
+
+def _assert_json_close(a: object, b: object, path: str = "") -> None:
+    """Equal JSON trees, numbers to float64 rounding (``rel 1e-12``)."""
+    if isinstance(b, dict):
+        assert isinstance(a, dict) and a.keys() == b.keys(), path
+        for k in b:
+            _assert_json_close(a[k], b[k], f"{path}/{k}")
+    elif isinstance(b, list):
+        assert isinstance(a, list) and len(a) == len(b), path
+        for i, (u, v) in enumerate(zip(a, b, strict=True)):
+            _assert_json_close(u, v, f"{path}/{i}")
+    elif isinstance(b, float) and not isinstance(a, bool):
+        assert a == pytest.approx(b, rel=1e-12, abs=1e-300, nan_ok=True), path
+    else:
+        assert a == b, path

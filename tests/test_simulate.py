@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -86,6 +87,39 @@ def test_trials_do_not_depend_on_k_or_chunk(small_mlp):
     assert len(np.unique(eight.test_loss.round(12))) == 8  # distinct sample orders
     other = simulate(loss_fn, theta0, population, schedule, lr=0.5, trials=4, seed=10)
     assert not np.allclose(other.test_loss, four.test_loss)
+
+
+@pytest.mark.parametrize("parts", [2, 3, 4])
+def test_trial_ranges_concatenate_to_the_full_run(small_mlp, parts):
+    """Trials run in ranges (as ``parts`` processes would), any chunk, equal one full run."""
+    loss_fn, theta0, population = small_mlp
+    schedule = SCHEDULES["epochs-shuffled"]
+    kw = dict(lr=[0.3, 0.5], seed=9, record_every=3)
+    full = simulate(loss_fn, theta0, population, schedule, trials=7, **kw)
+    bounds = np.cumsum([0] + [len(b) for b in np.array_split(np.arange(7), parts)])
+    runs = [
+        simulate(loss_fn, theta0, population, schedule, trials=range(a, b), chunk=parts - 1, **kw)
+        for a, b in itertools.pairwise(bounds)
+    ]
+    assert [r.trials for r in runs] == np.diff(bounds).tolist()
+    joined = Trials(
+        lrs=full.lrs,
+        test_loss=np.concatenate([r.test_loss for r in runs], axis=1),
+        train_loss=np.concatenate([r.train_loss for r in runs], axis=1),
+        diverged=np.concatenate([r.diverged for r in runs], axis=1),
+        steps=runs[0].steps,
+        curve=np.concatenate([r.curve for r in runs], axis=1),
+    )
+    _assert_same(joined, full)
+    loop = simulate_loop(loss_fn, theta0, population, schedule, trials=range(2, 5), **kw)
+    np.testing.assert_allclose(loop.test_loss, full.test_loss[:, 2:5], rtol=0, atol=1e-12)
+
+
+def test_trial_range_errors(small_mlp):
+    loss_fn, theta0, population = small_mlp
+    for bad in (range(0), range(3, 3), range(0, 4, 2), range(-1, 2), range(4, 0, -1)):
+        with pytest.raises(ValueError, match="trials as a range must be non-empty with step 1"):
+            simulate(loss_fn, theta0, population, Online(steps=2, batch_size=1), lr=0.1, trials=bad)
 
 
 def test_trial_indices_shapes_and_orders():
@@ -284,7 +318,7 @@ def test_error_paths(small_mlp):
     with pytest.raises(ValueError, match="lr must be finite"):
         run(lr=[0.1, -1.0])
     for bad in (0, -3, 2.5, True):
-        with pytest.raises(ValueError, match="trials must be an integer >= 1"):
+        with pytest.raises(ValueError, match="trials must be an integer >= 1 or a range"):
             run(trials=bad)
     x, y = population
     with pytest.raises(ValueError, match="same number of rows"):

@@ -1,34 +1,42 @@
 """Running perturb unchanged under ``torchrun`` (Gloo on CPU, NCCL on GPU).
 
 Launch any script with ``torchrun --nproc-per-node K script.py``; in the script call
-:func:`init_from_env` once, then :func:`measure_distributed` and
-:func:`simulate_distributed` where one would call :func:`perturb.measure.measure` and
-:func:`perturb.simulate.simulate`, and write outputs only where :func:`is_main` holds.
-Without a process group (a plain ``python script.py``) every function here falls back to
-the single-process behaviour, so the same script runs both ways.
+:func:`init_from_env` once (or wrap the work in :func:`session`), then call
+:func:`perturb.measure.measure` and :func:`perturb.simulate.simulate` as usual: once a
+default process group of ``W > 1`` processes is initialized they split their work
+across the ranks (through :func:`measure_distributed` and :func:`simulate_distributed`;
+pass ``distributed=False`` to keep a call local) and every rank gets the single-process
+result.  Write outputs only where :func:`is_main` holds.  Without a process group (a
+plain ``python script.py``) everything runs in the one process, so the same script
+runs both ways.  The ``perturb`` command line does all this by itself when ``torchrun``
+launches it (``torchrun --nproc-per-node K -m perturb.cli validate ...``).
 
 What is split, and why the results do not depend on the number of processes:
 
-* **measurement** (``estimator="tuples"``): every rank draws the same seeded shuffle of
-  the rows and cuts it into the same ``R`` disjoint tuples; rank ``r`` evaluates only the
-  contiguous block :func:`shard` ``(R, r, W)`` of tuples, and the per-tuple values ``Z_r``
-  (float64) are all-gathered in tuple order.  Every rank ends with the same
-  :class:`~perturb.measure.Statistics` as a single process.
+* **measurement** (``estimator="tuples"``, ``exact=False``): every rank draws the same
+  seeded shuffle of the rows and cuts it into the same ``R`` disjoint tuples; rank ``r``
+  evaluates only the contiguous block :func:`shard` ``(R, r, W)`` of tuples, and the
+  per-tuple values ``Z_r`` (float64) are all-gathered in tuple order.  Every rank ends with the same
+  :class:`~perturb.measure.Statistics` as a single process.  ``exact=True`` and
+  ``estimator="groups"`` are not split: every rank computes them whole.
 * **simulation**: rank ``r`` runs the trials :func:`shard` ``(K, r, W)``, each with its own
   per-trial seed ``(seed, k)`` (:func:`perturb.simulate.trial_indices`), and the per-trial
   losses are all-gathered in trial order.
 
-A rank that raises makes ``torchrun`` stop the job with that error; collectives carry the
-process group's timeout, so the other ranks cannot wait forever.
+Every rank must pass the same data, ``θ_0`` and options; the ranks check that they agree
+on the layout (numbers of tuples, trials, parameters, seeds) and raise ``ValueError``
+together if not.  A rank that raises makes ``torchrun`` stop the job with that error;
+collectives carry the process group's timeout, so the other ranks cannot wait forever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import importlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,9 +50,11 @@ _m = importlib.import_module("perturb.measure")
 _s = importlib.import_module("perturb.simulate")
 
 __all__ = [
+    "communication_bytes",
     "init_from_env",
     "is_main",
     "measure_distributed",
+    "session",
     "shard",
     "shutdown",
     "simulate_distributed",
@@ -126,6 +136,42 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def session(*, backend: str | None = None, timeout_s: float = 300) -> Iterator[tuple[int, int]]:
+    """Run a block as one rank of a ``torchrun`` job (the ``perturb`` command line does).
+
+    Calls :func:`init_from_env`; inside the block, ranks other than 0 write nothing to
+    standard output (it goes to ``os.devnull``; standard error, where errors go, is
+    kept); at the end the process group is destroyed if this block created it.  Without
+    ``torchrun`` it only yields ``(0, 1)``.
+
+    Args:
+        backend: as :func:`init_from_env`.
+        timeout_s: as :func:`init_from_env`.
+
+    Yields:
+        ``(rank, world size)``.
+
+    Example:
+        >>> import os
+        >>> with session() as (rank, size):
+        ...     print(rank == 0 and ("WORLD_SIZE" in os.environ or size == 1))
+        True
+    """
+    created = not (dist.is_available() and dist.is_initialized())
+    rank, size = init_from_env(backend=backend, timeout_s=timeout_s)
+    created = created and dist.is_available() and dist.is_initialized()
+    try:
+        with contextlib.ExitStack() as stack:
+            if rank != 0:
+                quiet = stack.enter_context(open(os.devnull, "w"))
+                stack.enter_context(contextlib.redirect_stdout(quiet))
+            yield rank, size
+    finally:
+        if created:
+            shutdown()
+
+
 def shard(n: int, rank: int, world: int) -> range:
     """The contiguous block of ``range(n)`` owned by ``rank`` among ``world`` processes.
 
@@ -189,26 +235,27 @@ def _gather_blocks(block: np.ndarray, n: int, axis: int = 0) -> np.ndarray:
     return np.moveaxis(out, 0, axis)
 
 
-def _sum_int(value: int) -> int:
-    """Sum an integer over the ranks."""
-    if world()[1] == 1:
-        return int(value)
-    t = torch.tensor([value], dtype=torch.float64, device=_device())
-    dist.all_reduce(t)
-    return int(t.item())
+def _all_ints(values: Sequence[int]) -> np.ndarray:
+    """All-gather a short list of integers: row ``r`` holds rank ``r``'s list."""
+    _, size = world()
+    if size == 1:
+        return np.asarray([values], dtype=np.int64)
+    local = torch.tensor(list(values), dtype=torch.int64, device=_device())
+    parts = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(parts, local)
+    return torch.stack(parts).cpu().numpy()
+
+
+def _same_on_all_ranks(what: str, rows: np.ndarray) -> None:
+    """Raise ``ValueError`` on every rank unless the gathered ``rows`` (one per rank) agree."""
+    if not (rows == rows[0]).all():
+        raise ValueError(
+            f"the ranks disagree on ({what}): {rows.tolist()} (one row per rank); every "
+            "rank must pass the same data, θ0 and options"
+        )
 
 
 # --------------------------------------------------------------------------- simulation
-
-
-@dataclasses.dataclass
-class _ShardSetup(_s._Setup):
-    """A :class:`perturb.simulate._Setup` whose local trial ``j`` is global ``offset + j``."""
-
-    offset: int = 0
-
-    def batches(self, trial: int) -> tuple[np.ndarray, np.ndarray]:
-        return super().batches(self.offset + trial)
 
 
 def simulate_distributed(
@@ -218,7 +265,7 @@ def simulate_distributed(
     schedule: Schedule,
     *,
     lr: float | Sequence[float],
-    trials: int,
+    trials: int | range,
     seed: int = 0,
     test: tuple[torch.Tensor, torch.Tensor] | None = None,
     chunk: int | None = None,
@@ -230,11 +277,19 @@ def simulate_distributed(
 ) -> _s.Trials:
     """:func:`perturb.simulate.simulate`, with the trials split across the ranks.
 
-    Rank ``r`` runs trials :func:`shard` ``(trials, r, W)`` only, trial ``k`` with its
-    own seed ``(seed, k)``; test and train losses, divergence flags and curves are
-    all-gathered in trial order, so every rank returns the same :class:`Trials` as a
-    single-process ``simulate`` (to rounding).  Same arguments as ``simulate``; the
-    progress bar shows on rank 0 only.
+    With ``K`` trials (or a ``range`` of them), rank ``r`` runs the block
+    :func:`shard` ``(K, r, W)`` only, as ``simulate(..., trials=range(a, b))`` (trial
+    ``k`` keeps its own seed ``(seed, k)``); test and train losses, divergence flags
+    and curves are all-gathered in trial order, so every rank returns the same
+    :class:`Trials` as a single-process ``simulate``.  A rank with no trial (``K < W``)
+    runs the first one and discards it, so that every rank checks the arguments alike.
+    ``simulate`` itself calls this under a process group; same arguments; the progress
+    bar shows on rank 0 only.
+
+    Raises:
+        ValueError: For bad arguments (as ``simulate``), or when the ranks disagree on
+            the number of trials, the first trial, the learning rates, the recorded
+            steps or the seed.
 
     Example:
         >>> from perturb.schedules import Online
@@ -248,30 +303,35 @@ def simulate_distributed(
         True
     """
     rank, size = world()
-    s = _s._setup(
-        loss_fn, theta0, population, schedule, lr, trials, test, seed, chunk, device, dtype,
-        progress and rank == 0, record_every, diverge_above,
+    count = len(trials) if isinstance(trials, range) else trials
+    options = dict(
+        lr=lr, seed=seed, test=test, chunk=chunk, device=device, dtype=dtype,
+        record_every=record_every, diverge_above=diverge_above, distributed=False,
     )  # fmt: skip
-    mine = shard(s.trials, rank, size)
-    L, S = len(s.lrs), len(s.record)
-    if len(mine) > 0:
-        fields = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}
-        fields["trials"] = len(mine)
-        local = _s._run(_ShardSetup(**fields, offset=mine.start), vectorized=True)
-        blocks = (local.test_loss, local.train_loss, local.diverged, local.curve)
-    else:
-        blocks = (np.zeros((L, 0)), np.zeros((L, 0)), np.zeros((L, 0)), np.zeros((L, 0, S)))
-    test_loss, train_loss, diverged, curve = (_gather_blocks(b, s.trials, axis=1) for b in blocks)
-    return _s.Trials(
-        lrs=s.lrs,
-        test_loss=test_loss,
-        train_loss=train_loss,
-        diverged=diverged.astype(bool),
-        steps=s.record,
-        curve=curve,
-        schedule=s.schedule.name,
-        seed=s.seed,
+    if size == 1 or isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 1:
+        # one process, or bad trials: simulate's own checks raise on every rank alike
+        return _s.simulate(
+            loss_fn, theta0, population, schedule, trials=trials, progress=progress, **options
+        )
+    every = trials if isinstance(trials, range) else range(int(trials))
+    part = shard(len(every), rank, size)
+    mine = every[part.start : part.stop]
+    local = _s.simulate(
+        loss_fn, theta0, population, schedule, trials=mine if len(mine) else every[:1],
+        progress=progress and rank == 0, **options,
+    )  # fmt: skip
+    layout = [len(every), every.start, len(local.lrs), len(local.steps), local.seed]
+    _same_on_all_ranks(
+        "len(trials), first trial, learning rates, recorded steps, seed", _all_ints(layout)
     )
+    blocks = (local.test_loss, local.train_loss, local.diverged, local.curve)
+    test_loss, train_loss, diverged, curve = (
+        _gather_blocks(b[:, : len(mine)], len(every), axis=1) for b in blocks
+    )
+    return dataclasses.replace(
+        local, test_loss=test_loss, train_loss=train_loss, diverged=diverged.astype(bool),
+        curve=curve,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- measurement
@@ -293,9 +353,15 @@ def measure_distributed(
     rank ``r`` evaluates the tuples :func:`shard` ``(R, r, W)`` only, and the per-tuple
     values are all-gathered (float64) in tuple order, so every rank returns the
     :class:`~perturb.measure.Statistics` of a single-process ``measure`` (to float64
-    rounding); ``meta["evaluations"]`` is the total over the ranks.  Only the default
-    ``estimator="tuples"`` with ``exact=False`` is split; without a process group other
-    options are passed on to ``measure`` unchanged, with one they raise ``ValueError``.
+    rounding); ``meta["evaluations"]`` is the total over the ranks and
+    ``meta["world_size"]`` is ``W``.  Only the default ``estimator="tuples"`` with
+    ``exact=False`` is split: ``exact=True`` and ``estimator="groups"`` are computed
+    whole on every rank (same result everywhere, no speed-up).  ``measure`` itself calls
+    this under a process group; same arguments; the progress bar shows on rank 0 only.
+
+    Raises:
+        ValueError: For bad arguments (as ``measure``), or when the ranks disagree on the
+            number of tuples, tuple size, parameters, seed or number of contractions.
 
     Example:
         >>> f = lambda p, x: ((p - x) ** 2).sum() / 2
@@ -306,24 +372,23 @@ def measure_distributed(
         True
     """
     rank, size = world()
-    if size == 1:
+    if size == 1 or exact or estimator != "tuples":
         return _m.measure(
-            loss_fn_or_model, data, theta0, exact=exact, estimator=estimator, progress=progress,
-            **kw,
+            loss_fn_or_model, data, theta0, exact=exact, estimator=estimator,
+            progress=progress and rank == 0, distributed=False, **kw,
         )  # fmt: skip
-    if exact or estimator != "tuples":
-        raise ValueError(
-            "measure_distributed splits only estimator='tuples' with exact=False "
-            f"(got exact={exact!r}, estimator={estimator!r})"
-        )
     local = _m.measure(
         loss_fn_or_model, data, theta0, exact=False, estimator="tuples",
-        progress=progress and rank == 0, tuple_range=lambda k: shard(k, rank, size), **kw,
+        progress=progress and rank == 0, tuple_range=lambda k: shard(k, rank, size),
+        distributed=False, **kw,
     )  # fmt: skip
     total = int(local.meta["tuples_total"])
+    layout = [total, local.meta["tuple_size"], local.parameters, local.meta["seed"]]
+    rows = _all_ints([*layout, len(local.group_values), local.meta["evaluations"]])
+    _same_on_all_ranks("tuples, tuple size, parameters, seed, contractions", rows[:, :5])
     values = {key: _gather_blocks(v, total, axis=0) for key, v in local.group_values.items()}
     meta = {k: v for k, v in local.meta.items() if k not in ("tuple_range", "tuples_total")}
-    meta.update(evaluations=_sum_int(local.meta["evaluations"]), world_size=size)
+    meta.update(evaluations=int(rows[:, 5].sum()), world_size=size)
     return dataclasses.replace(
         local,
         rows=total * int(local.meta["tuple_size"]),
@@ -331,3 +396,52 @@ def measure_distributed(
         group_values=values,
         meta=meta,
     )
+
+
+# --------------------------------------------------------------------------- traffic
+
+
+def communication_bytes(result: _m.Statistics | _s.Trials, world: int) -> int:
+    """Bytes each rank receives in the collectives that produce ``result`` on ``world`` ranks.
+
+    Counted as the sizes of the ``all_gather`` output buffers (every rank's block, its own
+    included; a ring all-gather sends ``(W-1)/W`` of it over each link).  With
+    ``W = world > 1``:
+
+    * a measurement split over ``R`` tuples (``estimator="tuples"``, ``exact=False``):
+      ``8·W·(6 + ⌈R/W⌉·Σ_c d_c)``, where ``d_c = 1`` for a scalar contraction and
+      ``d_c = P`` for an open-root (displacement) one: one float64 per tuple and
+      contraction entry, blocks padded to ``⌈R/W⌉``, plus 6 int64 of layout check;
+      ``0`` for ``exact=True`` or ``estimator="groups"`` (not split);
+    * ``K`` trials at ``L`` learning rates recording ``S`` steps:
+      ``8·W·(5 + ⌈K/W⌉·L·(3 + S))`` (test loss, train loss, divergence flag and curve as
+      float64, plus 5 int64 of layout check).
+
+    ``W = 1`` communicates nothing.
+
+    Args:
+        result: what ``measure`` or ``simulate`` returned (on any number of ranks).
+        world: the number of ranks ``W >= 1``.
+
+    Returns:
+        The number of bytes.
+
+    Example:
+        >>> t = _s.Trials((0.1, 0.2), np.zeros((2, 10)), np.zeros((2, 10)),
+        ...               np.zeros((2, 10), dtype=bool), (0, 4), np.zeros((2, 10, 2)))
+        >>> communication_bytes(t, 4)  # 8·4·(5 + 3·2·(3 + 2))
+        1120
+    """
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"world must be a positive integer, got {world!r}")
+    if world == 1:
+        return 0
+    if isinstance(result, _s.Trials):
+        block = -(-result.trials // world)
+        return 8 * world * (5 + block * len(result.lrs) * (3 + len(result.steps)))
+    if isinstance(result, _m.Statistics):
+        if result.exact or result.meta.get("estimator") != "tuples":
+            return 0
+        width = sum(int(np.prod(v.shape[1:])) for v in result.group_values.values())
+        return 8 * world * (6 + -(-result.groups // world) * width)
+    raise TypeError(f"result must be a Statistics or a Trials, got {type(result).__name__}")

@@ -1325,6 +1325,7 @@ def measure(
     max_message_elements: int | None = None,
     estimator: str = "tuples",
     tuple_range: Callable[[int], range] | None = None,
+    distributed: bool = True,
 ) -> Statistics:
     r"""Measure every contraction of the requested series once at ``θ_0``.
 
@@ -1372,6 +1373,13 @@ def measure(
         tuple_range: for sharding across processes (:mod:`perturb.distributed`): given
             the number ``R`` of tuples, the range of tuples this call evaluates; the
             result then holds those tuples only (``meta["tuples_total"]`` is ``R``).
+        distributed: under ``torchrun`` (a default :mod:`torch.distributed` process
+            group of ``W > 1`` processes is initialized), split the ``R`` tuples across
+            the ranks and all-gather the per-tuple values
+            (:func:`perturb.distributed.measure_distributed`): every rank must pass the
+            same arguments and gets the single-process result.  ``exact=True`` and
+            ``estimator="groups"`` are computed whole on every rank.  ``False``: compute
+            everything here.
 
     Returns:
         :class:`Statistics`.
@@ -1384,6 +1392,17 @@ def measure(
         >>> round(float(st.predict(Online(steps=2, batch_size=1), lr=0.1).total[0]), 6)
         0.42
     """
+    if distributed and tuple_range is None:
+        from perturb.distributed import measure_distributed, world
+
+        if world()[1] > 1:
+            return measure_distributed(
+                loss_fn_or_model, data, theta0, order=order, schedules=schedules,
+                quantities=quantities, samples=samples, exact=exact, seed=seed,
+                chunk_size=chunk_size, device=device, dtype=dtype, groups=groups,
+                progress=progress, loss=loss, max_message_elements=max_message_elements,
+                estimator=estimator,
+            )  # fmt: skip
     if not isinstance(order, int) or isinstance(order, bool) or order < 0:
         raise ValueError(f"order must be a non-negative integer, got {order!r}")
     if schedules is None:

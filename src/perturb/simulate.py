@@ -26,7 +26,10 @@ Online SGD (``E = 1``) therefore uses ``T·B`` fresh iid draws, and full-batch G
 The trials run together: their parameters are stacked into a ``(K, P)`` matrix and
 the per-trial step is vectorized with :func:`torch.func.vmap`.  Trial ``k`` draws
 its samples from its own generator, seeded from ``(seed, k)``, so its trajectory
-does not depend on how many trials run beside it or on ``chunk``; every learning
+does not depend on how many trials run beside it, on ``chunk``, or on which process
+runs it (``trials=range(a, b)`` runs trials ``a … b-1`` alone; under ``torchrun``
+:func:`simulate` splits the trials across the processes, see
+:mod:`perturb.distributed`); every learning
 rate sees the same samples (common random numbers).  :func:`simulate_loop` runs the
 same trials one after another and serves as the reference.
 """
@@ -450,9 +453,13 @@ class _Setup:
     threshold: float
     progress: bool
     dtype: torch.dtype
+    first: int = 0
 
     def batches(self, trial: int) -> tuple[np.ndarray, np.ndarray]:
-        return trial_indices(self.schedule, int(self.x.shape[0]), seed=self.seed, trial=trial)
+        """The samples of local trial ``trial``, i.e. of global trial ``first + trial``."""
+        return trial_indices(
+            self.schedule, int(self.x.shape[0]), seed=self.seed, trial=self.first + trial
+        )
 
 
 def _setup(
@@ -461,7 +468,7 @@ def _setup(
     population: object,
     schedule: Schedule,
     lr: object,
-    trials: int,
+    trials: int | range,
     test: object,
     seed: int,
     chunk: int | None,
@@ -476,8 +483,13 @@ def _setup(
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     m, _, e = _sizes(schedule)
     lrs = _lrs(lr)
-    if isinstance(trials, bool) or not isinstance(trials, numbers.Integral) or trials < 1:
-        raise ValueError(f"trials must be an integer >= 1, got {trials!r}")
+    if isinstance(trials, range):
+        if len(trials) < 1 or trials.step != 1 or trials.start < 0:
+            raise ValueError(
+                f"trials as a range must be non-empty with step 1 and start >= 0, got {trials!r}"
+            )
+    elif isinstance(trials, bool) or not isinstance(trials, numbers.Integral) or trials < 1:
+        raise ValueError(f"trials must be an integer >= 1 or a range of trials, got {trials!r}")
     seed = _seed(seed)
     if chunk is not None and (
         isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1
@@ -521,13 +533,14 @@ def _setup(
         schedule=schedule,
         steps=steps,
         lrs=lrs,
-        trials=int(trials),
+        trials=len(trials) if isinstance(trials, range) else int(trials),
         seed=seed,
         chunk=None if chunk is None else int(chunk),
         record=record,
         threshold=float(diverge_above),
         progress=bool(progress),
         dtype=dtype,
+        first=trials.start if isinstance(trials, range) else 0,
     )
 
 
@@ -707,7 +720,10 @@ _DOC_ARGS = """
         schedule: A numeric schedule (:func:`~perturb.schedules.Online`,
             :func:`~perturb.schedules.Epochs`, :func:`~perturb.schedules.GD`).
         lr: ``η``, a number ``>= 0`` or a list of them; all run on the same samples.
-        trials: ``K >= 1`` trials per learning rate.
+        trials: ``K >= 1`` trials per learning rate, or a ``range`` of trial numbers
+            (step 1, start ``>= 0``): ``trials=range(a, b)`` runs trials ``a … b-1``
+            only, each exactly as in a run of ``b`` or more trials (its seed is
+            ``(seed, k)``), so runs over disjoint ranges can be concatenated.
         test: ``(x, y)`` on which the test loss is measured; default the population
             (then the test loss is the exact population loss the theory predicts).
         seed: Base seed; trial ``k`` is seeded from ``(seed, k)`` (see
@@ -738,7 +754,7 @@ def simulate(
     schedule: Schedule,
     *,
     lr: float | Sequence[float],
-    trials: int,
+    trials: int | range,
     test: tuple[torch.Tensor, torch.Tensor] | None = None,
     seed: int = 0,
     chunk: int | None = None,
@@ -747,6 +763,7 @@ def simulate(
     progress: bool = False,
     record_every: int | None = None,
     diverge_above: float = 1e8,
+    distributed: bool = True,
 ) -> Trials:
     """Run ``K`` independent SGD trials at once (vectorized over trials with ``vmap``).
 
@@ -756,6 +773,12 @@ def simulate(
     ``(K, P)`` matrix updated by one vectorized step; the test loss
     ``L(θ_T) = mean_{test} l_x(θ_T)`` and the train loss ``(1/N) Σ_n l_{x_n}(θ_T)``
     of each trial are recorded.
+
+    Under ``torchrun`` (a default :mod:`torch.distributed` process group of ``W > 1``
+    processes is initialized) and with ``distributed=True``, the trials are split
+    across the ranks and their losses gathered (:func:`perturb.distributed.simulate_distributed`):
+    every rank must pass the same arguments and returns the same :class:`Trials` as one
+    process would.  ``distributed=False`` runs every trial here.
     {args}
     Example:
         >>> from perturb.schedules import Online
@@ -768,7 +791,20 @@ def simulate(
         ((2, 8), [0, 0])
         >>> bool((res.mean > 0).all())
         True
+        >>> part = simulate(loss_fn, torch.zeros(1), (x, torch.zeros(2)),
+        ...                 Online(steps=5, batch_size=1), lr=[0.1, 0.5], trials=range(3, 8))
+        >>> bool(np.array_equal(part.test_loss, res.test_loss[:, 3:]))
+        True
     """
+    if distributed:
+        from perturb.distributed import simulate_distributed, world
+
+        if world()[1] > 1:
+            return simulate_distributed(
+                loss_fn, theta0, population, schedule, lr=lr, trials=trials, test=test,
+                seed=seed, chunk=chunk, device=device, dtype=dtype, progress=progress,
+                record_every=record_every, diverge_above=diverge_above,
+            )  # fmt: skip
     s = _setup(
         loss_fn, theta0, population, schedule, lr, trials, test, seed, chunk, device, dtype,
         progress, record_every, diverge_above,
@@ -783,7 +819,7 @@ def simulate_loop(
     schedule: Schedule,
     *,
     lr: float | Sequence[float],
-    trials: int,
+    trials: int | range,
     test: tuple[torch.Tensor, torch.Tensor] | None = None,
     seed: int = 0,
     chunk: int | None = None,
