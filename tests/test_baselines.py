@@ -656,3 +656,25 @@ def test_batch_size_for_noise_scale_inverts_noise_scale():
 def test_evidence_and_noise_scale_errors(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize(("lr", "steps", "batch_size"), [(0.05, 40, 1), (0.3, 17, 3), (0.9, 9, 2)])
+def test_lyapunov_test_loss_is_the_exact_sgd_recursion(lr, steps, batch_size):
+    """The eigenbasis closed form equals the matrix recursion of the moments (_sgd_exact)."""
+    from perturb.baselines import lyapunov_test_loss
+
+    q = _model(seed=4)
+    got = float(lyapunov_test_loss(q, lr=lr, steps=steps, batch_size=batch_size))
+    assert got == pytest.approx(_sgd_exact(q, lr, steps, batch_size), rel=1e-10)
+
+
+def test_lyapunov_test_loss_tends_to_the_stationary_loss():
+    from perturb.baselines import lyapunov_test_loss
+
+    h, c, _ = _linear_problem(p=4, seed=3)
+    g = torch.tensor([0.3, -0.2, 0.5, 0.1], dtype=torch.float64)
+    q = QuadraticModel(torch.tensor(1.0, dtype=torch.float64), g, h, c)
+    floor = 1.0 - 0.5 * float(g @ torch.linalg.solve(h, g))
+    want = floor + float(stationary_excess_loss(h, c, lr=0.2, batch_size=2))
+    got = float(lyapunov_test_loss(q, lr=0.2, steps=2000, batch_size=2))
+    assert got == pytest.approx(want, rel=1e-10)

@@ -25,6 +25,7 @@ CASES = {
     ],
     "mean_estimation.py": ["--sets", "200", "--points", "3"],
     "gdc.py": ["--trials", "4", "--lrs", "0.1", "--train-size", "3", "--population", "16"],
+    "gaussian_fit.py": ["--etas", "0.1", "--chains", "2000", "--rows", "20", "--substeps", "2"],
 }
 
 
@@ -39,3 +40,17 @@ def test_example_runs(script):
     )
     assert result.returncode == 0, result.stderr
     assert "|" in result.stdout  # prints its table
+
+
+def test_evidence_example_runs(tmp_path):
+    out = tmp_path / "evidence.png"
+    args = ["--points", "4", "--splits", "2", "--out", str(out)]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "evidence.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "| λ | E/N |" in result.stdout and out.exists()

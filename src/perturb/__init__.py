@@ -13,7 +13,8 @@ Example:
     η^2: (T*(2*T - 1)/2)·G·H·G + (T/2)·tr(C H)
 """
 
-from perturb import corollaries, landscapes, reference
+from perturb import baselines, corollaries, landscapes, reference
+from perturb.compare import Comparison, compare
 from perturb.contractions import Contraction, tensor_name
 from perturb.diagrams import Diagram, count_rooted_trees, diagrams, rooted_trees
 from perturb.measure import Statistics, measure
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GD",
     "QUANTITIES",
+    "Comparison",
     "Contraction",
     "Diagram",
     "Epochs",
@@ -39,6 +41,8 @@ __all__ = [
     "Statistics",
     "Term",
     "Trials",
+    "baselines",
+    "compare",
     "corollaries",
     "count_rooted_trees",
     "diagrams",

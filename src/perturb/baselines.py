@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["QuadraticModel", "ode_test_loss", "sde_test_loss"]
+__all__ = ["QuadraticModel", "lyapunov_test_loss", "ode_test_loss", "sde_test_loss"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,45 @@ def sde_test_loss(
     sigma = (lr / batch_size) * c * _phi(pair, t)
     noise = 0.5 * (h * torch.diagonal(sigma)).sum()
     return ode_test_loss(model, lr=lr, steps=steps) + noise
+
+
+def _geometric(k: torch.Tensor, steps: int) -> torch.Tensor:
+    """``Σ_{t<T} k^t = (1 − k^T)/(1 − k)``, equal to ``T`` at ``k = 1``."""
+    near = (1 - k).abs() < 1e-10
+    safe = torch.where(near, torch.zeros_like(k), k)
+    return torch.where(near, torch.full_like(k, float(steps)), (1 - safe**steps) / (1 - safe))
+
+
+def lyapunov_test_loss(
+    model: QuadraticModel, *, lr: float, steps: int, batch_size: int = 1
+) -> torch.Tensor:
+    """Exact expected test loss of discrete SGD on the quadratic model with constant noise.
+
+    SGD on per-sample losses ``l + (G + ξ)·Δ + ½ΔᵀHΔ`` (``Cov ξ = C``, ``B`` i.i.d.
+    samples per step) has mean and covariance ``m' = Km − ηG``, ``Σ' = KΣK + (η²/B)C``
+    (``K = I − ηH``, the discrete Lyapunov recursion), so in the eigenbasis of ``H``
+    (``k_i = 1 − ηh_i``, ``g̃ = VᵀG``, ``C̃ = VᵀCV``)
+
+    ``m̃_i = −η g̃_i Σ_{t<T} k_i^t``,  ``Σ̃_ij = (η²/B) C̃_ij Σ_{t<T} (k_ik_j)^t``,
+
+    and ``E l(θ_T) = l + G·m + ½mᵀHm + ½tr(HΣ)``.  As ``T → ∞`` (when ``0 < ηh_i < 2``)
+    it tends to the minimum of the quadratic plus :func:`stationary_excess_loss`; as
+    ``η → 0`` at fixed ``ηT`` to :func:`sde_test_loss`.
+
+    Example:
+        >>> import torch
+        >>> q = QuadraticModel(torch.tensor(0.0), torch.zeros(1), torch.eye(1), torch.eye(1))
+        >>> round(float(lyapunov_test_loss(q, lr=0.5, steps=2)), 6)  # ½·¼·(1 + ¼)
+        0.15625
+    """
+    h, v = model.eig
+    k = 1 - lr * h
+    g = v.T @ model.grad
+    m = -lr * _geometric(k, steps) * g
+    c = v.T @ model.cov @ v
+    sigma_diag = (lr**2 / batch_size) * torch.diagonal(c) * _geometric(k * k, steps)
+    quad = model.loss + g @ m + 0.5 * (h * m * m).sum()
+    return quad + 0.5 * (h * sigma_diag).sum()
 
 
 # ---------------------------------------------------------------------------
