@@ -203,7 +203,7 @@ def compare(
     lrs: tuple[float, ...] = DEFAULT_LRS,
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
     steps: tuple[int, ...] = DEFAULT_STEPS,
-    trials: int = 256,
+    trials: int = 128,
     orders: tuple[int, ...] = (1, 2, 3),
     resummed: bool = True,
     seed: int = 0,
