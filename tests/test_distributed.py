@@ -362,3 +362,22 @@ def _assert_json_close(a: object, b: object, path: str = "") -> None:
         assert a == pytest.approx(b, rel=1e-12, abs=1e-300, nan_ok=True), path
     else:
         assert a == b, path
+
+
+def test_bench_distributed_runs_on_cpu(capsys):
+    """The benchmark script, tiny: rank 0's share per K, and the bytes of the formula."""
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_distributed.py"
+    spec = importlib.util.spec_from_file_location("bench_distributed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = ["--side", "8", "--width", "2", "--order", "1", "--tuples", "9", "--trials", "5"]
+    bench.main([*args, "--steps", "2", "--worlds", "1", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split("|")[1:-1] for line in lines if line.startswith("| 2 |")]
+    assert len(rows) == 1
+    k, tuples, _, nbytes = (cell.strip() for cell in rows[0][:4])
+    trials, gathered = rows[0][7].strip(), rows[0][9].strip()
+    assert (k, tuples, trials) == ("2", "5", "3")  # ⌈9/2⌉ tuples, ⌈5/2⌉ trials on rank 0
+    # order 1, online test loss: 2 scalar contractions (l, G·G); 2 lrs, steps (2,)
+    assert nbytes.replace(",", "") == str(8 * 2 * (6 + 5 * 2))
+    assert gathered.replace(",", "") == str(8 * 2 * (5 + 3 * 2 * (3 + 1)))
