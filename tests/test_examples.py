@@ -26,6 +26,7 @@ CASES = {
     "mean_estimation.py": ["--sets", "200", "--points", "3"],
     "gdc.py": ["--trials", "4", "--lrs", "0.1", "--train-size", "3", "--population", "16"],
     "gaussian_fit.py": ["--etas", "0.1", "--chains", "2000", "--rows", "20", "--substeps", "2"],
+    "eta_over_b.py": ["--trials", "8", "--population", "16", "--batch-sizes", "1", "2"],
 }
 
 
