@@ -16,12 +16,15 @@ What is split, and why the results do not depend on the number of processes:
 * **measurement** (``estimator="tuples"``, ``exact=False``): every rank draws the same
   seeded shuffle of the rows and cuts it into the same ``R`` disjoint tuples; rank ``r``
   evaluates only the contiguous block :func:`shard` ``(R, r, W)`` of tuples, and the
-  per-tuple values ``Z_r`` (float64) are all-gathered in tuple order.  Every rank ends with the same
-  :class:`~perturb.measure.Statistics` as a single process.  ``exact=True`` and
-  ``estimator="groups"`` are not split: every rank computes them whole.
-* **simulation**: rank ``r`` runs the trials :func:`shard` ``(K, r, W)``, each with its own
-  per-trial seed ``(seed, k)`` (:func:`perturb.simulate.trial_indices`), and the per-trial
-  losses are all-gathered in trial order.
+  per-tuple values ``Z_r`` (float64) are all-gathered in tuple order.  Every rank ends
+  with the same :class:`~perturb.measure.Statistics` as a single process.
+  ``exact=True`` and ``estimator="groups"`` are not split: every rank computes them whole.
+* **simulation**: rank ``r`` runs the trials :func:`shard` ``(K, r, W)``
+  (``simulate(trials=range(a, b))``), each with its own per-trial seed ``(seed, k)``
+  (:func:`perturb.simulate.trial_indices`), and the per-trial losses are all-gathered in
+  trial order.
+
+:func:`communication_bytes` gives the bytes each rank receives.
 
 Every rank must pass the same data, ``θ_0`` and options; the ranks check that they agree
 on the layout (numbers of tuples, trials, parameters, seeds) and raise ``ValueError``
