@@ -6,6 +6,7 @@ import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -323,3 +324,72 @@ def test_series_resummed_integral_form_is_the_papers_example_1():
     assert result.exit_code == 0, result.output
     line = next(x for x in result.output.splitlines() if "S_(a,b,c)" in x)
     assert line.endswith("(1 - exp(T*(-r_a - r_b - r_c)))/(r_a + r_b + r_c)")
+
+
+def test_compare_command_writes_its_table(tmp_path):
+    import csv as _csv
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)  # a tiny dataset keeps the MLP at 227 parameters
+    x = rng.normal(size=(12, 1, 2, 2)).astype(np.float32)
+    np.savez(tmp_path / "tiny.npz", x=x, y=rng.integers(0, 3, 12))
+    out = tmp_path / "cmp"
+    args = ["compare", "--dataset", f"npz:{tmp_path / 'tiny.npz'}", "--model", "mlp"]
+    args += ["--orders", "1", "--lr", "0.01", "--batch-size", "1", "--batch-size", "2"]
+    result = run(*args, "--steps", "2", "--trials", "4", "--population", "8", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    rows = list(_csv.DictReader((out / "compare.csv").open()))
+    assert [int(r["batch_size"]) for r in rows] == [1, 2]
+    for r in rows:  # the printed table is the written one
+        assert f"{float(r['actual']):.5f} ± {float(r['ci_half']):.5f}" in result.output
+        assert f"{float(r['SDE']):9.5f}" in result.output
+    assert (out / "compare.png").exists()
+    bad = run("compare", "--steps", "0", "--out", str(out))
+    assert bad.exit_code == 2 and "steps must be positive integers" in bad.output
+
+
+# ---------------------------------------------------------------- list options
+
+
+def test_variadic_option_takes_lists_and_repeats():
+    from perturb.cli import VariadicOption
+
+    @click.command()
+    @click.option("--lr", type=float, cls=VariadicOption)
+    @click.option("--orders", "-d", type=click.IntRange(0, 4), cls=VariadicOption)
+    @click.option("--steps", "-T", type=int)
+    @click.option("--flag/--no-flag", default=False)
+    def show(lr, orders, steps, flag):
+        click.echo(repr((lr, orders, steps, flag)))
+
+    def out(*args):
+        result = CliRunner().invoke(show, list(args))
+        assert result.exit_code == 0, result.output
+        return result.output.strip()
+
+    assert out("--lr", "0.01", "0.03", "0.1") == "((0.01, 0.03, 0.1), (), None, False)"
+    assert out("--lr", "0.01", "--lr", "0.03") == "((0.01, 0.03), (), None, False)"
+    # a list stops at the next option, short or long, and resumes when repeated
+    assert out("--lr", "1", "2", "-T", "5", "--lr=3", "4", "-d", "0", "1", "--flag") == (
+        "((1.0, 2.0, 3.0, 4.0), (0, 1), 5, True)"
+    )
+    assert out("--lr", "-0.5", "1e-3") == "((-0.5, 0.001), (), None, False)"  # numbers, not flags
+    assert out() == "((), (), None, False)"
+    bad = CliRunner().invoke(show, ["--orders", "1", "7"])
+    assert bad.exit_code == 2 and "7 is not in the range 0<=x<=4" in bad.output
+    bad = CliRunner().invoke(show, ["--lr", "0.1", "fast"])
+    assert bad.exit_code == 2 and "'fast' is not a valid float" in bad.output
+    bad = CliRunner().invoke(show, ["--lr"])
+    assert bad.exit_code == 2 and "requires an argument" in bad.output
+
+
+def test_predict_takes_a_list_of_learning_rates():
+    args = ["predict", "--model", "mlp", "--steps", "3", "--order", "1", "--samples", "12"]
+    args += ["--exact", "--format", "json"]
+    listed = run(*args, "--lr", "0.01", "0.02", "0.05")
+    repeated = run(*args, "--lr", "0.01", "--lr", "0.02", "--lr", "0.05")
+    assert listed.exit_code == 0 and repeated.exit_code == 0, listed.output
+    a = json.loads(listed.output[listed.output.index("{") :])
+    b = json.loads(repeated.output[repeated.output.index("{") :])
+    assert a["lr"] == [0.01, 0.02, 0.05] and a["total"] == b["total"]

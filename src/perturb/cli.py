@@ -288,6 +288,57 @@ def _flag(option: str) -> str:
     return "--" + option.replace("_", "-")
 
 
+def _is_value(token: str) -> bool:
+    """Whether a command-line token is a value (not an option): numbers may be negative."""
+    if not token.startswith("-") or token == "-":
+        return True
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+class VariadicOption(click.Option):
+    """A repeatable option that also takes several values after one flag.
+
+    Click options take a fixed number of values; this one, like argparse's
+    ``nargs="+"``, consumes every following token that is not an option, so
+    ``--lr 0.01 0.03 0.1``, ``--lr 0.01 --lr 0.03 --lr 0.1`` and mixtures give the same
+    tuple.  Tokens that parse as numbers count as values even when they start with
+    ``-``.  The option is always ``multiple``; each value is converted by ``type``.
+
+    Example:
+        >>> @click.command()
+        ... @click.option("--lr", type=float, cls=VariadicOption)
+        ... @click.option("--steps", type=int)
+        ... def show(lr, steps):
+        ...     click.echo(f"{lr} {steps}")
+        >>> show(["--lr", "0.1", "0.2", "--steps", "3", "--lr", "0.3"], standalone_mode=False)
+        (0.1, 0.2, 0.3) 3
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["multiple"] = True
+        super().__init__(*args, **kwargs)
+
+    def add_to_parser(self, parser: Any, ctx: click.Context) -> None:
+        """Register with click's parser, then make each flag consume all its values."""
+        super().add_to_parser(parser, ctx)
+        for name in self.opts:
+            option = parser._long_opt.get(name) or parser._short_opt.get(name)
+            if option is None:
+                continue
+            original = option.process
+
+            def process(value: Any, state: Any, original: Callable[..., None] = original) -> None:
+                original(value, state)
+                while state.rargs and _is_value(state.rargs[0]):
+                    original(state.rargs.pop(0), state)
+
+            option.process = process
+
+
 def _count(value: sp.Expr, noun: str) -> str:
     return f"{value} {noun}" if value == 1 else f"{value} {noun}s"
 
@@ -528,10 +579,11 @@ def diagrams_command(
 @click.option(
     "--lr",
     "lrs",
+    cls=VariadicOption,
     type=float,
-    multiple=True,
+    metavar="ETA...",
     required=True,
-    help="Learning rate (repeat the option for several).",
+    help="Learning rates: --lr 0.01 0.03 0.1 (or repeat the option).",
 )
 @click.option("--steps", type=click.IntRange(min=1), required=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
@@ -650,16 +702,60 @@ def predict_command(
     help="smooth-convnet, mlp or pkg.module:factory.",
 )
 @click.option(
-    "--lr", "lrs", type=float, multiple=True, help="Learning rate (repeat the option for several)."
+    "--lr",
+    "lrs",
+    cls=VariadicOption,
+    type=float,
+    metavar="ETA...",
+    help="Learning rates: --lr 0.01 0.03 0.1 (or repeat the option).  "
+    "[default: 0.002 0.005 0.01 0.02 0.05]",
 )
-@click.option("--steps", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--schedule",
+    type=click.Choice(SCHEDULES),
+    default=None,
+    help="online: fresh samples each step; epochs: passes over a training set of "
+    "--train-size points; gd: full batch.  [default: epochs if --epochs or --shuffle "
+    "is given, else online]",
+)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Steps T (online, gd).  [default: 100]",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Batch size B (online, epochs).  [default: 1]",
+)
+@click.option(
+    "--train-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Training set size N, drawn iid from the population (epochs, gd; required there).",
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs E (epochs).")
+@click.option(
+    "--shuffle/--no-shuffle",
+    default=False,
+    show_default=True,
+    help="Reshuffle the training set before each epoch (epochs).",
+)
 @click.option("--trials", type=click.IntRange(min=2), default=256, show_default=True)
 @click.option(
     "--orders",
+    cls=VariadicOption,
     type=click.IntRange(0, 4),
-    multiple=True,
-    help="Orders of the series to report (repeat; default 0 1 2 3).",
+    metavar="D...",
+    help="Orders of the series to report: --orders 0 1 2 3 (or repeat).  [default: 0 1 2 3]",
+)
+@click.option(
+    "--gap/--no-gap",
+    default=True,
+    show_default=True,
+    help="Also predict (order 2) and simulate the generalization gap test − train.",
 )
 @click.option(
     "--resummed/--no-resummed",
@@ -667,7 +763,16 @@ def predict_command(
     show_default=True,
     help="Also report the re-summed prediction (up to two edges).",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--seeds",
+    "--seed",
+    "seeds",
+    cls=VariadicOption,
+    type=click.IntRange(min=0),
+    metavar="S...",
+    help="Seeds of the initialization, population subset and trials: one run per seed "
+    "(--seeds 0 1 2; several write into OUT/seed-S).  [default: 0]",
+)
 @click.option(
     "--population",
     type=click.IntRange(min=2),
@@ -688,21 +793,33 @@ def predict_command(
     type=click.Path(file_okay=False),
     default="perturb-validate",
     show_default=True,
-    help="Folder for results.json, results.csv and plots.",
+    help="Folder for results.json, results.csv, gap.csv and plots.",
 )
 def validate_command(**options: Any) -> None:
-    """Predict SGD's test loss and compare with the mean of many real SGD runs."""
+    """Predict SGD's test loss and gap and compare with the mean of many real SGD runs."""
     from perturb.data import DataError
     from perturb.validate import DEFAULT_LRS, validate
 
     options["lrs"] = tuple(options["lrs"]) or DEFAULT_LRS
     options["orders"] = tuple(options["orders"]) or (0, 1, 2, 3)
-    try:
-        result = validate(**options)
-    except (DataError, ValueError) as err:
-        raise click.UsageError(str(err)) from None
-    click.echo(result.table())
-    click.echo(f"wrote {options['out']}/results.json, results.csv and plots")
+    if options["schedule"] is None:
+        given = options["epochs"] is not None or options["shuffle"]
+        options["schedule"] = "epochs" if given else "online"
+    seeds = tuple(dict.fromkeys(options.pop("seeds"))) or (0,)
+    out = Path(options.pop("out"))
+    for seed in seeds:
+        folder = out if len(seeds) == 1 else out / f"seed-{seed}"
+        try:
+            result = validate(seed=seed, out=folder, **options)
+        except (DataError, ValueError) as err:
+            raise click.UsageError(str(err)) from None
+        if len(seeds) > 1:
+            click.echo(f"seed {seed}:")
+        click.echo(result.table())
+        written = (
+            "results.json, results.csv, gap.csv" if result.gap else "results.json, results.csv"
+        )
+        click.echo(f"wrote {folder}/{written} and plots")
 
 
 def main(args: Sequence[str] | None = None, *, standalone_mode: bool = True) -> Any:
