@@ -17,6 +17,7 @@ from perturb import baselines, corollaries, landscapes, reference
 from perturb.compare import Comparison, compare
 from perturb.contractions import Contraction, tensor_name
 from perturb.diagrams import Diagram, count_rooted_trees, diagrams, rooted_trees
+from perturb.krylov import KrylovSubspace, krylov_subspace
 from perturb.measure import Statistics, measure
 from perturb.predict import Population, Prediction, predict
 from perturb.resum import resummed_terms
@@ -33,6 +34,7 @@ __all__ = [
     "Contraction",
     "Diagram",
     "Epochs",
+    "KrylovSubspace",
     "Online",
     "Population",
     "Prediction",
@@ -47,6 +49,7 @@ __all__ = [
     "count_rooted_trees",
     "diagrams",
     "eta",
+    "krylov_subspace",
     "landscapes",
     "measure",
     "predict",

@@ -10,18 +10,20 @@ parameters.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from perturb.reference.tensors import derivative_tensors
-from perturb.resum import resummed_terms, resummed_values
+from perturb.resum import resummed_by_quantity
 from perturb.schedules import Schedule
 from perturb.series import QUANTITIES, Series, series
 
-__all__ = ["Population", "Prediction", "predict"]
+__all__ = ["METHODS", "Population", "Prediction", "predict"]
+
+METHODS = ("eigh", "lanczos")
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,11 @@ class Prediction:
         coefficients: the numeric coefficient of each ``η^d`` (un-resummed only;
             independent of ``lr``, so :meth:`at` costs nothing).
         resummed: whether edges carry ``η(I − ηH)^{Δt−1}``.
+        rank: ``k`` for a Krylov (Lanczos) prediction, else ``None``.
+        coarse_values: a Krylov prediction's values from the first ``⌊k/2⌋`` basis
+            vectors (the basis is nested), whence :attr:`error`.
+        cost: a Krylov prediction's network evaluations and seconds
+            (:attr:`perturb.krylov.KrylovSubspace.cost`).
 
     Example:
         >>> import torch
@@ -87,6 +94,23 @@ class Prediction:
     series: Series | None = None
     coefficients: tuple | None = None
     resummed: bool = False
+    rank: int | None = None
+    coarse_values: tuple | None = None
+    cost: Mapping[str, float] | None = None
+
+    @property
+    def error(self) -> list | None:
+        """``|value(k) − value(k/2)|`` of each order (Krylov predictions), else ``None``."""
+        if self.coarse_values is None:
+            return None
+        return [abs(_plain(a - b)) for a, b in zip(self.values, self.coarse_values, strict=True)]
+
+    @property
+    def total_error(self):
+        """``|total(k) − total(k/2)|`` (Krylov predictions), else ``None``."""
+        if self.coarse_values is None:
+            return None
+        return abs(_plain(sum(self.values) - sum(self.coarse_values)))
 
     @property
     def by_order(self) -> list:
@@ -142,6 +166,10 @@ def predict(
     exact: bool = True,
     resummed: bool = False,
     integral: bool = False,
+    method: str = "eigh",
+    rank: int | None = None,
+    probes: int = 8,
+    seed: int = 0,
 ) -> Prediction:
     """Predict SGD's expected ``quantity`` after ``schedule`` from ``θ_0``.
 
@@ -160,6 +188,15 @@ def predict(
             eigendecomposition of ``H``; ``order`` then counts edges.
         integral: with ``resummed``, Remark 2's integrals of exponentials in place of
             the exact sums over steps (relative error ``O(η)`` at fixed ``ηT``).
+        method: with ``resummed``, ``"eigh"`` (full eigendecomposition of the ``P×P``
+            mean Hessian from materialized tensors; small models) or ``"lanczos"``
+            (Rayleigh–Ritz in a rank-``rank`` block-Krylov subspace built from
+            Hessian-vector products, :func:`perturb.krylov.krylov_subspace`; real
+            networks).  The Lanczos prediction carries an error estimate
+            (:attr:`Prediction.error`) and its cost (:attr:`Prediction.cost`).
+        rank: the subspace dimension ``k`` (``method="lanczos"`` only, required there).
+        probes: random centred-gradient combinations in the starting block (Lanczos).
+        seed: seed of the probes (Lanczos).
 
     Returns:
         A :class:`Prediction`; ``by_order[d]`` is the ``η^d`` contribution.
@@ -191,25 +228,39 @@ def predict(
         )
     if integral and not resummed:
         raise ValueError("integral=True applies to re-summed predictions; pass resummed=True")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "lanczos" and not resummed:
+        raise ValueError("method='lanczos' applies to re-summed predictions; pass resummed=True")
+    if (rank is None) == (method == "lanczos"):
+        raise ValueError(
+            "rank is required with method='lanczos' and only applies there; got "
+            f"method={method!r}, rank={rank!r}"
+        )
     lr = _check_lr(lr)
     theta0 = torch.as_tensor(theta0, dtype=torch.float64)
+    if method == "lanczos":
+        from perturb.krylov import krylov_subspace
+
+        subspace = krylov_subspace(
+            population,
+            None,
+            theta0,
+            rank=rank,
+            order=max(order, 1),
+            quantities=(quantity,),
+            schedules=(schedule,),
+            probes=probes,
+            seed=seed,
+        )
+        return subspace.predict(schedule, lr=lr, quantity=quantity, order=order, integral=integral)
     derivs = population.derivatives(theta0, max(order, 2))
     if resummed:
-        values = _resummed(derivs, schedule, quantity, order=order, lr=lr, integral=integral)
+        values = resummed_by_quantity(
+            derivs, schedule, quantity, order=order, lr=lr, integral=integral
+        )
         return Prediction(quantity=quantity, lr=lr, values=tuple(values), resummed=True)
     s = series(order, schedule, quantity)
     coefficients = tuple(s.evaluate(derivs, lr=1))
     values = tuple(c * lr**d for d, c in enumerate(coefficients))
     return Prediction(quantity=quantity, lr=lr, values=values, series=s, coefficients=coefficients)
-
-
-def _resummed(
-    derivs, schedule: Schedule, quantity: str, *, order: int, lr: float, integral: bool
-) -> list:
-    steps = int(schedule.steps)
-    if quantity == "gap":
-        test = _resummed(derivs, schedule, "test", order=order, lr=lr, integral=integral)
-        train = _resummed(derivs, schedule, "train", order=order, lr=lr, integral=integral)
-        return [a - b for a, b in zip(test, train, strict=True)]
-    terms = resummed_terms(order, schedule, quantity)
-    return resummed_values(terms, derivs, lr=lr, steps=steps, schedule=schedule, integral=integral)

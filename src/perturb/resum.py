@@ -54,6 +54,7 @@ from perturb.schedules import Schedule
 __all__ = [
     "ResummedTerm",
     "complete_homogeneous",
+    "resummed_by_quantity",
     "resummed_terms",
     "resummed_values",
     "time_integral",
@@ -410,7 +411,8 @@ def time_integral(orders, rates: list[torch.Tensor], steps: float) -> torch.Tens
         diag = -torch.stack(lams, dim=-1)
         z = torch.diag_embed(diag)
         if j:
-            z = z + torch.diag_embed(torch.ones((*shape, j), dtype=ref.dtype), offset=-1)
+            ones = torch.ones((*shape, j), dtype=ref.dtype, device=ref.device)
+            z = z + torch.diag_embed(ones, offset=-1)
         value = torch.linalg.matrix_exp(steps * z)[..., j, 0]
         total = value if total is None else total + value
     return total
@@ -455,14 +457,15 @@ def resummed_values(
     x = 1 - lr * evals
     order = max(t.diagram.edges for t in terms)
     open_root = any(t.open_root for t in terms)
-    zero = torch.zeros(hess.shape[0], dtype=hess.dtype) if open_root else torch.zeros(())
+    shape = (hess.shape[0],) if open_root else ()
+    zero = torch.zeros(shape, dtype=hess.dtype, device=hess.device)
     out: list = [zero] * (order + 1)
     for term in terms:
         d = term.diagram.edges
         network = _open_network(term, rotated, rotated_means)
         xs = [x.reshape((-1,) + (1,) * (d - 1 - i)) for i in range(d)]
         if not d:
-            weights = torch.ones(())
+            weights = torch.ones((), dtype=hess.dtype, device=hess.device)
         elif integral:
             rates = [(lr * evals).reshape((-1,) + (1,) * (d - 1 - i)) for i in range(d)]
             weights = time_integral(term.orders, rates, steps)
@@ -475,6 +478,67 @@ def resummed_values(
             value = (network * weights).sum()
         out[d] = out[d] + float(term.prefactor) * lr**d * value
     return out
+
+
+def resummed_by_quantity(
+    derivs: Mapping[int, torch.Tensor],
+    schedule: Schedule,
+    quantity: str,
+    *,
+    order: int,
+    lr: float,
+    integral: bool = False,
+    means: Mapping[int, torch.Tensor] | None = None,
+    eigh: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """:func:`resummed_values` of ``quantity``, the gap as test minus train.
+
+    Args:
+        derivs: per-sample tensors, as for :func:`resummed_values`.
+        schedule: a numeric online or GD schedule.
+        quantity: ``"test"``, ``"train"``, ``"gap"`` or ``"displacement"``.
+        order: highest number of edges.
+        lr: η.
+        integral: Remark 2's integral form.
+        means: mean tensors, as for :func:`resummed_values`.
+        eigh: ``torch.linalg.eigh(H)``, computed here when not given.
+
+    Returns:
+        One value per number of edges ``0..order``.
+
+    Example:
+        >>> import torch
+        >>> from perturb.schedules import Online
+        >>> g = torch.tensor([[1.0], [3.0]], dtype=torch.float64)  # l_x = ½θ² + xθ at 0
+        >>> derivs = {0: torch.zeros(2, dtype=torch.float64), 1: g,
+        ...           2: torch.ones(2, 1, 1, dtype=torch.float64)}
+        >>> v = resummed_by_quantity(derivs, Online(steps=3, batch_size=1), "test",
+        ...                          order=1, lr=0.5)
+        >>> float(v[1])  # −η G² (1 + x + x²) with G = 2, x = 1 − η
+        -3.5
+    """
+    if quantity == "gap":
+        parts = [
+            resummed_by_quantity(
+                derivs, schedule, q, order=order, lr=lr, integral=integral, means=means, eigh=eigh
+            )
+            for q in ("test", "train")
+        ]
+        return [a - b for a, b in zip(*parts, strict=True)]
+    if eigh is None:
+        hess = means[2] if means and 2 in means else derivs[2].mean(0)
+        eigh = torch.linalg.eigh(hess)
+    terms = resummed_terms(order, schedule, quantity)
+    return resummed_values(
+        terms,
+        derivs,
+        lr=lr,
+        steps=int(schedule.steps),
+        schedule=schedule,
+        means=means,
+        eigh=eigh,
+        integral=integral,
+    )
 
 
 def _rotate(tensor: torch.Tensor, evecs: torch.Tensor, *, first: int) -> torch.Tensor:

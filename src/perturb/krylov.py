@@ -1,0 +1,532 @@
+r"""Re-summed predictions on real networks: Rayleigh–Ritz in a block-Krylov subspace.
+
+The re-summed diagrams (:mod:`perturb.resum`) need matrix functions of ``ηH`` (every
+edge carries ``η(I − ηH)^{Δt−1}``), which the exact path gets from a full
+eigendecomposition of the ``P×P`` mean Hessian: impossible for ``P ≈ 10⁵``.  This
+module replaces ``H`` by its Rayleigh–Ritz (Galerkin) projection on a ``k``-dimensional
+subspace and reuses the exact path there.
+
+**Subspace.**  Block Lanczos with full reorthogonalization on Hessian-vector products
+(``jvp`` of ``grad`` of the mean loss, never a ``P×P`` matrix), started from the vectors
+the diagrams contract: the mean gradient ``G`` and ``m`` random combinations of the
+centred per-sample gradients
+
+.. math::  z_j = \frac{1}{\sqrt n}\sum_i ε_{ij}\,(g_i − G),\qquad ε_{ij} = ±1,
+           \qquad \mathbb E_ε[z_j z_jᵀ] = C,
+
+each one gradient of the ``ε``-weighted loss (no per-sample gradients).  Their span is a
+randomized sketch of the range of ``C`` (the noise terms ``tr(C f(H))``), and the
+Krylov space ``span{S, HS, H²S, …}`` of the starting block ``S = [G, z_1..z_m]``
+captures ``f(H)`` applied to it.  The basis ``Q`` (``P×k``, orthonormal, nested: its
+first ``r`` columns span the subspace of the first iterations) gives
+``T = QᵀHQ`` (block tridiagonal up to rounding), whose upper triangle is read off the
+same products (the projections of ``HQ_j`` on the earlier blocks), so ``T`` is the exact
+Galerkin matrix whatever the loss of orthogonality in the recurrence.
+A block whose residual vanishes (an invariant subspace) is continued with random
+vectors, so ``k = P`` always spans everything.
+
+**Projection.**  Every tensor the re-summed diagrams contract is projected on ``Q``:
+``G → QᵀG``, ``H → T``, per-sample gradients ``g_i → Qᵀg_i`` (so
+``C → (1/n)Σ(Qᵀg_i)(Qᵀg_i)ᵀ − QᵀG GᵀQ``, the cumulant formed as in the exact path),
+per-sample Hessians ``Qᵀ H_i Q`` and third derivatives ``J[Q, Q, Q]`` (nested ``jvp``)
+only where the order needs them.  The re-summed value of a diagram is a polynomial in
+these tensors and in ``f(H)`` for scalar functions ``f``; the Galerkin value replaces
+every vector by its component in ``span Q`` and ``f(H)`` by ``Q f(T) Qᵀ``.  With
+``k = P`` the projection is a rotation and the value is exact; the quadratic forms
+``Gᵀ f(H) G`` are Gauss quadratures, exact for polynomials ``f`` of degree below twice
+the number of block iterations, so they converge quickly for smooth ``f``; the noise
+terms converge as ``span Q`` exhausts the range of ``C``.  Rayleigh–Ritz rather than
+Lanczos applied term by term because the diagrams contract mixed products (``C`` on both
+sides of ``f(H)``, ``J`` with three ``f(H)`` legs) that have no single starting vector;
+one subspace for all of them keeps every diagram consistent and costs one basis.
+
+**Error estimate.**  The basis is nested, so the prediction from its first ``⌊k/2⌋``
+columns costs only a small eigendecomposition; ``|value(k) − value(k/2)|``
+(:attr:`perturb.Prediction.error`) estimates the error of the ``k/2`` value and, when
+the convergence is at least geometric, bounds the error of the ``k`` value.
+:attr:`KrylovSubspace.residual` is ``‖HQ − QT‖_F``.
+
+**Cost** (:attr:`KrylovSubspace.cost`): ``k`` Hessian-vector products of the mean loss,
+``1 + m`` full-batch gradients, ``n`` per-sample gradients (orders ≥ 2),
+``n·k`` per-sample Hessian-vector products (order 3), ``k(k+1)/2`` mean third-derivative
+products (order 3), plus ``O(Pk²)`` for the orthogonalization; memory ``P·k`` for the
+basis and ``n·k^{m}`` for the projected order-``m`` per-sample tensors.  Predictions at
+any ``η`` and ``T`` then cost ``O(k³)`` (closed-form sums over steps: ``T = 10⁵`` costs
+what ``T = 10²`` does) and no further network evaluations.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.func import grad, vmap
+
+from perturb.measure import _derivative, _Objective, _objective, _summed
+from perturb.predict import Prediction, _check_lr
+from perturb.resum import _supported, resummed_by_quantity, resummed_terms
+from perturb.schedules import Online, Schedule
+from perturb.series import QUANTITIES
+
+__all__ = ["KrylovSubspace", "krylov_subspace"]
+
+
+@dataclass(frozen=True, eq=False)
+class KrylovSubspace:
+    """A Krylov subspace of the mean Hessian with every tensor projected on it.
+
+    Build it with :func:`krylov_subspace`; :meth:`predict` then evaluates re-summed
+    predictions for any schedule, learning rate and number of steps.
+
+    Attributes:
+        basis: ``Q``, shape ``(P, k)``, orthonormal columns (device and dtype of the
+            computation).
+        hessian: ``T = QᵀHQ``, ``(k, k)``, float64 on the CPU.
+        derivs: projected per-sample tensors ``{m: (n, k, …, k)}`` (float64, CPU).
+        means: projected mean tensors ``{m: (k, …, k)}`` (float64, CPU).
+        order: highest number of edges the projected tensors support.
+        quantities: quantities the projected tensors support.
+        block_size: columns of the starting block (``1 + probes``).
+        residual: ``‖HQ − QT‖_F``, the Lanczos residual of the last block.
+        cost: network evaluations and seconds spent building it.
+    """
+
+    basis: torch.Tensor
+    hessian: torch.Tensor
+    derivs: Mapping[int, torch.Tensor]
+    means: Mapping[int, torch.Tensor]
+    order: int
+    quantities: tuple[str, ...]
+    block_size: int
+    residual: float
+    cost: Mapping[str, float]
+
+    @property
+    def rank(self) -> int:
+        """``k``, the dimension of the subspace."""
+        return int(self.basis.shape[1])
+
+    def predict(
+        self,
+        schedule: Schedule,
+        *,
+        lr: float,
+        quantity: str = "test",
+        order: int | None = None,
+        rank: int | None = None,
+        integral: bool = False,
+    ) -> Prediction:
+        """The re-summed prediction from the first ``rank`` basis vectors.
+
+        Args:
+            schedule: numeric online SGD (:func:`perturb.Online`) or GD.
+            lr: η.
+            quantity: one of the quantities the subspace was built for.
+            order: highest number of edges (default and maximum: :attr:`order`).
+            rank: use the first ``rank`` columns of the basis (default all).
+            integral: Remark 2's integrals of exponentials instead of exact sums.
+
+        Returns:
+            A re-summed :class:`perturb.Prediction` with :attr:`~Prediction.rank`,
+            the values from ``⌊rank/2⌋`` columns (:attr:`~Prediction.coarse_values`,
+            whence :attr:`~Prediction.error`) and :attr:`cost`.
+
+        Example:
+            >>> import torch, perturb
+            >>> pop = perturb.Population(
+            ...     lambda p, x: 0.5 * (p * p).sum() + x @ p, torch.eye(3, dtype=torch.float64))
+            >>> sub = krylov_subspace(pop, None, torch.ones(3), rank=3)
+            >>> pred = sub.predict(perturb.Online(steps=10, batch_size=1), lr=0.1)
+            >>> pred.rank, round(pred.total, 6)
+            (3, 0.172949)
+        """
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+        _supported(schedule)
+        if not schedule.is_numeric:
+            raise ValueError("predict needs numeric schedule sizes, e.g. Online(steps=100)")
+        built = {q for name in self.quantities for q in _parts_of(name)}
+        if quantity not in QUANTITIES or not set(_parts_of(quantity)) <= built:
+            raise ValueError(
+                f"this subspace was built for quantities {self.quantities}, got {quantity!r}; "
+                "pass quantities=... to krylov_subspace"
+            )
+        order = self.order if order is None else order
+        if not isinstance(order, int) or isinstance(order, bool) or not 0 <= order <= self.order:
+            raise ValueError(
+                f"order must be an int in 0..{self.order} (the order the subspace was built "
+                f"for), got {order!r}"
+            )
+        per_sample, means = _needed_orders(order, (quantity,), (schedule,))
+        missing = sorted(per_sample - set(self.derivs)) + sorted(means - set(self.means))
+        if missing:
+            raise ValueError(
+                f"the {schedule.name} diagrams of {quantity!r} need projected derivatives of "
+                f"orders {missing} that this subspace lacks; build it with schedules=[...] "
+                "including this schedule"
+            )
+        rank = self.rank if rank is None else rank
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= self.rank:
+            raise ValueError(f"rank must be an int in 1..{self.rank}, got {rank!r}")
+        lr = _check_lr(lr)
+        fine = self._values(schedule, quantity, order, lr, rank, integral)
+        coarse = self._values(schedule, quantity, order, lr, max(rank // 2, 1), integral)
+        return Prediction(
+            quantity=quantity,
+            lr=lr,
+            values=tuple(fine),
+            resummed=True,
+            rank=rank,
+            coarse_values=tuple(coarse),
+            cost=dict(self.cost),
+        )
+
+    def _values(self, schedule, quantity, order, lr, rank, integral) -> list:
+        derivs = {m: _leading(t, rank, first=1) for m, t in self.derivs.items()}
+        means = {m: _leading(t, rank, first=0) for m, t in self.means.items()}
+        values = resummed_by_quantity(
+            derivs, schedule, quantity, order=order, lr=lr, integral=integral, means=means
+        )
+        if quantity != "displacement":
+            return values
+        q = self.basis[:, :rank]
+        return [q @ v.to(device=q.device, dtype=q.dtype) for v in values]
+
+
+def _leading(tensor: torch.Tensor, rank: int, *, first: int) -> torch.Tensor:
+    """The entries of ``tensor`` on the first ``rank`` basis vectors (axes ``first…``)."""
+    index = (slice(None),) * first + (slice(0, rank),) * (tensor.ndim - first)
+    return tensor[index]
+
+
+def _parts_of(quantity: str) -> tuple[str, ...]:
+    """The quantities whose diagrams make up ``quantity`` (the gap is test − train)."""
+    return ("test", "train") if quantity == "gap" else (quantity,)
+
+
+def _needed_orders(
+    order: int, quantities: Iterable[str], schedules: Iterable[Schedule]
+) -> tuple[set[int], set[int]]:
+    """Derivative orders needed per sample (nodes sharing a part) and as means."""
+    per_sample, means = {0}, {0, 2}
+    names = {q for quantity in quantities for q in _parts_of(quantity)}
+    for name in sorted(names):
+        for schedule in schedules:
+            for term in resummed_terms(order, schedule, name):
+                d = term.diagram
+                for v in range(d.nodes):
+                    if v == 0 and term.open_root:
+                        continue
+                    k = len(d.children[v]) + (v != 0)
+                    means.add(k)
+                    if len(d.parts[d.part_of[v]]) > 1:
+                        per_sample.add(k)
+    return per_sample, means
+
+
+def _chunks(n: int, size: int) -> Iterable[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def _orthonormalize(
+    w: torch.Tensor, basis: list[torch.Tensor], max_cols: int, tol: float
+) -> torch.Tensor:
+    """Pivoted Gram–Schmidt (twice) of the columns of ``w`` against ``basis`` and each other.
+
+    Columns whose norm after projection falls below ``tol`` times their norm before are
+    dropped (deflation); at most ``max_cols`` columns are kept.
+    """
+    scale = torch.linalg.vector_norm(w, dim=0)
+    kept: list[torch.Tensor] = []
+    for _ in range(2):
+        for q in basis:
+            w = w - q @ (q.T @ w)
+    while len(kept) < max_cols and w.shape[1]:
+        norms = torch.linalg.vector_norm(w, dim=0)
+        best = int(torch.argmax(norms / scale.clamp_min(torch.finfo(w.dtype).tiny)))
+        if not norms[best] > tol * scale[best]:
+            break
+        q = w[:, best] / norms[best]
+        for _ in range(2):  # the second pass restores orthogonality lost to rounding
+            for b in basis:
+                q = q - b @ (b.T @ q)
+            for k in kept:
+                q = q - k * (k @ q)
+            q = q / torch.linalg.vector_norm(q)
+        kept.append(q)
+        keep = [i for i in range(w.shape[1]) if i != best]
+        w, scale = w[:, keep], scale[keep]
+        w = w - torch.outer(q, q @ w)
+    if not kept:
+        return w.new_zeros((w.shape[0], 0))
+    return torch.stack(kept, dim=1)
+
+
+def _block_lanczos(
+    hvp: Callable[[torch.Tensor], torch.Tensor],  # (P, b) -> H applied to each column
+    start: torch.Tensor,
+    rank: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Orthonormal ``Q`` (``P×rank``), ``T = QᵀHQ`` and the residual ``‖HQ − QT‖_F``."""
+    p = start.shape[0]
+    tol = 1e3 * torch.finfo(start.dtype).eps
+    blocks: list[torch.Tensor] = []
+    columns: list[torch.Tensor] = []
+    block = _orthonormalize(start, [], rank, tol)
+    residual = 0.0
+    cols = 0
+    while True:
+        if block.shape[1] == 0:  # invariant subspace (or nothing to start from): go on at random
+            need = min(max(start.shape[1], 1), rank - cols)
+            noise = torch.randn(p, need, generator=generator, dtype=start.dtype)
+            block = _orthonormalize(noise.to(start.device), blocks, need, tol)
+        blocks.append(block)
+        cols += block.shape[1]
+        w = hvp(block)
+        coeffs = torch.cat([b.T @ w for b in blocks], dim=0)
+        for _ in range(2):
+            for b in blocks:
+                w = w - b @ (b.T @ w)
+        if cols >= rank:
+            columns.append(coeffs)
+            residual = float(torch.linalg.matrix_norm(w))
+            break
+        columns.append(coeffs)
+        block = _orthonormalize(w, blocks, min(start.shape[1] or 1, rank - cols), tol)
+    q = torch.cat(blocks, dim=1)
+    upper = torch.zeros(cols, cols, dtype=torch.float64)
+    offset = 0
+    for c in columns:  # column block j holds Q_{≤j}ᵀ H Q_j: the upper triangle of QᵀHQ
+        upper[: c.shape[0], offset : offset + c.shape[1]] = c.to("cpu", torch.float64)
+        offset += c.shape[1]
+    upper = torch.triu(upper)
+    return q, upper + torch.triu(upper, 1).T, residual
+
+
+def _validate_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be at most {high}, got {value!r}")
+    return value
+
+
+def krylov_subspace(
+    loss_fn_or_model: Any,
+    data: Any,
+    theta0: torch.Tensor | None = None,
+    *,
+    rank: int,
+    order: int = 2,
+    quantities: Sequence[str] | str = ("test",),
+    schedules: Sequence[Schedule] | Schedule | None = None,
+    probes: int = 8,
+    seed: int = 0,
+    loss: Callable | None = None,
+    chunk_size: int = 256,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> KrylovSubspace:
+    r"""Build a Krylov subspace of the mean Hessian and project the diagrams' tensors on it.
+
+    The rows of ``data`` are the population (exact averages, as in
+    :func:`perturb.predict`).  See the module docstring for the method, the error
+    estimate and the cost.
+
+    Args:
+        loss_fn_or_model: an ``nn.Module`` (with ``data = (x, y)``), a
+            :class:`perturb.measure.FlatLoss`, a per-row ``loss_fn(params, row)`` or a
+            :class:`perturb.Population` (then ``data=None``).
+        data: the rows.
+        theta0: the point (a model's own parameters by default).
+        rank: ``k``, the dimension of the subspace (at most ``P``).
+        order: highest number of edges of the re-summed diagrams to support.
+        quantities: any of ``"test"``, ``"train"``, ``"gap"``, ``"displacement"``.
+        schedules: the schedules (sizes may be symbolic) whose diagrams to support;
+            default online SGD.  GD's diagrams (no path condition) need per-sample
+            Hessians ``QᵀH_iQ`` already at order 2: ``n·k`` more products.
+        probes: ``m``, random combinations of centred per-sample gradients in the
+            starting block (``0`` starts from ``G`` alone).
+        seed: seed of the probes and of any restart vectors.
+        loss: per-sample loss of a model's output (default cross-entropy).
+        chunk_size: rows per vectorized call (memory ``chunk_size·P`` per call).
+        device: where the network is evaluated (default: ``theta0``'s).
+        dtype: float64 (default) or float32 for the network evaluations; the projected
+            problem is solved in float64.
+
+    Returns:
+        A :class:`KrylovSubspace`.
+
+    Example:
+        >>> import torch, perturb
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(),
+        ...                           torch.nn.Linear(3, 2))
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+        >>> sub = krylov_subspace(net, (x, y), rank=10, probes=2)
+        >>> sub.rank, sub.cost["hvps"]
+        (10, 10)
+    """
+    obj = _objective(loss_fn_or_model, data, theta0, loss=loss, dtype=dtype, device=device)
+    p, n = obj.size, obj.n
+    rank = _validate_int("rank", rank, 1, p)
+    order = _validate_int("order", order, 1)
+    probes = _validate_int("probes", probes, 0)
+    chunk_size = _validate_int("chunk_size", chunk_size, 1)
+    if isinstance(quantities, str):
+        quantities = (quantities,)
+    quantities = tuple(quantities)
+    bad = [q for q in quantities if q not in QUANTITIES]
+    if bad or not quantities:
+        raise ValueError(f"quantities must be a non-empty subset of {QUANTITIES}, got {quantities}")
+    if schedules is None:
+        schedules = (Online(),)
+    elif isinstance(schedules, Schedule):
+        schedules = (schedules,)
+    schedules = tuple(schedules)
+    for schedule in schedules:
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedules must hold Schedules, got {type(schedule).__name__}")
+        _supported(schedule)
+    per_sample, mean_orders = _needed_orders(order, quantities, schedules)
+    cost: dict[str, float] = {
+        "rank": rank,
+        "rows": n,
+        "parameters": p,
+        "hvps": 0,
+        "gradients": 0,
+        "per_sample_gradients": 0,
+        "per_sample_hvps": 0,
+        "mean_higher_derivatives": 0,
+        "per_sample_higher_derivatives": 0,
+    }
+    start_time = time.perf_counter()
+    theta = obj.theta0
+    summed = _summed(obj.batch)
+    vector = _derivative(summed, vector=True)
+
+    def mean_derivative(us: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        total = torch.zeros_like(theta)
+        for s in _chunks(n, chunk_size):
+            total = total + vector(theta, tuple(r[s] for r in obj.rows), us)
+        return total / n
+
+    def hvp(block: torch.Tensor) -> torch.Tensor:
+        cost["hvps"] += block.shape[1]
+        return vmap(lambda u: mean_derivative((u,)), in_dims=1, out_dims=1)(block)
+
+    gen = torch.Generator().manual_seed(seed)
+    mean_grad = mean_derivative(())
+    cost["gradients"] += 1
+    start = [mean_grad]
+    for _ in range(probes):
+        signs = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(theta.device, theta.dtype)
+        start.append(
+            (_weighted_gradient(obj, signs, chunk_size) - signs.sum() * mean_grad) / math.sqrt(n)
+        )
+        cost["gradients"] += 1
+    basis, hessian, residual = _block_lanczos(hvp, torch.stack(start, dim=1), rank, gen)
+    lanczos_seconds = time.perf_counter() - start_time
+
+    def cpu(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", torch.float64)
+
+    losses = torch.cat(
+        [obj.batch(theta, *(r[s] for r in obj.rows)) for s in _chunks(n, chunk_size)]
+    )
+    derivs = {0: cpu(losses)}
+    means = {0: cpu(losses.mean()), 1: cpu(basis.T @ mean_grad), 2: hessian}
+    if 1 in per_sample:
+        derivs[1] = cpu(_per_sample_projected(obj, basis, (), chunk_size))
+        cost["per_sample_gradients"] += n
+    batch = max(1, chunk_size // min(n, chunk_size))  # directions per vectorized call
+    for m in sorted(k for k in per_sample if k >= 2):
+        derivs[m] = _symmetric_projection(
+            lambda us: _per_sample_projected(obj, basis, us, chunk_size),
+            basis,
+            m,
+            leading=(n,),
+            batch=batch,
+        )
+        calls = math.comb(rank + m - 2, m - 1) * n
+        cost["per_sample_hvps" if m == 2 else "per_sample_higher_derivatives"] += calls
+    for m in sorted(k for k in mean_orders if k >= 3):
+        means[m] = _symmetric_projection(
+            lambda us: basis.T @ mean_derivative(us), basis, m, leading=(), batch=batch
+        )
+        cost["mean_higher_derivatives"] += math.comb(rank + m - 2, m - 1)
+    cost["lanczos_seconds"] = lanczos_seconds
+    cost["seconds"] = time.perf_counter() - start_time
+    return KrylovSubspace(
+        basis=basis,
+        hessian=hessian,
+        derivs=derivs,
+        means=means,
+        order=order,
+        quantities=quantities,
+        block_size=1 + probes,
+        residual=residual,
+        cost=cost,
+    )
+
+
+def _weighted_gradient(obj: _Objective, weights: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``∇ Σ_i w_i l_i(θ_0)``: one backward pass per chunk, no per-sample gradients."""
+
+    def weighted(t, w, *rows):
+        return (w * obj.batch(t, *rows)).sum()
+
+    total = torch.zeros_like(obj.theta0)
+    for s in _chunks(obj.n, chunk_size):
+        total = total + grad(weighted)(obj.theta0, weights[s], *(r[s] for r in obj.rows))
+    return total
+
+
+def _per_sample_projected(
+    obj: _Objective, basis: torch.Tensor, us: tuple[torch.Tensor, ...], chunk_size: int
+) -> torch.Tensor:
+    """``Qᵀ ∇^{len(us)+1} l_i[us…, ·]`` for every row ``i``: shape ``(n, k)``."""
+    fn = _derivative(obj.single, vector=True)
+
+    def one(*row):
+        return fn(obj.theta0, row, us)
+
+    out = []
+    for s in _chunks(obj.n, chunk_size):
+        out.append(vmap(one)(*(r[s] for r in obj.rows)) @ basis)
+    return torch.cat(out)
+
+
+def _symmetric_projection(
+    vector_fn: Callable[[tuple[torch.Tensor, ...]], torch.Tensor],
+    basis: torch.Tensor,
+    m: int,
+    *,
+    leading: tuple[int, ...],
+    batch: int,
+) -> torch.Tensor:
+    """The symmetric order-``m`` tensor ``∇^m[q_a…, ·]`` projected, from sorted index tuples.
+
+    ``vector_fn(us)`` returns the projected last index (shape ``leading + (k,)``) of the
+    derivative along the directions ``us``; it is vectorized over ``batch`` tuples at once.
+    """
+    k = basis.shape[1]
+    out = torch.zeros((*leading, *([k] * m)), dtype=torch.float64)
+    lead = (slice(None),) * len(leading)
+    tuples = list(itertools.combinations_with_replacement(range(k), m - 1))
+    batched = vmap(lambda *us: vector_fn(us))
+    for start in range(0, len(tuples), batch):
+        chunk = tuples[start : start + batch]
+        index = torch.tensor(chunk, device=basis.device)
+        dirs = [basis[:, index[:, i]].T for i in range(m - 1)]
+        values = batched(*dirs).detach().to("cpu", torch.float64)
+        for idx, value in zip(chunk, values, strict=True):
+            for perm in set(itertools.permutations(idx)):
+                out[(*lead, *perm)] = value
+    return out
