@@ -336,7 +336,7 @@ def test_compare_command_writes_its_table(tmp_path):
     np.savez(tmp_path / "tiny.npz", x=x, y=rng.integers(0, 3, 12))
     out = tmp_path / "cmp"
     args = ["compare", "--dataset", f"npz:{tmp_path / 'tiny.npz'}", "--model", "mlp"]
-    args += ["--orders", "1", "--lr", "0.01", "--batch-size", "1", "--batch-size", "2"]
+    args += ["--orders", "1", "--lr", "0.01", "--batch-size", "1", "2"]  # space-separated
     result = run(*args, "--steps", "2", "--trials", "4", "--population", "8", "--out", str(out))
     assert result.exit_code == 0, result.output
     rows = list(_csv.DictReader((out / "compare.csv").open()))

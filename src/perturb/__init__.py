@@ -13,7 +13,7 @@ Example:
     η^2: (T*(2*T - 1)/2)·G·H·G + (T/2)·tr(C H)
 """
 
-from perturb import baselines, corollaries, landscapes, reference
+from perturb import baselines, corollaries, distributed, landscapes, reference
 from perturb.compare import Comparison, compare
 from perturb.contractions import Contraction, tensor_name
 from perturb.diagrams import Diagram, count_rooted_trees, diagrams, rooted_trees
@@ -48,6 +48,7 @@ __all__ = [
     "corollaries",
     "count_rooted_trees",
     "diagrams",
+    "distributed",
     "eta",
     "krylov_subspace",
     "landscapes",

@@ -17,6 +17,7 @@ more ``@cli.command`` taking the same options.  Sizes left out stay symbolic
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -347,8 +348,17 @@ def _count(value: sp.Expr, noun: str) -> str:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
-    """Perturbation theory of SGD: predict what SGD will do before running it."""
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Perturbation theory of SGD: predict what SGD will do before running it.
+
+    Under torchrun (torchrun --nproc-per-node K -m perturb.cli ...) the measurement and
+    the SGD trials are split across the processes; rank 0 prints and writes outputs.
+    """
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # launched by torchrun
+        from perturb.distributed import session
+
+        ctx.with_resource(session())
 
 
 def schedule_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -820,6 +830,56 @@ def validate_command(**options: Any) -> None:
             "results.json, results.csv, gap.csv" if result.gap else "results.json, results.csv"
         )
         click.echo(f"wrote {folder}/{written} and plots")
+
+
+@cli.command("compare")
+@click.option("--dataset", default="digits", show_default=True, help="digits, fashion-mnist, …")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--model", default="smooth-convnet", show_default=True)
+@click.option(
+    "--lr", "lrs", cls=VariadicOption, type=float, metavar="ETA...", help="[default: 0.005 0.02]"
+)
+@click.option(
+    "--batch-size",
+    "batch_sizes",
+    cls=VariadicOption,
+    type=click.IntRange(min=1),
+    metavar="B...",
+    help="[default: 1 4]",
+)
+@click.option("--steps", cls=VariadicOption, type=int, metavar="T...", help="[default: 25 50 100]")
+@click.option("--trials", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option(
+    "--orders",
+    cls=VariadicOption,
+    type=click.IntRange(0, 4),
+    metavar="D...",
+    help="[default: 1 2 3]",
+)
+@click.option("--resummed/--no-resummed", default=True, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--population", type=click.IntRange(min=2), default=256, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="compare-out", show_default=True)
+def compare_command(**options: Any) -> None:
+    """Real SGD against every theory (perturb orders, re-summed, ODE, SDE, Lyapunov)."""
+    from perturb.compare import DEFAULT_BATCH_SIZES, DEFAULT_LRS, DEFAULT_STEPS, compare
+    from perturb.data import DataError
+    from perturb.models import ModelSpecError
+
+    for key, default in (
+        ("lrs", DEFAULT_LRS),
+        ("batch_sizes", DEFAULT_BATCH_SIZES),
+        ("steps", DEFAULT_STEPS),
+        ("orders", (1, 2, 3)),
+    ):
+        options[key] = tuple(options[key]) or default
+    try:
+        result = compare(**options)
+    except (DataError, ModelSpecError, ValueError) as err:
+        raise click.UsageError(str(err)) from None
+    click.echo(result.table())
+    click.echo(f"wrote {options['out']}/compare.json, compare.csv, compare.png")
 
 
 def main(args: Sequence[str] | None = None, *, standalone_mode: bool = True) -> Any:
