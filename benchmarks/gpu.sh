@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks of docs/benchmarks.md, in one command (one lease).
 # Usage: OUT=/some/dir bash benchmarks/gpu.sh [part ...]   (parts: check deriv measure
-# simulate validate; default: all).  Each part writes $OUT/<part>.txt and is capped in time.
+# simulate steps validate krylov distributed memory; default: all).  Each part writes
+# $OUT/<part>.txt and is capped in time.
 set -u
 OUT=${OUT:-/tmp/perturb-gpu}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-parts=${*:-check deriv measure simulate validate}
+parts=${*:-check deriv measure simulate steps validate krylov distributed memory}
 py=${PYTHON:-python3}
 run() {  # name seconds command...
     local name=$1 limit=$2
@@ -35,10 +36,28 @@ for part in $parts; do
             --ks 256 --out /tmp/simulate28.md
         run simulate 120 $py benchmarks/bench_simulate.py --device cuda --ks 256 \
             --out /tmp/simulate8.md ;;
+    steps)  # the SGD steps alone: final test loss on 64 rows instead of the population
+        run steps 120 $py benchmarks/bench_simulate.py --device cuda --side 28 --width 12 \
+            --ks 256 --test-rows 64 --out /tmp/steps28.md
+        run steps 90 $py benchmarks/bench_simulate.py --device cuda --ks 256 --test-rows 64 \
+            --out /tmp/steps8.md ;;
+    krylov)
+        run krylov 200 $py benchmarks/bench_krylov.py --device cuda --params 100000 \
+            --samples 1024 --rank 512 --probes 31 --chunk-size 256 ;;
+    distributed)
+        run distributed 120 $py benchmarks/bench_distributed.py --device cuda
+        run distributed 120 $py -m torch.distributed.run --nproc-per-node 1 \
+            benchmarks/bench_distributed.py --device cuda --backend nccl ;;
+    memory)
+        run memory 240 $py benchmarks/bench_memory.py --device cuda --width 52 --rows 1024 \
+            --chunks 16 64 256 0 ;;
     validate)
         run validate 240 $py -m perturb.cli validate --device cuda --out /tmp/validate
         cp /tmp/validate/results.json "$OUT/validate.json" ;;
-    *) echo "unknown part $part (valid: check deriv measure simulate validate)"; exit 2 ;;
+    *)
+        echo "unknown part $part (valid: check deriv measure simulate steps validate krylov" \
+            "distributed memory)"
+        exit 2 ;;
     esac
 done
 tail -n 30 "$OUT"/*.txt

@@ -24,6 +24,7 @@ from perturb.resum import resummed_terms
 from perturb.schedules import GD, Epochs, Online, Schedule
 from perturb.series import QUANTITIES, Series, Term, eta, series
 from perturb.simulate import Trials, simulate
+from perturb.validate import ValidationResult, validate
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,7 @@ __all__ = [
     "Statistics",
     "Term",
     "Trials",
+    "ValidationResult",
     "baselines",
     "compare",
     "corollaries",
@@ -60,4 +62,5 @@ __all__ = [
     "series",
     "simulate",
     "tensor_name",
+    "validate",
 ]

@@ -33,6 +33,7 @@ and the smallest ``ηt`` at which it leaves the interval.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -368,6 +369,9 @@ def validate(
     timings["simulate_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    if x.device.type != "cpu":  # the Hessian-based predictors below run on the CPU
+        loss_fn, theta0 = model_loss(copy.deepcopy(net).cpu())
+        x, y = x.cpu(), y.cpu()
     theta64 = theta0.detach().to(torch.float64)
     x64 = x.to(torch.float64)
     losses = loss_fn(theta64, x64, y)
