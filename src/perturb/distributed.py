@@ -145,8 +145,8 @@ def session(*, backend: str | None = None, timeout_s: float = 300) -> Iterator[t
 
     Calls :func:`init_from_env`; inside the block, ranks other than 0 write nothing to
     standard output (it goes to ``os.devnull``; standard error, where errors go, is
-    kept); at the end the process group is destroyed if this block created it.  Without
-    ``torchrun`` it only yields ``(0, 1)``.
+    kept); at the end, after a barrier (on success), the process group is destroyed if
+    this block created it.  Without ``torchrun`` it only yields ``(0, 1)``.
 
     Args:
         backend: as :func:`init_from_env`.
@@ -170,6 +170,11 @@ def session(*, backend: str | None = None, timeout_s: float = 300) -> Iterator[t
                 quiet = stack.enter_context(open(os.devnull, "w"))
                 stack.enter_context(contextlib.redirect_stdout(quiet))
             yield rank, size
+        if created:
+            # every rank's last collective has completed before any rank tears down its
+            # connections (tearing down under a peer's pending Gloo transfer can abort
+            # the peer); skipped on an error, where the other ranks may never arrive
+            dist.barrier()
     finally:
         if created:
             shutdown()
