@@ -36,13 +36,12 @@ import numpy as np
 import torch
 from torch.func import grad, vmap
 
-from perturb.baselines import QuadraticModel, lyapunov_test_loss
+from perturb.baselines import QuadraticModel, lyapunov_test_loss, mean_hessian
 from perturb.data import load_dataset
 from perturb.measure import measure
 from perturb.models import mlp
 from perturb.schedules import Online
 from perturb.simulate import model_loss, simulate
-from perturb.validate import _hessian
 
 
 def run(*, temperature, time_, batch_sizes, trials, population, seed):
@@ -67,7 +66,7 @@ def run(*, temperature, time_, batch_sizes, trials, population, seed):
     grads = vmap(
         grad(lambda p, xi, yi: loss_fn(p, xi[None], yi[None]).sum()), in_dims=(None, 0, 0)
     )(theta64, x64, y)
-    hess = _hessian(loss_fn, theta64, x64, y).to(torch.float64)
+    hess = mean_hessian(loss_fn, theta64, x64, y).to(torch.float64)
     quad = QuadraticModel.from_derivatives({0: losses, 1: grads}, hess)
     ghg = float(quad.grad @ quad.hess @ quad.grad)
     h = quad.eig[0]

@@ -993,3 +993,23 @@ def test_eta_over_b_leftovers_of_the_engines_series():
         "G_a ⟨∇l,∇∇l⟩_(c,ab) H_bc": eta * tau * n / 2,
         "C_(a,b) J_abc G_c": eta * tau * n / 4,
     }
+
+
+def test_mean_hessian_equals_materialized_hessian():
+    # independent reference: torch.func.hessian of the mean loss, float64
+    from perturb.baselines import mean_hessian
+    from perturb.models import mlp
+    from perturb.simulate import model_loss
+
+    gen = torch.Generator().manual_seed(0)
+    loss_fn, theta0 = model_loss(mlp((1, 2, 2), 3, hidden=(4,)).double())
+    x = torch.randn(10, 1, 2, 2, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,), generator=gen)
+    ref = torch.func.hessian(lambda t: loss_fn(t, x, y).mean())(theta0)
+    for chunk in (1, 7, 1000):
+        got = mean_hessian(loss_fn, theta0, x, y, chunk=chunk)
+        assert torch.allclose(got, ref, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="chunk must be a positive integer"):
+        mean_hessian(loss_fn, theta0, x, y, chunk=0)
+    with pytest.raises(ValueError, match="1-D parameter vector"):
+        mean_hessian(loss_fn, theta0[None], x, y)

@@ -27,7 +27,58 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["QuadraticModel", "lyapunov_test_loss", "ode_test_loss", "sde_test_loss"]
+__all__ = [
+    "QuadraticModel",
+    "lyapunov_test_loss",
+    "mean_hessian",
+    "ode_test_loss",
+    "sde_test_loss",
+]
+
+
+def mean_hessian(
+    loss_fn: Callable[..., torch.Tensor],
+    theta0: torch.Tensor,
+    *rows: torch.Tensor,
+    chunk: int = 64,
+) -> torch.Tensor:
+    r"""The materialized mean Hessian ``H = ∇² (1/n) Σ_i l_i(θ_0)``, symmetrized.
+
+    Built from ``P`` Hessian-vector products (forward-over-reverse, ``chunk`` at a time
+    under ``vmap``), so it costs ``P/chunk`` batched passes and ``P²`` numbers: for the
+    quadratic model of a small network (the SDE and Lyapunov baselines), not for large ones.
+
+    Args:
+        loss_fn: per-sample losses ``loss_fn(θ, *rows) -> (n,)``, e.g. from
+            :func:`perturb.simulate.model_loss`.
+        theta0: the point, shape ``(P,)``; ``H`` has its dtype and device.
+        *rows: the data, each with the samples on the first axis.
+        chunk: Hessian-vector products per ``vmap`` call (``>= 1``).
+
+    Returns:
+        ``(P, P)`` tensor.
+
+    Example:
+        >>> import torch
+        >>> f = lambda t, x: 0.5 * (x * t**2).sum(-1)  # per-sample losses, H = diag(mean x)
+        >>> mean_hessian(f, torch.zeros(2), torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        tensor([[2., 0.],
+                [0., 3.]])
+    """
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+    if theta0.ndim != 1:
+        raise ValueError(f"theta0 must be a 1-D parameter vector, got shape {tuple(theta0.shape)}")
+
+    def mean_loss(p: torch.Tensor) -> torch.Tensor:
+        return loss_fn(p, *rows).mean()
+
+    def hvp(v: torch.Tensor) -> torch.Tensor:
+        return torch.func.jvp(torch.func.grad(mean_loss), (theta0,), (v,))[1]
+
+    eye = torch.eye(theta0.numel(), dtype=theta0.dtype, device=theta0.device)
+    h = torch.cat([torch.func.vmap(hvp)(eye[i : i + chunk]) for i in range(0, len(eye), chunk)])
+    return (h + h.T) / 2
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from torch.func import grad, vmap
 from perturb.baselines import (
     QuadraticModel,
     lyapunov_test_loss,
+    mean_hessian,
     ode_test_loss,
     sde_test_loss,
     stationary_excess_loss,
@@ -52,7 +53,6 @@ from perturb.models import build_model
 from perturb.resum import resummed_terms, resummed_values
 from perturb.schedules import Online
 from perturb.simulate import model_loss, simulate
-from perturb.validate import _hessian
 
 __all__ = ["Comparison", "compare"]
 
@@ -335,7 +335,7 @@ def compare(
     grads = vmap(
         grad(lambda p, xi, yi: loss_fn(p, xi[None], yi[None]).sum()), in_dims=(None, 0, 0)
     )(theta64, x64, y)
-    hess = _hessian(loss_fn, theta0.detach().float(), x.float(), y).to(torch.float64)
+    hess = mean_hessian(loss_fn, theta0.detach().float(), x.float(), y).to(torch.float64)
     quad = QuadraticModel.from_derivatives({0: losses, 1: grads}, hess)
     eigh = quad.eig
     do_resum = resummed and theta0.numel() <= max_resummed_parameters

@@ -45,9 +45,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.func import grad, jvp, vmap
+from torch.func import grad, vmap
 
-from perturb.baselines import QuadraticModel, sde_test_loss
+from perturb.baselines import QuadraticModel, mean_hessian, sde_test_loss
 from perturb.cli import describe
 from perturb.data import load_dataset
 from perturb.distributed import is_main
@@ -186,21 +186,6 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
     return value
-
-
-def _hessian(loss_fn, theta0: torch.Tensor, x, y, *, chunk: int = 64) -> torch.Tensor:
-    """The mean Hessian by Hessian-vector products in chunks (P HVPs)."""
-
-    def mean_loss(p):
-        return loss_fn(p, x, y).mean()
-
-    def hvp(v):
-        return jvp(grad(mean_loss), (theta0,), (v,))[1]
-
-    eye = torch.eye(theta0.numel(), dtype=theta0.dtype)
-    rows = [vmap(hvp)(eye[i : i + chunk]) for i in range(0, len(eye), chunk)]
-    h = torch.cat(rows)
-    return (h + h.T) / 2
 
 
 def validate(
@@ -390,7 +375,7 @@ def validate(
         if resummed:
             unavailable["resummed 2"] = why
     else:
-        hess = _hessian(loss_fn, theta0.detach().float(), x.float(), y).to(torch.float64)
+        hess = mean_hessian(loss_fn, theta0.detach().float(), x.float(), y).to(torch.float64)
         quad = QuadraticModel.from_derivatives(derivs, hess)
         eigh = quad.eig  # one eigendecomposition of H for the SDE and the re-summed series
     if schedule == "gd":
