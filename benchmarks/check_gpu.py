@@ -7,7 +7,9 @@ GPU, so this script is where the CUDA paths are checked, in float64 against the 
   on 32 digits rows and the digits ``smooth_convnet``;
 * ``measure(...)`` with the tuple estimator on the same rows (same seed, same tuples):
   values and standard errors;
-* ``simulate``: 16 online SGD trials of 20 steps, test and train losses of every trial.
+* ``simulate``: 16 online SGD trials of 20 steps, test and train losses of every trial;
+  and on the GPU, the CUDA-graph replay of the vectorized step against the eager step
+  (two learning rates, batch 2, test-loss curves recorded every 5 steps).
 
 Prints the largest relative difference of each and exits with status 1 if any exceeds
 ``1e-9``.
@@ -84,6 +86,29 @@ def main() -> int:
     }
     worst["simulate test losses"] = _rel(trials["cuda"].test_loss, trials["cpu"].test_loss)
     worst["simulate train losses"] = _rel(trials["cuda"].train_loss, trials["cpu"].train_loss)
+    # the CUDA-graph replay of the vectorized step against the eager step, on the GPU,
+    # with a recorded curve (the static buffers are read between replays)
+    simulate_module = sys.modules["perturb.simulate"]
+    runs = {}
+    for graphs in (True, False):
+        simulate_module._CUDA_GRAPHS = graphs
+        runs[graphs] = simulate(
+            loss_fn,
+            theta0,
+            (data.x, data.y),
+            Online(steps=20, batch_size=2),
+            lr=[0.05, 0.2],
+            trials=16,
+            dtype=torch.float64,
+            device="cuda",
+            seed=1,
+            record_every=5,
+        )
+    simulate_module._CUDA_GRAPHS = True
+    worst["simulate, CUDA graph vs eager: test losses"] = _rel(
+        runs[True].test_loss, runs[False].test_loss
+    )
+    worst["simulate, CUDA graph vs eager: curves"] = _rel(runs[True].curve, runs[False].curve)
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}\n")
     print("| check (float64, CUDA vs CPU) | max relative difference |")
     print("|---|---:|")
