@@ -34,9 +34,13 @@ import time
 
 import numpy as np
 import torch
-from torch.func import grad, vmap
 
-from perturb.baselines import QuadraticModel, lyapunov_test_loss, mean_hessian
+from perturb.baselines import (
+    QuadraticModel,
+    lyapunov_test_loss,
+    mean_hessian,
+    per_sample_derivatives,
+)
 from perturb.data import load_dataset
 from perturb.measure import measure
 from perturb.models import mlp
@@ -62,12 +66,9 @@ def run(*, temperature, time_, batch_sizes, trials, population, seed):
         net, (x, y), order=3, schedules=schedules, exact=True, dtype=torch.float64, progress=False
     )
     theta64, x64 = theta0.to(torch.float64), x.to(torch.float64)
-    losses = loss_fn(theta64, x64, y)
-    grads = vmap(
-        grad(lambda p, xi, yi: loss_fn(p, xi[None], yi[None]).sum()), in_dims=(None, 0, 0)
-    )(theta64, x64, y)
+    derivs = per_sample_derivatives(loss_fn, theta64, x64, y)
     hess = mean_hessian(loss_fn, theta64, x64, y).to(torch.float64)
-    quad = QuadraticModel.from_derivatives({0: losses, 1: grads}, hess)
+    quad = QuadraticModel.from_derivatives(derivs, hess)
     ghg = float(quad.grad @ quad.hess @ quad.grad)
     h = quad.eig[0]
     gg = float(quad.grad @ quad.grad)

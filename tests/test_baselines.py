@@ -1013,3 +1013,22 @@ def test_mean_hessian_equals_materialized_hessian():
         mean_hessian(loss_fn, theta0, x, y, chunk=0)
     with pytest.raises(ValueError, match="1-D parameter vector"):
         mean_hessian(loss_fn, theta0[None], x, y)
+
+
+def test_per_sample_derivatives_equal_an_autograd_loop():
+    # independent reference: one torch.autograd.grad per sample, float64
+    from perturb.baselines import per_sample_derivatives
+    from perturb.models import mlp
+    from perturb.simulate import model_loss
+
+    gen = torch.Generator().manual_seed(1)
+    loss_fn, theta0 = model_loss(mlp((1, 2, 2), 3, hidden=(4,)).double())
+    x = torch.randn(6, 1, 2, 2, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=gen)
+    got = per_sample_derivatives(loss_fn, theta0, x, y)
+    for i in range(6):
+        t = theta0.clone().requires_grad_(True)
+        value = loss_fn(t, x[i : i + 1], y[i : i + 1])[0]
+        (g,) = torch.autograd.grad(value, t)
+        assert abs(float(got[0][i]) - value.detach().item()) < 1e-14
+        assert torch.allclose(got[1][i], g, rtol=0, atol=1e-14)

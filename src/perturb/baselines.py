@@ -32,8 +32,43 @@ __all__ = [
     "lyapunov_test_loss",
     "mean_hessian",
     "ode_test_loss",
+    "per_sample_derivatives",
     "sde_test_loss",
 ]
+
+
+def per_sample_derivatives(
+    loss_fn: Callable[..., torch.Tensor], theta0: torch.Tensor, *rows: torch.Tensor
+) -> dict[int, torch.Tensor]:
+    r"""Per-sample losses ``l_i(θ_0)`` and gradients ``∇l_i(θ_0)``, as ``{0: (n,), 1: (n, P)}``.
+
+    The input :meth:`QuadraticModel.from_derivatives` takes: gradients by ``vmap`` of
+    ``grad`` over the rows, each row passed to ``loss_fn`` as a batch of one.
+
+    Args:
+        loss_fn: per-sample losses ``loss_fn(θ, *rows) -> (n,)``, e.g. from
+            :func:`perturb.simulate.model_loss`.
+        theta0: the point, shape ``(P,)``.
+        *rows: the data, each with the samples on the first axis.
+
+    Returns:
+        ``{0: losses, 1: gradients}``.
+
+    Example:
+        >>> import torch
+        >>> f = lambda t, x: 0.5 * (x * t**2).sum(-1)
+        >>> d = per_sample_derivatives(f, torch.ones(2), torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        >>> d[0], d[1]
+        (tensor([1.5000, 3.5000]), tensor([[1., 2.],
+                [3., 4.]]))
+    """
+
+    def one(p: torch.Tensor, *row: torch.Tensor) -> torch.Tensor:
+        return loss_fn(p, *(r[None] for r in row)).sum()
+
+    dims = (None, *([0] * len(rows)))
+    grads = torch.func.vmap(torch.func.grad(one), in_dims=dims)(theta0, *rows)
+    return {0: loss_fn(theta0, *rows), 1: grads}
 
 
 def mean_hessian(

@@ -37,13 +37,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.func import grad, vmap
 
 from perturb.baselines import (
     QuadraticModel,
     lyapunov_test_loss,
     mean_hessian,
     ode_test_loss,
+    per_sample_derivatives,
     sde_test_loss,
     stationary_excess_loss,
 )
@@ -331,12 +331,9 @@ def compare(
 
     start = time.perf_counter()
     theta64, x64 = theta0.detach().to(torch.float64), x.to(torch.float64)
-    losses = loss_fn(theta64, x64, y)
-    grads = vmap(
-        grad(lambda p, xi, yi: loss_fn(p, xi[None], yi[None]).sum()), in_dims=(None, 0, 0)
-    )(theta64, x64, y)
+    derivs = per_sample_derivatives(loss_fn, theta64, x64, y)
     hess = mean_hessian(loss_fn, theta0.detach().float(), x.float(), y).to(torch.float64)
-    quad = QuadraticModel.from_derivatives({0: losses, 1: grads}, hess)
+    quad = QuadraticModel.from_derivatives(derivs, hess)
     eigh = quad.eig
     do_resum = resummed and theta0.numel() <= max_resummed_parameters
     predictors = [f"order {d}" for d in orders] + (["resummed 2"] if do_resum else [])
@@ -363,7 +360,7 @@ def compare(
                 if do_resum:
                     parts = resummed_values(
                         terms,
-                        {0: losses, 1: grads},
+                        derivs,
                         lr=lr,
                         steps=s,
                         schedule=sched,

@@ -45,9 +45,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.func import grad, vmap
 
-from perturb.baselines import QuadraticModel, mean_hessian, sde_test_loss
+from perturb.baselines import QuadraticModel, mean_hessian, per_sample_derivatives, sde_test_loss
 from perturb.cli import describe
 from perturb.data import load_dataset
 from perturb.distributed import is_main
@@ -359,11 +358,7 @@ def validate(
         x, y = x.cpu(), y.cpu()
     theta64 = theta0.detach().to(torch.float64)
     x64 = x.to(torch.float64)
-    losses = loss_fn(theta64, x64, y)
-    grads = vmap(
-        grad(lambda p, xi, yi: loss_fn(p, xi[None], yi[None]).sum()), in_dims=(None, 0, 0)
-    )(theta64, x64, y)
-    derivs = {0: losses, 1: grads}
+    derivs = per_sample_derivatives(loss_fn, theta64, x64, y)
     unavailable = config["unavailable"]
     too_big = theta0.numel() > max_hessian_parameters
     if too_big:
