@@ -775,3 +775,57 @@ def test_tuple_message_cache_reuses_subtrees_exactly(monkeypatch):
     assert cached.meta["evaluations"] < 0.8 * plain.meta["evaluations"]
     for key, values in plain.group_values.items():
         np.testing.assert_allclose(cached.group_values[key], values, rtol=1e-12, atol=1e-14)
+
+
+def test_tuple_networks_equal_at_every_evaluation_root(monkeypatch):
+    # A contraction's tree is an undirected tree of symmetric tensors (node v is ∇^{deg v} l),
+    # so the engine may evaluate any node last (it picks the cheapest).  Forcing each node
+    # in turn as the root must give the same per-tuple values, for every order-3
+    # contraction of every schedule and quantity, on the MLP, in float64.
+    from perturb.measure import _Engine, _objective, _tuple_networks
+
+    model, data, theta0, *_ = _case("mlp")
+    obj = _objective(model, data, theta0, loss=None, dtype=F64, device=None)
+    tuples = torch.tensor(list(itertools.permutations(range(obj.n), 4))[::20])
+    contractions = {}
+    for s in SCHEDULES:
+        for q in QUANTITIES:
+            for term in series(3, s, q).terms:
+                contractions.setdefault(term.contraction.hash, term.contraction)
+    networks = {net: c for c in contractions.values() for net, _ in _tuple_networks(c)}
+    chosen = _Engine._hang
+    roots_seen = set()
+    for net, c in networks.items():
+        engine = _Engine(obj, tuples, chunk_size=3, budget=None)
+        want = engine.tuple_values(net, tuples, "chosen")
+        roots = [0] if net.open_root else range(len(net.parents))
+        for root in roots:
+
+            def forced(self, net, block_of, tuples, root=root):
+                return self._hung_at(net, block_of, tuples, root)[1:]
+
+            monkeypatch.setattr(_Engine, "_hang", forced)
+            got = _Engine(obj, tuples, chunk_size=3, budget=None).tuple_values(net, tuples, "r")
+            monkeypatch.setattr(_Engine, "_hang", chosen)
+            _assert_close(got.numpy(), want.numpy(), 1e-12, f"{c.text} root {root}")
+            roots_seen.add(root)
+    assert roots_seen == {0, 1, 2, 3}
+
+
+def test_reverse_first_derivative_equals_forward():
+    # On CUDA vector nodes start from the reverse-over-reverse HVP; the number is the same
+    from perturb.measure import _derivative, _objective
+
+    model, data, theta0, *_ = _case("mlp")
+    obj = _objective(model, data, theta0, loss=None, dtype=F64, device=None)
+    gen = torch.Generator().manual_seed(1)
+    rows = obj.rows
+    us = tuple(torch.randn(obj.n, obj.size, generator=gen, dtype=F64) for _ in range(2))
+    for k in (0, 1, 2):
+        fwd = torch.func.vmap(_derivative(obj.single, True), in_dims=(None, 0, 0))
+        rev = torch.func.vmap(
+            _derivative(obj.single, True, reverse_first=True), in_dims=(None, 0, 0)
+        )
+        want, got = fwd(obj.theta0, rows, us[:k]), rev(obj.theta0, rows, us[:k])
+        _assert_close(got.numpy(), want.numpy(), 1e-12, f"k = {k}")
+        assert want.abs().max() > 1e-3

@@ -85,6 +85,18 @@ network, linear in ``n``; the price is variance: each tuple uses one assignment 
 to the blocks instead of all of them, typically a few times the variance of the complete
 U-statistic on the same rows, repaid many times over by the rows one can afford.
 
+Two choices make a tuple network cheap.  (1) *Which node is evaluated last.*  Node ``v`` is
+``∇^{deg v} l`` with ``deg`` its degree in the undirected tree, so any node can be the one
+that receives every neighbour's message and returns the scalar; a scalar with ``k``
+directions (``k`` nested ``jvp`` of the loss, no reverse pass) costs a fraction of a vector
+node with ``k − 1``, so ``G·H·G`` becomes ``∇²l_b[g_a, g_c]`` instead of ``g_a·(H_b g_c)``
+and ``G_a J_abc G_b G_c`` one third-order scalar instead of a ``J``-vector product.  The
+engine costs every root (messages already computed for another network on the same
+tuples are free) and takes the cheapest.  (2) *Messages are cached across networks*, keyed
+by tuple column and incoming messages.  On CUDA a per-row vector node starts from the
+reverse-over-reverse HVP (faster there for per-sample directions; forward-over-reverse
+everywhere else).
+
 **Predictions.**  :func:`measure` computes every contraction of the requested series once at
 ``θ_0``; :meth:`Statistics.predict` then evaluates any numeric schedule's coefficients and a
 whole grid of learning rates at no further cost.
@@ -128,7 +140,7 @@ __all__ = [
 
 _GROUP = -1  # the axis of the disjoint groups (batch means); present on every message
 _DEFAULT_BUDGET = 2**25  # elements of one message (sample axes × P)
-_MESSAGE_CACHE = 2**28  # elements of the tuple messages kept for reuse across networks
+_MESSAGE_CACHE = 2**28  # elements of the tuple messages kept for reuse (at least; see _Engine)
 _DTYPES = (torch.float32, torch.float64)
 
 
@@ -368,11 +380,20 @@ def _jvp_along(f: Callable, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return jvp(f, (t,), (u,))[1]
 
 
-def _derivative(scalar: Callable, vector: bool) -> Callable:
-    """``(θ, rows, us) ↦ ∇^{k+1} s(θ)[u_1..u_k, ·]`` (vector) or ``∇^k s(θ)[u_1..u_k]``."""
+def _derivative(scalar: Callable, vector: bool, *, reverse_first: bool = False) -> Callable:
+    """``(θ, rows, us) ↦ ∇^{k+1} s(θ)[u_1..u_k, ·]`` (vector) or ``∇^k s(θ)[u_1..u_k]``.
+
+    Forward-over-reverse: ``jvp`` along each ``u`` of ``grad`` (vector) or of the value.
+    With ``reverse_first`` a vector with ``k ≥ 1`` directions starts from the
+    reverse-over-reverse HVP ``∇(∇s·u_1)`` and takes ``jvp`` along ``u_2..u_k``: the same
+    number, faster for per-sample directions on a GPU (``benchmarks/bench_derivatives.py``).
+    """
 
     def fn(theta, rows, us):
-        if vector:
+        if vector and reverse_first and us:
+            f = functools.partial(_hvp_reverse_at, scalar, rows, us[0])
+            us = us[1:]
+        elif vector:
             f = functools.partial(_grad_at, scalar, rows)
         else:
             f = functools.partial(_value_at, scalar, rows)
@@ -381,6 +402,10 @@ def _derivative(scalar: Callable, vector: bool) -> Callable:
         return f(theta)
 
     return fn
+
+
+def _hvp_reverse_at(scalar, rows, u, t):
+    return grad(lambda s: torch.dot(grad(scalar)(s, *rows), u))(t)
 
 
 def _grad_at(scalar, rows, t):
@@ -417,18 +442,41 @@ class _Net:
         )
 
 
-def _tree_order(parents: Sequence[int]) -> tuple[list[list[int]], list[int]]:
-    """Children of each node and a post-order (every child before its parent)."""
-    children: list[list[int]] = [[] for _ in parents]
+def _tree_order(parents: Sequence[int], root: int = 0) -> tuple[list[list[int]], list[int]]:
+    """Children of each node and a post-order (every child before its parent).
+
+    With ``root ≠ 0`` the tree is hung from ``root`` instead: a contraction's tree is an
+    undirected tree of symmetric tensors (node ``v`` is ``∇^{deg v} l``), so any node can
+    be the one evaluated last.
+    """
+    neighbours: list[list[int]] = [[] for _ in parents]
     for v, p in enumerate(parents):
         if p >= 0:
-            children[p].append(v)
-    preorder, stack = [], [0]
+            neighbours[p].append(v)
+            neighbours[v].append(p)
+    children: list[list[int]] = [[] for _ in parents]
+    preorder, stack, seen = [], [root], {root}
     while stack:
         v = stack.pop()
         preorder.append(v)
-        stack.extend(children[v])
+        for c in neighbours[v]:
+            if c not in seen:
+                seen.add(c)
+                children[v].append(c)
+                stack.append(c)
     return children, preorder[::-1]
+
+
+# Relative cost per row of one node evaluated with per-row directions (one per-sample
+# gradient = 1): a vector node with k directions, and the evaluation root, a scalar with
+# k directions (k nested jvp of the loss: no reverse pass).  Measured on a 98k-parameter
+# convnet on a 2-core CPU and on an H100 (docs/benchmarks.md); only their order matters.
+_VECTOR_COST = (1.0, 2.5, 6.0, 15.0)
+_SCALAR_COST = (0.1, 0.35, 1.2, 3.5)
+
+
+def _node_cost(table: tuple[float, ...], k: int) -> float:
+    return table[k] if k < len(table) else table[-1] * 3.0 ** (k - len(table) + 1)
 
 
 def _canonical_blocks(blocks: Iterable[Iterable[int]]) -> tuple[tuple[int, ...], ...]:
@@ -500,9 +548,16 @@ class _Engine:
         self.messages: dict[tuple, torch.Tensor] = {}
         self.message_elements = 0
         self.message_budget = _MESSAGE_CACHE
+        device = obj.theta0.device
+        if device.type == "cuda" and _MESSAGE_CACHE > 0:  # a quarter of the free memory
+            free = torch.cuda.mem_get_info(device)[0] // 4 // obj.theta0.element_size()
+            self.message_budget = max(_MESSAGE_CACHE, int(free))
         single, batch = obj.single, obj.batch
+        reverse = obj.theta0.device.type == "cuda"
         self._fns = {
-            ("elem", True): vmap(_derivative(single, True), in_dims=(None, 0, 0)),
+            ("elem", True): vmap(
+                _derivative(single, True, reverse_first=reverse), in_dims=(None, 0, 0)
+            ),
             ("elem", False): vmap(_derivative(single, False), in_dims=(None, 0, 0)),
             ("sum", True): vmap(_derivative(_summed(batch), True), in_dims=(None, 0, 0)),
             ("sum", False): vmap(_derivative(_summed(batch), False), in_dims=(None, 0, 0)),
@@ -620,7 +675,7 @@ class _Engine:
                 data = tuple(r[row_ids] for r in obj.rows)
                 res = fn(obj.theta0, data, us)
                 self.evaluations += len(q)
-                self._check(res, lambda j, r=row_ids: int(r[j]), v, len(kids), label)
+                self._check(res, lambda j, r=row_ids: int(r[j]), v, len(kids) + vector, label)
                 out.index_add_(0, base, res.to(torch.float64))
                 continue
             for r0 in range(0, rows_per, row_chunk):
@@ -631,12 +686,16 @@ class _Engine:
                 self.evaluations += row_ids.numel()
                 if mode == "sum":
                     if not torch.isfinite(res).all():
-                        self._locate(res, row_ids, us, v, len(kids), vector, label)
+                        self._locate(res, row_ids, us, v, len(kids) + vector, vector, label)
                     out.index_add_(0, base, res.to(torch.float64))
                 else:
                     flat_rows = row_ids.reshape(-1)
                     self._check(
-                        res.reshape(-1, p), lambda j, r=flat_rows: int(r[j]), v, len(kids), label
+                        res.reshape(-1, p),
+                        lambda j, r=flat_rows: int(r[j]),
+                        v,
+                        len(kids) + vector,
+                        label,
                     )
                     local = torch.arange(r0, r0 + len(pos), device=device)
                     oidx = base[:, None] + local[None, :] * out_strides[own]
@@ -663,25 +722,16 @@ class _Engine:
         return value
 
     def _network_tuples(self, net: _Net, tuples: torch.Tensor, label: str) -> torch.Tensor:
-        parents, open_root = net.parents, net.open_root
-        children, postorder = _tree_order(parents)
+        open_root = net.open_root
         block_of = {v: i for i, b in enumerate(net.blocks) for v in b}
+        root, children, postorder, keys = self._hang(net, block_of, tuples)
         obj, p = self.obj, self.obj.size
         count = int(tuples.shape[0])
-        # A node's message depends only on its tuple column and its children's messages (a
-        # derivative is symmetric in its directions): equal keys, equal messages, within
-        # this network and across networks on the same tuples.
-        keys: dict[int, tuple] = {}
-        for v in postorder:
-            if v == 0 and open_root:
-                break
-            kids = tuple(sorted(keys[c] for c in children[v]))
-            keys[v] = (block_of[v], kids, v == 0, tuples.data_ptr(), tuple(tuples.shape))
         stored = {v: self.messages.get(k) for v, k in keys.items()}
         keep = {}
         for v, k in keys.items():
-            if stored[v] is None and k not in keep.values() and self._room(count, v == 0):
-                shape = (count,) if v == 0 else (count, p)
+            if stored[v] is None and k not in keep.values() and self._room(count, v == root):
+                shape = (count,) if v == root else (count, p)
                 stored[v] = torch.empty(shape, dtype=obj.theta0.dtype, device=obj.theta0.device)
                 keep[v] = k
         out = torch.zeros(
@@ -692,8 +742,8 @@ class _Engine:
             span = slice(t0, t0 + len(chunk))
             msgs: dict[tuple, torch.Tensor] = {}
             for v in postorder:
-                if v == 0 and open_root:
-                    (child,) = children[0]
+                if v == root and open_root:
+                    (child,) = children[root]
                     out[span] = msgs[keys[child]].to(torch.float64)
                     break
                 key = keys[v]
@@ -704,17 +754,51 @@ class _Engine:
                         row_ids = chunk[:, block_of[v]]
                         data = tuple(r[row_ids] for r in obj.rows)
                         us = tuple(msgs[keys[c]] for c in children[v])
-                        res = self._fns[("elem", v != 0)](obj.theta0, data, us)
+                        res = self._fns[("elem", v != root)](obj.theta0, data, us)
                         self.evaluations += len(row_ids)
-                        self._check(res, lambda j, r=row_ids: int(r[j]), v, len(us), label)
+                        order = len(us) + (v != root)
+                        self._check(res, lambda j, r=row_ids: int(r[j]), v, order, label)
                         msgs[key] = res
                         if v in keep:
                             stored[v][span] = res
-                if v == 0:
+                if v == root:
                     out[span] = msgs[key].to(torch.float64)
         for v, k in keep.items():
             self.messages[k] = stored[v]
         return out
+
+    def _hang(self, net: _Net, block_of: Mapping[int, int], tuples: torch.Tensor):
+        """The cheapest node to evaluate last, with its tree order and message keys.
+
+        Every node is tried as the root (an open root stays at node 0) and costed by
+        :meth:`_hung_at`; ties keep the lowest node.
+        """
+        roots = [0] if net.open_root else range(len(net.parents))
+        best = min((self._hung_at(net, block_of, tuples, r) for r in roots), key=lambda h: h[0])
+        return best[1:]
+
+    def _hung_at(self, net: _Net, block_of: Mapping[int, int], tuples: torch.Tensor, root: int):
+        """``(cost, root, children, postorder, keys)`` with ``root`` evaluated last.
+
+        A node's message depends only on its tuple column and the messages it receives (a
+        derivative is symmetric in its directions): equal keys, equal messages, within this
+        network and across networks on the same tuples.  The cost counts each message not
+        yet stored once, by :data:`_VECTOR_COST` and :data:`_SCALAR_COST`.
+        """
+        tag = (tuples.data_ptr(), tuple(tuples.shape))
+        children, postorder = _tree_order(net.parents, root)
+        keys: dict[int, tuple] = {}
+        cost, fresh = 0.0, set()
+        for v in postorder:
+            if v == root and net.open_root:
+                break
+            kids = tuple(sorted(keys[c] for c in children[v]))
+            keys[v] = (block_of[v], kids, v == root, *tag)
+            if keys[v] not in self.messages and keys[v] not in fresh:
+                fresh.add(keys[v])
+                table = _SCALAR_COST if v == root else _VECTOR_COST
+                cost += _node_cost(table, len(kids))
+        return cost, root, children, postorder, keys
 
     def _room(self, count: int, scalar: bool) -> bool:
         """Whether one more stored message of ``count`` rows fits the cache budget."""
@@ -725,21 +809,20 @@ class _Engine:
         return True
 
     # ------------------------------------------------------------------ errors
-    def _describe(self, v: int, k: int, label: str, row: int) -> str:
-        order = k + (1 if v != 0 else 0)
+    def _describe(self, v: int, order: int, label: str, row: int) -> str:
         return (
             f"non-finite derivative ∇^{order} l (node {v} of a moment network of the statistic "
             f"{label!r}) at data row {int(self.obj.origin[row])}"
         )
 
-    def _check(self, res, row_of, v, k, label) -> None:
+    def _check(self, res, row_of, v, order, label) -> None:
         flat = res.reshape(res.shape[0], -1)
         bad = ~torch.isfinite(flat).all(dim=1)
         if bad.any():
             j = int(torch.nonzero(bad)[0])
-            raise ValueError(self._describe(v, k, label, row_of(j)))
+            raise ValueError(self._describe(v, order, label, row_of(j)))
 
-    def _locate(self, res, row_ids, us, v, k, vector, label) -> None:
+    def _locate(self, res, row_ids, us, v, order, vector, label) -> None:
         flat = res.reshape(res.shape[0], -1)
         j = int(torch.nonzero(~torch.isfinite(flat).all(dim=1))[0])
         rows = row_ids[j : j + 1]
@@ -750,7 +833,7 @@ class _Engine:
         per_row = per_row.reshape(rows.shape[1], -1)
         bad = ~torch.isfinite(per_row).all(dim=1)
         i = int(torch.nonzero(bad)[0]) if bad.any() else 0
-        raise ValueError(self._describe(v, k, label, int(rows[0, i])))
+        raise ValueError(self._describe(v, order, label, int(rows[0, i])))
 
 
 def _strides(dims: Sequence[int], size: Mapping[int, int]) -> dict[int, int]:
@@ -1285,6 +1368,28 @@ class Statistics:
         )
 
 
+class _HostCopy:
+    """Device tensors to NumPy; large CUDA ones through one reused page-locked buffer.
+
+    A per-tuple vector statistic is ``R × P`` float64 (0.8 GB at ``R = 1024``,
+    ``P ≈ 10⁵``); a pageable device-to-host copy of that took 0.6 s on an H100 host, the
+    staged copy plus a host copy about a third of that (docs/benchmarks.md).
+    """
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def __call__(self, tensor: torch.Tensor) -> np.ndarray:
+        tensor = tensor.detach()
+        if tensor.device.type != "cuda" or tensor.numel() < 2**20:
+            return tensor.cpu().numpy()
+        if self.buffer is None or self.buffer.numel() < tensor.numel():
+            self.buffer = torch.empty(tensor.numel(), dtype=torch.float64, pin_memory=True)
+        staged = self.buffer[: tensor.numel()].view(tensor.shape)
+        staged.copy_(tensor.to(torch.float64))
+        return staged.numpy().copy()
+
+
 def _se(group_values: np.ndarray, exact: bool) -> np.ndarray:
     k = group_values.shape[0]
     if exact:
@@ -1467,17 +1572,18 @@ def measure(
         tuples = layout = tuples[part.start : part.stop]
         k = len(part)
     engine = _Engine(obj, layout, chunk_size=chunk_size, budget=max_message_elements)
+    host = _HostCopy()
     values: dict[str, np.ndarray] = {}
     bar = tqdm(contractions.items(), desc="measure", disable=not progress, unit="stat")
     for key, c in bar:
         bar.set_postfix_str(c.text, refresh=False)
         if tuples is None:
-            v = _group_values(engine, c, unbiased=not exact).detach().cpu().numpy()
+            v = host(_group_values(engine, c, unbiased=not exact))
         elif len(tuples) == 0:
             v = np.zeros((0, obj.size) if c.open_root else (0,))
         else:
-            v = _tuple_values(engine, c, tuples).detach().cpu().numpy()
-        values[key] = v.astype(np.float64)
+            v = host(_tuple_values(engine, c, tuples))
+        values[key] = v.astype(np.float64, copy=False)
     if not exact:
         meta_extra["estimator"] = estimator
         if tuples is not None:
