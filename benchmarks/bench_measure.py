@@ -1,11 +1,12 @@
 """Time the sampled estimators of perturb.measure on a real convnet.
 
 Run: ``python benchmarks/bench_measure.py`` (options: ``--rows``, ``--naive-tuples``,
-``--skip-groups``, ``--device``, ``--width``, ``--all``).  All order-3 test-loss
-contractions of ``Online(steps=100, batch_size=1)`` (with ``--all``: every order-3
-contraction of every schedule and quantity) on ``smooth_convnet((1, 28, 28), 10,
-width=W)`` (``W = 8``: 25,034 parameters; ``W = 16``: 98,442) at random inputs, float32,
-two threads on the CPU.  Three ways:
+``--skip-groups``, ``--device``, ``--width``, ``--quantities``, ``--all``, ``--threads``).
+All order-3 test-loss contractions of ``Online(steps=100, batch_size=1)`` (with
+``--quantities Q …``: every order-3 contraction of every schedule for those quantities;
+``--all``: for all four) on ``smooth_convnet((1, 28, 28), 10, width=W)`` (``W = 8``:
+25,034 parameters; ``W = 16``: 98,442) at random inputs, float32, ``--threads`` (2) torch
+threads on the CPU.  Three ways:
 
 * ``tuples``: ``measure(..., estimator="tuples")``, linear in the rows;
 * ``groups``: ``measure(..., estimator="groups", groups=16)``, complete U-statistics within
@@ -103,17 +104,26 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--chunk-size", type=int, default=None)
     parser.add_argument(
+        "--quantities",
+        nargs="+",
+        choices=("test", "train", "gap", "displacement"),
+        help="every schedule, these quantities (default: online test loss)",
+    )
+    parser.add_argument(
         "--all", action="store_true", help="every schedule and quantity, not online test loss"
     )
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = smooth_convnet((1, 28, 28), 10, width=args.width).to(device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.rows, 1, 28, 28, generator=gen).to(device)
     y = torch.randint(0, 10, (args.rows,), generator=gen).to(device)
     if args.all:
-        schedules, quantities = None, ("test", "train", "gap", "displacement")
+        args.quantities = ("test", "train", "gap", "displacement")
+    if args.quantities:
+        schedules, quantities = None, tuple(args.quantities)
         contractions = _collect(3, (Online(), Epochs()), quantities)
     else:
         schedules, quantities = Online(steps=100, batch_size=1), ("test",)
@@ -127,8 +137,8 @@ def main() -> None:
     )
     params = sum(p.numel() for p in model.parameters())
     print(
-        f"{len(contractions)} contractions, {params} parameters, {args.rows} rows, "
-        f"device {device}\n"
+        f"{len(contractions)} contractions ({', '.join(quantities)}), {params} parameters, "
+        f"{args.rows} rows, device {device}, {torch.get_num_threads()} threads\n"
     )
     rows = []
 

@@ -109,6 +109,14 @@ def main() -> int:
         runs[True].test_loss, runs[False].test_loss
     )
     worst["simulate, CUDA graph vs eager: curves"] = _rel(runs[True].curve, runs[False].curve)
+    # large per-tuple vectors leave the device through a reused page-locked buffer
+    host = sys.modules["perturb.measure"]._HostCopy()
+    gen = torch.Generator().manual_seed(2)
+    for shape in ((512, 4096), (300, 4000), (1024, 1024)):
+        big = torch.randn(shape, generator=gen, dtype=torch.float64).cuda()
+        worst["measure, staged copy to host"] = max(
+            worst.get("measure, staged copy to host", 0.0), _rel(host(big), big.cpu().numpy())
+        )
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}\n")
     print("| check (float64, CUDA vs CPU) | max relative difference |")
     print("|---|---:|")

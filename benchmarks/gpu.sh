@@ -30,6 +30,8 @@ for part in $parts; do
         run measure 150 $py benchmarks/bench_measure.py --device cuda --width 16 --rows 4096 \
             --skip-groups --naive-tuples 32
         run measure 150 $py benchmarks/bench_measure.py --device cuda --width 16 --rows 4096 \
+            --skip-groups --naive-tuples 16 --quantities test train gap
+        run measure 150 $py benchmarks/bench_measure.py --device cuda --width 16 --rows 4096 \
             --skip-groups --naive-tuples 16 --all ;;
     simulate)
         run simulate 200 $py benchmarks/bench_simulate.py --device cuda --side 28 --width 12 \
