@@ -1,8 +1,11 @@
 """Peak GPU memory of ``measure`` on a ~1M-parameter convnet, by ``chunk_size``.
 
 Run: ``python benchmarks/bench_memory.py --device cuda [--width 52] [--rows 1024]
-[--chunks 16 64 256 0] [--dtype float64] [--no-tf32]`` (``0``: the automatic chunk, a
-quarter of the free memory).
+[--chunks 16 64 256 0] [--dtype float64] [--no-tf32] [--memory-gib 16]`` (``0``: the
+automatic chunk, a quarter of the free memory).  ``--memory-gib G`` emulates a GPU of ``G``
+GiB: PyTorch's allocator is capped there (``set_per_process_memory_fraction``: more is an
+out-of-memory error) and ``torch.cuda.mem_get_info``, from which perturb sizes its chunks
+and its message cache, reports the free memory under that cap.
 
 ``smooth_convnet((1, 28, 28), 10, width=W)`` (``W = 52``: 1,027,530 parameters) at random
 inputs, float32 by default; the 10 order-3 test-loss contractions of online SGD with the tuple
@@ -25,6 +28,21 @@ from perturb.models import smooth_convnet
 from perturb.schedules import Online
 
 
+def _cap_memory(device: torch.device, gib: float) -> None:
+    """Make this process see a GPU of ``gib`` GiB (allocator cap and reported free memory)."""
+    limit = int(gib * 2**30)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), index)
+    real = torch.cuda.mem_get_info
+
+    def capped(dev=None):
+        free, _ = real(dev)
+        return min(free, limit - torch.cuda.memory_reserved(dev)), limit
+
+    torch.cuda.mem_get_info = capped
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -35,7 +53,10 @@ def main() -> None:
     parser.add_argument(
         "--no-tf32", action="store_true", help="full float32 convolutions (cuDNN allow_tf32 off)"
     )
+    parser.add_argument("--memory-gib", type=float, default=None, help="emulate a smaller GPU")
     args = parser.parse_args()
+    if args.memory_gib is not None:
+        _cap_memory(torch.device(args.device), args.memory_gib)
     if args.no_tf32:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -48,7 +69,11 @@ def main() -> None:
     y = torch.randint(0, 10, (args.rows,), generator=gen).to(device)
     schedule = Online(steps=100, batch_size=1)
     tf32 = "off" if args.no_tf32 else "PyTorch default"
-    print(f"{params:,} parameters, {args.rows} rows, device {device}, {args.dtype}, TF32 {tf32}\n")
+    cap = "" if args.memory_gib is None else f", capped at {args.memory_gib:g} GiB"
+    print(
+        f"{params:,} parameters, {args.rows} rows, device {device}{cap}, {args.dtype}, "
+        f"TF32 {tf32}\n"
+    )
     print(
         "| chunk_size | seconds | peak extra memory (GiB) | max rel. diff. of values "
         "| max diff. / standard error |"

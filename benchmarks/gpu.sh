@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks of docs/benchmarks.md, in one command (one lease).
-# Usage: OUT=/some/dir bash benchmarks/gpu.sh [part ...]   (parts: check deriv measure
-# simulate steps validate krylov distributed memory; default: all).  Each part writes
+# Usage: OUT=/some/dir bash benchmarks/gpu.sh [part ...]   (parts: check deriv nodes
+# measure simulate steps validate krylov distributed memory; default: all).  Each part writes
 # $OUT/<part>.txt and is capped in time.
 set -u
 OUT=${OUT:-/tmp/perturb-gpu}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-parts=${*:-check deriv measure simulate steps validate krylov distributed memory}
+parts=${*:-check deriv nodes measure simulate steps validate krylov distributed memory}
 py=${PYTHON:-python3}
 run() {  # name seconds command...
     local name=$1 limit=$2
@@ -26,6 +26,9 @@ for part in $parts; do
     deriv)
         run deriv 120 $py benchmarks/bench_derivatives.py --device cuda --width 16 --rows 4096 \
             --naive-rows 256 --repeat 10 ;;
+    nodes)
+        run nodes 150 $py benchmarks/bench_nodes.py --device cuda --rows 4096 --chunk 1024 \
+            --repeat 5 ;;
     measure)
         run measure 150 $py benchmarks/bench_measure.py --device cuda --width 16 --rows 4096 \
             --skip-groups --naive-tuples 32
@@ -52,12 +55,16 @@ for part in $parts; do
             benchmarks/bench_distributed.py --device cuda --backend nccl ;;
     memory)
         run memory 240 $py benchmarks/bench_memory.py --device cuda --width 52 --rows 1024 \
-            --chunks 16 64 256 0 ;;
+            --chunks 16 64 256 0
+        for rows in 1024 4096; do  # a 16 GB GPU, emulated
+            run memory 240 $py benchmarks/bench_memory.py --device cuda --width 52 \
+                --rows $rows --chunks 0 16 --memory-gib 16
+        done ;;
     validate)
         run validate 240 $py -m perturb.cli validate --device cuda --out /tmp/validate
         cp /tmp/validate/results.json "$OUT/validate.json" ;;
     *)
-        echo "unknown part $part (valid: check deriv measure simulate steps validate krylov" \
+        echo "unknown part $part (valid: check deriv nodes measure simulate steps validate krylov" \
             "distributed memory)"
         exit 2 ;;
     esac
