@@ -56,7 +56,7 @@ def problem():
 
 SCHEDULE = Epochs(train_size=4, batch_size=2, epochs=2)
 MEASURE = dict(order=2, schedules=(Online(), Epochs()), quantities=("test", "displacement"),
-               seed=5, progress=False)
+               seed=5, progress=False, vector_batches=2)  # 7 tuples: batch 1 spans both ranks
 SIMULATE = dict(lr=[0.05, 0.2], trials=7, seed=11, record_every=2)
 """
 
@@ -285,7 +285,9 @@ def test_two_gloo_processes_equal_single_process(two_ranks):
     for k, v in ref.group_values.items():
         np.testing.assert_allclose(r0[f"g_{k}"], v, rtol=0, atol=1e-12)
         np.testing.assert_allclose(r0[f"se_{k}"], ref.se(k), rtol=0, atol=1e-12)
-    assert any(v.ndim == 2 for v in ref.group_values.values())  # displacement, (R, P)
+    # displacement: 2 batch means of 3 tuples, the second summed from both ranks' tuples
+    assert ref.meta["vector_batches"] == 2 and ref.meta["vector_batch_size"] == 3
+    assert any(v.shape == (2, 3) for v in ref.group_values.values())
 
     exact = _m.measure(p["row_loss"], (x, y), theta0, order=2, exact=True, progress=False)
     for k, v in exact.group_values.items():

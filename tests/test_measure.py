@@ -426,6 +426,7 @@ def test_tuples_unbiased_and_calibrated():
         seed=5,
         chunk_size=4096,
         progress=False,
+        vector_batches=None,  # every tuple's displacement vector, for the replicates
     )
     assert stats.meta["estimator"] == "tuples" and stats.meta["tuple_size"] == 4
     assert stats.groups == reps * per and stats.rows == reps * per * 4
@@ -829,3 +830,43 @@ def test_reverse_first_derivative_equals_forward():
         want, got = fwd(obj.theta0, rows, us[:k]), rev(obj.theta0, rows, us[:k])
         _assert_close(got.numpy(), want.numpy(), 1e-12, f"k = {k}")
         assert want.abs().max() > 1e-3
+
+
+def test_vector_statistics_are_batch_means_of_tuples():
+    # Open-root statistics keep K = ⌊R/s⌋ batch means of s = ⌈R/vector_batches⌉
+    # consecutive tuples (the first K·s tuples), accumulated on the device; scalars keep
+    # every tuple.  Against the per-tuple vectors of the same tuples (same seed).
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(64, 6, generator=gen, dtype=F64)
+    y = torch.randint(0, 3, (64,), generator=gen)
+    kwargs = dict(order=2, quantities=("test", "displacement"), progress=False, seed=2)
+    every = measure(_mlp(), (x, y), vector_batches=None, chunk_size=5, **kwargs)
+    r = every.groups  # 21 tuples of 3 rows
+    assert r == 21 and "vector_batches" not in every.meta
+    for batches, k, s in ((2, 2, 10), (4, 3, 6), (8, 7, 3), (21, 21, 1), (64, 21, 1)):
+        got = measure(_mlp(), (x, y), vector_batches=batches, chunk_size=5, **kwargs)
+        assert got.meta["vector_batches"] == k and got.meta["vector_batch_size"] == s
+        assert got.groups == r
+        for key, c in every.contractions.items():
+            per_tuple = every.group_values[key]
+            if c.open_root:
+                want = per_tuple[: k * s].reshape(k, s, -1).mean(axis=1)
+            else:
+                want = per_tuple
+            np.testing.assert_allclose(got.group_values[key], want, rtol=1e-12, atol=1e-15)
+        # a displacement prediction and its error bar come from the batch means
+        schedule = Online(steps=3, batch_size=1)
+        pred = got.predict(schedule, lr=0.1, quantity="displacement")
+        terms = series(2, schedule, "displacement").terms
+        per_batch = sum(
+            float(t.coefficient) * 0.1**t.power * got.group_values[contraction_key(t.contraction)]
+            for t in terms
+        )
+        np.testing.assert_allclose(pred.total[0], per_batch.mean(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(
+            pred.se[0], per_batch.std(axis=0, ddof=1) / math.sqrt(k), rtol=1e-12
+        )
+    with pytest.raises(ValueError, match="vector_batches must be an integer ≥ 2 or None"):
+        measure(_mlp(), (x, y), vector_batches=1, **kwargs)
+    with pytest.raises(ValueError, match="vector_batches must be an integer ≥ 2 or None"):
+        measure(_mlp(), (x, y), vector_batches=2.0, **kwargs)

@@ -243,6 +243,18 @@ def _gather_blocks(block: np.ndarray, n: int, axis: int = 0) -> np.ndarray:
     return np.moveaxis(out, 0, axis)
 
 
+def _sum_over_ranks(block: np.ndarray) -> np.ndarray:
+    """All-gather one float64 array of the same shape from every rank and sum, in rank order."""
+    _, size = world()
+    block = np.asarray(block, dtype=np.float64)
+    if size == 1:
+        return block
+    local = torch.from_numpy(np.ascontiguousarray(block)).to(_device())
+    parts = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(parts, local)
+    return sum(p.cpu().numpy() for p in parts)
+
+
 def _all_ints(values: Sequence[int]) -> np.ndarray:
     """All-gather a short list of integers: row ``r`` holds rank ``r``'s list."""
     _, size = world()
@@ -359,7 +371,8 @@ def measure_distributed(
 
     Every rank builds the same seeded layout of ``R`` disjoint tuples as ``measure``;
     rank ``r`` evaluates the tuples :func:`shard` ``(R, r, W)`` only, and the per-tuple
-    values are all-gathered (float64) in tuple order, so every rank returns the
+    values are all-gathered (float64) in tuple order (an open-root statistic's batch
+    means, ``vector_batches``, are partial on each rank and summed), so every rank returns the
     :class:`~perturb.measure.Statistics` of a single-process ``measure`` (to float64
     rounding); ``meta["evaluations"]`` is the total over the ranks and
     ``meta["world_size"]`` is ``W``.  Only the default ``estimator="tuples"`` with
@@ -394,7 +407,13 @@ def measure_distributed(
     layout = [total, local.meta["tuple_size"], local.parameters, local.meta["seed"]]
     rows = _all_ints([*layout, len(local.group_values), local.meta["evaluations"]])
     _same_on_all_ranks("tuples, tuple size, parameters, seed, contractions", rows[:, :5])
-    values = {key: _gather_blocks(v, total, axis=0) for key, v in local.group_values.items()}
+    batched = "vector_batches" in local.meta
+    values = {
+        key: _sum_over_ranks(v)
+        if batched and local.contractions[key].open_root
+        else _gather_blocks(v, total, axis=0)
+        for key, v in local.group_values.items()
+    }
     meta = {k: v for k, v in local.meta.items() if k not in ("tuple_range", "tuples_total")}
     meta.update(evaluations=int(rows[:, 5].sum()), world_size=size)
     return dataclasses.replace(
@@ -417,10 +436,12 @@ def communication_bytes(result: _m.Statistics | _s.Trials, world: int) -> int:
     ``W = world > 1``:
 
     * a measurement split over ``R`` tuples (``estimator="tuples"``, ``exact=False``):
-      ``8·W·(6 + ⌈R/W⌉·Σ_c d_c)``, where ``d_c = 1`` for a scalar contraction and
-      ``d_c = P`` for an open-root (displacement) one: one float64 per tuple and
-      contraction entry, blocks padded to ``⌈R/W⌉``, plus 6 int64 of layout check;
-      ``0`` for ``exact=True`` or ``estimator="groups"`` (not split);
+      ``8·W·(6 + ⌈R/W⌉·S + K·P·V)`` for ``S`` scalar and ``V`` open-root (displacement)
+      contractions kept as ``K`` batch means (``vector_batches``): one float64 per tuple
+      and scalar contraction, blocks padded to ``⌈R/W⌉``, every rank's partial ``K × P``
+      batch sums, plus 6 int64 of layout check; with ``vector_batches=None`` an open-root
+      contraction counts ``P`` per tuple instead; ``0`` for ``exact=True`` or
+      ``estimator="groups"`` (not split);
     * ``K`` trials at ``L`` learning rates recording ``S`` steps:
       ``8·W·(5 + ⌈K/W⌉·L·(3 + S))`` (test loss, train loss, divergence flag and curve as
       float64, plus 5 int64 of layout check).
@@ -450,6 +471,12 @@ def communication_bytes(result: _m.Statistics | _s.Trials, world: int) -> int:
     if isinstance(result, _m.Statistics):
         if result.exact or result.meta.get("estimator") != "tuples":
             return 0
-        width = sum(int(np.prod(v.shape[1:])) for v in result.group_values.values())
-        return 8 * world * (6 + -(-result.groups // world) * width)
+        batched = "vector_batches" in result.meta
+        width = whole = 0
+        for key, v in result.group_values.items():
+            if batched and result.contractions[key].open_root:
+                whole += int(v.size)
+            else:
+                width += int(np.prod(v.shape[1:]))
+        return 8 * world * (6 + -(-result.groups // world) * width + whole)
     raise TypeError(f"result must be a Statistics or a Trials, got {type(result).__name__}")

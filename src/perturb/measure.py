@@ -528,9 +528,11 @@ class _Engine:
         *,
         chunk_size: int | None,
         budget: int | None,
+        vector_batches: tuple[int, int, int] | None = None,
     ) -> None:
         self.obj = obj
         self.perm = perm
+        self.vector_batches = vector_batches
         self.groups, self.group_size = (int(s) for s in perm.shape)
         if chunk_size is None:
             chunk_size = _auto_chunk(obj)
@@ -706,6 +708,11 @@ class _Engine:
     def tuple_values(self, net: _Net, tuples: torch.Tensor, label: str) -> torch.Tensor:
         """One sample per block: block ``i`` takes row ``tuples[r, i]``; ``(R,)`` or ``(R, P)``.
 
+        With ``vector_batches = (K, s, offset)`` an open-root network returns ``(K, P)``
+        instead: row ``b`` is ``1/s`` times the sum of the per-tuple vectors of the tuples
+        whose global index ``offset + r`` lies in ``[b·s, (b+1)·s)`` (tuples past ``K·s``
+        are left out), accumulated without ever holding ``R × P`` numbers.
+
         Every node is one single-row nested directional derivative per tuple (``vmap`` over
         the tuples, in chunks of ``chunk_size`` tuples for the whole network, so memory
         stays at a few ``chunk × P`` messages).  Isomorphic networks are evaluated once; a
@@ -734,9 +741,14 @@ class _Engine:
                 shape = (count,) if v == root else (count, p)
                 stored[v] = torch.empty(shape, dtype=obj.theta0.dtype, device=obj.theta0.device)
                 keep[v] = k
-        out = torch.zeros(
-            (count, p) if open_root else (count,), dtype=torch.float64, device=obj.theta0.device
-        )
+        device = obj.theta0.device
+        batched = open_root and self.vector_batches is not None
+        if batched:
+            batches, size, offset = self.vector_batches
+            out = torch.zeros((batches, p), dtype=torch.float64, device=device)
+        else:
+            shape = (count, p) if open_root else (count,)
+            out = torch.zeros(shape, dtype=torch.float64, device=device)
         for t0 in range(0, count, self.chunk):
             chunk = tuples[t0 : t0 + self.chunk]
             span = slice(t0, t0 + len(chunk))
@@ -744,7 +756,13 @@ class _Engine:
             for v in postorder:
                 if v == root and open_root:
                     (child,) = children[root]
-                    out[span] = msgs[keys[child]].to(torch.float64)
+                    value = msgs[keys[child]].to(torch.float64)
+                    if batched:
+                        batch = (offset + torch.arange(t0, t0 + len(chunk), device=device)) // size
+                        inside = batch < batches
+                        out.index_add_(0, batch[inside], value[inside] / size)
+                    else:
+                        out[span] = value
                     break
                 key = keys[v]
                 if key not in msgs:
@@ -1153,7 +1171,9 @@ class Statistics:
         parameters: ``P``.
         contractions: key -> :class:`Contraction`.
         group_values: key -> per-group (per-tuple) values ``(K,)`` or ``(K, P)`` (float64);
-            with tuples an open-root statistic holds ``R × P`` numbers.
+            with tuples an open-root statistic holds ``meta["vector_batches"]`` batch means
+            of ``meta["vector_batch_size"]`` tuples each (``R`` per-tuple vectors when
+            measured with ``vector_batches=None``).
         meta: free-form JSON-able metadata (dtype, seed, schedules, quantities, …).
 
     Example:
@@ -1269,7 +1289,10 @@ class Statistics:
                 "measure them with the schedule and quantity included"
             )
         vector = quantity == "displacement"
-        shape = (self.groups, self.parameters) if vector else (self.groups,)
+        count = self.groups  # vectors may be batch means: their own number of rows
+        if s.terms:
+            count = self.group_values[self._key(s.terms[0].contraction)].shape[0]
+        shape = (count, self.parameters) if vector else (count,)
         per_group = np.zeros((order + 1, *shape))
         for t in s.terms:
             coefficient = sp.sympify(t.coefficient)
@@ -1371,9 +1394,9 @@ class Statistics:
 class _HostCopy:
     """Device tensors to NumPy; large CUDA ones through one reused page-locked buffer.
 
-    A per-tuple vector statistic is ``R × P`` float64 (0.8 GB at ``R = 1024``,
-    ``P ≈ 10⁵``); a pageable device-to-host copy of that took 0.6 s on an H100 host, the
-    staged copy plus a host copy about a third of that (docs/benchmarks.md).
+    Per-tuple vectors (``vector_batches=None``) are ``R × P`` float64 (0.8 GB at
+    ``R = 1024``, ``P ≈ 10⁵``); a pageable device-to-host copy of that took 0.6 s on an
+    H100 host, the staged copy plus a host copy about a third of that (docs/benchmarks.md).
     """
 
     def __init__(self) -> None:
@@ -1431,6 +1454,7 @@ def measure(
     estimator: str = "tuples",
     tuple_range: Callable[[int], range] | None = None,
     distributed: bool = True,
+    vector_batches: int | None = 64,
 ) -> Statistics:
     r"""Measure every contraction of the requested series once at ``θ_0``.
 
@@ -1447,7 +1471,13 @@ def measure(
       refinement takes its own row of the tuple, one single-row derivative per node); the
       value is ``mean_r Z_r`` with standard error ``sd(Z_r)/√R`` (the ``Z_r`` are iid).
       :attr:`Statistics.groups` is ``R`` and :attr:`Statistics.group_values` holds the
-      ``Z_r``; ``groups`` is ignored.
+      ``Z_r``; ``groups`` is ignored.  An open-root (displacement) statistic is a
+      ``P``-vector per tuple; it is kept as ``K = ⌊R/s⌋`` batch means of
+      ``s = ⌈R/vector_batches⌉`` consecutive tuples (``s = ⌊R/2⌋`` if that leaves one
+      batch; the first ``K·s`` tuples, fewer than ``s`` left out; the batch means are
+      iid, so ``sd/√K`` is still the standard error), accumulated on the device:
+      ``K × P`` numbers instead of ``R × P`` (0.8 GB per statistic at ``R = 1024``,
+      ``P ≈ 10⁵``).
     * ``"groups"`` (cost up to quadratic in ``n``): the rows are split at random into
       ``groups`` disjoint groups of ``⌊n/K⌋`` rows (the ``n mod K`` left over are unused),
       each contraction's complete U-statistic is computed within every group, and the value
@@ -1485,6 +1515,8 @@ def measure(
             same arguments and gets the single-process result.  ``exact=True`` and
             ``estimator="groups"`` are computed whole on every rank.  ``False``: compute
             everything here.
+        vector_batches: most batch means kept per open-root statistic (tuple estimator;
+            at least 2); ``None`` keeps every tuple's vector.
 
     Returns:
         :class:`Statistics`.
@@ -1506,7 +1538,7 @@ def measure(
                 quantities=quantities, samples=samples, exact=exact, seed=seed,
                 chunk_size=chunk_size, device=device, dtype=dtype, groups=groups,
                 progress=progress, loss=loss, max_message_elements=max_message_elements,
-                estimator=estimator,
+                estimator=estimator, vector_batches=vector_batches,
             )  # fmt: skip
     if not isinstance(order, int) or isinstance(order, bool) or order < 0:
         raise ValueError(f"order must be a non-negative integer, got {order!r}")
@@ -1528,6 +1560,12 @@ def measure(
         raise ValueError("exact=True averages over all rows; samples applies to estimates only")
     if estimator not in ("tuples", "groups"):
         raise ValueError(f"estimator must be 'tuples' or 'groups', got {estimator!r}")
+    if vector_batches is not None and (
+        isinstance(vector_batches, bool)
+        or not isinstance(vector_batches, int)
+        or vector_batches < 2
+    ):
+        raise ValueError(f"vector_batches must be an integer ≥ 2 or None, got {vector_batches!r}")
     obj = _objective(loss_fn_or_model, data, theta0, loss=loss, dtype=dtype, device=device)
     device_ = obj.theta0.device
     gen = torch.Generator().manual_seed(int(seed))
@@ -1564,6 +1602,17 @@ def measure(
             tuples = torch.randperm(n, generator=gen)[: k * m].reshape(k, m).to(device_)
             layout = tuples
     meta_extra: dict[str, Any] = {}
+    batching = None
+    if (
+        tuples is not None
+        and vector_batches is not None
+        and any(c.open_root for c in contractions.values())
+    ):
+        size = -(-k // vector_batches)  # the fewest tuples per batch, then the most batches
+        if k // size < 2 <= k:
+            size = k // 2
+        batching = (k // size, size, 0)
+        meta_extra.update(vector_batches=k // size, vector_batch_size=size)
     if tuple_range is not None:
         if tuples is None:
             raise ValueError("tuple_range applies to estimator='tuples' with exact=False only")
@@ -1571,7 +1620,11 @@ def measure(
         meta_extra.update(tuple_range=[part.start, part.stop], tuples_total=k)
         tuples = layout = tuples[part.start : part.stop]
         k = len(part)
-    engine = _Engine(obj, layout, chunk_size=chunk_size, budget=max_message_elements)
+        if batching is not None:
+            batching = (batching[0], batching[1], part.start)
+    engine = _Engine(
+        obj, layout, chunk_size=chunk_size, budget=max_message_elements, vector_batches=batching
+    )
     host = _HostCopy()
     values: dict[str, np.ndarray] = {}
     bar = tqdm(contractions.items(), desc="measure", disable=not progress, unit="stat")
@@ -1580,7 +1633,8 @@ def measure(
         if tuples is None:
             v = host(_group_values(engine, c, unbiased=not exact))
         elif len(tuples) == 0:
-            v = np.zeros((0, obj.size) if c.open_root else (0,))
+            empty = batching[0] if c.open_root and batching is not None else 0
+            v = np.zeros((empty, obj.size) if c.open_root else (0,))
         else:
             v = host(_tuple_values(engine, c, tuples))
         values[key] = v.astype(np.float64, copy=False)
