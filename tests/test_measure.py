@@ -870,3 +870,18 @@ def test_vector_statistics_are_batch_means_of_tuples():
         measure(_mlp(), (x, y), vector_batches=1, **kwargs)
     with pytest.raises(ValueError, match="vector_batches must be an integer ≥ 2 or None"):
         measure(_mlp(), (x, y), vector_batches=2.0, **kwargs)
+
+
+def test_message_cache_takes_a_quarter_of_free_memory(monkeypatch):
+    from perturb.measure import _MESSAGE_CACHE, _Engine, _objective
+
+    module = sys.modules["perturb.measure"]
+    model, data, theta0, *_ = _case("mlp")
+    obj = _objective(model, data, theta0, loss=None, dtype=F64, device=None)
+    tuples = torch.arange(4)[None, :]
+    monkeypatch.setattr(module, "_free_bytes", lambda device: 2**40)
+    assert _Engine(obj, tuples, chunk_size=2, budget=None).message_budget == 2**40 // 4 // 8
+    monkeypatch.setattr(module, "_free_bytes", lambda device: 2**20)  # little: the floor
+    assert _Engine(obj, tuples, chunk_size=2, budget=None).message_budget == _MESSAGE_CACHE
+    monkeypatch.setattr(module, "_free_bytes", lambda device: None)  # unknown: the floor
+    assert _Engine(obj, tuples, chunk_size=2, budget=None).message_budget == _MESSAGE_CACHE

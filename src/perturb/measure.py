@@ -140,7 +140,7 @@ __all__ = [
 
 _GROUP = -1  # the axis of the disjoint groups (batch means); present on every message
 _DEFAULT_BUDGET = 2**25  # elements of one message (sample axes × P)
-_MESSAGE_CACHE = 2**28  # elements of the tuple messages kept for reuse (at least; see _Engine)
+_MESSAGE_CACHE = 2**28  # elements of tuple messages kept for reuse (or ¼ of free memory, if more)
 _DTYPES = (torch.float32, torch.float64)
 
 
@@ -518,6 +518,19 @@ def _auto_chunk(obj: _Objective) -> int:
     return int(min(8192, max(16, free // 4 // per_row)))
 
 
+def _free_bytes(device: torch.device) -> int | None:
+    """Free memory of ``device`` in bytes: CUDA's free memory, or the host's available
+    physical memory (Linux); ``None`` where it cannot be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
 class _Engine:
     """Evaluates moment networks as per-group V-sums over a row layout ``perm (K, n_g)``."""
 
@@ -550,10 +563,9 @@ class _Engine:
         self.messages: dict[tuple, torch.Tensor] = {}
         self.message_elements = 0
         self.message_budget = _MESSAGE_CACHE
-        device = obj.theta0.device
-        if device.type == "cuda" and _MESSAGE_CACHE > 0:  # a quarter of the free memory
-            free = torch.cuda.mem_get_info(device)[0] // 4 // obj.theta0.element_size()
-            self.message_budget = max(_MESSAGE_CACHE, int(free))
+        free = _free_bytes(obj.theta0.device)
+        if free is not None and _MESSAGE_CACHE > 0:  # a quarter of the free memory
+            self.message_budget = max(_MESSAGE_CACHE, free // 4 // obj.theta0.element_size())
         single, batch = obj.single, obj.batch
         reverse = obj.theta0.device.type == "cuda"
         self._fns = {
