@@ -757,6 +757,12 @@ def test_tuple_range_evaluates_a_slice_of_the_same_tuples():
         np.testing.assert_array_equal(part.group_values[key], values[2:5])
     empty = measure(f, x, theta, order=2, progress=False, seed=3, tuple_range=lambda k: range(0))
     assert all(v.shape[0] == 0 for v in empty.group_values.values())
+    # with displacement: a rank holding no tuples adds zero partial batch means
+    kw = dict(order=2, quantities=("test", "displacement"), progress=False, seed=3)
+    none = measure(f, x, theta, tuple_range=lambda k: range(0), vector_batches=4, **kw)
+    for key, c in none.contractions.items():
+        want = (3, 2) if c.open_root else (0,)  # R = 10 tuples: 3 batches of 3
+        assert none.group_values[key].shape == want and not none.group_values[key].any()
     with pytest.raises(ValueError, match="tuple_range applies to estimator='tuples'"):
         measure(f, x, theta, order=2, progress=False, exact=True, tuple_range=lambda k: range(1))
 

@@ -514,8 +514,7 @@ def _auto_chunk(obj: _Objective) -> int:
         torch.cuda.synchronize(device)
         peaks.append(torch.cuda.max_memory_allocated(device) - base)
     per_row = max((peaks[1] - peaks[0]) / 12, 4 * p * obj.theta0.element_size())
-    free, _ = torch.cuda.mem_get_info(device)
-    return int(min(8192, max(16, free // 4 // per_row)))
+    return int(min(8192, max(16, _free_bytes(device) // 4 // per_row)))
 
 
 def _free_bytes(device: torch.device) -> int | None:
@@ -745,15 +744,15 @@ class _Engine:
         block_of = {v: i for i, b in enumerate(net.blocks) for v in b}
         root, children, postorder, keys = self._hang(net, block_of, tuples)
         obj, p = self.obj, self.obj.size
+        device = obj.theta0.device
         count = int(tuples.shape[0])
         stored = {v: self.messages.get(k) for v, k in keys.items()}
         keep = {}
         for v, k in keys.items():
             if stored[v] is None and k not in keep.values() and self._room(count, v == root):
                 shape = (count,) if v == root else (count, p)
-                stored[v] = torch.empty(shape, dtype=obj.theta0.dtype, device=obj.theta0.device)
+                stored[v] = torch.empty(shape, dtype=obj.theta0.dtype, device=device)
                 keep[v] = k
-        device = obj.theta0.device
         batched = open_root and self.vector_batches is not None
         if batched:
             batches, size, offset = self.vector_batches
@@ -1644,10 +1643,7 @@ def measure(
         bar.set_postfix_str(c.text, refresh=False)
         if tuples is None:
             v = host(_group_values(engine, c, unbiased=not exact))
-        elif len(tuples) == 0:
-            empty = batching[0] if c.open_root and batching is not None else 0
-            v = np.zeros((empty, obj.size) if c.open_root else (0,))
-        else:
+        else:  # an empty range of tuples gives empty per-tuple values, zero batch sums
             v = host(_tuple_values(engine, c, tuples))
         values[key] = v.astype(np.float64, copy=False)
     if not exact:
