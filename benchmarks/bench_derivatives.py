@@ -29,7 +29,7 @@ import time
 import torch
 from torch.func import functional_call, grad, jvp, vmap
 
-from perturb.models import smooth_convnet
+from perturb.experiments.models import smooth_convnet
 
 
 def _timer(device: torch.device):

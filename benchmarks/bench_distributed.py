@@ -14,7 +14,7 @@ Two modes:
   ``shard(R, 0, K)`` via ``measure(..., tuple_range=...)`` and its trials
   ``range(⌈K_trials/K⌉)``) on this device, and adds the communication time of the
   all-gathers, ``n·latency + (K−1)/K · bytes / bandwidth`` with ``bytes`` from
-  :func:`perturb.distributed.communication_bytes` (ring all-gather; ``n`` collectives:
+  :func:`perturb.numeric.distributed.communication_bytes` (ring all-gather; ``n`` collectives:
   one per contraction plus one layout check for ``measure``, five for ``simulate``).
   The projection assumes identical devices, no contention for host resources and the
   given interconnect (``--bandwidth-gbs``, default 25 GB/s: a conservative bus bandwidth
@@ -46,10 +46,10 @@ import torch
 import torch.distributed as dist
 
 from perturb import distributed as D
-from perturb.measure import Statistics, measure
-from perturb.models import smooth_convnet
-from perturb.schedules import Online
-from perturb.simulate import Trials, model_loss, simulate
+from perturb.experiments.models import smooth_convnet
+from perturb.experiments.simulation import Trials, model_loss, simulate
+from perturb.numeric.measuring import Statistics, measure
+from perturb.symbolic.schedules import Online
 
 
 def _sync(device: torch.device) -> None:

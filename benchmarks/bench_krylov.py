@@ -9,7 +9,7 @@ labels (``--samples`` rows, the population), loss cross-entropy ``+ (wd/2)‖θ�
 (default ``wd = 0.2``: at a random initialization the cross-entropy Hessian has negative
 eigenvalues, along which every re-summed prediction grows like ``(1 + η|λ|)^{2T}``; the
 weight decay makes the point a stable one).  It builds one rank-``k`` Krylov subspace
-(:func:`perturb.krylov.krylov_subspace`: ``k`` Hessian-vector products, ``1 + m``
+(:func:`perturb.numeric.krylov.krylov_subspace`: ``k`` Hessian-vector products, ``1 + m``
 gradients, ``n`` per-sample gradients) and times the order-2 re-summed test-loss
 prediction of online SGD (``B = 1``) on a grid of ``η = f/λ_max`` (``λ_max`` the largest
 Ritz value) and ``T ∈ {10², 10⁵}``, each with its ``k`` vs ``k/2`` error estimate, plus
@@ -31,9 +31,9 @@ import time
 import torch
 
 import perturb
-from perturb.krylov import krylov_subspace
-from perturb.measure import flat_loss
-from perturb.models import cross_entropy_per_sample, smooth_convnet
+from perturb.experiments.models import cross_entropy_per_sample, smooth_convnet
+from perturb.numeric.krylov import krylov_subspace
+from perturb.numeric.measuring import flat_loss
 
 
 def _sync(device: torch.device) -> None:

@@ -29,7 +29,8 @@ import time
 import numpy as np
 import torch
 
-from perturb.measure import (
+from perturb.experiments.models import smooth_convnet
+from perturb.numeric.measuring import (
     _collect,
     _Engine,
     _objective,
@@ -37,8 +38,7 @@ from perturb.measure import (
     _tuple_size,
     measure,
 )
-from perturb.models import smooth_convnet
-from perturb.schedules import Epochs, Online
+from perturb.symbolic.schedules import Epochs, Online
 
 
 def _sync(device: torch.device) -> None:
@@ -212,7 +212,7 @@ def main() -> None:
         )
     )
     # the naive per-tuple values agree with the engine's (same tuples, same networks)
-    from perturb.measure import _Engine as Eng
+    from perturb.numeric.measuring import _Engine as Eng
 
     check = Eng(obj, tuples[:count], chunk_size=None, budget=None)
     worst = 0.0

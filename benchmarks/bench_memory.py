@@ -23,9 +23,9 @@ import time
 import numpy as np
 import torch
 
-from perturb.measure import measure
-from perturb.models import smooth_convnet
-from perturb.schedules import Online
+from perturb.experiments.models import smooth_convnet
+from perturb.numeric.measuring import measure
+from perturb.symbolic.schedules import Online
 
 
 def _cap_memory(device: torch.device, gib: float) -> None:

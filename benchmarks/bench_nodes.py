@@ -25,8 +25,8 @@ from collections.abc import Callable
 import torch
 from torch.func import grad, jvp, vmap
 
-from perturb.measure import _objective
-from perturb.models import smooth_convnet
+from perturb.experiments.models import smooth_convnet
+from perturb.numeric.measuring import _objective
 
 
 def _along(f: Callable, u: torch.Tensor) -> Callable:

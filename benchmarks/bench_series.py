@@ -17,7 +17,7 @@ import sympy as sp
 
 import perturb
 from perturb.reference import oracle_series
-from perturb.series import _power_terms
+from perturb.symbolic.series import _power_terms
 
 
 def main() -> None:

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from perturb.data import load_dataset
-from perturb.models import smooth_convnet
-from perturb.schedules import Online
-from perturb.simulate import model_loss, simulate, simulate_loop
+from perturb.experiments.data import load_dataset
+from perturb.experiments.models import smooth_convnet
+from perturb.experiments.simulation import model_loss, simulate, simulate_loop
+from perturb.symbolic.schedules import Online
 
 
 def _time(fn, repeat: int) -> tuple[float, float, object]:

@@ -22,11 +22,11 @@ import sys
 import numpy as np
 import torch
 
-from perturb.data import load_dataset
-from perturb.measure import measure
-from perturb.models import smooth_convnet
-from perturb.schedules import Online
-from perturb.simulate import model_loss, simulate
+from perturb.experiments.data import load_dataset
+from perturb.experiments.models import smooth_convnet
+from perturb.experiments.simulation import model_loss, simulate
+from perturb.numeric.measuring import measure
+from perturb.symbolic.schedules import Online
 
 TOLERANCE = 1e-9
 
@@ -88,7 +88,7 @@ def main() -> int:
     worst["simulate train losses"] = _rel(trials["cuda"].train_loss, trials["cpu"].train_loss)
     # the CUDA-graph replay of the vectorized step against the eager step, on the GPU,
     # with a recorded curve (the static buffers are read between replays)
-    simulate_module = sys.modules["perturb.simulate"]
+    simulate_module = sys.modules["perturb.experiments.simulation"]
     runs = {}
     for graphs in (True, False):
         simulate_module._CUDA_GRAPHS = graphs
@@ -110,7 +110,7 @@ def main() -> int:
     )
     worst["simulate, CUDA graph vs eager: curves"] = _rel(runs[True].curve, runs[False].curve)
     # large per-tuple vectors leave the device through a reused page-locked buffer
-    host = sys.modules["perturb.measure"]._HostCopy()
+    host = sys.modules["perturb.numeric.measuring"]._HostCopy()
     gen = torch.Generator().manual_seed(2)
     for shape in ((512, 4096), (300, 4000), (1024, 1024)):
         big = torch.randn(shape, generator=gen, dtype=torch.float64).cuda()

@@ -1,11 +1,11 @@
 """ARCHIMEDES: SGD drifts along a valley of global minima at η²/6 per step (Corollary 1).
 
-Simulates online SGD with batch size 1 on :func:`perturb.landscapes.archimedes`
+Simulates online SGD with batch size 1 on :func:`perturb.experiments.landscapes.archimedes`
 (``x ∈ {−1, +1}``, the same finite population the prediction uses), many independent
 chains at once (numpy, vectorized), from ``θ = 0``.  For each learning rate it discards
 ``--burn`` relaxation times ``1/(η h_min) = 1/η`` and measures the mean ``z``-velocity
 over the next ``--window`` relaxation times; the standard error is over chains (which
-are independent).  The prediction is :func:`perturb.corollaries.drift_velocity` (the
+are independent).  The prediction is :func:`perturb.experiments.corollaries.drift_velocity` (the
 re-summed order-3 displacement, computed by the engine).
 
 Run from the repository root:
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from perturb.corollaries import drift_velocity
-from perturb.landscapes import archimedes
+from perturb.experiments.corollaries import drift_velocity
+from perturb.experiments.landscapes import archimedes
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "corollaries.md"

@@ -1,9 +1,9 @@
 """Seed 004's logistic-regression evidence experiment on two classes of the digits.
 
 For a grid of L2 strengths ``λ`` fit the MAP logistic regression
-(:func:`perturb.baselines.logistic_map`, Newton's method with the exact Hessian) on half
+(:func:`perturb.experiments.baselines.logistic_map`, Newton's method with the exact Hessian) on half
 of the images of two digit classes, compute its Laplace log evidence against the null
-model that gives each class probability ½ (:func:`perturb.baselines.laplace_evidence`),
+model that gives each class probability ½ (:func:`perturb.experiments.baselines.laplace_evidence`),
 and the cross-entropy of the MAP predictions on the other half.  Seed 004 (Smith & Le,
 MNIST 0 vs 1) finds the log evidence ratio ``E(ω_0)`` and the test cross-entropy
 minimized at the same ``λ``, and ``E > 0`` at every ``λ`` when the labels are random.
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
-from perturb.baselines import logistic_map
+from perturb.experiments.baselines import logistic_map
 
 
 def sweep(*, pair, l2s, splits, seed, random_labels=False):

@@ -1,6 +1,6 @@
 """Section 3.4: SGD against SDE when fitting a Gaussian, where the noise is not Gaussian.
 
-The landscape is :func:`perturb.landscapes.gaussian_fit`: fit ``N(0, σ²)`` with
+The landscape is :func:`perturb.experiments.landscapes.gaussian_fit`: fit ``N(0, σ²)`` with
 ``h = log σ²`` to data ``x`` (a population of ``--rows`` symmetric values of mean 0 and
 variance 1, the normal quantiles), per-sample loss ``l_x(h) = ½(h + x² e^{−h})``, from
 ``h_0 = --h0``.  The gradient noise ``−½(x² − 1)e^{−h}`` is an affine image of ``x²``, a
@@ -18,12 +18,12 @@ Four processes run ``T = --steps`` steps at each learning rate, many chains at o
   gradient variance at ``h``, Euler–Maruyama with ``--substeps`` steps per SGD step;
 * and the predictions from ``h_0``: perturb's series through ``η³``, its re-summed
   series (up to three edges), and the SDE with statistics frozen at ``h_0``
-  (:func:`perturb.baselines.sde_test_loss`).
+  (:func:`perturb.experiments.baselines.sde_test_loss`).
 
 Because the loss is linear in ``x²``, every joint cumulant of the per-sample
 derivatives is a cumulant of ``x²`` times a power of ``e^{−h}``; Gaussian-noise SGD
 therefore has exactly SGD's series minus the terms with a part of three or more nodes
-(:func:`perturb.corollaries.non_gaussian_part`, led by ``−(T/6)·J:S·η³``, Corollary 5).
+(:func:`perturb.experiments.corollaries.non_gaussian_part`, led by ``−(T/6)·J:S·η³``, Corollary 5).
 The example compares the measured ``SGD − Gaussian-noise SGD`` with that prediction.
 
 Run from the repository root:
@@ -45,13 +45,14 @@ from pathlib import Path
 import torch
 from _doc_section import replace_section
 
-from perturb.baselines import QuadraticModel, sde_test_loss
-from perturb.corollaries import non_gaussian_part
-from perturb.landscapes import gaussian_fit
-from perturb.predict import predict
-from perturb.resum import resummed_terms, resummed_values
-from perturb.schedules import Online
-from perturb.series import series
+from perturb.experiments.baselines import QuadraticModel, sde_test_loss
+from perturb.experiments.corollaries import non_gaussian_part
+from perturb.experiments.landscapes import gaussian_fit
+from perturb.numeric.prediction import predict
+from perturb.numeric.resummation import resummed_values
+from perturb.symbolic.resummed import resummed_terms
+from perturb.symbolic.schedules import Online
+from perturb.symbolic.series import series
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "validation.md"

@@ -6,7 +6,7 @@ For each learning rate η and each of ``--trials`` training sets of ``N`` digits
 * SGD: one epoch, batch 1, in a random order (``T = N`` steps);
 * GD: ``T = N`` full-batch steps on the training loss;
 * GDC: ``T = N`` full-batch steps on ``l̄ + (N−1)/(4N)·η·tr Ĉ`` (``Ĉ`` the unbiased
-  covariance of the per-sample gradients, :func:`perturb.corollaries.gdc_loss`),
+  covariance of the per-sample gradients, :func:`perturb.experiments.corollaries.gdc_loss`),
 
 and measure the test loss (the mean loss over the population).  The engine says GD and
 SGD differ at η² by ``(N−1)/4 · G·∇tr C`` and that GDC removes exactly that term, so
@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch.func import grad, vmap
 
-from perturb.data import load_dataset
-from perturb.models import build_model
-from perturb.simulate import model_loss
+from perturb.experiments.data import load_dataset
+from perturb.experiments.models import build_model
+from perturb.experiments.simulation import model_loss
 
 
 def run(*, lrs, train_size, trials, population, model, seed):

@@ -1,11 +1,11 @@
 """MEAN ESTIMATION: flat and sharp minima both overfit less than medium ones (Corollary 2).
 
-For a log-spaced sweep of curvatures ``h`` on :func:`perturb.landscapes.mean_estimation`
+For a log-spaced sweep of curvatures ``h`` on :func:`perturb.experiments.landscapes.mean_estimation`
 (``l_x(θ) = ½h θ² − xθ``, ``x ∈ {−1, +1}``: fixed ``C = 1``, ``H = h``, started at the
 truth ``θ = 0``), runs full-batch GD for ``T`` steps at learning rate ``η`` on many
 independent training sets of ``N`` points drawn from the population, and compares the
 mean test-loss increase ``l(θ_T) − l(θ_0)`` (± standard error over training sets) with
-the engine's re-summed prediction :func:`perturb.corollaries.gd_test_loss_increase`
+the engine's re-summed prediction :func:`perturb.experiments.corollaries.gd_test_loss_increase`
 (``C(1 − (1 − ηh)^T)²/(2Nh)``, exact on this quadratic landscape).
 
 Run from the repository root:
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from perturb.corollaries import gd_test_loss_increase
-from perturb.landscapes import mean_estimation
+from perturb.experiments.corollaries import gd_test_loss_increase
+from perturb.experiments.landscapes import mean_estimation
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "corollaries.md"

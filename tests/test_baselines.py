@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.integrate import solve_ivp
 
-from perturb.baselines import QuadraticModel, ode_test_loss, sde_test_loss
+from perturb.experiments.baselines import QuadraticModel, ode_test_loss, sde_test_loss
 
 
 def _model(p=4, seed=0):
@@ -91,7 +91,7 @@ import time  # noqa: E402
 
 from scipy.linalg import solve_continuous_lyapunov, solve_discrete_lyapunov  # noqa: E402
 
-from perturb.baselines import (  # noqa: E402
+from perturb.experiments.baselines import (  # noqa: E402
     boltzmann_ratio,
     ema_covariance,
     logdet_slq,
@@ -427,7 +427,7 @@ from scipy.stats import multivariate_normal  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 
-from perturb.baselines import (  # noqa: E402
+from perturb.experiments.baselines import (  # noqa: E402
     batch_size_for_noise_scale,
     laplace_evidence,
     logistic_map,
@@ -661,7 +661,7 @@ def test_evidence_and_noise_scale_errors(call, match):
 @pytest.mark.parametrize(("lr", "steps", "batch_size"), [(0.05, 40, 1), (0.3, 17, 3), (0.9, 9, 2)])
 def test_lyapunov_test_loss_is_the_exact_sgd_recursion(lr, steps, batch_size):
     """The eigenbasis closed form equals the matrix recursion of the moments (_sgd_exact)."""
-    from perturb.baselines import lyapunov_test_loss
+    from perturb.experiments.baselines import lyapunov_test_loss
 
     q = _model(seed=4)
     got = float(lyapunov_test_loss(q, lr=lr, steps=steps, batch_size=batch_size))
@@ -669,7 +669,7 @@ def test_lyapunov_test_loss_is_the_exact_sgd_recursion(lr, steps, batch_size):
 
 
 def test_lyapunov_test_loss_tends_to_the_stationary_loss():
-    from perturb.baselines import lyapunov_test_loss
+    from perturb.experiments.baselines import lyapunov_test_loss
 
     h, c, _ = _linear_problem(p=4, seed=3)
     g = torch.tensor([0.3, -0.2, 0.5, 0.1], dtype=torch.float64)
@@ -688,7 +688,7 @@ import sympy  # noqa: E402
 from sympy import Rational as R  # noqa: E402
 
 import perturb  # noqa: E402
-from perturb.baselines import (  # noqa: E402
+from perturb.experiments.baselines import (  # noqa: E402
     averaging_gap_series,
     averaging_weights,
     equivalent_schedule,
@@ -997,9 +997,9 @@ def test_eta_over_b_leftovers_of_the_engines_series():
 
 def test_mean_hessian_equals_materialized_hessian():
     # independent reference: torch.func.hessian of the mean loss, float64
-    from perturb.baselines import mean_hessian
-    from perturb.models import mlp
-    from perturb.simulate import model_loss
+    from perturb.experiments.baselines import mean_hessian
+    from perturb.experiments.models import mlp
+    from perturb.experiments.simulation import model_loss
 
     gen = torch.Generator().manual_seed(0)
     loss_fn, theta0 = model_loss(mlp((1, 2, 2), 3, hidden=(4,)).double())
@@ -1017,9 +1017,9 @@ def test_mean_hessian_equals_materialized_hessian():
 
 def test_per_sample_derivatives_equal_an_autograd_loop():
     # independent reference: one torch.autograd.grad per sample, float64
-    from perturb.baselines import per_sample_derivatives
-    from perturb.models import mlp
-    from perturb.simulate import model_loss
+    from perturb.experiments.baselines import per_sample_derivatives
+    from perturb.experiments.models import mlp
+    from perturb.experiments.simulation import model_loss
 
     gen = torch.Generator().manual_seed(1)
     loss_fn, theta0 = model_loss(mlp((1, 2, 2), 3, hidden=(4,)).double())

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from perturb.cli import cli, describe, main, make_schedule
-from perturb.schedules import Epochs, Online
-from perturb.series import series
+from perturb.symbolic.schedules import Epochs, Online
+from perturb.symbolic.series import series
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -263,9 +263,9 @@ def test_predict_from_checkpoint(tmp_path):
 
     import torch
 
-    from perturb.data import load_dataset
-    from perturb.measure import measure
-    from perturb.models import build_model
+    from perturb.experiments.data import load_dataset
+    from perturb.experiments.models import build_model
+    from perturb.numeric.measuring import measure
 
     data = load_dataset("digits")
     model = build_model("mlp", data.input_shape, data.num_classes, seed=3)

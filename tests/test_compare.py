@@ -1,4 +1,4 @@
-"""perturb.compare against exact expectations by enumerating every SGD path.
+"""perturb.experiments.comparison against exact expectations by enumerating every SGD path.
 
 Softmax regression (``mlp(hidden=())``) on a population of 8 digits: for ``T ≤ 2`` steps
 the expected test loss is a finite average over all ``n^{BT}`` batch sequences, computed
@@ -18,10 +18,10 @@ import pytest
 import torch
 from scipy import stats
 
-from perturb.baselines import QuadraticModel, lyapunov_test_loss, sde_test_loss
-from perturb.compare import Comparison, compare
-from perturb.data import load_dataset
-from perturb.models import mlp
+from perturb.experiments.baselines import QuadraticModel, lyapunov_test_loss, sde_test_loss
+from perturb.experiments.comparison import Comparison, compare
+from perturb.experiments.data import load_dataset
+from perturb.experiments.models import mlp
 
 POP, LR, SEED = 8, 0.02, 0
 

@@ -17,7 +17,7 @@ import sympy as sp
 import torch
 
 import perturb
-from perturb.corollaries import (
+from perturb.experiments.corollaries import (
     displacement,
     drift_velocity,
     gap_limit,
@@ -28,7 +28,7 @@ from perturb.corollaries import (
     sgd_minus_ode,
     stic,
 )
-from perturb.landscapes import archimedes, gaussian_fit, mean_estimation
+from perturb.experiments.landscapes import archimedes, gaussian_fit, mean_estimation
 from perturb.reference import oracle_series, polynomial_derivative_tensors, population_statistics
 
 ETAS = (0.01, 0.02, 0.05, 0.1)

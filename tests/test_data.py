@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from perturb.data import DATASET_NAMES, DataError, Dataset, load_dataset
+from perturb.experiments.data import DATASET_NAMES, DataError, Dataset, load_dataset
 
 # --------------------------------------------------------------------------- writers
 
@@ -154,7 +154,7 @@ def test_digits_shapes_disjoint_deterministic() -> None:
 
 
 def test_digits_split_has_no_shared_indices() -> None:
-    from perturb.data import _stratified_test_indices
+    from perturb.experiments.data import _stratified_test_indices
 
     labels = np.repeat(np.arange(10), [178, 182, 177, 183, 181, 182, 181, 179, 174, 180])
     idx = _stratified_test_indices(labels, 500, seed=0)

@@ -7,7 +7,13 @@ import itertools
 import networkx as nx
 import pytest
 
-from perturb.diagrams import Diagram, count_rooted_trees, diagrams, rooted_trees, set_partitions
+from perturb.symbolic.diagrams import (
+    Diagram,
+    count_rooted_trees,
+    diagrams,
+    rooted_trees,
+    set_partitions,
+)
 
 A000081 = [1, 1, 2, 4, 9, 20, 48, 115]
 

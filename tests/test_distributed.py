@@ -1,4 +1,4 @@
-"""perturb.distributed: shards, single-process fallbacks, and a real 2-process Gloo run."""
+"""perturb.numeric.distributed: shards, single-process fallbacks, and a real 2-process Gloo run."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from click.testing import CliRunner
 
 from perturb import distributed as D
 from perturb.cli import cli
-from perturb.schedules import Online
+from perturb.symbolic.schedules import Online
 
-_m = importlib.import_module("perturb.measure")
-_s = importlib.import_module("perturb.simulate")
+_m = importlib.import_module("perturb.numeric.measuring")
+_s = importlib.import_module("perturb.experiments.simulation")
 
 LAUNCH_TIMEOUT_S = 120
 
@@ -29,7 +29,7 @@ LAUNCH_TIMEOUT_S = 120
 PROBLEM = """
 import math
 import torch
-from perturb.schedules import Epochs, Online
+from perturb.symbolic.schedules import Epochs, Online
 
 def tiny(input_shape, num_classes, seed):
     # a 2-unit tanh network (P = 162 on digits): a cheap Hessian for perturb validate
@@ -77,8 +77,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from perturb import distributed as D
-from perturb.measure import measure
-from perturb.simulate import simulate
+from perturb.numeric.measuring import measure
+from perturb.experiments.simulation import simulate
 from perturb.cli import main as perturb_cli
 from problem import MEASURE, SCHEDULE, SIMULATE, problem, row_loss, loss_fn
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from perturb.diagrams import Diagram, diagrams
 from perturb.draw import draw_diagram, draw_diagrams, layout, render
+from perturb.symbolic.diagrams import Diagram, diagrams
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SVG_ROOT = "{http://www.w3.org/2000/svg}svg"

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from perturb.landscapes import archimedes, gaussian_fit, mean_estimation, symmetric_unit_values
+from perturb.experiments.landscapes import (
+    archimedes,
+    gaussian_fit,
+    mean_estimation,
+    symmetric_unit_values,
+)
 from perturb.reference import population_statistics
 
 

@@ -23,7 +23,8 @@ from sympy import Rational as R
 from torch import nn
 
 from perturb import GD, QUANTITIES, Contraction, Epochs, Online, Population, predict, series
-from perturb.measure import (
+from perturb.experiments.models import NonSmoothWarning
+from perturb.numeric.measuring import (
     FlatLoss,
     Statistics,
     contraction_key,
@@ -32,7 +33,6 @@ from perturb.measure import (
     measure,
     moment_network,
 )
-from perturb.models import NonSmoothWarning
 from perturb.reference import oracle_series
 from perturb.reference.tensors import derivative_tensors
 
@@ -462,7 +462,7 @@ def test_tuples_average_over_assignments_is_complete_u_statistic():
     # injective map of a refinement's blocks into the rows occurs equally often), which the
     # group estimator computes (validated by hand in the test above).  Every order-3
     # contraction of every schedule and quantity, on the polynomial and the MLP.
-    from perturb.measure import _Engine, _objective, _tuple_size, _tuple_values
+    from perturb.numeric.measuring import _Engine, _objective, _tuple_size, _tuple_values
 
     perms = torch.tensor(list(itertools.permutations(range(4))))
     for name in ("poly", "mlp"):
@@ -776,7 +776,7 @@ def test_tuple_message_cache_reuses_subtrees_exactly(monkeypatch):
     y = torch.randint(0, 3, (40,), generator=gen)
     kwargs = dict(order=3, quantities=("test", "train"), progress=False)
     cached = measure(_mlp(), (x, y), **kwargs)
-    module = sys.modules["perturb.measure"]  # the package exports a function of that name
+    module = sys.modules["perturb.numeric.measuring"]  # the package exports a function of that name
     monkeypatch.setattr(module, "_MESSAGE_CACHE", 0)
     plain = measure(_mlp(), (x, y), **kwargs)
     assert cached.meta["evaluations"] < 0.8 * plain.meta["evaluations"]
@@ -789,7 +789,7 @@ def test_tuple_networks_equal_at_every_evaluation_root(monkeypatch):
     # so the engine may evaluate any node last (it picks the cheapest).  Forcing each node
     # in turn as the root must give the same per-tuple values, for every order-3
     # contraction of every schedule and quantity, on the MLP, in float64.
-    from perturb.measure import _Engine, _objective, _tuple_networks
+    from perturb.numeric.measuring import _Engine, _objective, _tuple_networks
 
     model, data, theta0, *_ = _case("mlp")
     obj = _objective(model, data, theta0, loss=None, dtype=F64, device=None)
@@ -821,7 +821,7 @@ def test_tuple_networks_equal_at_every_evaluation_root(monkeypatch):
 
 def test_reverse_first_derivative_equals_forward():
     # On CUDA vector nodes start from the reverse-over-reverse HVP; the number is the same
-    from perturb.measure import _derivative, _objective
+    from perturb.numeric.measuring import _derivative, _objective
 
     model, data, theta0, *_ = _case("mlp")
     obj = _objective(model, data, theta0, loss=None, dtype=F64, device=None)
@@ -879,9 +879,9 @@ def test_vector_statistics_are_batch_means_of_tuples():
 
 
 def test_message_cache_takes_a_quarter_of_free_memory(monkeypatch):
-    from perturb.measure import _MESSAGE_CACHE, _Engine, _objective
+    from perturb.numeric.measuring import _MESSAGE_CACHE, _Engine, _objective
 
-    module = sys.modules["perturb.measure"]
+    module = sys.modules["perturb.numeric.measuring"]
     model, data, theta0, *_ = _case("mlp")
     obj = _objective(model, data, theta0, loss=None, dtype=F64, device=None)
     tuples = torch.arange(4)[None, :]

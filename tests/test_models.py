@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from perturb.models import (
+from perturb.experiments.models import (
     BUILTIN_MODELS,
     ModelSpecError,
     NonSmoothWarning,

@@ -11,14 +11,9 @@ import sympy as sp
 import torch
 
 import perturb
+from perturb.numeric.resummation import _open_network, complete_homogeneous, time_sum
 from perturb.reference import polynomial_derivative_tensors
-from perturb.resum import (
-    _open_network,
-    complete_homogeneous,
-    resummed_terms,
-    time_sum,
-    time_sum_exact,
-)
+from perturb.symbolic.resummed import resummed_terms, time_sum_exact
 
 
 def _linear_gaussian(p: int, rows: int, seed: int):
@@ -223,8 +218,8 @@ def test_bad_schedules():
 
 def test_mean_tensors_replace_per_sample_tensors_for_lone_nodes():
     """Order-2 re-summed values need per-sample gradients only; H may be a mean."""
+    from perturb.numeric.resummation import resummed_values
     from perturb.reference import derivative_tensors
-    from perturb.resum import resummed_values
 
     _hess, xs, theta0, loss_fn = _linear_gaussian(4, 5, 3)
     derivs = derivative_tensors(loss_fn, xs, theta0, 2)
@@ -261,7 +256,7 @@ def test_cyclic_part_constraints_have_no_embedding():
 
 def test_integral_form_of_example_1():
     """Remark 2: one level, three edges to the root: (1 − e^{−T Σr}) / Σr."""
-    from perturb.resum import time_integral
+    from perturb.numeric.resummation import time_integral
 
     rates = [torch.tensor(v, dtype=torch.float64) for v in (0.01, 0.02, 0.005)]
     total = sum(float(r) for r in rates)
@@ -272,7 +267,7 @@ def test_integral_form_of_example_1():
 def test_integral_form_of_the_split_cherry():
     """Two lone leaves under the root: the three weak orders give the full square plus
     the diagonal, ∏ (1 − e^{−r_i T})/r_i + (1 − e^{−(r_1+r_2)T})/(r_1 + r_2)."""
-    from perturb.resum import time_integral
+    from perturb.numeric.resummation import time_integral
 
     cherry = next(
         t
@@ -314,8 +309,8 @@ def _convnet_population():
     """A smooth tanh convnet (P = 219) on 40 random 6×6 images, float64, with weight
     decay, at a point near its minimum (so H is positive definite and long runs are
     finite): ``(net, x, y, population, theta0)``."""
-    from perturb.measure import flat_loss
-    from perturb.models import smooth_convnet
+    from perturb.experiments.models import smooth_convnet
+    from perturb.numeric.measuring import flat_loss
 
     net = smooth_convnet((1, 6, 6), 3, width=3, activation="tanh", seed=0).double()
     fn, theta = flat_loss(net)
@@ -346,7 +341,7 @@ def _convnet_population():
 
 @functools.cache
 def _convnet_subspace():
-    from perturb.krylov import krylov_subspace
+    from perturb.numeric.krylov import krylov_subspace
 
     _, _, _, pop, theta0 = _convnet_population()
     return krylov_subspace(pop, None, theta0, rank=theta0.numel(), order=2, probes=8)
@@ -382,8 +377,8 @@ def test_krylov_full_rank_equals_eigendecomposition_on_a_convnet(steps):
 def test_krylov_model_input_equals_population_input():
     """The network given as an nn.Module with (x, y) gives the numbers of the same loss
     given as a per-row Population (same probes, so the same subspace)."""
-    from perturb.krylov import krylov_subspace
-    from perturb.measure import flat_loss
+    from perturb.numeric.krylov import krylov_subspace
+    from perturb.numeric.measuring import flat_loss
 
     net, x, y, pop, theta0 = _convnet_population()
     fn, _ = flat_loss(net)
@@ -469,7 +464,7 @@ def test_krylov_is_exact_once_the_krylov_space_is_invariant(schedule, eta_frac):
             probes=6,
         )
         assert pred.total == pytest.approx(exact, rel=1e-9)
-    from perturb.krylov import krylov_subspace
+    from perturb.numeric.krylov import krylov_subspace
 
     sub = krylov_subspace(pop, None, theta0, rank=16, probes=6)
     assert sub.residual < 1e-9 * float(torch.linalg.matrix_norm(hess))
@@ -516,7 +511,7 @@ def test_krylov_full_rank_matches_linear_gaussian_recursion(seed, eta_frac, sche
 )
 def test_krylov_full_rank_order3_equals_eigendecomposition(schedule, quantity, integral):
     """Order 3 (J, S and per-sample Hessians through nested jvps) at k = P."""
-    from perturb.krylov import krylov_subspace
+    from perturb.numeric.krylov import krylov_subspace
 
     pop, theta = _tanh_net(4, weight_decay=0.05)
     sub = krylov_subspace(
@@ -547,7 +542,7 @@ def test_krylov_long_runs_cost_no_more_than_short_ones():
 
 
 def test_krylov_errors():
-    from perturb.krylov import krylov_subspace
+    from perturb.numeric.krylov import krylov_subspace
 
     _hess, xs, theta0, loss_fn = _linear_gaussian(4, 5, 0)
     pop = perturb.Population(loss_fn, xs)

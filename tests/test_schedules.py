@@ -8,8 +8,8 @@ from fractions import Fraction
 import pytest
 import sympy as sp
 
-from perturb.diagrams import diagrams, set_partitions
-from perturb.schedules import GD, Epochs, Online
+from perturb.symbolic.diagrams import diagrams, set_partitions
+from perturb.symbolic.schedules import GD, Epochs, Online
 
 
 def _brute_count(diagram, *, batches, batch_size, epochs, shuffle, form, train_root):
@@ -82,7 +82,7 @@ def test_embeddings_match_enumeration(name, schedule, sizes, form, quantity):
 )
 def test_cumulant_counts_are_zeta_transform_of_moment_counts(schedule):
     """cumulant(σ) = Σ_{π ≥ σ} moment(π): two different algorithms, symbolically."""
-    from perturb.diagrams import Diagram
+    from perturb.symbolic.diagrams import Diagram
 
     for order in range(4):
         for d in diagrams(order, quantity="train", path_condition=False):

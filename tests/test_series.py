@@ -9,7 +9,7 @@ import sympy as sp
 
 import perturb
 from perturb.reference import oracle_series, polynomial_derivative_tensors
-from perturb.series import series
+from perturb.symbolic.series import series
 
 ORDER = 4
 

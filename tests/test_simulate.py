@@ -9,9 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from perturb.models import mlp, smooth_convnet
-from perturb.schedules import GD, Epochs, Online
-from perturb.simulate import Trials, model_loss, simulate, simulate_loop, trial_indices
+from perturb.experiments.models import mlp, smooth_convnet
+from perturb.experiments.simulation import (
+    Trials,
+    model_loss,
+    simulate,
+    simulate_loop,
+    trial_indices,
+)
+from perturb.symbolic.schedules import GD, Epochs, Online
 
 SCHEDULES = {
     "online": Online(steps=7, batch_size=2),

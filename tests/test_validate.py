@@ -10,8 +10,8 @@ import pytest
 from scipy import stats
 
 from perturb.cli import main
-from perturb.data import DataError
-from perturb.validate import validate
+from perturb.experiments.data import DataError
+from perturb.experiments.validation import validate
 
 Z_9999 = float(stats.t.ppf(0.99995, 255))  # two-sided 99.99% quantile, 256 trials
 
@@ -66,8 +66,8 @@ def test_orders_zero_and_one_against_autograd(small):
     gradient of the mean loss taken here by plain autograd (float32 statistics)."""
     import torch
 
-    from perturb.data import load_dataset
-    from perturb.models import build_model
+    from perturb.experiments.data import load_dataset
+    from perturb.experiments.models import build_model
 
     data = load_dataset("digits").subset(24, seed=1)
     net = build_model("smooth-convnet", data.input_shape, data.num_classes, seed=1)
@@ -352,10 +352,10 @@ def test_gap_prediction_equals_the_engines_gap_series(tiny):
     """validate reuses test-loss statistics for the gap; the engine measures it whole."""
     import torch
 
-    from perturb.data import load_dataset
-    from perturb.measure import measure
-    from perturb.models import build_model
-    from perturb.schedules import GD
+    from perturb.experiments.data import load_dataset
+    from perturb.experiments.models import build_model
+    from perturb.numeric.measuring import measure
+    from perturb.symbolic.schedules import GD
 
     result = validate(dataset=tiny, model="mlp", schedule="gd", train_size=4, steps=3,
                       lrs=(0.01, 0.05), trials=4, records=1, progress=False,

@@ -13,18 +13,20 @@ Example:
     η^2: (T*(2*T - 1)/2)·G·H·G + (T/2)·tr(C H)
 """
 
-from perturb import baselines, corollaries, distributed, landscapes, reference
-from perturb.compare import Comparison, compare
-from perturb.contractions import Contraction, tensor_name
-from perturb.diagrams import Diagram, count_rooted_trees, diagrams, rooted_trees
-from perturb.krylov import KrylovSubspace, krylov_subspace
-from perturb.measure import Statistics, measure
-from perturb.predict import Population, Prediction, predict
-from perturb.resum import resummed_terms
-from perturb.schedules import GD, Epochs, Online, Schedule
-from perturb.series import QUANTITIES, Series, Term, eta, series
-from perturb.simulate import Trials, simulate
-from perturb.validate import ValidationResult, validate
+from perturb import reference
+from perturb.experiments import baselines, corollaries, landscapes
+from perturb.experiments.comparison import Comparison, compare
+from perturb.experiments.simulation import Trials, simulate
+from perturb.experiments.validation import ValidationResult, validate
+from perturb.numeric import distributed
+from perturb.numeric.krylov import KrylovSubspace, krylov_subspace
+from perturb.numeric.measuring import Statistics, measure
+from perturb.numeric.prediction import Population, Prediction, predict
+from perturb.symbolic.contractions import Contraction, tensor_name
+from perturb.symbolic.diagrams import Diagram, count_rooted_trees, diagrams, rooted_trees
+from perturb.symbolic.resummed import resummed_terms
+from perturb.symbolic.schedules import GD, Epochs, Online, Schedule
+from perturb.symbolic.series import QUANTITIES, Series, Term, eta, series
 
 __version__ = "0.1.0"
 

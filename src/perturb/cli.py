@@ -25,11 +25,11 @@ from typing import Any
 import click
 import sympy as sp
 
-from perturb.contractions import Contraction
-from perturb.diagrams import Diagram, diagrams
-from perturb.resum import resummed_report
-from perturb.schedules import FORMS, GD, Epochs, Online, Schedule
-from perturb.series import QUANTITIES, series
+from perturb.symbolic.contractions import Contraction
+from perturb.symbolic.diagrams import Diagram, diagrams
+from perturb.symbolic.resummed import resummed_report
+from perturb.symbolic.schedules import FORMS, GD, Epochs, Online, Schedule
+from perturb.symbolic.series import QUANTITIES, series
 
 __all__ = [
     "SCHEDULES",
@@ -93,7 +93,7 @@ def make_schedule(
         shuffle: reshuffle before each epoch (epochs).
 
     Returns:
-        The :class:`~perturb.schedules.Schedule`.
+        The :class:`~perturb.symbolic.schedules.Schedule`.
 
     Raises:
         ValueError: unknown name, an option the schedule does not take, or sizes
@@ -262,7 +262,7 @@ def contraction_names(
 
     Names come from the network's canonical form
     (:attr:`Contraction.canonical <perturb.contractions.Contraction.canonical>`), so
-    they match what :func:`perturb.series.series` prints for the merged term.
+    they match what :func:`perturb.symbolic.series.series` prints for the merged term.
 
     Args:
         items: the diagrams.
@@ -356,7 +356,7 @@ def cli(ctx: click.Context) -> None:
     the SGD trials are split across the processes; rank 0 prints and writes outputs.
     """
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # launched by torchrun
-        from perturb.distributed import session
+        from perturb.numeric.distributed import session
 
         ctx.with_resource(session())
 
@@ -365,7 +365,7 @@ def schedule_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Add the options that build a schedule; the command receives ``schedule``.
 
     The decorated command gets one keyword argument ``schedule`` (a
-    :class:`~perturb.schedules.Schedule`) in place of the raw options; invalid
+    :class:`~perturb.symbolic.schedules.Schedule`) in place of the raw options; invalid
     combinations are usage errors (exit code 2).
 
     Example:
@@ -636,9 +636,9 @@ def predict_command(
 
     import torch
 
-    from perturb.data import DataError, load_dataset
-    from perturb.measure import measure
-    from perturb.models import ModelSpecError, build_model, load_checkpoint
+    from perturb.experiments.data import DataError, load_dataset
+    from perturb.experiments.models import ModelSpecError, build_model, load_checkpoint
+    from perturb.numeric.measuring import measure
 
     try:
         data = load_dataset(dataset, data_dir=data_dir, split="train")
@@ -807,8 +807,8 @@ def predict_command(
 )
 def validate_command(**options: Any) -> None:
     """Predict SGD's test loss and gap and compare with the mean of many real SGD runs."""
-    from perturb.data import DataError
-    from perturb.validate import DEFAULT_LRS, validate
+    from perturb.experiments.data import DataError
+    from perturb.experiments.validation import DEFAULT_LRS, validate
 
     options["lrs"] = tuple(options["lrs"]) or DEFAULT_LRS
     options["orders"] = tuple(options["orders"]) or (0, 1, 2, 3)
@@ -863,9 +863,14 @@ def validate_command(**options: Any) -> None:
 @click.option("--out", type=click.Path(file_okay=False), default="compare-out", show_default=True)
 def compare_command(**options: Any) -> None:
     """Real SGD against every theory (perturb orders, re-summed, ODE, SDE, Lyapunov)."""
-    from perturb.compare import DEFAULT_BATCH_SIZES, DEFAULT_LRS, DEFAULT_STEPS, compare
-    from perturb.data import DataError
-    from perturb.models import ModelSpecError
+    from perturb.experiments.comparison import (
+        DEFAULT_BATCH_SIZES,
+        DEFAULT_LRS,
+        DEFAULT_STEPS,
+        compare,
+    )
+    from perturb.experiments.data import DataError
+    from perturb.experiments.models import ModelSpecError
 
     for key, default in (
         ("lrs", DEFAULT_LRS),

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import PathPatch
 from matplotlib.path import Path as MplPath
 
-from perturb.diagrams import Diagram
+from perturb.symbolic.diagrams import Diagram
 
 __all__ = ["FORMATS", "draw_diagram", "draw_diagrams", "layout", "render"]
 

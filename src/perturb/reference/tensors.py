@@ -5,8 +5,8 @@ array of shape ``(n, P, …, P)`` (``k`` parameter axes) with ``torch.func``; it
 is ``n·P^k``, so it is meant for models with a few dozen parameters.
 ``polynomial_derivative_tensors`` does the same exactly, in rationals, for
 polynomial losses written in sympy.  Both feed
-:meth:`perturb.contractions.Contraction.value` and
-:meth:`perturb.series.Series.evaluate`, and ``population_statistics`` gives the named
+:meth:`perturb.symbolic.contractions.Contraction.value` and
+:meth:`perturb.symbolic.series.Series.evaluate`, and ``population_statistics`` gives the named
 statistics ``G, H, J, C, S`` from them.
 
 Nothing here imports the rest of perturb.

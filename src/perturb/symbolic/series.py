@@ -1,12 +1,12 @@
 """The η-series of SGD's expected loss, assembled from diagrams.
 
-For a schedule (:mod:`perturb.schedules`) and a measured quantity,
+For a schedule (:mod:`perturb.symbolic.schedules`) and a measured quantity,
 
     E[quantity after T steps] = Σ_d η^d Σ_D  (−1/B)^d · emb(D) / |Aut(D)| · value(D),
 
-where ``D`` runs over the diagrams with ``d`` edges (:mod:`perturb.diagrams`),
+where ``D`` runs over the diagrams with ``d`` edges (:mod:`perturb.symbolic.diagrams`),
 ``emb(D)`` is the exact number of embeddings of ``D`` into the schedule, and
-``value(D)`` is the diagram's tensor contraction (:mod:`perturb.contractions`).
+``value(D)`` is the diagram's tensor contraction (:mod:`perturb.symbolic.contractions`).
 The train loss carries an extra ``1/N`` (the root averages over the training set),
 the gap is test minus train, and the displacement ``E[θ_T − θ_0]`` replaces the
 root by a free index.  Diagrams with the same contraction are merged, so each
@@ -28,9 +28,9 @@ from functools import lru_cache
 
 import sympy as sp
 
-from perturb.contractions import Contraction
-from perturb.diagrams import Diagram, _check_order, _labelled_partitions, rooted_trees
-from perturb.schedules import FORMS, Online, Schedule
+from perturb.symbolic.contractions import Contraction
+from perturb.symbolic.diagrams import Diagram, _check_order, _labelled_partitions, rooted_trees
+from perturb.symbolic.schedules import FORMS, Online, Schedule
 
 __all__ = ["QUANTITIES", "Series", "Term", "eta", "series"]
 
@@ -188,7 +188,7 @@ def _number(coefficient: sp.Expr, value) -> object:
         raise ValueError(f"coefficient {coefficient} still has symbols")
     from fractions import Fraction
 
-    from perturb.contractions import _is_exact
+    from perturb.symbolic.contractions import _is_exact
 
     if _is_exact(value):
         c = sp.Rational(c)

@@ -1,4 +1,4 @@
-"""The paper's test landscapes as ready :class:`~perturb.predict.Population` objects.
+"""The paper's test landscapes as ready :class:`~perturb.numeric.prediction.Population` objects.
 
 Every landscape here is a *finite* population of rows with uniform weights, so the
 engine's expectations (:func:`perturb.predict`) are exact averages over the rows, and a
@@ -25,7 +25,7 @@ import math
 import torch
 from scipy.stats import norm
 
-from perturb.predict import Population
+from perturb.numeric.prediction import Population
 
 __all__ = ["archimedes", "gaussian_fit", "mean_estimation", "symmetric_unit_values"]
 
@@ -87,7 +87,7 @@ def archimedes(*, rows: int = 2) -> tuple[Population, torch.Tensor]:
     The test loss ``l = ½H`` vanishes on the valley ``u = v = 0`` (every ``z``), so the
     test gradient along the valley is zero; still, SGD from ``θ = 0`` moves along ``z``
     at ``+η²/6`` per step to leading order (Corollary 1, see
-    :func:`perturb.corollaries.drift_velocity`).  At ``θ = 0``: ``G = 0``,
+    :func:`perturb.experiments.corollaries.drift_velocity`).  At ``θ = 0``: ``G = 0``,
     ``H = diag(2, 1, 0)``, ``C = ½[[1, −1, 0], [−1, 1, 0], [0, 0, 0]]``, and the
     third derivative ``J_uvz = J_vuz = … = 1`` couples them.  The landscape is
     invariant under ``z → z + a`` together with a rotation of ``(u, v)`` by ``a``, so
@@ -189,7 +189,7 @@ def gaussian_fit(*, rows: int = 8, h0: float = 0.5) -> tuple[Population, torch.T
     Fisher information.  The gradient noise is an affine image of ``x²`` (a chi-squared
     for Gaussian ``x``): ``C = e^{−2h} Var(x²)/4`` and the third cumulant
     ``S = −e^{−3h} κ₃(x²)/8`` is non-zero, so SGD differs from SDE at ``η³``
-    (:func:`perturb.corollaries.non_gaussian_part`).
+    (:func:`perturb.experiments.corollaries.non_gaussian_part`).
 
     Args:
         rows: number of population values, at least 3 (``x = ±1`` would make ``x² = 1``

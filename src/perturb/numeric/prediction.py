@@ -1,7 +1,7 @@
 """Numeric predictions: a series evaluated on a population at ``θ_0``.
 
 ``predict`` assembles the η-series of a quantity for a schedule
-(:func:`perturb.series.series`) and evaluates every contraction on a
+(:func:`perturb.symbolic.series.series`) and evaluates every contraction on a
 :class:`Population`.  With ``exact=True`` the expectations are exact averages over
 the population's rows, computed in float64 from materialized derivative tensors
 (:mod:`perturb.reference.tensors`), which suits models with a few dozen
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from perturb.numeric.resummation import resummed_by_quantity
 from perturb.reference.tensors import derivative_tensors
-from perturb.resum import resummed_by_quantity
-from perturb.schedules import Schedule
-from perturb.series import QUANTITIES, Series, series
+from perturb.symbolic.schedules import Schedule
+from perturb.symbolic.series import QUANTITIES, Series, series
 
 __all__ = ["METHODS", "Population", "Prediction", "predict"]
 
@@ -77,7 +77,7 @@ class Prediction:
         coarse_values: a Krylov prediction's values from the first ``⌊k/2⌋`` basis
             vectors (the basis is nested), whence :attr:`error`.
         cost: a Krylov prediction's network evaluations and seconds
-            (:attr:`perturb.krylov.KrylovSubspace.cost`).
+            (:attr:`perturb.numeric.krylov.KrylovSubspace.cost`).
 
     Example:
         >>> import torch
@@ -184,14 +184,14 @@ def predict(
             For sampled estimates with error bars use :func:`perturb.measure`;
             ``False`` raises and says so.
         resummed: re-summed diagrams, edges carrying ``η(I − ηH)^{Δt−1}``
-            (:mod:`perturb.resum`; online SGD and GD), exact through a full
+            (:mod:`perturb.symbolic.resummed`; online SGD and GD), exact through a full
             eigendecomposition of ``H``; ``order`` then counts edges.
         integral: with ``resummed``, Remark 2's integrals of exponentials in place of
             the exact sums over steps (relative error ``O(η)`` at fixed ``ηT``).
         method: with ``resummed``, ``"eigh"`` (full eigendecomposition of the ``P×P``
             mean Hessian from materialized tensors; small models) or ``"lanczos"``
             (Rayleigh–Ritz in a rank-``rank`` block-Krylov subspace built from
-            Hessian-vector products, :func:`perturb.krylov.krylov_subspace`; real
+            Hessian-vector products, :func:`perturb.numeric.krylov.krylov_subspace`; real
             networks).  The Lanczos prediction carries an error estimate
             (:attr:`Prediction.error`) and its cost (:attr:`Prediction.cost`).
         rank: the subspace dimension ``k`` (``method="lanczos"`` only, required there).
@@ -223,7 +223,7 @@ def predict(
     if not exact:
         raise ValueError(
             "predict(exact=False) is not the path for sampled estimates: use "
-            "perturb.measure(model_or_loss, data, order=..., exact=False) and "
+            "perturb.numeric.measuring(model_or_loss, data, order=..., exact=False) and "
             "Statistics.predict(schedule, lr=...), which report standard errors"
         )
     if integral and not resummed:
@@ -240,7 +240,7 @@ def predict(
     lr = _check_lr(lr)
     theta0 = torch.as_tensor(theta0, dtype=torch.float64)
     if method == "lanczos":
-        from perturb.krylov import krylov_subspace
+        from perturb.numeric.krylov import krylov_subspace
 
         subspace = krylov_subspace(
             population,

@@ -47,7 +47,7 @@ def per_sample_derivatives(
 
     Args:
         loss_fn: per-sample losses ``loss_fn(θ, *rows) -> (n,)``, e.g. from
-            :func:`perturb.simulate.model_loss`.
+            :func:`perturb.experiments.simulation.model_loss`.
         theta0: the point, shape ``(P,)``.
         *rows: the data, each with the samples on the first axis.
 
@@ -85,7 +85,7 @@ def mean_hessian(
 
     Args:
         loss_fn: per-sample losses ``loss_fn(θ, *rows) -> (n,)``, e.g. from
-            :func:`perturb.simulate.model_loss`.
+            :func:`perturb.experiments.simulation.model_loss`.
         theta0: the point, shape ``(P,)``; ``H`` has its dtype and device.
         *rows: the data, each with the samples on the first axis.
         chunk: Hessian-vector products per ``vmap`` call (``>= 1``).
@@ -1179,15 +1179,17 @@ def _weighted_coefficients(alphas: list, ws: list, b) -> dict:
 def _series_from(coefficients: dict, *, steps: int, batch_size: int, order: int):
     import sympy as sp
 
-    from perturb.schedules import Online
-    from perturb.series import Series, Term, series
+    from perturb.symbolic.schedules import Online
+    from perturb.symbolic.series import Series, Term, series
 
     contractions = {}
     for term in series(3, Online()).terms:
         contractions[term.contraction.text] = term.contraction
     missing = set(_CONTRACTIONS) - set(contractions)
     if missing:
-        raise RuntimeError(f"perturb.series no longer names the contractions {sorted(missing)}")
+        raise RuntimeError(
+            f"perturb.symbolic.series no longer names the contractions {sorted(missing)}"
+        )
     terms = tuple(
         Term(_CONTRACTIONS[name], sp.sympify(value), contractions[name])
         for name, value in coefficients.items()

@@ -5,10 +5,10 @@ is a fixed set of ``n`` labelled images; SGD draws its samples from it uniformly
 with replacement (online SGD: fresh samples every step; multi-epoch SGD and GD: a
 training set of ``N`` iid draws, walked in batches), and the test loss is the mean
 loss over the population, so the diagram values measured exactly over the
-population at ``θ_0`` (:func:`perturb.measure.measure` with ``exact=True``) give the
+population at ``θ_0`` (:func:`perturb.numeric.measuring.measure` with ``exact=True``) give the
 exact coefficients of the η-series of ``E[test loss]``.  Each predictor is evaluated
 at every learning rate and at every recorded step ``t``; the actual value is the mean
-of ``K`` vectorized SGD trials (:func:`perturb.simulate.simulate`) with a 95%
+of ``K`` vectorized SGD trials (:func:`perturb.experiments.simulation.simulate`) with a 95%
 t-interval.  The generalization gap ``E[test − train]`` after the last step is
 predicted through ``η²`` and compared with the mean of the trials' own gaps.
 
@@ -21,7 +21,7 @@ Predictors, all from statistics at ``θ_0``:
 * ``ODE``: the noiseless diagrams (every part a single node) through the highest
   order;
 * ``SDE``: the diffusion with statistics frozen at ``θ_0``, integrated from its
-  moment equations (:mod:`perturb.baselines`; not for GD, which has no per-step
+  moment equations (:mod:`perturb.experiments.baselines`; not for GD, which has no per-step
   noise).
 
 Predictors that need the materialized Hessian (SDE, re-summed) are skipped, with the
@@ -46,16 +46,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from perturb.baselines import QuadraticModel, mean_hessian, per_sample_derivatives, sde_test_loss
 from perturb.cli import describe
-from perturb.data import load_dataset
-from perturb.distributed import is_main
-from perturb.measure import contraction_value, measure
-from perturb.models import build_model
-from perturb.resum import resummed_terms, resummed_values
-from perturb.schedules import GD, Epochs, Online, Schedule
-from perturb.series import series
-from perturb.simulate import model_loss, simulate
+from perturb.experiments.baselines import (
+    QuadraticModel,
+    mean_hessian,
+    per_sample_derivatives,
+    sde_test_loss,
+)
+from perturb.experiments.data import load_dataset
+from perturb.experiments.models import build_model
+from perturb.experiments.simulation import model_loss, simulate
+from perturb.numeric.distributed import is_main
+from perturb.numeric.measuring import contraction_value, measure
+from perturb.numeric.resummation import resummed_values
+from perturb.symbolic.resummed import resummed_terms
+from perturb.symbolic.schedules import GD, Epochs, Online, Schedule
+from perturb.symbolic.series import series
 
 __all__ = ["ValidationResult", "validate"]
 
@@ -214,7 +220,7 @@ def validate(
 ) -> ValidationResult:
     """Predict SGD's test loss and generalization gap; compare with ``trials`` real runs.
 
-    The schedule is one of the engine's (:mod:`perturb.schedules`):
+    The schedule is one of the engine's (:mod:`perturb.symbolic.schedules`):
 
     * ``"online"``: ``T = steps`` steps on fresh batches of ``B`` iid draws;
     * ``"epochs"``: ``E = epochs`` passes over a training set of ``N = train_size``
@@ -226,7 +232,7 @@ def validate(
     (the first ``t`` steps of a run are a run of that shorter schedule).  The SDE
     models fresh samples every step (``dθ = −∇l dt + sqrt(η/B) C^{1/2} dW``), so it is
     not available for GD, whose only noise is the draw of the training set; the
-    re-summed series exists for online SGD and GD only (:mod:`perturb.resum`).
+    re-summed series exists for online SGD and GD only (:mod:`perturb.symbolic.resummed`).
     Predictors that do not apply are listed in ``config["unavailable"]`` with the
     reason.
 

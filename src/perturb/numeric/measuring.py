@@ -1,7 +1,7 @@
 r"""Matrix-free diagram values on real networks, with unbiased estimates and error bars.
 
-Every term of a series (:mod:`perturb.series`) multiplies a tensor network
-(:class:`perturb.contractions.Contraction`).  :meth:`Contraction.value` evaluates it from
+Every term of a series (:mod:`perturb.symbolic.series`) multiplies a tensor network
+(:class:`perturb.symbolic.contractions.Contraction`).  :meth:`Contraction.value` evaluates it from
 *materialized* per-sample tensors ``∇^k l_x`` of size ``n·P^k``; this module evaluates the
 same number with ``torch.func`` without forming anything of size ``P²``, so it runs on real
 networks.
@@ -120,12 +120,12 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 from tqdm.auto import tqdm
 
-from perturb.contractions import Contraction
-from perturb.diagrams import set_partitions
-from perturb.models import check_model, cross_entropy_per_sample
-from perturb.predict import Population
-from perturb.schedules import Epochs, Online, Schedule
-from perturb.series import QUANTITIES, series
+from perturb.experiments.models import check_model, cross_entropy_per_sample
+from perturb.numeric.prediction import Population
+from perturb.symbolic.contractions import Contraction
+from perturb.symbolic.diagrams import set_partitions
+from perturb.symbolic.schedules import Epochs, Online, Schedule
+from perturb.symbolic.series import QUANTITIES, series
 
 __all__ = [
     "FlatLoss",
@@ -203,7 +203,7 @@ def flat_loss(
 ) -> tuple[FlatLoss, torch.Tensor]:
     """Per-sample loss of ``model`` on flat parameters, and the current flat parameters.
 
-    The model is checked with :func:`perturb.models.check_model` (a warning for ReLU and other
+    The model is checked with :func:`perturb.experiments.models.check_model` (a warning for ReLU and other
     non-analytic pieces, an error for BatchNorm in training mode).
 
     Args:
@@ -1516,13 +1516,13 @@ def measure(
         loss: a model's per-sample loss (default cross-entropy).
         max_message_elements: memory bound of one message (see :func:`moment_network`).
         estimator: ``"tuples"`` or ``"groups"`` (estimates only; see above).
-        tuple_range: for sharding across processes (:mod:`perturb.distributed`): given
+        tuple_range: for sharding across processes (:mod:`perturb.numeric.distributed`): given
             the number ``R`` of tuples, the range of tuples this call evaluates; the
             result then holds those tuples only (``meta["tuples_total"]`` is ``R``).
         distributed: under ``torchrun`` (a default :mod:`torch.distributed` process
             group of ``W > 1`` processes is initialized), split the ``R`` tuples across
             the ranks and all-gather the per-tuple values
-            (:func:`perturb.distributed.measure_distributed`): every rank must pass the
+            (:func:`perturb.numeric.distributed.measure_distributed`): every rank must pass the
             same arguments and gets the single-process result.  ``exact=True`` and
             ``estimator="groups"`` are computed whole on every rank.  ``False``: compute
             everything here.
@@ -1541,7 +1541,7 @@ def measure(
         0.42
     """
     if distributed and tuple_range is None:
-        from perturb.distributed import measure_distributed, world
+        from perturb.numeric.distributed import measure_distributed, world
 
         if world()[1] > 1:
             return measure_distributed(

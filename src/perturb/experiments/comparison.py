@@ -1,6 +1,6 @@
 """Every theory side by side on one run: real SGD against each theory's prediction.
 
-The setting is :func:`perturb.validate.validate`'s: the population is a fixed set of
+The setting is :func:`perturb.experiments.validation.validate`'s: the population is a fixed set of
 ``n`` labelled images, online SGD draws its samples uniformly with replacement, and
 the test loss is the mean loss over the population, so every statistic at ``θ_0`` is
 exact.  For a grid of learning rates ``η``, batch sizes ``B`` and step counts ``T``
@@ -10,12 +10,12 @@ and the predictors are
 * ``order d``: perturb's un-resummed series through ``η^d``;
 * ``resummed 2``: perturb's re-summed diagrams with up to two edges;
 * ``ODE``: gradient flow on the quadratic model at ``θ_0``
-  (:func:`perturb.baselines.ode_test_loss`);
+  (:func:`perturb.experiments.baselines.ode_test_loss`);
 * ``SDE``: seed 001's diffusion with statistics frozen at ``θ_0``
-  (:func:`perturb.baselines.sde_test_loss`);
+  (:func:`perturb.experiments.baselines.sde_test_loss`);
 * ``Lyapunov``: the exact moments of discrete SGD on the same quadratic model with
   constant noise, ``m' = Km − ηG``, ``Σ' = KΣK + (η²/B)C``, ``K = I − ηH``
-  (:func:`perturb.baselines.lyapunov_test_loss`);
+  (:func:`perturb.experiments.baselines.lyapunov_test_loss`);
 * ``stationary``: the ``T → ∞`` limit of ``Lyapunov``, the minimum of the quadratic
   model plus ``½tr(HΣ)`` with ``Σ = KΣK + (η²/B)C``; it exists only when ``H`` is
   positive definite and ``ηh_i < 2`` (near a minimum), and is reported as ``nan``
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from perturb.baselines import (
+from perturb.experiments.baselines import (
     QuadraticModel,
     lyapunov_test_loss,
     mean_hessian,
@@ -47,12 +47,13 @@ from perturb.baselines import (
     sde_test_loss,
     stationary_excess_loss,
 )
-from perturb.data import load_dataset
-from perturb.measure import measure
-from perturb.models import build_model
-from perturb.resum import resummed_terms, resummed_values
-from perturb.schedules import Online
-from perturb.simulate import model_loss, simulate
+from perturb.experiments.data import load_dataset
+from perturb.experiments.models import build_model
+from perturb.experiments.simulation import model_loss, simulate
+from perturb.numeric.measuring import measure
+from perturb.numeric.resummation import resummed_values
+from perturb.symbolic.resummed import resummed_terms
+from perturb.symbolic.schedules import Online
 
 __all__ = ["Comparison", "compare"]
 

@@ -35,7 +35,7 @@ import networkx as nx
 import numpy as np
 import sympy as sp
 
-from perturb.diagrams import set_partitions
+from perturb.symbolic.diagrams import set_partitions
 
 __all__ = ["Contraction", "tensor_name"]
 

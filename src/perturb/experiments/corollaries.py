@@ -15,7 +15,7 @@ them with the engine: :func:`gap_limit` (the ``T → ∞`` limit ``tr(C H^{-1})/
 * Corollary 4 (GDC, :func:`gdc_loss`): full-batch GD on a modified loss that matches
   SGD's expected test loss through ``η²``.
 * Corollary 5 (SGD vs ODE and SDE, :func:`sgd_minus_ode`, :func:`non_gaussian_part`):
-  filters of a :class:`~perturb.series.Series`.
+  filters of a :class:`~perturb.symbolic.series.Series`.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch.func import grad, hessian, vmap
 
-from perturb.predict import Population, predict
-from perturb.schedules import GD, Online
-from perturb.series import Series
+from perturb.numeric.prediction import Population, predict
+from perturb.symbolic.schedules import GD, Online
+from perturb.symbolic.series import Series
 
 __all__ = [
     "displacement",
@@ -168,7 +168,7 @@ def drift_velocity(
     along the flat directions (``h = 0``, where displacements grow linearly in ``T``).
     The cost does not depend on ``T``.
 
-    Derivation check on ARCHIMEDES (:func:`perturb.landscapes.archimedes`) at ``θ = 0``:
+    Derivation check on ARCHIMEDES (:func:`perturb.experiments.landscapes.archimedes`) at ``θ = 0``:
     ``G = 0``, so every diagram needs its leaves tied; with at most 3 edges the only
     surviving displacement diagram is root ← ``J``-node ← two tied leaves (``C``), of
     value ``−½ η³ Σ_{s<t<T} J_{μνλ} (K^{t−s−1})_μ (K^{t−s−1})_ν C_{μν} K_λ^{T−t−1}``
@@ -315,7 +315,7 @@ def gd_test_loss_increase(
     eigen-direction ``C (1 − (1 − ηh)^T)² / (2Nh)``: small for ``ηTh ≪ 1`` (flat:
     GD barely moves) and for ``h ≫ 1/(ηT)`` (sharp: the noise ``C/N`` costs
     ``C/(2Nh)``), largest in between.  On quadratic landscapes with constant ``H`` and
-    ``C`` (:func:`perturb.landscapes.mean_estimation`) it is exact at every ``T``.
+    ``C`` (:func:`perturb.experiments.landscapes.mean_estimation`) it is exact at every ``T``.
 
     Args:
         population: the data distribution.
@@ -645,10 +645,10 @@ def sgd_minus_ode(series: Series) -> Series:
     ``(T/2) tr(C H) η²``.
 
     Args:
-        series: a cumulant-form :class:`~perturb.series.Series`.
+        series: a cumulant-form :class:`~perturb.symbolic.series.Series`.
 
     Returns:
-        A new :class:`~perturb.series.Series` with only the noise terms.
+        A new :class:`~perturb.symbolic.series.Series` with only the noise terms.
 
     Example:
         >>> import perturb
@@ -671,10 +671,10 @@ def non_gaussian_part(series: Series) -> Series:
     with ``B = 1`` the first is ``−(T/6) J:S η³``.
 
     Args:
-        series: a cumulant-form :class:`~perturb.series.Series`.
+        series: a cumulant-form :class:`~perturb.symbolic.series.Series`.
 
     Returns:
-        A new :class:`~perturb.series.Series` with only the non-Gaussian terms.
+        A new :class:`~perturb.symbolic.series.Series` with only the non-Gaussian terms.
 
     Example:
         >>> import perturb

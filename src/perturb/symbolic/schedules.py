@@ -40,7 +40,7 @@ from functools import cache
 
 import sympy as sp
 
-from perturb.diagrams import Diagram, set_partitions
+from perturb.symbolic.diagrams import Diagram, set_partitions
 
 __all__ = ["GD", "Epochs", "Online", "Schedule"]
 

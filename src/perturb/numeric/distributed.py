@@ -2,7 +2,7 @@
 
 Launch any script with ``torchrun --nproc-per-node K script.py``; in the script call
 :func:`init_from_env` once (or wrap the work in :func:`session`), then call
-:func:`perturb.measure.measure` and :func:`perturb.simulate.simulate` as usual: once a
+:func:`perturb.numeric.measuring.measure` and :func:`perturb.experiments.simulation.simulate` as usual: once a
 default process group of ``W > 1`` processes is initialized they split their work
 across the ranks (through :func:`measure_distributed` and :func:`simulate_distributed`;
 pass ``distributed=False`` to keep a call local) and every rank gets the single-process
@@ -17,11 +17,11 @@ What is split, and why the results do not depend on the number of processes:
   seeded shuffle of the rows and cuts it into the same ``R`` disjoint tuples; rank ``r``
   evaluates only the contiguous block :func:`shard` ``(R, r, W)`` of tuples, and the
   per-tuple values ``Z_r`` (float64) are all-gathered in tuple order.  Every rank ends
-  with the same :class:`~perturb.measure.Statistics` as a single process.
+  with the same :class:`~perturb.numeric.measuring.Statistics` as a single process.
   ``exact=True`` and ``estimator="groups"`` are not split: every rank computes them whole.
 * **simulation**: rank ``r`` runs the trials :func:`shard` ``(K, r, W)``
   (``simulate(trials=range(a, b))``), each with its own per-trial seed ``(seed, k)``
-  (:func:`perturb.simulate.trial_indices`), and the per-trial losses are all-gathered in
+  (:func:`perturb.experiments.simulation.trial_indices`), and the per-trial losses are all-gathered in
   trial order.
 
 :func:`communication_bytes` gives the bytes each rank receives.
@@ -46,11 +46,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from perturb.schedules import Schedule
+from perturb.symbolic.schedules import Schedule
 
 # the modules, not the functions of the same name that ``perturb`` re-exports
-_m = importlib.import_module("perturb.measure")
-_s = importlib.import_module("perturb.simulate")
+_m = importlib.import_module("perturb.numeric.measuring")
+_s = importlib.import_module("perturb.experiments.simulation")
 
 __all__ = [
     "communication_bytes",
@@ -295,7 +295,7 @@ def simulate_distributed(
     record_every: int | None = None,
     diverge_above: float = 1e8,
 ) -> _s.Trials:
-    """:func:`perturb.simulate.simulate`, with the trials split across the ranks.
+    """:func:`perturb.experiments.simulation.simulate`, with the trials split across the ranks.
 
     With ``K`` trials (or a ``range`` of them), rank ``r`` runs the block
     :func:`shard` ``(K, r, W)`` only, as ``simulate(..., trials=range(a, b))`` (trial
@@ -367,13 +367,13 @@ def measure_distributed(
     progress: bool = True,
     **kw: Any,
 ) -> _m.Statistics:
-    """:func:`perturb.measure.measure`, with the tuples split across the ranks.
+    """:func:`perturb.numeric.measuring.measure`, with the tuples split across the ranks.
 
     Every rank builds the same seeded layout of ``R`` disjoint tuples as ``measure``;
     rank ``r`` evaluates the tuples :func:`shard` ``(R, r, W)`` only, and the per-tuple
     values are all-gathered (float64) in tuple order (an open-root statistic's batch
     means, ``vector_batches``, are partial on each rank and summed), so every rank returns the
-    :class:`~perturb.measure.Statistics` of a single-process ``measure`` (to float64
+    :class:`~perturb.numeric.measuring.Statistics` of a single-process ``measure`` (to float64
     rounding); ``meta["evaluations"]`` is the total over the ranks and
     ``meta["world_size"]`` is ``W``.  Only the default ``estimator="tuples"`` with
     ``exact=False`` is split: ``exact=True`` and ``estimator="groups"`` are computed

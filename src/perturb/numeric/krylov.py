@@ -1,6 +1,6 @@
 r"""Re-summed predictions on real networks: Rayleigh–Ritz in a block-Krylov subspace.
 
-The re-summed diagrams (:mod:`perturb.resum`) need matrix functions of ``ηH`` (every
+The re-summed diagrams (:mod:`perturb.symbolic.resummed`) need matrix functions of ``ηH`` (every
 edge carries ``η(I − ηH)^{Δt−1}``), which the exact path gets from a full
 eigendecomposition of the ``P×P`` mean Hessian: impossible for ``P ≈ 10⁵``.  This
 module replaces ``H`` by its Rayleigh–Ritz (Galerkin) projection on a ``k``-dimensional
@@ -67,11 +67,12 @@ from typing import Any
 import torch
 from torch.func import grad, vmap
 
-from perturb.measure import _derivative, _Objective, _objective, _summed
-from perturb.predict import Prediction, _check_lr
-from perturb.resum import _supported, resummed_by_quantity, resummed_terms
-from perturb.schedules import Online, Schedule
-from perturb.series import QUANTITIES
+from perturb.numeric.measuring import _derivative, _Objective, _objective, _summed
+from perturb.numeric.prediction import Prediction, _check_lr
+from perturb.numeric.resummation import resummed_by_quantity
+from perturb.symbolic.resummed import _supported, resummed_terms
+from perturb.symbolic.schedules import Online, Schedule
+from perturb.symbolic.series import QUANTITIES
 
 __all__ = ["KrylovSubspace", "krylov_subspace"]
 
@@ -342,7 +343,7 @@ def krylov_subspace(
 
     Args:
         loss_fn_or_model: an ``nn.Module`` (with ``data = (x, y)``), a
-            :class:`perturb.measure.FlatLoss`, a per-row ``loss_fn(params, row)`` or a
+            :class:`perturb.numeric.measuring.FlatLoss`, a per-row ``loss_fn(params, row)`` or a
             :class:`perturb.Population` (then ``data=None``).
         data: the rows.
         theta0: the point (a model's own parameters by default).

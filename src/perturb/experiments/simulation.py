@@ -11,7 +11,7 @@ population distribution whose mean loss
     L(θ) = \\frac{1}{n}\\sum_{i=1}^{n} l_{x_i}(θ)
 
 is exactly the test loss the theory predicts.  Every schedule is one shape (see
-:mod:`perturb.schedules`): each trial draws a training set of ``N = M·B`` indices
+:mod:`perturb.symbolic.schedules`): each trial draws a training set of ``N = M·B`` indices
 iid from the population, then walks it ``E`` times in ``M`` batches of ``B``
 consecutive points, in a fixed order or reshuffled each epoch, for ``T = M·E``
 steps
@@ -29,7 +29,7 @@ its samples from its own generator, seeded from ``(seed, k)``, so its trajectory
 does not depend on how many trials run beside it, on ``chunk``, or on which process
 runs it (``trials=range(a, b)`` runs trials ``a … b-1`` alone; under ``torchrun``
 :func:`simulate` splits the trials across the processes, see
-:mod:`perturb.distributed`); every learning
+:mod:`perturb.numeric.distributed`); every learning
 rate sees the same samples (common random numbers).  :func:`simulate_loop` runs the
 same trials one after another and serves as the reference.
 """
@@ -49,8 +49,8 @@ from scipy import stats
 from torch import nn
 from tqdm.auto import tqdm
 
-from perturb.models import cross_entropy_per_sample
-from perturb.schedules import Schedule
+from perturb.experiments.models import cross_entropy_per_sample
+from perturb.symbolic.schedules import Schedule
 
 __all__ = ["Trials", "model_loss", "simulate", "simulate_loop", "trial_indices"]
 
@@ -762,9 +762,9 @@ _DOC_ARGS = """
             :func:`model_loss`).  It must be :func:`torch.func.vmap`-compatible.
         theta0: ``θ_0``, shape ``(P,)``, shared by every trial.
         population: ``(x, y)``, the finite population sampled uniformly with
-            replacement (a :class:`perturb.data.Dataset` works too).
-        schedule: A numeric schedule (:func:`~perturb.schedules.Online`,
-            :func:`~perturb.schedules.Epochs`, :func:`~perturb.schedules.GD`).
+            replacement (a :class:`perturb.experiments.data.Dataset` works too).
+        schedule: A numeric schedule (:func:`~perturb.symbolic.schedules.Online`,
+            :func:`~perturb.symbolic.schedules.Epochs`, :func:`~perturb.symbolic.schedules.GD`).
         lr: ``η``, a number ``>= 0`` or a list of them; all run on the same samples.
         trials: ``K >= 1`` trials per learning rate, or a ``range`` of trial numbers
             (step 1, start ``>= 0``): ``trials=range(a, b)`` runs trials ``a … b-1``
@@ -815,14 +815,14 @@ def simulate(
 
     Each trial draws its training set of ``N = M·B`` points iid from the population
     and runs ``T = M·E`` steps ``θ_{t+1} = θ_t - η ∇ (1/B) Σ_{x∈𝓑_t} l_x(θ_t)`` from
-    ``θ_0`` (see :mod:`perturb.simulate`).  The parameters of all trials form a
+    ``θ_0`` (see :mod:`perturb.experiments.simulation`).  The parameters of all trials form a
     ``(K, P)`` matrix updated by one vectorized step; the test loss
     ``L(θ_T) = mean_{test} l_x(θ_T)`` and the train loss ``(1/N) Σ_n l_{x_n}(θ_T)``
     of each trial are recorded.
 
     Under ``torchrun`` (a default :mod:`torch.distributed` process group of ``W > 1``
     processes is initialized) and with ``distributed=True``, the trials are split
-    across the ranks and their losses gathered (:func:`perturb.distributed.simulate_distributed`):
+    across the ranks and their losses gathered (:func:`perturb.numeric.distributed.simulate_distributed`):
     every rank must pass the same arguments and returns the same :class:`Trials` as one
     process would.  ``distributed=False`` runs every trial here.
     {args}
@@ -843,7 +843,7 @@ def simulate(
         True
     """
     if distributed:
-        from perturb.distributed import simulate_distributed, world
+        from perturb.numeric.distributed import simulate_distributed, world
 
         if world()[1] > 1:
             return simulate_distributed(
