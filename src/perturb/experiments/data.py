@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from perturb.errors import DataError
+
 __all__ = ["DATASET_NAMES", "DataError", "Dataset", "load_dataset"]
 
 #: Canonical dataset names accepted by :func:`load_dataset` (plus ``"npz:PATH"``).
@@ -66,18 +68,6 @@ _CIFAR_FILES = {
     "train": tuple(f"data_batch_{i}" for i in range(1, 6)),
     "test": ("test_batch",),
 }
-
-
-class DataError(ValueError):
-    """A dataset could not be found or read, or its files are corrupt.
-
-    Examples:
-        >>> try:
-        ...     load_dataset("mnist-but-wrong")
-        ... except DataError as err:
-        ...     print("valid names" in str(err))
-        True
-    """
 
 
 @dataclass(frozen=True, eq=False, repr=False)

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from perturb.errors import ModelSpecError
+
 __all__ = [
     "BUILTIN_MODELS",
     "ModelSpecError",
@@ -47,18 +49,6 @@ class NonSmoothWarning(UserWarning):
 
     Examples:
         >>> issubclass(NonSmoothWarning, UserWarning)
-        True
-    """
-
-
-class ModelSpecError(ValueError):
-    """A model spec passed to :func:`build_model` cannot be turned into a model.
-
-    Examples:
-        >>> try:
-        ...     build_model("resnet", (1, 8, 8), 10)
-        ... except ModelSpecError as err:
-        ...     print("smooth-convnet" in str(err))
         True
     """
 
