@@ -209,7 +209,7 @@ def test_no_process_group_fallbacks(monkeypatch):
 def test_single_process_equals_measure_and_simulate():
     p = _problem()
     x, y, theta0 = p["problem"]()
-    st = D.measure_distributed(p["row_loss"], (x, y), theta0, **p["MEASURE"])
+    st = _m.measure_distributed(p["row_loss"], (x, y), theta0, **p["MEASURE"])
     ref = _m.measure(p["row_loss"], (x, y), theta0, **p["MEASURE"])
     assert st.group_values.keys() == ref.group_values.keys()
     assert (st.groups, st.rows, st.parameters) == (ref.groups, ref.rows, ref.parameters)
@@ -220,7 +220,7 @@ def test_single_process_equals_measure_and_simulate():
     pb = ref.predict(Online(steps=3, batch_size=1), lr=[0.1])
     np.testing.assert_array_equal(pa.total, pb.total)
 
-    tr = D.simulate_distributed(p["loss_fn"], theta0, (x, y), p["SCHEDULE"], **p["SIMULATE"])
+    tr = _s.simulate_distributed(p["loss_fn"], theta0, (x, y), p["SCHEDULE"], **p["SIMULATE"])
     tref = _s.simulate(p["loss_fn"], theta0, (x, y), p["SCHEDULE"], **p["SIMULATE"])
     np.testing.assert_allclose(tr.test_loss, tref.test_loss, rtol=0, atol=1e-12)
     np.testing.assert_allclose(tr.curve, tref.curve, rtol=0, atol=1e-12)
@@ -240,7 +240,7 @@ def test_communication_bytes_rejects_bad_arguments():
 def test_single_process_other_estimators_pass_through():
     f = lambda p, x: ((p - x) ** 2).sum() / 2  # noqa: E731
     x = torch.eye(3, dtype=torch.float64)
-    a = D.measure_distributed(f, x, torch.zeros(3), order=1, exact=True, progress=False)
+    a = _m.measure_distributed(f, x, torch.zeros(3), order=1, exact=True, progress=False)
     b = _m.measure(f, x, torch.zeros(3), order=1, exact=True, progress=False)
     assert a.exact and all(
         np.array_equal(a.group_values[k], b.group_values[k]) for k in b.group_values

@@ -56,7 +56,7 @@ def layout(diagram: Diagram) -> dict[int, tuple[float, float]]:
         ``{node: (x, y)}`` for every node of the diagram.
 
     Example:
-        >>> from perturb.diagrams import Diagram
+        >>> from perturb.symbolic.diagrams import Diagram
         >>> layout(Diagram(parents=(-1, 0, 1, 0), parts=((0,), (1,), (2,), (3,))))
         {0: (2.0, 0.5), 1: (1.0, 0.0), 2: (0.0, 0.0), 3: (1.0, 1.0)}
     """
@@ -96,7 +96,7 @@ def render(diagram: Diagram, *, title: str | None = None) -> Figure:
         A :class:`~matplotlib.figure.Figure` not attached to pyplot.
 
     Example:
-        >>> from perturb.diagrams import Diagram
+        >>> from perturb.symbolic.diagrams import Diagram
         >>> fig = render(Diagram(parents=(-1, 0, 0), parts=((0,), (1, 2))))
         >>> sorted({p.get_gid() for p in fig.axes[0].patches})
         ['part-1']
@@ -178,7 +178,7 @@ def draw_diagram(
 
     Example:
         >>> import tempfile
-        >>> from perturb.diagrams import diagrams
+        >>> from perturb.symbolic.diagrams import diagrams
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     out = draw_diagram(diagrams(2)[1], Path(tmp) / "tie.svg", title="tr(C H)")
         ...     print(out.name, out.read_text().count('id="part-1"'))
@@ -226,7 +226,7 @@ def draw_diagrams(
 
     Example:
         >>> import tempfile
-        >>> from perturb.diagrams import diagrams
+        >>> from perturb.symbolic.diagrams import diagrams
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     print([p.name for p in draw_diagrams(diagrams(2), tmp, fmt="png")])
         ['d2_000.png', 'd2_001.png', 'd2_002.png']

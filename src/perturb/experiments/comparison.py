@@ -250,7 +250,7 @@ def compare(
         ValueError: on an empty or malformed grid, ``trials < 2`` or orders outside 0..4.
 
     Example:
-        >>> from perturb.models import mlp
+        >>> from perturb.experiments.models import mlp
         >>> softmax = mlp((1, 8, 8), 10, hidden=())  # softmax regression, 650 parameters
         >>> r = compare(model=softmax, lrs=(0.01,), batch_sizes=(2,), steps=(3,), trials=4,
         ...             orders=(1,), population=16)

@@ -123,7 +123,7 @@ def displacement(
         ``E[θ_T − θ_0]`` to that order, a float64 array of shape ``(P,)``.
 
     Example:
-        >>> from perturb.landscapes import archimedes
+        >>> from perturb.experiments.landscapes import archimedes
         >>> pop, theta0 = archimedes()
         >>> displacement(pop, theta0, lr=0.1, steps=1).tolist()  # one step: E ∇l = 0
         [0.0, 0.0, 0.0]
@@ -199,7 +199,7 @@ def drift_velocity(
             ``l`` diverges).
 
     Example:
-        >>> from perturb.landscapes import archimedes
+        >>> from perturb.experiments.landscapes import archimedes
         >>> pop, theta0 = archimedes()
         >>> v = drift_velocity(pop, theta0, lr=0.01)
         >>> round(float(v[2] / (0.01**2 / 6)), 4), round(float(abs(v[:2]).max()), 12)
@@ -272,7 +272,7 @@ def gd_generalization_gap(
         The predicted gap, a float.
 
     Example:
-        >>> from perturb.landscapes import mean_estimation
+        >>> from perturb.experiments.landscapes import mean_estimation
         >>> pop, theta0 = mean_estimation(curvature=1.0)
         >>> gd_generalization_gap(pop, theta0, lr=0.5, steps=2, train_size=4)  # (1 − ¼)/4
         0.1875
@@ -329,7 +329,7 @@ def gd_test_loss_increase(
         The predicted increase, a float.
 
     Example:
-        >>> from perturb.landscapes import mean_estimation
+        >>> from perturb.experiments.landscapes import mean_estimation
         >>> pop, theta0 = mean_estimation(curvature=1.0)
         >>> gd_test_loss_increase(pop, theta0, lr=0.5, steps=1, train_size=4)  # ¼/(2·4)
         0.03125
@@ -373,7 +373,7 @@ def gap_limit(population: Population, theta0: torch.Tensor, *, train_size: int) 
             along flat directions, or GD leaves ``θ_0``).
 
     Example:
-        >>> from perturb.landscapes import mean_estimation
+        >>> from perturb.experiments.landscapes import mean_estimation
         >>> pop, theta0 = mean_estimation(curvature=2.0, noise=1.0, dim=3)
         >>> round(gap_limit(pop, theta0, train_size=10), 12)  # tr(I · I/2)/10
         0.15

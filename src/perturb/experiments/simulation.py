@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -50,6 +50,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from perturb.experiments.models import cross_entropy_per_sample
+from perturb.numeric.distributed import all_ints, gather_blocks, same_on_all_ranks, shard, world
 from perturb.symbolic.schedules import Schedule
 
 __all__ = ["Trials", "model_loss", "simulate", "simulate_loop", "trial_indices"]
@@ -236,6 +237,12 @@ class Trials:
             "curve_sem": _jsonable(curve_sem),
         }
 
+    def communication_bytes(self, world: int) -> int:
+        """Bytes each rank receives when ``world`` ranks split these trials (see
+        :func:`perturb.numeric.distributed.communication_bytes`)."""
+        block = -(-self.trials // world)
+        return 8 * world * (5 + block * len(self.lrs) * (3 + len(self.steps)))
+
 
 def _summary(values: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row-wise mean, standard error and t half-width over the finite entries."""
@@ -286,7 +293,7 @@ def model_loss(
         model's parameters, shape ``(P,)``.
 
     Example:
-        >>> from perturb.models import mlp
+        >>> from perturb.experiments.models import mlp
         >>> loss_fn, theta0 = model_loss(mlp((1, 2, 2), 3, hidden=()))
         >>> theta0.shape
         torch.Size([15])
@@ -359,7 +366,7 @@ def trial_indices(
         and of each step's batch, shape ``(T, B)``.
 
     Example:
-        >>> from perturb.schedules import Epochs
+        >>> from perturb.symbolic.schedules import Epochs
         >>> train, batches = trial_indices(Epochs(train_size=4, batch_size=2, epochs=3), 10)
         >>> train.shape, batches.shape
         ((4,), (6, 2))
@@ -822,12 +829,12 @@ def simulate(
 
     Under ``torchrun`` (a default :mod:`torch.distributed` process group of ``W > 1``
     processes is initialized) and with ``distributed=True``, the trials are split
-    across the ranks and their losses gathered (:func:`perturb.numeric.distributed.simulate_distributed`):
+    across the ranks and their losses gathered (:func:`simulate_distributed`):
     every rank must pass the same arguments and returns the same :class:`Trials` as one
     process would.  ``distributed=False`` runs every trial here.
     {args}
     Example:
-        >>> from perturb.schedules import Online
+        >>> from perturb.symbolic.schedules import Online
         >>> x = torch.tensor([[1.0], [-1.0]])
         >>> def loss_fn(theta, xb, yb):
         ...     return 0.5 * (theta**2).sum() + xb @ theta
@@ -843,8 +850,6 @@ def simulate(
         True
     """
     if distributed:
-        from perturb.numeric.distributed import simulate_distributed, world
-
         if world()[1] > 1:
             return simulate_distributed(
                 loss_fn, theta0, population, schedule, lr=lr, trials=trials, test=test,
@@ -883,7 +888,7 @@ def simulate_loop(
     and ignored.
     {args}
     Example:
-        >>> from perturb.schedules import GD
+        >>> from perturb.symbolic.schedules import GD
         >>> x = torch.tensor([[1.0], [-1.0]])
         >>> def loss_fn(theta, xb, yb):
         ...     return 0.5 * (theta**2).sum() + xb @ theta
@@ -902,3 +907,79 @@ def simulate_loop(
 
 simulate.__doc__ = (simulate.__doc__ or "").replace("{args}", _DOC_ARGS)
 simulate_loop.__doc__ = (simulate_loop.__doc__ or "").replace("{args}", _DOC_ARGS)
+
+
+def simulate_distributed(
+    loss_fn: LossFn,
+    theta0: torch.Tensor,
+    population: tuple[torch.Tensor, torch.Tensor],
+    schedule: Schedule,
+    *,
+    lr: float | Sequence[float],
+    trials: int | range,
+    seed: int = 0,
+    test: tuple[torch.Tensor, torch.Tensor] | None = None,
+    chunk: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float64,
+    progress: bool = False,
+    record_every: int | None = None,
+    diverge_above: float = 1e8,
+) -> Trials:
+    """:func:`perturb.experiments.simulation.simulate`, with the trials split across the ranks.
+
+    With ``K`` trials (or a ``range`` of them), rank ``r`` runs the block
+    :func:`shard` ``(K, r, W)`` only, as ``simulate(..., trials=range(a, b))`` (trial
+    ``k`` keeps its own seed ``(seed, k)``); test and train losses, divergence flags
+    and curves are all-gathered in trial order, so every rank returns the same
+    :class:`Trials` as a single-process ``simulate``.  A rank with no trial (``K < W``)
+    runs the first one and discards it, so that every rank checks the arguments alike.
+    ``simulate`` itself calls this under a process group; same arguments; the progress
+    bar shows on rank 0 only.
+
+    Raises:
+        ValueError: For bad arguments (as ``simulate``), or when the ranks disagree on
+            the number of trials, the first trial, the learning rates, the recorded
+            steps or the seed.
+
+    Example:
+        >>> from perturb.symbolic.schedules import Online
+        >>> x = torch.tensor([[1.0], [-1.0]])
+        >>> def loss_fn(theta, xb, yb):
+        ...     return 0.5 * (theta**2).sum() + xb @ theta
+        >>> args = (loss_fn, torch.zeros(1), (x, torch.zeros(2)), Online(steps=4, batch_size=1))
+        >>> a = simulate_distributed(*args, lr=[0.1, 0.3], trials=5, seed=3)
+        >>> b = simulate(*args, lr=[0.1, 0.3], trials=5, seed=3)
+        >>> bool(np.array_equal(a.test_loss, b.test_loss))
+        True
+    """
+    rank, size = world()
+    count = len(trials) if isinstance(trials, range) else trials
+    options = dict(
+        lr=lr, seed=seed, test=test, chunk=chunk, device=device, dtype=dtype,
+        record_every=record_every, diverge_above=diverge_above, distributed=False,
+    )  # fmt: skip
+    if size == 1 or isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 1:
+        # one process, or bad trials: simulate's own checks raise on every rank alike
+        return simulate(
+            loss_fn, theta0, population, schedule, trials=trials, progress=progress, **options
+        )
+    every = trials if isinstance(trials, range) else range(int(trials))
+    part = shard(len(every), rank, size)
+    mine = every[part.start : part.stop]
+    local = simulate(
+        loss_fn, theta0, population, schedule, trials=mine if len(mine) else every[:1],
+        progress=progress and rank == 0, **options,
+    )  # fmt: skip
+    layout = [len(every), every.start, len(local.lrs), len(local.steps), local.seed]
+    same_on_all_ranks(
+        "len(trials), first trial, learning rates, recorded steps, seed", all_ints(layout)
+    )
+    blocks = (local.test_loss, local.train_loss, local.diverged, local.curve)
+    test_loss, train_loss, diverged, curve = (
+        gather_blocks(b[:, : len(mine)], len(every), axis=1) for b in blocks
+    )
+    return replace(
+        local, test_loss=test_loss, train_loss=train_loss, diverged=diverged.astype(bool),
+        curve=curve,
+    )  # fmt: skip

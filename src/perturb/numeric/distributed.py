@@ -35,9 +35,7 @@ collectives carry the process group's timeout, so the other ranks cannot wait fo
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
-import importlib
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -46,21 +44,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from perturb.symbolic.schedules import Schedule
-
-# the modules, not the functions of the same name that ``perturb`` re-exports
-_m = importlib.import_module("perturb.numeric.measuring")
-_s = importlib.import_module("perturb.experiments.simulation")
-
 __all__ = [
+    "all_ints",
+    "collective_device",
     "communication_bytes",
+    "gather_blocks",
     "init_from_env",
     "is_main",
-    "measure_distributed",
+    "same_on_all_ranks",
     "session",
     "shard",
     "shutdown",
-    "simulate_distributed",
+    "sum_over_ranks",
     "world",
 ]
 
@@ -211,14 +206,14 @@ def shard(n: int, rank: int, world: int) -> range:
     return range(start, start + base + (1 if rank < extra else 0))
 
 
-def _device() -> torch.device:
+def collective_device() -> torch.device:
     """Where collective tensors must live for the current backend."""
     if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda", torch.cuda.currentcollective_device())
     return torch.device("cpu")
 
 
-def _gather_blocks(block: np.ndarray, n: int, axis: int = 0) -> np.ndarray:
+def gather_blocks(block: np.ndarray, n: int, axis: int = 0) -> np.ndarray:
     """All-gather the ranks' :func:`shard` blocks of a float64 array along ``axis``.
 
     ``block`` holds this rank's ``len(shard(n, rank, world))`` entries along ``axis``; the
@@ -233,7 +228,7 @@ def _gather_blocks(block: np.ndarray, n: int, axis: int = 0) -> np.ndarray:
     most = len(shard(n, 0, size))
     pad = np.zeros((most, *moved.shape[1:]), dtype=np.float64)
     pad[: moved.shape[0]] = moved
-    dev = _device()
+    dev = collective_device()
     local = torch.from_numpy(pad).to(dev)
     parts = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(parts, local)
@@ -243,30 +238,30 @@ def _gather_blocks(block: np.ndarray, n: int, axis: int = 0) -> np.ndarray:
     return np.moveaxis(out, 0, axis)
 
 
-def _sum_over_ranks(block: np.ndarray) -> np.ndarray:
+def sum_over_ranks(block: np.ndarray) -> np.ndarray:
     """All-gather one float64 array of the same shape from every rank and sum, in rank order."""
     _, size = world()
     block = np.asarray(block, dtype=np.float64)
     if size == 1:
         return block
-    local = torch.from_numpy(np.ascontiguousarray(block)).to(_device())
+    local = torch.from_numpy(np.ascontiguousarray(block)).to(collective_device())
     parts = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(parts, local)
     return sum(p.cpu().numpy() for p in parts)
 
 
-def _all_ints(values: Sequence[int]) -> np.ndarray:
+def all_ints(values: Sequence[int]) -> np.ndarray:
     """All-gather a short list of integers: row ``r`` holds rank ``r``'s list."""
     _, size = world()
     if size == 1:
         return np.asarray([values], dtype=np.int64)
-    local = torch.tensor(list(values), dtype=torch.int64, device=_device())
+    local = torch.tensor(list(values), dtype=torch.int64, device=collective_device())
     parts = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(parts, local)
     return torch.stack(parts).cpu().numpy()
 
 
-def _same_on_all_ranks(what: str, rows: np.ndarray) -> None:
+def same_on_all_ranks(what: str, rows: np.ndarray) -> None:
     """Raise ``ValueError`` on every rank unless the gathered ``rows`` (one per rank) agree."""
     if not (rows == rows[0]).all():
         raise ValueError(
@@ -275,160 +270,10 @@ def _same_on_all_ranks(what: str, rows: np.ndarray) -> None:
         )
 
 
-# --------------------------------------------------------------------------- simulation
-
-
-def simulate_distributed(
-    loss_fn: _s.LossFn,
-    theta0: torch.Tensor,
-    population: tuple[torch.Tensor, torch.Tensor],
-    schedule: Schedule,
-    *,
-    lr: float | Sequence[float],
-    trials: int | range,
-    seed: int = 0,
-    test: tuple[torch.Tensor, torch.Tensor] | None = None,
-    chunk: int | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float64,
-    progress: bool = False,
-    record_every: int | None = None,
-    diverge_above: float = 1e8,
-) -> _s.Trials:
-    """:func:`perturb.experiments.simulation.simulate`, with the trials split across the ranks.
-
-    With ``K`` trials (or a ``range`` of them), rank ``r`` runs the block
-    :func:`shard` ``(K, r, W)`` only, as ``simulate(..., trials=range(a, b))`` (trial
-    ``k`` keeps its own seed ``(seed, k)``); test and train losses, divergence flags
-    and curves are all-gathered in trial order, so every rank returns the same
-    :class:`Trials` as a single-process ``simulate``.  A rank with no trial (``K < W``)
-    runs the first one and discards it, so that every rank checks the arguments alike.
-    ``simulate`` itself calls this under a process group; same arguments; the progress
-    bar shows on rank 0 only.
-
-    Raises:
-        ValueError: For bad arguments (as ``simulate``), or when the ranks disagree on
-            the number of trials, the first trial, the learning rates, the recorded
-            steps or the seed.
-
-    Example:
-        >>> from perturb.schedules import Online
-        >>> x = torch.tensor([[1.0], [-1.0]])
-        >>> def loss_fn(theta, xb, yb):
-        ...     return 0.5 * (theta**2).sum() + xb @ theta
-        >>> args = (loss_fn, torch.zeros(1), (x, torch.zeros(2)), Online(steps=4, batch_size=1))
-        >>> a = simulate_distributed(*args, lr=[0.1, 0.3], trials=5, seed=3)
-        >>> b = _s.simulate(*args, lr=[0.1, 0.3], trials=5, seed=3)
-        >>> bool(np.array_equal(a.test_loss, b.test_loss))
-        True
-    """
-    rank, size = world()
-    count = len(trials) if isinstance(trials, range) else trials
-    options = dict(
-        lr=lr, seed=seed, test=test, chunk=chunk, device=device, dtype=dtype,
-        record_every=record_every, diverge_above=diverge_above, distributed=False,
-    )  # fmt: skip
-    if size == 1 or isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 1:
-        # one process, or bad trials: simulate's own checks raise on every rank alike
-        return _s.simulate(
-            loss_fn, theta0, population, schedule, trials=trials, progress=progress, **options
-        )
-    every = trials if isinstance(trials, range) else range(int(trials))
-    part = shard(len(every), rank, size)
-    mine = every[part.start : part.stop]
-    local = _s.simulate(
-        loss_fn, theta0, population, schedule, trials=mine if len(mine) else every[:1],
-        progress=progress and rank == 0, **options,
-    )  # fmt: skip
-    layout = [len(every), every.start, len(local.lrs), len(local.steps), local.seed]
-    _same_on_all_ranks(
-        "len(trials), first trial, learning rates, recorded steps, seed", _all_ints(layout)
-    )
-    blocks = (local.test_loss, local.train_loss, local.diverged, local.curve)
-    test_loss, train_loss, diverged, curve = (
-        _gather_blocks(b[:, : len(mine)], len(every), axis=1) for b in blocks
-    )
-    return dataclasses.replace(
-        local, test_loss=test_loss, train_loss=train_loss, diverged=diverged.astype(bool),
-        curve=curve,
-    )  # fmt: skip
-
-
-# --------------------------------------------------------------------------- measurement
-
-
-def measure_distributed(
-    loss_fn_or_model: Any,
-    data: Any,
-    theta0: torch.Tensor | None = None,
-    *,
-    exact: bool = False,
-    estimator: str = "tuples",
-    progress: bool = True,
-    **kw: Any,
-) -> _m.Statistics:
-    """:func:`perturb.numeric.measuring.measure`, with the tuples split across the ranks.
-
-    Every rank builds the same seeded layout of ``R`` disjoint tuples as ``measure``;
-    rank ``r`` evaluates the tuples :func:`shard` ``(R, r, W)`` only, and the per-tuple
-    values are all-gathered (float64) in tuple order (an open-root statistic's batch
-    means, ``vector_batches``, are partial on each rank and summed), so every rank returns the
-    :class:`~perturb.numeric.measuring.Statistics` of a single-process ``measure`` (to float64
-    rounding); ``meta["evaluations"]`` is the total over the ranks and
-    ``meta["world_size"]`` is ``W``.  Only the default ``estimator="tuples"`` with
-    ``exact=False`` is split: ``exact=True`` and ``estimator="groups"`` are computed
-    whole on every rank (same result everywhere, no speed-up).  ``measure`` itself calls
-    this under a process group; same arguments; the progress bar shows on rank 0 only.
-
-    Raises:
-        ValueError: For bad arguments (as ``measure``), or when the ranks disagree on the
-            number of tuples, tuple size, parameters, seed or number of contractions.
-
-    Example:
-        >>> f = lambda p, x: ((p - x) ** 2).sum() / 2
-        >>> x = torch.randn(12, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-        >>> a = measure_distributed(f, x, torch.zeros(2), order=2, progress=False)
-        >>> b = _m.measure(f, x, torch.zeros(2), order=2, progress=False)
-        >>> all(np.array_equal(a.group_values[k], b.group_values[k]) for k in b.group_values)
-        True
-    """
-    rank, size = world()
-    if size == 1 or exact or estimator != "tuples":
-        return _m.measure(
-            loss_fn_or_model, data, theta0, exact=exact, estimator=estimator,
-            progress=progress and rank == 0, distributed=False, **kw,
-        )  # fmt: skip
-    local = _m.measure(
-        loss_fn_or_model, data, theta0, exact=False, estimator="tuples",
-        progress=progress and rank == 0, tuple_range=lambda k: shard(k, rank, size),
-        distributed=False, **kw,
-    )  # fmt: skip
-    total = int(local.meta["tuples_total"])
-    layout = [total, local.meta["tuple_size"], local.parameters, local.meta["seed"]]
-    rows = _all_ints([*layout, len(local.group_values), local.meta["evaluations"]])
-    _same_on_all_ranks("tuples, tuple size, parameters, seed, contractions", rows[:, :5])
-    batched = "vector_batches" in local.meta
-    values = {
-        key: _sum_over_ranks(v)
-        if batched and local.contractions[key].open_root
-        else _gather_blocks(v, total, axis=0)
-        for key, v in local.group_values.items()
-    }
-    meta = {k: v for k, v in local.meta.items() if k not in ("tuple_range", "tuples_total")}
-    meta.update(evaluations=int(rows[:, 5].sum()), world_size=size)
-    return dataclasses.replace(
-        local,
-        rows=total * int(local.meta["tuple_size"]),
-        groups=total,
-        group_values=values,
-        meta=meta,
-    )
-
-
 # --------------------------------------------------------------------------- traffic
 
 
-def communication_bytes(result: _m.Statistics | _s.Trials, world: int) -> int:
+def communication_bytes(result: Any, world: int) -> int:
     """Bytes each rank receives in the collectives that produce ``result`` on ``world`` ranks.
 
     Counted as the sizes of the ``all_gather`` output buffers (every rank's block, its own
@@ -456,8 +301,9 @@ def communication_bytes(result: _m.Statistics | _s.Trials, world: int) -> int:
         The number of bytes.
 
     Example:
-        >>> t = _s.Trials((0.1, 0.2), np.zeros((2, 10)), np.zeros((2, 10)),
-        ...               np.zeros((2, 10), dtype=bool), (0, 4), np.zeros((2, 10, 2)))
+        >>> from perturb.experiments.simulation import Trials
+        >>> t = Trials((0.1, 0.2), np.zeros((2, 10)), np.zeros((2, 10)),
+        ...            np.zeros((2, 10), dtype=bool), (0, 4), np.zeros((2, 10, 2)))
         >>> communication_bytes(t, 4)  # 8·4·(5 + 3·2·(3 + 2))
         1120
     """
@@ -465,18 +311,7 @@ def communication_bytes(result: _m.Statistics | _s.Trials, world: int) -> int:
         raise ValueError(f"world must be a positive integer, got {world!r}")
     if world == 1:
         return 0
-    if isinstance(result, _s.Trials):
-        block = -(-result.trials // world)
-        return 8 * world * (5 + block * len(result.lrs) * (3 + len(result.steps)))
-    if isinstance(result, _m.Statistics):
-        if result.exact or result.meta.get("estimator") != "tuples":
-            return 0
-        batched = "vector_batches" in result.meta
-        width = whole = 0
-        for key, v in result.group_values.items():
-            if batched and result.contractions[key].open_root:
-                whole += int(v.size)
-            else:
-                width += int(np.prod(v.shape[1:]))
-        return 8 * world * (6 + -(-result.groups // world) * width + whole)
-    raise TypeError(f"result must be a Statistics or a Trials, got {type(result).__name__}")
+    count = getattr(result, "communication_bytes", None)
+    if count is None:
+        raise TypeError(f"result must be a Statistics or a Trials, got {type(result).__name__}")
+    return int(count(world))

@@ -110,7 +110,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -121,6 +121,14 @@ from torch.func import functional_call, grad, jvp, vmap
 from tqdm.auto import tqdm
 
 from perturb.experiments.models import check_model, cross_entropy_per_sample
+from perturb.numeric.distributed import (
+    all_ints,
+    gather_blocks,
+    same_on_all_ranks,
+    shard,
+    sum_over_ranks,
+    world,
+)
 from perturb.numeric.prediction import Population
 from perturb.symbolic.contractions import Contraction
 from perturb.symbolic.diagrams import set_partitions
@@ -1189,7 +1197,7 @@ class Statistics:
 
     Example:
         >>> import torch
-        >>> from perturb.schedules import Online
+        >>> from perturb.symbolic.schedules import Online
         >>> f = lambda p, x: ((p - x) ** 2).sum() / 2
         >>> st = measure(f, torch.eye(2), torch.zeros(2), order=1, exact=True, progress=False)
         >>> pred = st.predict(Online(steps=3, batch_size=1), lr=[0.0, 0.1])
@@ -1401,6 +1409,20 @@ class Statistics:
             meta=dict(header.get("meta", {})),
         )
 
+    def communication_bytes(self, world: int) -> int:
+        """Bytes each rank receives when ``world`` ranks split this measurement (see
+        :func:`perturb.numeric.distributed.communication_bytes`)."""
+        if self.exact or self.meta.get("estimator") != "tuples":
+            return 0
+        batched = "vector_batches" in self.meta
+        width = whole = 0
+        for key, v in self.group_values.items():
+            if batched and self.contractions[key].open_root:
+                whole += int(v.size)
+            else:
+                width += int(np.prod(v.shape[1:]))
+        return 8 * world * (6 + -(-self.groups // world) * width + whole)
+
 
 class _HostCopy:
     """Device tensors to NumPy; large CUDA ones through one reused page-locked buffer.
@@ -1522,7 +1544,7 @@ def measure(
         distributed: under ``torchrun`` (a default :mod:`torch.distributed` process
             group of ``W > 1`` processes is initialized), split the ``R`` tuples across
             the ranks and all-gather the per-tuple values
-            (:func:`perturb.numeric.distributed.measure_distributed`): every rank must pass the
+            (:func:`measure_distributed`): every rank must pass the
             same arguments and gets the single-process result.  ``exact=True`` and
             ``estimator="groups"`` are computed whole on every rank.  ``False``: compute
             everything here.
@@ -1534,15 +1556,13 @@ def measure(
 
     Example:
         >>> import torch
-        >>> from perturb.schedules import Online
+        >>> from perturb.symbolic.schedules import Online
         >>> f = lambda p, x: ((p - x) ** 2).sum() / 2
         >>> st = measure(f, torch.eye(2), torch.zeros(2), order=2, exact=True, progress=False)
         >>> round(float(st.predict(Online(steps=2, batch_size=1), lr=0.1).total[0]), 6)
         0.42
     """
     if distributed and tuple_range is None:
-        from perturb.numeric.distributed import measure_distributed, world
-
         if world()[1] > 1:
             return measure_distributed(
                 loss_fn_or_model, data, theta0, order=order, schedules=schedules,
@@ -1668,4 +1688,72 @@ def measure(
             + sum(len(b) for b in engine.tuple_cache.values()),
             **meta_extra,
         },
+    )
+
+
+def measure_distributed(
+    loss_fn_or_model: Any,
+    data: Any,
+    theta0: torch.Tensor | None = None,
+    *,
+    exact: bool = False,
+    estimator: str = "tuples",
+    progress: bool = True,
+    **kw: Any,
+) -> Statistics:
+    """:func:`perturb.numeric.measuring.measure`, with the tuples split across the ranks.
+
+    Every rank builds the same seeded layout of ``R`` disjoint tuples as ``measure``;
+    rank ``r`` evaluates the tuples :func:`shard` ``(R, r, W)`` only, and the per-tuple
+    values are all-gathered (float64) in tuple order (an open-root statistic's batch
+    means, ``vector_batches``, are partial on each rank and summed), so every rank returns the
+    :class:`~perturb.numeric.measuring.Statistics` of a single-process ``measure`` (to float64
+    rounding); ``meta["evaluations"]`` is the total over the ranks and
+    ``meta["world_size"]`` is ``W``.  Only the default ``estimator="tuples"`` with
+    ``exact=False`` is split: ``exact=True`` and ``estimator="groups"`` are computed
+    whole on every rank (same result everywhere, no speed-up).  ``measure`` itself calls
+    this under a process group; same arguments; the progress bar shows on rank 0 only.
+
+    Raises:
+        ValueError: For bad arguments (as ``measure``), or when the ranks disagree on the
+            number of tuples, tuple size, parameters, seed or number of contractions.
+
+    Example:
+        >>> f = lambda p, x: ((p - x) ** 2).sum() / 2
+        >>> x = torch.randn(12, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        >>> a = measure_distributed(f, x, torch.zeros(2), order=2, progress=False)
+        >>> b = measure(f, x, torch.zeros(2), order=2, progress=False)
+        >>> all(np.array_equal(a.group_values[k], b.group_values[k]) for k in b.group_values)
+        True
+    """
+    rank, size = world()
+    if size == 1 or exact or estimator != "tuples":
+        return measure(
+            loss_fn_or_model, data, theta0, exact=exact, estimator=estimator,
+            progress=progress and rank == 0, distributed=False, **kw,
+        )  # fmt: skip
+    local = measure(
+        loss_fn_or_model, data, theta0, exact=False, estimator="tuples",
+        progress=progress and rank == 0, tuple_range=lambda k: shard(k, rank, size),
+        distributed=False, **kw,
+    )  # fmt: skip
+    total = int(local.meta["tuples_total"])
+    layout = [total, local.meta["tuple_size"], local.parameters, local.meta["seed"]]
+    rows = all_ints([*layout, len(local.group_values), local.meta["evaluations"]])
+    same_on_all_ranks("tuples, tuple size, parameters, seed, contractions", rows[:, :5])
+    batched = "vector_batches" in local.meta
+    values = {
+        key: sum_over_ranks(v)
+        if batched and local.contractions[key].open_root
+        else gather_blocks(v, total, axis=0)
+        for key, v in local.group_values.items()
+    }
+    meta = {k: v for k, v in local.meta.items() if k not in ("tuple_range", "tuples_total")}
+    meta.update(evaluations=int(rows[:, 5].sum()), world_size=size)
+    return replace(
+        local,
+        rows=total * int(local.meta["tuple_size"]),
+        groups=total,
+        group_values=values,
+        meta=meta,
     )

@@ -82,7 +82,7 @@ class Prediction:
     Example:
         >>> import torch
         >>> pop = Population(lambda p, x: ((p - x) ** 2).sum() / 2, torch.eye(2))
-        >>> from perturb.schedules import Online
+        >>> from perturb.symbolic.schedules import Online
         >>> pred = predict(pop, torch.zeros(2), Online(steps=3, batch_size=1), lr=0.1, order=1)
         >>> [round(v, 6) for v in pred.by_order]
         [0.5, -0.15]
@@ -203,7 +203,7 @@ def predict(
 
     Example:
         >>> import torch
-        >>> from perturb.schedules import Online
+        >>> from perturb.symbolic.schedules import Online
         >>> pop = Population(lambda p, x: ((p - x) ** 2).sum() / 2, torch.eye(2))
         >>> p = predict(pop, torch.zeros(2), Online(steps=2, batch_size=1), lr=0.1, order=2)
         >>> round(p.total, 6)

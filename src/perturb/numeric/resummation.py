@@ -171,7 +171,7 @@ def resummed_values(
         ``0.9^t`` and its variance follows ``v ← 0.81 v + 0.01``.
 
         >>> import torch
-        >>> from perturb.schedules import Online
+        >>> from perturb.symbolic.schedules import Online
         >>> x = torch.tensor([-1.0, 1.0], dtype=torch.float64)
         >>> derivs = {0: 0.5 + x, 1: (1 + x)[:, None], 2: torch.ones(2, 1, 1).double()}
         >>> s = Online(steps=50, batch_size=1)
@@ -241,7 +241,7 @@ def resummed_by_quantity(
 
     Example:
         >>> import torch
-        >>> from perturb.schedules import Online
+        >>> from perturb.symbolic.schedules import Online
         >>> g = torch.tensor([[1.0], [3.0]], dtype=torch.float64)  # l_x = ½θ² + xθ at 0
         >>> derivs = {0: torch.zeros(2, dtype=torch.float64), 1: g,
         ...           2: torch.ones(2, 1, 1, dtype=torch.float64)}

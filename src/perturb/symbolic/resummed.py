@@ -84,7 +84,7 @@ class ResummedTerm:
 
         Example:
             >>> import sympy as sp
-            >>> from perturb.schedules import Online
+            >>> from perturb.symbolic.schedules import Online
             >>> skew = [t for t in resummed_terms(3, Online(batch_size=1))
             ...         if t.contraction.text == "J:S"][0]
             >>> skew.time_integral_expr(sp.Symbol("T"))
@@ -111,7 +111,7 @@ class ResummedTerm:
 
         Example:
             >>> import sympy as sp
-            >>> from perturb.schedules import Online
+            >>> from perturb.symbolic.schedules import Online
             >>> skew = [t for t in resummed_terms(3, Online(batch_size=1))
             ...         if t.contraction.text == "J:S"][0]
             >>> sp.simplify(skew.time_sum_expr(sp.Symbol("T")))
@@ -234,7 +234,7 @@ def resummed_terms(order: int, schedule: Schedule, quantity: str = "test") -> li
         One :class:`ResummedTerm` per labelled partition of each tree.
 
     Example:
-        >>> from perturb.schedules import Online
+        >>> from perturb.symbolic.schedules import Online
         >>> sorted({t.contraction.text for t in resummed_terms(2, Online())})
         ['G·G', 'G·H·G', 'l', 'tr(C H)']
     """
@@ -327,7 +327,7 @@ def resummed_report(
             of the exact sums in ``x_a``.
 
     Example:
-        >>> from perturb.schedules import Online
+        >>> from perturb.symbolic.schedules import Online
         >>> lines = resummed_report(3, Online(batch_size=1)).splitlines()
         >>> print(next(line for line in lines if "S_(a,b,c)" in line))
         η^3·(-1/6)·Σ J_abc S_(a,b,c) · (x_a**T*x_b**T*x_c**T - 1)/(x_a*x_b*x_c - 1)

@@ -115,7 +115,7 @@ class Schedule:
             The count as a sympy expression in this schedule's symbols.
 
         Example:
-            >>> from perturb.diagrams import Diagram
+            >>> from perturb.symbolic.diagrams import Diagram
             >>> chain = Diagram(parents=(-1, 0, 1), parts=((0,), (1,), (2,)))
             >>> Online().embeddings(chain).factor()
             B**2*T*(T - 1)/2
