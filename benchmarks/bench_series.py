@@ -17,7 +17,7 @@ import sympy as sp
 
 import perturb
 from perturb.reference import oracle_series
-from perturb.symbolic.series import _power_terms
+from perturb.symbolic.series import power_terms
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
     cumulative = 0.0
     for d in range(args.max_order + 1):
         start = time.perf_counter()
-        terms = _power_terms(d, schedule, "test", "cumulant")
+        terms = power_terms(d, schedule, "test", "cumulant")
         spent = time.perf_counter() - start
         cumulative += spent
         classes = len(perturb.diagrams(d)) if d <= 5 else "-"

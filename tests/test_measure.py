@@ -27,7 +27,6 @@ from perturb.experiments.models import NonSmoothWarning
 from perturb.numeric.measuring import (
     FlatLoss,
     Statistics,
-    contraction_key,
     contraction_value,
     flat_loss,
     measure,
@@ -175,7 +174,7 @@ def test_every_order3_contraction_matches_materialized(name):
         for quantity in QUANTITIES:
             for term in series(3, schedule, quantity).terms:
                 c = term.contraction
-                seen.add(contraction_key(c))
+                seen.add(c.key)
                 _assert_close(stats.value(c), c.value(derivs), 1e-10, f"{name}: {c.text}")
     assert len(seen) >= 30  # every kind of order-3 network is covered
     assert stats.exact and float(np.max(np.abs(stats.se(next(iter(seen)))))) == 0.0
@@ -533,8 +532,7 @@ def test_tuples_share_rows_across_contractions_and_predict():
     pred = stats.predict(Online(steps=4, batch_size=1), lr=[0.0, 0.1, 0.2])
     s = series(2, Online(steps=4, batch_size=1))
     per_tuple = sum(
-        float(t.coefficient) * 0.2**t.power * stats.group_values[contraction_key(t.contraction)]
-        for t in s.terms
+        float(t.coefficient) * 0.2**t.power * stats.group_values[t.contraction.key] for t in s.terms
     )
     assert abs(pred.se[2] - per_tuple.std(ddof=1) / 4) < 1e-12
     assert abs(pred.total[2] - per_tuple.mean()) < 1e-12
@@ -542,7 +540,7 @@ def test_tuples_share_rows_across_contractions_and_predict():
     # are distinct, so g_i·g_j with i ≠ j (unbiased for |E g|²)
     g = torch.func.vmap(torch.func.grad(poly_loss), in_dims=(None, 0))(POLY_TH, draws)
     gg = Contraction(parents=(-1, 0), parts=((0,), (1,)))
-    z = stats.group_values[contraction_key(gg)]
+    z = stats.group_values[gg.key]
     pairs = {(float(g[i] @ g[j])) for i in range(64) for j in range(64) if i != j}
     assert all(min(abs(v - p) for p in pairs) < 1e-12 for v in z)
 
@@ -586,8 +584,7 @@ def test_sampled_predictions_carry_group_errors():
     # the prediction is linear in the values: its SE is the spread of per-group predictions
     s = series(2, Online(steps=4, batch_size=1))
     per_group = sum(
-        float(t.coefficient) * 0.2**t.power * stats.group_values[contraction_key(t.contraction)]
-        for t in s.terms
+        float(t.coefficient) * 0.2**t.power * stats.group_values[t.contraction.key] for t in s.terms
     )
     assert abs(pred.se[2] - per_group.std(ddof=1) / math.sqrt(8)) < 1e-12
     assert abs(pred.total[2] - per_group.mean()) < 1e-12
@@ -865,8 +862,7 @@ def test_vector_statistics_are_batch_means_of_tuples():
         pred = got.predict(schedule, lr=0.1, quantity="displacement")
         terms = series(2, schedule, "displacement").terms
         per_batch = sum(
-            float(t.coefficient) * 0.1**t.power * got.group_values[contraction_key(t.contraction)]
-            for t in terms
+            float(t.coefficient) * 0.1**t.power * got.group_values[t.contraction.key] for t in terms
         )
         np.testing.assert_allclose(pred.total[0], per_batch.mean(axis=0), rtol=1e-12)
         np.testing.assert_allclose(

@@ -93,7 +93,7 @@ def test_bad_inputs():
         perturb.predict(pop, theta, sched, lr=0.1, order=-1)
     with pytest.raises(ValueError, match="numeric schedule sizes"):
         perturb.predict(pop, theta, perturb.Online(), lr=0.1, order=1)
-    with pytest.raises(ValueError, match="lr must be finite"):
+    with pytest.raises(ValueError, match="lr must be a positive finite number"):
         perturb.predict(pop, theta, sched, lr=math.inf, order=1)
     with pytest.raises(ValueError, match=r"perturb\.measure"):
         perturb.predict(pop, theta, sched, lr=0.1, order=1, exact=False)

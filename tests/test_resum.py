@@ -590,7 +590,7 @@ def test_krylov_errors():
         sub.predict(perturb.GD(train_size=5, steps=10), lr=0.1)
     with pytest.raises(ValueError, match="numeric schedule sizes"):
         sub.predict(perturb.Online(), lr=0.1)
-    with pytest.raises(ValueError, match="lr must be a real number"):
+    with pytest.raises(ValueError, match="lr must be a positive finite number"):
         sub.predict(online, lr="fast")
     with pytest.raises(TypeError, match="schedule must be a Schedule"):
         sub.predict("online", lr=0.1)

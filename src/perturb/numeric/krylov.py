@@ -67,10 +67,11 @@ from typing import Any
 import torch
 from torch.func import grad, vmap
 
+from perturb.checks import check_lr
 from perturb.numeric.measuring import _derivative, _Objective, _objective, _summed
-from perturb.numeric.prediction import Prediction, _check_lr
+from perturb.numeric.prediction import Prediction
 from perturb.numeric.resummation import resummed_by_quantity
-from perturb.symbolic.resummed import _supported, resummed_terms
+from perturb.symbolic.resummed import check_resummable, resummed_terms
 from perturb.symbolic.schedules import Online, Schedule
 from perturb.symbolic.series import QUANTITIES
 
@@ -148,7 +149,7 @@ class KrylovSubspace:
         """
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
-        _supported(schedule)
+        check_resummable(schedule)
         if not schedule.is_numeric:
             raise ValueError("predict needs numeric schedule sizes, e.g. Online(steps=100)")
         built = {q for name in self.quantities for q in _parts_of(name)}
@@ -174,7 +175,7 @@ class KrylovSubspace:
         rank = self.rank if rank is None else rank
         if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= self.rank:
             raise ValueError(f"rank must be an int in 1..{self.rank}, got {rank!r}")
-        lr = _check_lr(lr)
+        lr = check_lr(lr)
         fine = self._values(schedule, quantity, order, lr, rank, integral)
         coarse = self._values(schedule, quantity, order, lr, max(rank // 2, 1), integral)
         return Prediction(
@@ -394,7 +395,7 @@ def krylov_subspace(
     for schedule in schedules:
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedules must hold Schedules, got {type(schedule).__name__}")
-        _supported(schedule)
+        check_resummable(schedule)
     per_sample, mean_orders = _needed_orders(order, quantities, schedules)
     cost: dict[str, float] = {
         "rank": rank,

@@ -139,7 +139,6 @@ __all__ = [
     "FlatLoss",
     "MeasuredPrediction",
     "Statistics",
-    "contraction_key",
     "contraction_value",
     "flat_loss",
     "measure",
@@ -1140,16 +1139,6 @@ def contraction_value(
 # ------------------------------------------------------------------------------- statistics
 
 
-def contraction_key(contraction: Contraction) -> str:
-    """Stable key of a contraction: its plain-text name and its Weisfeiler-Lehman hash.
-
-    Example:
-        >>> contraction_key(Contraction(parents=(-1, 0), parts=((0,), (1,)))).startswith("G·G|")
-        True
-    """
-    return f"{contraction.text}|{contraction.hash}"
-
-
 @dataclass(frozen=True)
 class MeasuredPrediction:
     """Predictions of one quantity for one schedule over a grid of learning rates.
@@ -1224,7 +1213,7 @@ class Statistics:
     def _find(self, item: Contraction | str) -> str | None:
         if isinstance(item, str):
             return item if item in self.contractions else None
-        key = contraction_key(item)
+        key = item.key
         if key in self.contractions:
             return key
         for k, c in self.contractions.items():  # keys from another version of the printer
@@ -1462,7 +1451,7 @@ def _collect(
     for schedule in schedules:
         for quantity in quantities:
             for term in series(order, schedule, quantity).terms:
-                out.setdefault(contraction_key(term.contraction), term.contraction)
+                out.setdefault(term.contraction.key, term.contraction)
     return out
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from perturb.checks import check_lr
 from perturb.numeric.resummation import resummed_by_quantity
 from perturb.reference.tensors import derivative_tensors
 from perturb.symbolic.schedules import Schedule
@@ -126,7 +127,7 @@ class Prediction:
         """The same un-resummed prediction at another learning rate (no re-evaluation)."""
         if self.coefficients is None:
             raise ValueError("a re-summed prediction depends on lr non-polynomially; call predict")
-        lr = _check_lr(lr)
+        lr = check_lr(lr)
         values = tuple(c * lr**d for d, c in enumerate(self.coefficients))
         return Prediction(
             quantity=self.quantity,
@@ -143,16 +144,6 @@ def _plain(value):
     if isinstance(value, np.ndarray) and value.ndim == 0:
         return float(value)
     return value if isinstance(value, np.ndarray) else float(value)
-
-
-def _check_lr(lr) -> float:
-    try:
-        value = float(lr)
-    except (TypeError, ValueError):
-        raise ValueError(f"lr must be a real number, got {lr!r}") from None
-    if not np.isfinite(value):
-        raise ValueError(f"lr must be finite, got {lr!r}")
-    return value
 
 
 def predict(
@@ -223,7 +214,7 @@ def predict(
     if not exact:
         raise ValueError(
             "predict(exact=False) is not the path for sampled estimates: use "
-            "perturb.numeric.measuring(model_or_loss, data, order=..., exact=False) and "
+            "perturb.measure(model_or_loss, data, order=..., exact=False) and "
             "Statistics.predict(schedule, lr=...), which report standard errors"
         )
     if integral and not resummed:
@@ -237,7 +228,7 @@ def predict(
             "rank is required with method='lanczos' and only applies there; got "
             f"method={method!r}, rank={rank!r}"
         )
-    lr = _check_lr(lr)
+    lr = check_lr(lr)
     theta0 = torch.as_tensor(theta0, dtype=torch.float64)
     if method == "lanczos":
         from perturb.numeric.krylov import krylov_subspace

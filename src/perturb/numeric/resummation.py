@@ -14,10 +14,10 @@ from collections.abc import Mapping
 import torch
 
 from perturb.symbolic.contractions import (
-    _default_einsum,
-    _moment_network,
-    _refinements_of,
-    _rows,
+    contract_moment_network,
+    default_einsum,
+    refinements_of,
+    rows_of,
 )
 from perturb.symbolic.resummed import ResummedTerm, resummed_terms
 from perturb.symbolic.schedules import Schedule
@@ -287,11 +287,11 @@ def _open_network(
 ):
     """The cumulant network with every edge index left open (edges in node order)."""
     d = term.diagram
-    einsum = _default_einsum(rotated)
-    n = _rows(rotated)
+    einsum = default_einsum(rotated)
+    n = rows_of(rotated)
     total = None
-    for blocks, weight in _refinements_of(d.parts, open_root=term.open_root):
-        value = _moment_network(
+    for blocks, weight in refinements_of(d.parts, open_root=term.open_root):
+        value = contract_moment_network(
             d.parents, blocks, term.open_root, rotated, n, einsum, means, keep_edges=True
         )
         value = value * weight

@@ -24,11 +24,11 @@ import sympy
 
 from .oracle import (
     Point,
-    _check_int,
-    _iid_multisets,
-    _Landscape,
-    _rational_list,
-    _to_fraction,
+    check_int_at_least,
+    iid_multisets,
+    Landscape,
+    rational_list,
+    to_fraction,
 )
 
 __all__ = ["averaged_oracle_series"]
@@ -41,7 +41,7 @@ def _add_scaled(acc: Point, theta: Point, w: Fraction) -> Point:
     )
 
 
-def _step(land: _Landscape, theta: Point, counts: tuple[int, ...], rate: Fraction, b: int):
+def _step(land: Landscape, theta: Point, counts: tuple[int, ...], rate: Fraction, b: int):
     """θ − (η·rate/B) Σ_r k_r ∇l_r(θ) on truncated series."""
     grads = land.grads(theta)
     scale = rate / b
@@ -100,14 +100,14 @@ def averaged_oracle_series(
         >>> averaged_oracle_series(rows, [th], [1], rates=[1], weights=[half, half], order=2)
         [1/2, -1/2, 1/4]
     """
-    order = _check_int("order", order, 0)
-    b = _check_int("batch_size", batch_size, 1)
+    order = check_int_at_least("order", order, 0)
+    b = check_int_at_least("batch_size", batch_size, 1)
     if not losses:
         raise ValueError("losses must hold at least one row; got none")
     if len(theta0) != len(params):
         raise ValueError(f"theta0 has {len(theta0)} values for {len(params)} parameters")
-    alphas = [_to_fraction(a, f"rates[{i}]") for i, a in enumerate(rates)]
-    ws = [_to_fraction(w, f"weights[{i}]") for i, w in enumerate(weights)]
+    alphas = [to_fraction(a, f"rates[{i}]") for i, a in enumerate(rates)]
+    ws = [to_fraction(w, f"weights[{i}]") for i, w in enumerate(weights)]
     if not alphas:
         raise ValueError("rates must hold one multiplier per step; got none")
     if len(ws) != len(alphas) + 1:
@@ -115,12 +115,12 @@ def averaged_oracle_series(
             f"weights must have len(rates) + 1 = {len(alphas) + 1} entries (one per iterate "
             f"θ_0 … θ_T); got {len(ws)}"
         )
-    land = _Landscape(losses, params, order)
+    land = Landscape(losses, params, order)
     zero = (Fraction(0),) * order
-    start: Point = tuple((_to_fraction(v, f"theta0[{i}]"), *zero) for i, v in enumerate(theta0))
+    start: Point = tuple((to_fraction(v, f"theta0[{i}]"), *zero) for i, v in enumerate(theta0))
     nothing: Point = tuple((Fraction(0),) * (order + 1) for _ in params)
     dist: dict[tuple[Point, Point], Fraction] = {(start, _add_scaled(nothing, start, ws[0])): 1}
-    batches = _iid_multisets(len(losses), b)
+    batches = iid_multisets(len(losses), b)
     for alpha, w in zip(alphas, ws[1:], strict=True):
         new: dict[tuple[Point, Point], Fraction] = defaultdict(Fraction)
         for (theta, acc), p in dist.items():
@@ -134,4 +134,4 @@ def averaged_oracle_series(
         for row in land.losses(acc):
             for k, v in enumerate(row):
                 total[k] += p * v / m
-    return _rational_list(total)
+    return rational_list(total)

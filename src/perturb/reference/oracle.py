@@ -51,7 +51,17 @@ from fractions import Fraction
 import sympy
 import torch
 
-__all__ = ["KINDS", "QUANTITIES", "oracle_series", "unroll_taylor"]
+__all__ = [
+    "KINDS",
+    "QUANTITIES",
+    "Landscape",
+    "check_int_at_least",
+    "iid_multisets",
+    "oracle_series",
+    "rational_list",
+    "to_fraction",
+    "unroll_taylor",
+]
 
 KINDS: tuple[str, ...] = ("online", "epochs")
 """Valid values of ``kind``."""
@@ -83,7 +93,7 @@ class _Schedule:
     shuffle: bool
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
+def check_int_at_least(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(
             f"{name} must be an int >= {minimum}; got {value!r} ({type(value).__name__})"
@@ -108,14 +118,14 @@ def _check_schedule(
         raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
     if quantity not in QUANTITIES:
         raise ValueError(f"quantity must be one of {QUANTITIES}; got {quantity!r}")
-    order = _check_int("order", order, 0)
-    batch = _check_int("batch_size", batch_size, 1)
+    order = check_int_at_least("order", order, 0)
+    batch = check_int_at_least("batch_size", batch_size, 1)
     if not isinstance(shuffle, bool):
         raise TypeError(f"shuffle must be a bool; got {shuffle!r} ({type(shuffle).__name__})")
     if kind == "online":
         if steps is None:
             raise ValueError("kind='online' needs steps=T (the number of SGD steps); got None")
-        n_steps = _check_int("steps", steps, 1)
+        n_steps = check_int_at_least("steps", steps, 1)
         if train_size is not None:
             raise ValueError(
                 "train_size is only for kind='epochs' (online SGD draws fresh samples every "
@@ -128,8 +138,8 @@ def _check_schedule(
         return _Schedule("online", str(quantity), order, n_steps, batch, None, 1, False)
     if train_size is None:
         raise ValueError("kind='epochs' needs train_size=N (the training-set size); got None")
-    n_train = _check_int("train_size", train_size, 1)
-    n_epochs = _check_int("epochs", epochs, 1)
+    n_train = check_int_at_least("train_size", train_size, 1)
+    n_epochs = check_int_at_least("epochs", epochs, 1)
     if n_train % batch:
         raise ValueError(
             f"batch_size must divide train_size; got batch_size={batch}, train_size={n_train}"
@@ -155,7 +165,7 @@ def _multinomial(counts: Sequence[int]) -> int:
     return out
 
 
-def _iid_multisets(n_rows: int, size: int) -> list[tuple[tuple[int, ...], Fraction]]:
+def iid_multisets(n_rows: int, size: int) -> list[tuple[tuple[int, ...], Fraction]]:
     """All multisets of ``size`` iid uniform draws from ``n_rows`` rows, with probabilities."""
     out = []
     total = n_rows**size
@@ -205,7 +215,7 @@ def _mul(a: Series, b: Series, order: int) -> Series:
     return tuple(out)
 
 
-def _to_fraction(value: object, what: str) -> Fraction:
+def to_fraction(value: object, what: str) -> Fraction:
     if isinstance(value, Fraction):
         return value
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
@@ -238,7 +248,7 @@ def _poly_terms(poly: sympy.Poly, what: str) -> _Terms:
     return tuple(terms)
 
 
-class _Landscape:
+class Landscape:
     """Loss and gradient polynomials of every row, evaluated on series-valued points."""
 
     def __init__(self, losses: Sequence[object], params: Sequence[sympy.Symbol], order: int):
@@ -323,10 +333,10 @@ class _Landscape:
 
 
 def _online_states(
-    land: _Landscape, theta0: Point, sched: _Schedule, n_rows: int, track: bool
+    land: Landscape, theta0: Point, sched: _Schedule, n_rows: int, track: bool
 ) -> dict[tuple[Point, tuple[int, ...]], Fraction]:
     """Final distribution over (θ_T, counts of the rows drawn) for online SGD."""
-    batches = _iid_multisets(n_rows, sched.batch_size)
+    batches = iid_multisets(n_rows, sched.batch_size)
     zero = (0,) * n_rows
     dist: dict[tuple[Point, tuple[int, ...]], Fraction] = {(theta0, zero): Fraction(1)}
     for _ in range(sched.steps):
@@ -341,7 +351,7 @@ def _online_states(
 
 
 def _epoch_states(
-    land: _Landscape, theta0: Point, sched: _Schedule, n_rows: int
+    land: Landscape, theta0: Point, sched: _Schedule, n_rows: int
 ) -> dict[tuple[Point, tuple[int, ...]], Fraction]:
     """Final distribution over (θ_T, row counts of the training set) for epoch schedules."""
     assert sched.train_size is not None
@@ -360,7 +370,7 @@ def _epoch_states(
     # Shuffled: only the multiset of the training set matters. A uniform permutation per epoch
     # is the same as drawing each batch uniformly without replacement from what is left.
     dist: dict[tuple[Point, tuple[int, ...]], Fraction] = defaultdict(Fraction)
-    for counts, p in _iid_multisets(n_rows, n):
+    for counts, p in iid_multisets(n_rows, n):
         dist[(theta0, counts)] += p
     for _ in range(sched.epochs):
         # state: (θ, training-set counts, counts left in this epoch)
@@ -386,7 +396,7 @@ def _epoch_states(
     return final
 
 
-def _rational_list(values: Sequence[Fraction]) -> list[sympy.Rational]:
+def rational_list(values: Sequence[Fraction]) -> list[sympy.Rational]:
     return [sympy.Rational(v.numerator, v.denominator) for v in values]
 
 
@@ -480,8 +490,8 @@ def oracle_series(
         )
     d = sched.order
     zeros = (Fraction(0),) * d
-    start: Point = tuple((_to_fraction(v, f"theta0[{i}]"), *zeros) for i, v in enumerate(theta0))
-    land = _Landscape(losses, params, d)
+    start: Point = tuple((to_fraction(v, f"theta0[{i}]"), *zeros) for i, v in enumerate(theta0))
+    land = Landscape(losses, params, d)
     m = len(losses)
     track = sched.quantity in ("train", "gap")
     if sched.kind == "online":
@@ -495,7 +505,7 @@ def oracle_series(
             for mu, coord in enumerate(theta):
                 for k, c in enumerate(coord):
                     acc[mu][k] += p * (c - start[mu][k])
-        return [_rational_list(a) for a in acc]
+        return [rational_list(a) for a in acc]
 
     acc1 = [Fraction(0)] * (d + 1)
     for (theta, counts), p in final.items():
@@ -508,7 +518,7 @@ def oracle_series(
             if w:
                 for k, c in enumerate(row_losses[r]):
                     acc1[k] += p * w * c
-    return _rational_list(acc1)
+    return rational_list(acc1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,7 +534,7 @@ def _scenarios(
     if sched.kind == "online":
         batches = [
             (tuple(r for r in range(n_rows) for _ in range(c[r])), q)
-            for c, q in _iid_multisets(n_rows, b)
+            for c, q in iid_multisets(n_rows, b)
         ]
         for combo in itertools.product(batches, repeat=sched.steps):
             rows = tuple(batch for batch, _ in combo)
@@ -692,7 +702,7 @@ def unroll_taylor(
     theta0 = torch.as_tensor(theta0)
     if theta0.dim() != 1 or theta0.shape[0] < 1:
         raise ValueError(f"theta0 must be a non-empty 1-D tensor; got shape {tuple(theta0.shape)}")
-    limit = _check_int("max_sequences", max_sequences, 1)
+    limit = check_int_at_least("max_sequences", max_sequences, 1)
     m = data.shape[0]
     n_seq = _n_scenarios(sched, m)
     if n_seq > limit:

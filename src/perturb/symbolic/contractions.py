@@ -33,6 +33,7 @@ from functools import cached_property
 
 import networkx as nx
 import numpy as np
+import opt_einsum
 import sympy as sp
 
 from perturb.symbolic.diagrams import set_partitions
@@ -137,7 +138,7 @@ class Contraction:
 
     @cached_property
     def hash(self) -> str:
-        """Weisfeiler-Lehman hash; equal networks have equal hashes."""
+        """Weisfeiler-Lehman hash: isomorphic networks hash equal (a bucket, not an identity)."""
         return nx.weisfeiler_lehman_graph_hash(
             self.graph, node_attr="kind", edge_attr="kind", iterations=4
         )
@@ -196,10 +197,18 @@ class Contraction:
         return Contraction(parents=parents, parts=parts, form=self.form, open_root=self.open_root)
 
     @cached_property
-    def key(self) -> tuple:
-        """``(parents, parts)`` of :attr:`canonical`: equal keys mean equal networks."""
-        c = self.canonical
-        return (c.parents, c.parts, c.form, c.open_root)
+    def key(self) -> str:
+        """The contraction's identity: its printed name and its Weisfeiler-Lehman hash.
+
+        perturb stores, caches and looks up measured values under this key (it is what
+        saved statistics files hold); isomorphic networks have equal keys.  The hash alone
+        (:attr:`hash`) only buckets candidates for :meth:`is_isomorphic`.
+
+        Example:
+            >>> Contraction(parents=(-1, 0), parts=((0,), (1,))).key.startswith("G·G|")
+            True
+        """
+        return f"{self.text}|{self.hash}"
 
     @cached_property
     def max_degree(self) -> int:
@@ -332,20 +341,22 @@ class Contraction:
             2.0
         """
         if einsum is None:
-            einsum = _default_einsum(derivs)
-        n = _rows(derivs)
+            einsum = default_einsum(derivs)
+        n = rows_of(derivs)
         total = None
         for refined, weight in self._refinements():
-            term = _moment_network(self.parents, refined, self.open_root, derivs, n, einsum, means)
+            term = contract_moment_network(
+                self.parents, refined, self.open_root, derivs, n, einsum, means
+            )
             term = term * weight
             total = term if total is None else total + term
         return total
 
     def _refinements(self) -> list[tuple[tuple[tuple[int, ...], ...], int]]:
-        return _refinements_of(self.tensors, open_root=self.open_root, form=self.form)
+        return refinements_of(self.tensors, open_root=self.open_root, form=self.form)
 
 
-def _refinements_of(
+def refinements_of(
     parts, *, open_root: bool, form: str = "cumulant"
 ) -> list[tuple[tuple[tuple[int, ...], ...], int]]:
     """Moment networks and Möbius weights whose sum is the cumulant network of ``parts``.
@@ -398,20 +409,38 @@ def _walk(count: int, links: list[tuple[int, int]], free: int | None):
     return order, cycle
 
 
-def _rows(derivs: Mapping[int, object]) -> int:
+def rows_of(derivs: Mapping[int, object]) -> int:
+    """The number of samples ``n`` of per-sample derivative arrays ``{k: (n, P, …)}``.
+
+    Example:
+        >>> rows_of({1: np.zeros((5, 2))})
+        5
+    """
     return int(next(iter(derivs.values())).shape[0])
 
 
-def _default_einsum(derivs: Mapping[int, object]) -> Callable[..., object]:
+def default_einsum(derivs: Mapping[int, object]) -> Callable[..., object]:
+    """An ``einsum`` for the array type of ``derivs``: numpy's, or opt_einsum's dispatch.
+
+    numpy arrays use ``np.einsum`` with a greedy path; any other array library (torch,
+    on any device) goes through :func:`opt_einsum.contract` with that library as the
+    backend, so this symbolic module never imports it.
+
+    Example:
+        >>> einsum = default_einsum({1: np.ones((2, 3))})
+        >>> float(einsum("ia,ia->", np.ones((2, 3)), np.ones((2, 3))))
+        6.0
+    """
     first = next(iter(derivs.values()))
-    if type(first).__module__.startswith("torch"):
-        import torch
+    if isinstance(first, np.ndarray):
+        return lambda spec, *ops: np.einsum(spec, *ops, optimize="greedy")
+    backend = type(first).__module__.split(".")[0]
+    return lambda spec, *ops: opt_einsum.contract(spec, *ops, backend=backend)
 
-        return torch.einsum
-    return lambda spec, *ops: np.einsum(spec, *ops, optimize="greedy")
 
-
-def _moment_network(parents, blocks, open_root, derivs, n, einsum, means=None, keep_edges=False):
+def contract_moment_network(
+    parents, blocks, open_root, derivs, n, einsum, means=None, keep_edges=False
+):
     """``E`` over one independent sample per block of the contracted product.
 
     A node alone in its block uses ``means[k]`` (no sample index) when given.  With
@@ -453,12 +482,12 @@ def _moment_network(parents, blocks, open_root, derivs, n, einsum, means=None, k
         out = "".join(letter[v] for v in range(1, len(parents)))
     value = einsum(",".join(specs) + "->" + out, *operands)
     count = n**nblocks
-    if _is_exact(value):
+    if is_exact(value):
         return value * Fraction(1, count)
     return value / count
 
 
-def _is_exact(value) -> bool:
+def is_exact(value) -> bool:
     if isinstance(value, np.ndarray):
         return value.dtype == object
     return isinstance(value, Fraction | int | sp.Basic)

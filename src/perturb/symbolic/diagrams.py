@@ -31,6 +31,8 @@ from functools import cache, cached_property
 
 import networkx as nx
 
+from perturb.checks import check_order
+
 __all__ = [
     "Diagram",
     "count_rooted_trees",
@@ -297,7 +299,7 @@ def _canonical(parents: Sequence[int], v: int) -> tuple:
     return tuple(sorted((_canonical(parents, c) for c in kids), key=lambda t: (_size(t), t)))[::-1]
 
 
-def _labelled_partitions(
+def labelled_partitions(
     parents: tuple[int, ...], *, quantity: str, path_condition: bool
 ) -> Iterator[tuple[tuple[int, ...], ...]]:
     """Partitions of one labelled tree's nodes allowed for ``quantity``."""
@@ -347,7 +349,7 @@ def diagrams(
         ['tree [-1, 0, 1] parts {0} {1} {2}',
          'tree [-1, 0, 0] parts {0} {1,2}', 'tree [-1, 0, 0] parts {0} {1} {2}']
     """
-    _check_order(order)
+    check_order(order)
     if quantity not in ("test", "train", "displacement"):
         raise ValueError(
             f"quantity must be one of 'test', 'train', 'displacement', got {quantity!r}"
@@ -357,9 +359,7 @@ def diagrams(
         if quantity == "displacement" and (order == 0 or parents.count(0) != 1):
             continue
         found: dict[str, list[Diagram]] = {}
-        for parts in _labelled_partitions(
-            parents, quantity=quantity, path_condition=path_condition
-        ):
+        for parts in labelled_partitions(parents, quantity=quantity, path_condition=path_condition):
             d = Diagram(parents=parents, parts=parts)
             if up_to_isomorphism:
                 bucket = found.setdefault(d.hash, [])
@@ -368,8 +368,3 @@ def diagrams(
                 bucket.append(d)
             out.append(d)
     return out
-
-
-def _check_order(order: object) -> None:
-    if isinstance(order, bool) or not isinstance(order, int) or order < 0:
-        raise ValueError(f"order must be a non-negative integer, got {order!r}")

@@ -39,10 +39,11 @@ from dataclasses import dataclass
 
 import sympy as sp
 
+from perturb.checks import check_order
 from perturb.symbolic.contractions import (
     Contraction,
 )
-from perturb.symbolic.diagrams import Diagram, _check_order, _labelled_partitions, rooted_trees
+from perturb.symbolic.diagrams import Diagram, labelled_partitions, rooted_trees
 from perturb.symbolic.schedules import Schedule
 
 __all__ = [
@@ -210,7 +211,7 @@ def _level_assignments(units: list, below: dict) -> list[dict]:
     return out
 
 
-def _supported(schedule: Schedule) -> None:
+def check_resummable(schedule: Schedule) -> None:
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
     if not (schedule.single_epoch or schedule.batches == 1):
@@ -238,8 +239,8 @@ def resummed_terms(order: int, schedule: Schedule, quantity: str = "test") -> li
         >>> sorted({t.contraction.text for t in resummed_terms(2, Online())})
         ['G·G', 'G·H·G', 'l', 'tr(C H)']
     """
-    _check_order(order)
-    _supported(schedule)
+    check_order(order)
+    check_resummable(schedule)
     if quantity not in ("test", "train", "displacement"):
         raise ValueError(
             f"quantity must be one of 'test', 'train', 'displacement', got {quantity!r}"
@@ -252,7 +253,7 @@ def resummed_terms(order: int, schedule: Schedule, quantity: str = "test") -> li
             if open_root and (d == 0 or parents.count(0) != 1):
                 continue
             tree = Diagram(parents=parents, parts=tuple((v,) for v in range(d + 1)))
-            for parts in _labelled_partitions(
+            for parts in labelled_partitions(
                 parents, quantity="train" if train else "test", path_condition=schedule.single_epoch
             ):
                 diagram = Diagram(parents=parents, parts=parts)

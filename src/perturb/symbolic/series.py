@@ -28,8 +28,9 @@ from functools import lru_cache
 
 import sympy as sp
 
+from perturb.checks import check_order
 from perturb.symbolic.contractions import Contraction
-from perturb.symbolic.diagrams import Diagram, _check_order, _labelled_partitions, rooted_trees
+from perturb.symbolic.diagrams import Diagram, labelled_partitions, rooted_trees
 from perturb.symbolic.schedules import FORMS, Online, Schedule
 
 __all__ = ["QUANTITIES", "Series", "Term", "eta", "series"]
@@ -188,9 +189,9 @@ def _number(coefficient: sp.Expr, value) -> object:
         raise ValueError(f"coefficient {coefficient} still has symbols")
     from fractions import Fraction
 
-    from perturb.symbolic.contractions import _is_exact
+    from perturb.symbolic.contractions import is_exact
 
-    if _is_exact(value):
+    if is_exact(value):
         c = sp.Rational(c)
         return Fraction(int(c.p), int(c.q))
     return float(c)
@@ -233,7 +234,7 @@ def series(
         η^1: (-T)·G·G
         η^2: (T*(2*T - 1)/2)·G·H·G + (T/2)·tr(C H)
     """
-    _check_order(order)
+    check_order(order)
     schedule = Online() if schedule is None else schedule
     if not isinstance(schedule, Schedule):
         raise TypeError(
@@ -263,11 +264,11 @@ def _negate(terms: tuple[Term, ...]) -> list[Term]:
 def _terms(order: int, schedule: Schedule, quantity: str, form: str) -> tuple[Term, ...]:
     out: list[Term] = []
     for d in range(order + 1):
-        out.extend(_power_terms(d, schedule, quantity, form))
+        out.extend(power_terms(d, schedule, quantity, form))
     return tuple(out)
 
 
-def _power_terms(d: int, schedule: Schedule, quantity: str, form: str) -> list[Term]:
+def power_terms(d: int, schedule: Schedule, quantity: str, form: str) -> list[Term]:
     train = quantity == "train"
     open_root = quantity == "displacement"
     if open_root and d == 0:
@@ -282,7 +283,7 @@ def _power_terms(d: int, schedule: Schedule, quantity: str, form: str) -> list[T
             continue
         aut = Diagram(parents=parents, parts=tuple((v,) for v in range(d + 1))).tree_automorphisms
         root_quantity = "train" if train else "test"
-        for parts in _labelled_partitions(parents, quantity=root_quantity, path_condition=single):
+        for parts in labelled_partitions(parents, quantity=root_quantity, path_condition=single):
             count = schedule.embeddings(
                 Diagram(parents=parents, parts=parts), form=form, train_root=train
             )
@@ -296,15 +297,16 @@ def _power_terms(d: int, schedule: Schedule, quantity: str, form: str) -> list[T
 def _merge(terms: list[Term]) -> tuple[Term, ...]:
     """Add up terms with equal power and isomorphic contraction; drop zeros.
 
-    Terms are first grouped by the contraction's canonical key (exact equality); the
+    Terms are first grouped by the contraction's canonical form (exact equality); the
     groups are then compared by isomorphism within equal Weisfeiler-Lehman hashes, so
     a rare tie the canonical form misses is still merged.
     """
     by_key: dict[tuple, list] = {}
     for t in terms:
-        entry = by_key.get((t.power, t.contraction.key))
+        canonical = t.contraction.canonical
+        entry = by_key.get((t.power, canonical))
         if entry is None:
-            by_key[(t.power, t.contraction.key)] = [t.coefficient, t.contraction.canonical, t.power]
+            by_key[(t.power, canonical)] = [t.coefficient, canonical, t.power]
         else:
             entry[0] += t.coefficient
     buckets: dict[tuple[int, str], list[list]] = {}
