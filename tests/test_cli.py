@@ -10,7 +10,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from perturb.cli import cli, describe, main, make_schedule
+from perturb.cli import cli, main
+from perturb.symbolic.options import describe, make_schedule
 from perturb.symbolic.schedules import Epochs, Online
 from perturb.symbolic.series import series
 

@@ -27,37 +27,24 @@ import sympy as sp
 
 from perturb.symbolic.contractions import Contraction
 from perturb.symbolic.diagrams import Diagram, diagrams
+from perturb.symbolic.options import SCHEDULES, describe, make_schedule
 from perturb.symbolic.resummed import resummed_report
-from perturb.symbolic.schedules import FORMS, GD, Epochs, Online, Schedule
+from perturb.symbolic.schedules import FORMS, Online, Schedule
 from perturb.symbolic.series import QUANTITIES, series
 
 __all__ = [
     "SCHEDULES",
     "cli",
     "contraction_names",
-    "describe",
     "diagram_table",
     "main",
-    "make_schedule",
     "schedule_options",
     "series_report",
 ]
 
-SCHEDULES = ("online", "epochs", "gd")
-"""Schedule names accepted by ``--schedule``."""
-
 OUTPUT_FORMATS = ("text", "latex", "json")
 DIAGRAM_QUANTITIES = ("test", "train", "displacement")
 IMAGE_FORMATS = ("svg", "png")
-
-# which schedule takes which size option (the option's parameter name -> schedules)
-_APPLIES = {
-    "steps": ("online", "gd"),
-    "batch_size": ("online", "epochs"),
-    "train_size": ("epochs", "gd"),
-    "epochs": ("epochs",),
-    "shuffle": ("epochs",),
-}
 
 _QUANTITY_LABELS = {
     "test": "E[test loss]",
@@ -66,102 +53,7 @@ _QUANTITY_LABELS = {
     "displacement": "E[θ_T − θ_0]",
 }
 
-
 # ---------------------------------------------------------------------- helpers
-
-
-def make_schedule(
-    name: str,
-    *,
-    steps: int | None = None,
-    batch_size: int | None = None,
-    train_size: int | None = None,
-    epochs: int | None = None,
-    shuffle: bool = False,
-) -> Schedule:
-    """The schedule named ``name`` from the command line's size options.
-
-    Sizes left as ``None`` stay symbolic.  Options a schedule does not take are an
-    error rather than silently ignored.
-
-    Args:
-        name: ``"online"``, ``"epochs"`` or ``"gd"``.
-        steps: ``T`` (online, gd).
-        batch_size: ``B`` (online, epochs).
-        train_size: ``N`` (epochs, gd).
-        epochs: ``E`` (epochs).
-        shuffle: reshuffle before each epoch (epochs).
-
-    Returns:
-        The :class:`~perturb.symbolic.schedules.Schedule`.
-
-    Raises:
-        ValueError: unknown name, an option the schedule does not take, or sizes
-            the schedule rejects (e.g. a batch size not dividing the train size).
-
-    Example:
-        >>> make_schedule("epochs", train_size=6, batch_size=2).steps
-        3*E
-        >>> make_schedule("gd", epochs=2)
-        Traceback (most recent call last):
-        ...
-        ValueError: --epochs does not apply to --schedule gd (it takes --steps, --train-size)
-    """
-    if name not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {name!r}")
-    given = {
-        "steps": steps is not None,
-        "batch_size": batch_size is not None,
-        "train_size": train_size is not None,
-        "epochs": epochs is not None,
-        "shuffle": bool(shuffle),
-    }
-    for option, used in given.items():
-        if used and name not in _APPLIES[option]:
-            takes = ", ".join(
-                _flag(o) for o, names in _APPLIES.items() if name in names and o != "shuffle"
-            )
-            raise ValueError(
-                f"{_flag(option)} does not apply to --schedule {name} (it takes {takes})"
-            )
-    if name == "online":
-        return Online(steps=steps, batch_size=batch_size)
-    if name == "gd":
-        return GD(train_size=train_size, steps=steps)
-    if train_size is not None and batch_size is not None and train_size % batch_size:
-        raise ValueError(
-            f"--batch-size must divide --train-size, got batch size {batch_size} "
-            f"and train size {train_size}"
-        )
-    return Epochs(train_size=train_size, batch_size=batch_size, epochs=epochs, shuffle=shuffle)
-
-
-def describe(schedule: Schedule) -> str:
-    """A short English description of a schedule, with its sizes or symbols.
-
-    Args:
-        schedule: the schedule.
-
-    Returns:
-        e.g. ``online SGD (T steps, batch B)``.
-
-    Example:
-        >>> describe(Online())
-        'online SGD (T steps, batch B)'
-        >>> describe(Epochs(train_size=6, batch_size=2, epochs=1, shuffle=True))
-        'SGD on 6 training points (batch 2, 1 epoch, reshuffled each epoch)'
-        >>> describe(GD(steps=5))
-        'full-batch GD (N points, 5 steps)'
-    """
-    if schedule.name == "online":
-        return f"online SGD ({_count(schedule.steps, 'step')}, batch {schedule.batch_size})"
-    if schedule.name == "gd":
-        return f"full-batch GD ({schedule.train_size} points, {_count(schedule.steps, 'step')})"
-    order = "reshuffled each epoch" if schedule.shuffle else "fixed order"
-    return (
-        f"SGD on {schedule.train_size} training points (batch {schedule.batch_size}, "
-        f"{_count(schedule.epochs, 'epoch')}, {order})"
-    )
 
 
 def series_report(
@@ -285,10 +177,6 @@ def contraction_names(
     ]
 
 
-def _flag(option: str) -> str:
-    return "--" + option.replace("_", "-")
-
-
 def _is_value(token: str) -> bool:
     """Whether a command-line token is a value (not an option): numbers may be negative."""
     if not token.startswith("-") or token == "-":
@@ -338,10 +226,6 @@ class VariadicOption(click.Option):
                     original(state.rargs.pop(0), state)
 
             option.process = process
-
-
-def _count(value: sp.Expr, noun: str) -> str:
-    return f"{value} {noun}" if value == 1 else f"{value} {noun}s"
 
 
 # ------------------------------------------------------------------- the group

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from perturb.cli import describe
+from perturb.symbolic.options import describe
 from perturb.experiments.baselines import (
     QuadraticModel,
     mean_hessian,
