@@ -48,7 +48,8 @@ import torch.distributed as dist
 from perturb import distributed as D
 from perturb.experiments.models import smooth_convnet
 from perturb.experiments.simulation import Trials, model_loss, simulate
-from perturb.numeric.measuring import Statistics, measure
+from perturb.numeric.measuring import measure
+from perturb.numeric.statistics import Statistics
 from perturb.symbolic.schedules import Online
 
 

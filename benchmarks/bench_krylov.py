@@ -31,9 +31,9 @@ import time
 import torch
 
 import perturb
-from perturb.experiments.models import cross_entropy_per_sample, smooth_convnet
+from perturb.experiments.models import smooth_convnet
+from perturb.numeric.adapters import cross_entropy_per_sample, flat_loss
 from perturb.numeric.krylov import krylov_subspace
-from perturb.numeric.measuring import flat_loss
 
 
 def _sync(device: torch.device) -> None:

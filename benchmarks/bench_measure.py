@@ -30,14 +30,10 @@ import numpy as np
 import torch
 
 from perturb.experiments.models import smooth_convnet
-from perturb.numeric.measuring import (
-    _collect,
-    _Engine,
-    _objective,
-    _tuple_networks,
-    _tuple_size,
-    measure,
-)
+from perturb.numeric.adapters import objective
+from perturb.numeric.engine import Engine
+from perturb.numeric.measuring import measure, requested_contractions
+from perturb.numeric.networks import tuple_networks, tuple_size
 from perturb.symbolic.schedules import Epochs, Online
 
 
@@ -124,10 +120,10 @@ def main() -> None:
         args.quantities = ("test", "train", "gap", "displacement")
     if args.quantities:
         schedules, quantities = None, tuple(args.quantities)
-        contractions = _collect(3, (Online(), Epochs()), quantities)
+        contractions = requested_contractions(3, (Online(), Epochs()), quantities)
     else:
         schedules, quantities = Online(steps=100, batch_size=1), ("test",)
-        contractions = _collect(3, (schedules,), quantities)
+        contractions = requested_contractions(3, (schedules,), quantities)
     common = dict(
         order=3,
         schedules=schedules,
@@ -177,15 +173,15 @@ def main() -> None:
         rows.append(("groups (K = 16)", grp.meta["evaluations"], spent, note))
 
     # naive: the same tuples (same seed and permutation as measure) and networks
-    m = max(_tuple_size(c) for c in contractions.values())
+    m = max(tuple_size(c) for c in contractions.values())
     perm = torch.randperm(args.rows, generator=torch.Generator().manual_seed(0))
     tuples = perm[: (args.rows // m) * m].reshape(-1, m).to(device)
-    obj = _objective(model, (x, y), None, loss=None, dtype=torch.float32, device=device)
-    engine = _Engine(obj, tuples, chunk_size=None, budget=None)  # only for its network cache
+    obj = objective(model, (x, y), None, loss=None, dtype=torch.float32, device=device)
+    engine = Engine(obj, tuples, chunk_size=None, budget=None)  # only for its network cache
     fn, theta0 = obj.batch, obj.theta0
     distinct = []  # (net, cache index) with isomorphic networks evaluated once, as measure does
     for c in contractions.values():
-        for net, _ in _tuple_networks(c):
+        for net, _ in tuple_networks(c):
             bucket = engine.tuple_cache.setdefault(net.contraction.hash, [])
             if not any(other.is_isomorphic(net.contraction) for other, _ in bucket):
                 bucket.append((net.contraction, None))
@@ -212,9 +208,7 @@ def main() -> None:
         )
     )
     # the naive per-tuple values agree with the engine's (same tuples, same networks)
-    from perturb.numeric.measuring import _Engine as Eng
-
-    check = Eng(obj, tuples[:count], chunk_size=None, budget=None)
+    check = Engine(obj, tuples[:count], chunk_size=None, budget=None)
     worst = 0.0
     for net, vals in naive_values.items():
         ref = check.tuple_values(net, tuples[:count], "check").float()

@@ -97,7 +97,7 @@ def main() -> None:
         )
         if device.type == "cuda":
             torch.cuda.synchronize()
-            # _auto_chunk resets the peak statistics after its probes: read after the run
+            # auto_chunk resets the peak statistics after its probes: read after the run
             peak = (torch.cuda.max_memory_allocated() - base) / 2**30
             torch.cuda.reset_peak_memory_stats()
         else:

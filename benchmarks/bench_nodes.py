@@ -11,8 +11,8 @@ with ``k`` directions returns ``∇^{k+1} l_i[u, …, ·]`` (``grad``; HVP; ``J[
 (``jvp`` of ``grad``), reverse-over-reverse (``grad`` of ``∇l·u``), mixed (``jvp`` of the
 reverse HVP), nested ``jvp`` of the loss, and a vector node dotted with the last direction.
 Prints the median time per row and the relative difference to the first variant of its
-kind.  perturb's choices (``measure._derivative``, ``_VECTOR_COST``, ``_SCALAR_COST``) come
-from this table.
+kind.  perturb's choices (:func:`perturb.numeric.derivatives.derivative` and the cost
+tables ``_VECTOR_COST``, ``_SCALAR_COST`` of :mod:`perturb.numeric.engine`) come from this table.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from torch.func import grad, jvp, vmap
 
 from perturb.experiments.models import smooth_convnet
-from perturb.numeric.measuring import _objective
+from perturb.numeric.adapters import objective
 
 
 def _along(f: Callable, u: torch.Tensor) -> Callable:
@@ -113,7 +113,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(a.rows, 1, 28, 28, generator=g).to(dev)
     y = torch.randint(0, 10, (a.rows,), generator=g).to(dev)
-    obj = _objective(model, (x, y), None, loss=None, dtype=torch.float32, device=dev)
+    obj = objective(model, (x, y), None, loss=None, dtype=torch.float32, device=dev)
     us = [torch.randn(a.rows, obj.size, generator=g).to(dev) * 1e-2 for _ in range(3)]
 
     def sync() -> None:

@@ -26,6 +26,7 @@ from perturb.experiments.data import load_dataset
 from perturb.experiments.models import smooth_convnet
 from perturb.experiments.simulation import model_loss, simulate
 from perturb.numeric.measuring import measure
+from perturb.numeric.statistics import HostCopy
 from perturb.symbolic.schedules import Online
 
 TOLERANCE = 1e-9
@@ -88,10 +89,10 @@ def main() -> int:
     worst["simulate train losses"] = _rel(trials["cuda"].train_loss, trials["cpu"].train_loss)
     # the CUDA-graph replay of the vectorized step against the eager step, on the GPU,
     # with a recorded curve (the static buffers are read between replays)
-    simulate_module = sys.modules["perturb.experiments.simulation"]
+    simulate_module = sys.modules["perturb.experiments.sgd_step"]
     runs = {}
     for graphs in (True, False):
-        simulate_module._CUDA_GRAPHS = graphs
+        simulate_module.CUDA_GRAPHS = graphs
         runs[graphs] = simulate(
             loss_fn,
             theta0,
@@ -104,13 +105,13 @@ def main() -> int:
             seed=1,
             record_every=5,
         )
-    simulate_module._CUDA_GRAPHS = True
+    simulate_module.CUDA_GRAPHS = True
     worst["simulate, CUDA graph vs eager: test losses"] = _rel(
         runs[True].test_loss, runs[False].test_loss
     )
     worst["simulate, CUDA graph vs eager: curves"] = _rel(runs[True].curve, runs[False].curve)
     # large per-tuple vectors leave the device through a reused page-locked buffer
-    host = sys.modules["perturb.numeric.measuring"]._HostCopy()
+    host = HostCopy()
     gen = torch.Generator().manual_seed(2)
     for shape in ((512, 4096), (300, 4000), (1024, 1024)):
         big = torch.randn(shape, generator=gen, dtype=torch.float64).cuda()

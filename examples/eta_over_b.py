@@ -16,7 +16,7 @@ and ``η₁T₁ = η₂T₂`` differ by ``−(τ/2)(η₁ − η₂) G·H·G`` a
 This example measures the statistics at ``θ_0`` exactly over a population of digits
 (:func:`perturb.measure`, softmax regression), predicts each run at orders 1–3
 (:meth:`perturb.Statistics.predict`) and with the exact discrete recursion of the
-quadratic model (:func:`perturb.experiments.baselines.lyapunov_test_loss`, all orders in ``η`` on the
+quadratic model (:func:`perturb.baselines.lyapunov_test_loss`, all orders in ``η`` on the
 quadratic model), and runs ``--trials`` vectorized online-SGD trials per setting
 (:func:`perturb.simulate`).  It prints the differences from the smallest-``η`` run, the
 measured difference with its standard error, and each prediction's error in SE units.

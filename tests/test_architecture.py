@@ -33,7 +33,7 @@ def layer(module: str) -> str | None:
         return None
     if parts[1] in ("errors", "checks"):
         return "base"
-    if parts[1] in ("cli", "draw", "__main__"):
+    if parts[1] in ("cli", "draw", "__main__") or parts[1].startswith("cli_"):
         return "interface"
     if len(parts) == 2 and parts[1] in (*LAYERS, "reference"):
         return None

@@ -11,8 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from perturb.cli import cli, main
-from perturb.symbolic.options import describe, make_schedule
-from perturb.symbolic.schedules import Epochs, Online
+from perturb.symbolic.schedules import Online
 from perturb.symbolic.series import series
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -157,25 +156,6 @@ def test_main_entry_point(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["series", "--order", "-1"])
     assert exit_info.value.code == 2
-
-
-# -------------------------------------------------------------------- helpers
-
-
-def test_make_schedule_symbolic_and_numeric():
-    assert make_schedule("online") == Online()
-    assert make_schedule("epochs", train_size=6, batch_size=2, epochs=3, shuffle=True) == Epochs(
-        train_size=6, batch_size=2, epochs=3, shuffle=True
-    )
-    gd = make_schedule("gd", train_size=5, steps=2)
-    assert (gd.batch_size, gd.steps) == (5, 2)
-    with pytest.raises(ValueError, match="schedule must be one of"):
-        make_schedule("adam")
-
-
-def test_describe():
-    assert describe(Online(steps=1, batch_size=2)) == "online SGD (1 step, batch 2)"
-    assert describe(Epochs()) == "SGD on N training points (batch B, E epochs, fixed order)"
 
 
 # -------------------------------------------------------------------- diagrams
@@ -347,7 +327,7 @@ def test_compare_command_writes_its_table(tmp_path):
         assert f"{float(r['SDE']):9.5f}" in result.output
     assert (out / "compare.png").exists()
     bad = run("compare", "--steps", "0", "--out", str(out))
-    assert bad.exit_code == 2 and "steps must be positive integers" in bad.output
+    assert bad.exit_code == 2 and "steps must be" in bad.output and "(0,)" in bad.output
 
 
 # ---------------------------------------------------------------- list options
@@ -394,3 +374,73 @@ def test_predict_takes_a_list_of_learning_rates():
     a = json.loads(listed.output[listed.output.index("{") :])
     b = json.loads(repeated.output[repeated.output.index("{") :])
     assert a["lr"] == [0.01, 0.02, 0.05] and a["total"] == b["total"]
+
+
+# ----------------------------------------------------------- shared option groups
+
+
+def test_the_cli_choices_are_the_librarys():
+    from perturb import cli_options
+    from perturb.symbolic.options import SCHEDULES
+    from perturb.symbolic.schedules import FORMS
+    from perturb.symbolic.series import QUANTITIES
+
+    assert cli_options.SCHEDULES == SCHEDULES
+    assert cli_options.FORMS == FORMS
+    assert cli_options.QUANTITIES == QUANTITIES
+
+
+@pytest.mark.parametrize("command", ["predict", "validate", "compare"])
+def test_every_command_takes_the_same_shared_options(command):
+    params = {p.name: p for p in cli.commands[command].params}
+    predict = {p.name: p for p in cli.commands["predict"].params}
+    for name in ("dataset", "data_dir", "model_spec", "lrs", "device"):
+        assert name in params, name
+        assert params[name].opts == predict[name].opts
+    assert params["dataset"].default == "digits"
+    assert params["device"].default == "cpu"
+    assert {"seed", "seeds"} & set(params)
+
+
+def test_predict_data_is_a_hidden_deprecated_alias_of_dataset():
+    assert "--data " not in run("predict", "--help").output
+    assert "--dataset" in run("predict", "--help").output
+    args = ["predict", "--model", "mlp", "--steps", "3", "--order", "1", "--samples", "12"]
+    args += ["--exact", "--format", "json", "--lr", "0.01"]
+    new = CliRunner().invoke(cli, [*args, "--dataset", "digits"])
+    old = CliRunner().invoke(cli, [*args, "--data", "digits"])
+    assert new.exit_code == 0 and old.exit_code == 0, old.output
+    assert json.loads(old.stdout) == json.loads(new.stdout)
+    notes = [line for line in old.stderr.splitlines() if "deprecated" in line]
+    assert notes == ["perturb: --data is deprecated, use --dataset"]
+    assert "deprecated" not in new.stderr
+    both = CliRunner().invoke(cli, [*args, "--data", "digits", "--dataset", "digits"])
+    assert both.exit_code == 2 and "give --dataset only" in both.stderr
+
+
+def test_schedule_options_are_declared_once():
+    series_opts = {p.name: p.opts for p in cli.commands["series"].params}
+    validate_opts = {p.name: p.opts for p in cli.commands["validate"].params}
+    for name in ("steps", "batch_size", "train_size", "epochs", "shuffle"):
+        assert series_opts[name] == validate_opts[name], name
+
+
+# ----------------------------------------------------------------- lazy package
+
+
+def test_the_package_loads_its_names_lazily():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, perturb; before = {'torch', 'sympy'} & set(sys.modules); "
+        "names = [n for n in perturb.__all__ if getattr(perturb, n, None) is None]; "
+        "print(sorted(before), names, set(perturb.__all__) <= set(dir(perturb)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]", "[]", "True"]
+    import perturb
+
+    with pytest.raises(AttributeError, match="no attribute 'frobnicate'"):
+        perturb.frobnicate  # noqa: B018

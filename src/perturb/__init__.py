@@ -5,6 +5,9 @@ Descent*): SGD's expected test loss after ``T`` steps at learning rate ``η`` is
 sum over diagrams, rooted trees whose nodes are grouped into parts; a diagram
 with ``d`` edges contributes ``O(η^d)``.
 
+The names of :data:`__all__` load on first use (PEP 562), so ``import perturb`` and
+``perturb --help`` import neither torch nor sympy until a name needs them.
+
 Example:
     >>> import perturb
     >>> print(perturb.series(2, perturb.Online(batch_size=1)))  # doctest: +NORMALIZE_WHITESPACE
@@ -13,22 +16,51 @@ Example:
     η^2: (T*(2*T - 1)/2)·G·H·G + (T/2)·tr(C H)
 """
 
-from perturb import reference
-from perturb.experiments import baselines, corollaries, landscapes
-from perturb.experiments.comparison import Comparison, compare
-from perturb.experiments.simulation import Trials, simulate
-from perturb.experiments.validation import ValidationResult, validate
-from perturb.numeric import distributed
-from perturb.numeric.krylov import KrylovSubspace, krylov_subspace
-from perturb.numeric.measuring import Statistics, measure
-from perturb.numeric.prediction import Population, Prediction, predict
-from perturb.symbolic.contractions import Contraction, tensor_name
-from perturb.symbolic.diagrams import Diagram, count_rooted_trees, diagrams, rooted_trees
-from perturb.symbolic.resummed import resummed_terms
-from perturb.symbolic.schedules import GD, Epochs, Online, Schedule
-from perturb.symbolic.series import QUANTITIES, Series, Term, eta, series
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_MODULES = {  # public modules
+    "baselines": "perturb.experiments.baselines",
+    "corollaries": "perturb.experiments.corollaries",
+    "distributed": "perturb.numeric.distributed",
+    "landscapes": "perturb.experiments.landscapes",
+    "reference": "perturb.reference",
+}
+_NAMES = {  # public name -> the module defining it
+    "Comparison": "perturb.experiments.comparison",
+    "compare": "perturb.experiments.comparison",
+    "Trials": "perturb.experiments.simulation",
+    "simulate": "perturb.experiments.simulation",
+    "ValidationResult": "perturb.experiments.validation",
+    "validate": "perturb.experiments.validation",
+    "KrylovSubspace": "perturb.numeric.krylov",
+    "krylov_subspace": "perturb.numeric.krylov",
+    "measure": "perturb.numeric.measuring",
+    "Statistics": "perturb.numeric.statistics",
+    "Population": "perturb.numeric.prediction",
+    "Prediction": "perturb.numeric.prediction",
+    "predict": "perturb.numeric.prediction",
+    "Contraction": "perturb.symbolic.contractions",
+    "tensor_name": "perturb.symbolic.contractions",
+    "Diagram": "perturb.symbolic.diagrams",
+    "count_rooted_trees": "perturb.symbolic.diagrams",
+    "diagrams": "perturb.symbolic.diagrams",
+    "rooted_trees": "perturb.symbolic.diagrams",
+    "resummed_terms": "perturb.symbolic.resummed",
+    "GD": "perturb.symbolic.schedules",
+    "Epochs": "perturb.symbolic.schedules",
+    "Online": "perturb.symbolic.schedules",
+    "Schedule": "perturb.symbolic.schedules",
+    "QUANTITIES": "perturb.symbolic.series",
+    "Series": "perturb.symbolic.series",
+    "Term": "perturb.symbolic.series",
+    "eta": "perturb.symbolic.series",
+    "series": "perturb.symbolic.series",
+}
 
 __all__ = [
     "GD",
@@ -66,3 +98,32 @@ __all__ = [
     "tensor_name",
     "validate",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Load a public name of :data:`__all__` on first use and keep it.
+
+    Example:
+        >>> import perturb
+        >>> perturb.Online.__name__
+        'Online'
+    """
+    if name in _MODULES:
+        value = importlib.import_module(_MODULES[name])
+    elif name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name]), name)
+    else:
+        raise AttributeError(f"module 'perturb' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The module's names, the lazy ones of :data:`__all__` included.
+
+    Example:
+        >>> import perturb
+        >>> "measure" in dir(perturb)
+        True
+    """
+    return sorted({*globals(), *__all__})

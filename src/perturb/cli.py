@@ -5,46 +5,71 @@ Subcommands:
 * ``perturb series``: the η-series of a quantity for a schedule, order by order, as
   text, LaTeX or JSON;
 * ``perturb diagrams``: the diagrams of one order with their symmetry factors,
-  embedding counts and contractions, optionally drawn to files.
+  embedding counts and contractions, optionally drawn to files;
+* ``perturb predict``: SGD's loss predicted from a checkpoint, with error bars;
+* ``perturb validate`` and ``perturb compare``: predictions against real SGD runs.
 
-Every subcommand is a small click command on the group :data:`cli`; the options
-that build a schedule are shared through :func:`schedule_options` and
-:func:`make_schedule`, so a new subcommand (``predict``, ``validate``, ...) is one
-more ``@cli.command`` taking the same options.  Sizes left out stay symbolic
-(``T``, ``B``, ``N``, ``E``).
+Every subcommand is a small click command on the group :data:`cli`; the options several
+commands take are declared once in :mod:`perturb.cli_options` and checked where they are
+parsed.  Sizes left out stay symbolic (``T``, ``B``, ``N``, ``E``).  torch and sympy are
+imported inside the commands that use them, so ``perturb --help`` and argument errors
+answer at once.
+
+Every error a user can cause ends in one line ``error: <message>`` on stderr and exit
+status 2; an unexpected exception ends in one line ``internal error: …`` and status 1.
+``perturb --debug <command> …`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable, Sequence
+import pickle
+import warnings
+import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import sympy as sp
 
-from perturb.symbolic.contractions import Contraction
-from perturb.symbolic.diagrams import Diagram, diagrams
-from perturb.symbolic.options import SCHEDULES, describe, make_schedule
-from perturb.symbolic.resummed import resummed_report
-from perturb.symbolic.schedules import FORMS, Online, Schedule
-from perturb.symbolic.series import QUANTITIES, series
+from perturb.cli_options import (
+    DIAGRAM_QUANTITIES,
+    FORMS,
+    IMAGE_FORMATS,
+    OUTPUT_FORMATS,
+    POSITIVE,
+    QUANTITIES,
+    SCHEDULES,
+    VariadicOption,
+    data_options,
+    device_option,
+    force_option,
+    lr_option,
+    schedule_options,
+    schedule_size_options,
+    seed_option,
+    seeds_option,
+    size_option,
+)
+from perturb.errors import PerturbError
+
+if TYPE_CHECKING:
+    from perturb.symbolic.diagrams import Diagram
+    from perturb.symbolic.schedules import Schedule
 
 __all__ = [
+    "INPUT_ERRORS",
     "SCHEDULES",
+    "CommandError",
+    "VariadicOption",
     "cli",
     "contraction_names",
     "diagram_table",
     "main",
+    "quiet_known_warnings",
     "schedule_options",
     "series_report",
 ]
-
-OUTPUT_FORMATS = ("text", "latex", "json")
-DIAGRAM_QUANTITIES = ("test", "train", "displacement")
-IMAGE_FORMATS = ("svg", "png")
 
 _QUANTITY_LABELS = {
     "test": "E[test loss]",
@@ -52,6 +77,133 @@ _QUANTITY_LABELS = {
     "gap": "E[test loss − train loss]",
     "displacement": "E[θ_T − θ_0]",
 }
+
+# ----------------------------------------------------------------------- errors
+
+INPUT_ERRORS: tuple[type[BaseException], ...] = (
+    PerturbError,  # DataError, ModelSpecError, DeviceError
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    EOFError,
+    zipfile.BadZipFile,
+    pickle.UnpicklingError,
+)
+"""Exceptions that mean bad input (arguments, files): ``error: …``, exit status 2."""
+
+_READING_ERRORS = (EOFError, zipfile.BadZipFile, pickle.UnpicklingError)
+_ANNOUNCE_SECONDS = 1.0  # print the work estimate of a job expected to take longer
+_QUIET_WARNINGS = (  # (message regex, category) of third-party warnings users cannot act on
+    (r"`torch\.jit\.script", DeprecationWarning),
+    (r"`torch\.jit\.script", FutureWarning),
+)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class CommandError(click.ClickException):
+    """An error shown as one line ``<prefix>: <message>`` on stderr, then ``exit_code``.
+
+    Example:
+        >>> CommandError("lr must be positive\\n(got -1)").message
+        'lr must be positive (got -1)'
+    """
+
+    def __init__(self, message: str, *, exit_code: int = 2, prefix: str = "error") -> None:
+        super().__init__(_one_line(message))
+        self.exit_code = exit_code
+        self.prefix = prefix
+
+    def show(self, file: Any = None) -> None:
+        """Print the one line on ``file`` (stderr by default)."""
+        click.echo(f"{self.prefix}: {self.format_message()}", file=file, err=file is None)
+
+
+def _click_error(err: click.ClickException) -> CommandError:
+    """A click error as one line, with where to look for help on usage errors."""
+    message = err.format_message()
+    ctx = getattr(err, "ctx", None)
+    if isinstance(err, click.UsageError) and ctx is not None:
+        message = f"{message} (see '{ctx.command_path} --help')"
+    return CommandError(message, exit_code=err.exit_code)
+
+
+def _input_error(err: BaseException) -> CommandError:
+    text = str(err) or type(err).__name__
+    if isinstance(err, _READING_ERRORS):
+        text = f"could not read an input file ({type(err).__name__}: {text})"
+    return CommandError(text)
+
+
+class _Group(click.Group):
+    """The command group: every error becomes one line (see :class:`CommandError`)."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.ClickException as err:
+            raise _click_error(err) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        debug = bool(ctx.params.get("debug"))
+        try:
+            return super().invoke(ctx)
+        except (CommandError, click.exceptions.NoArgsIsHelpError):
+            raise
+        except click.ClickException as err:
+            raise _click_error(err) from None
+        except (click.exceptions.Exit, click.Abort):
+            raise
+        except INPUT_ERRORS as err:
+            if debug:
+                raise
+            raise _input_error(err) from err
+        except Exception as err:
+            if debug:
+                raise
+            raise CommandError(
+                f"{type(err).__name__}: {err} (rerun with --debug for the traceback)",
+                exit_code=1,
+                prefix="internal error",
+            ) from err
+
+
+def quiet_known_warnings() -> None:
+    """Hide the third-party warnings a user of perturb can do nothing about.
+
+    Only warnings matched by message and category are hidden (torch's deprecation of
+    ``torch.jit.script``, which its own modules call); every other warning still shows.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     quiet_known_warnings()
+        ...     warnings.warn("`torch.jit.script` is deprecated.", DeprecationWarning)
+        ...     warnings.warn("something else", UserWarning)
+        >>> [str(w.message) for w in caught]
+        ['something else']
+    """
+    for message, category in _QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def _bounded(order: int, schedule: Schedule, quantity: str, *, resummed: bool, force: bool) -> None:
+    """Refuse a symbolic job over the work budget (unless forced); announce a long one."""
+    from perturb.symbolic.cost import check_work, estimate_work
+
+    estimate = estimate_work(order, schedule, quantity=quantity, resummed=resummed)
+    check_work(estimate, force=force)
+    if estimate.seconds > _ANNOUNCE_SECONDS:
+        click.echo(f"perturb: {estimate.describe()}", err=True)
+
 
 # ---------------------------------------------------------------------- helpers
 
@@ -78,11 +230,15 @@ def series_report(
         The report, without a trailing newline.
 
     Example:
+        >>> from perturb.symbolic.schedules import Online
         >>> print(series_report(1, Online(batch_size=1)))
         E[test loss] for online SGD (T steps, batch 1), to order η^1:
         η^0: (1)·l
         η^1: (-T)·G·G
     """
+    from perturb.symbolic.options import describe
+    from perturb.symbolic.series import series
+
     if fmt not in OUTPUT_FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
     result = series(order, schedule, quantity, form=form)
@@ -116,12 +272,16 @@ def diagram_table(
         The table, one row per diagram, columns aligned, without a trailing newline.
 
     Example:
+        >>> from perturb.symbolic.diagrams import diagrams
+        >>> from perturb.symbolic.schedules import Online
         >>> print(diagram_table(diagrams(2), Online()))  # doctest: +NORMALIZE_WHITESPACE
         #  tree         parts        |Aut|  embeddings      contraction
         0  [-1, 0, 1]   {0} {1} {2}  1      B**2*T*(T - 1)/2  G·H·G
         1  [-1, 0, 0]   {0} {1,2}    2      B*T             tr(C H)
         2  [-1, 0, 0]   {0} {1} {2}  2      B**2*T**2       G·H·G
     """
+    import sympy as sp
+
     if quantity not in DIAGRAM_QUANTITIES:
         raise ValueError(
             f"quantity must be one of {', '.join(DIAGRAM_QUANTITIES)}, got {quantity!r}"
@@ -165,10 +325,13 @@ def contraction_names(
         One name per diagram.
 
     Example:
+        >>> from perturb.symbolic.diagrams import diagrams
         >>> names = contraction_names(diagrams(3))
         >>> names[1] == names[7]
         True
     """
+    from perturb.symbolic.contractions import Contraction
+
     return [
         Contraction(
             parents=d.parents, parts=d.parts, form=form, open_root=quantity == "displacement"
@@ -177,154 +340,28 @@ def contraction_names(
     ]
 
 
-def _is_value(token: str) -> bool:
-    """Whether a command-line token is a value (not an option): numbers may be negative."""
-    if not token.startswith("-") or token == "-":
-        return True
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True
-
-
-class VariadicOption(click.Option):
-    """A repeatable option that also takes several values after one flag.
-
-    Click options take a fixed number of values; this one, like argparse's
-    ``nargs="+"``, consumes every following token that is not an option, so
-    ``--lr 0.01 0.03 0.1``, ``--lr 0.01 --lr 0.03 --lr 0.1`` and mixtures give the same
-    tuple.  Tokens that parse as numbers count as values even when they start with
-    ``-``.  The option is always ``multiple``; each value is converted by ``type``.
-
-    Example:
-        >>> @click.command()
-        ... @click.option("--lr", type=float, cls=VariadicOption)
-        ... @click.option("--steps", type=int)
-        ... def show(lr, steps):
-        ...     click.echo(f"{lr} {steps}")
-        >>> show(["--lr", "0.1", "0.2", "--steps", "3", "--lr", "0.3"], standalone_mode=False)
-        (0.1, 0.2, 0.3) 3
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["multiple"] = True
-        super().__init__(*args, **kwargs)
-
-    def add_to_parser(self, parser: Any, ctx: click.Context) -> None:
-        """Register with click's parser, then make each flag consume all its values."""
-        super().add_to_parser(parser, ctx)
-        for name in self.opts:
-            option = parser._long_opt.get(name) or parser._short_opt.get(name)
-            if option is None:
-                continue
-            original = option.process
-
-            def process(value: Any, state: Any, original: Callable[..., None] = original) -> None:
-                original(value, state)
-                while state.rargs and _is_value(state.rargs[0]):
-                    original(state.rargs.pop(0), state)
-
-            option.process = process
-
-
 # ------------------------------------------------------------------- the group
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--debug",
+    is_flag=True,
+    help="Show the traceback of an error (and third-party warnings) instead of one line.",
+)
 @click.pass_context
-def cli(ctx: click.Context) -> None:
+def cli(ctx: click.Context, debug: bool) -> None:
     """Perturbation theory of SGD: predict what SGD will do before running it.
 
-    Under torchrun (torchrun --nproc-per-node K -m perturb.cli ...) the measurement and
+    Under torchrun (torchrun --nproc-per-node K -m perturb ...) the measurement and
     the SGD trials are split across the processes; rank 0 prints and writes outputs.
     """
+    if not debug:
+        quiet_known_warnings()
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # launched by torchrun
         from perturb.numeric.distributed import session
 
         ctx.with_resource(session())
-
-
-def schedule_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Add the options that build a schedule; the command receives ``schedule``.
-
-    The decorated command gets one keyword argument ``schedule`` (a
-    :class:`~perturb.symbolic.schedules.Schedule`) in place of the raw options; invalid
-    combinations are usage errors (exit code 2).
-
-    Example:
-        >>> @click.command()
-        ... @schedule_options
-        ... def show(schedule):
-        ...     click.echo(describe(schedule))
-        >>> show(["--schedule", "gd", "--train-size", "10"], standalone_mode=False)
-        full-batch GD (10 points, T steps)
-    """
-
-    def wrapper(
-        *args: Any,
-        schedule_name: str,
-        steps: int | None,
-        batch_size: int | None,
-        train_size: int | None,
-        epochs: int | None,
-        shuffle: bool,
-        **kwargs: Any,
-    ) -> Any:
-        try:
-            schedule = make_schedule(
-                schedule_name,
-                steps=steps,
-                batch_size=batch_size,
-                train_size=train_size,
-                epochs=epochs,
-                shuffle=shuffle,
-            )
-        except ValueError as error:
-            raise click.UsageError(str(error)) from error
-        return command(*args, schedule=schedule, **kwargs)
-
-    functools.update_wrapper(wrapper, command, updated=())
-    # the command's own options so far, copied (not shared) before adding ours
-    wrapper.__click_params__ = list(getattr(command, "__click_params__", []))  # type: ignore[attr-defined]
-    for option in reversed(_SCHEDULE_OPTIONS):
-        wrapper = option(wrapper)
-    return wrapper
-
-
-_positive = click.IntRange(min=1)
-_SCHEDULE_OPTIONS = (
-    click.option(
-        "--schedule",
-        "schedule_name",
-        type=click.Choice(SCHEDULES),
-        default="online",
-        show_default=True,
-        help="online: fresh samples each step; epochs: passes over a training set; gd: full batch.",
-    ),
-    click.option(
-        "--steps", "-T", type=_positive, help="Steps T (online, gd); symbolic if left out."
-    ),
-    click.option(
-        "--batch-size",
-        "-B",
-        type=_positive,
-        help="Batch size B (online, epochs); symbolic if left out.",
-    ),
-    click.option(
-        "--train-size",
-        "-N",
-        type=_positive,
-        help="Training set size N (epochs, gd); symbolic if left out.",
-    ),
-    click.option("--epochs", "-E", type=_positive, help="Epochs E (epochs); symbolic if left out."),
-    click.option(
-        "--shuffle/--no-shuffle",
-        default=False,
-        show_default=True,
-        help="Reshuffle the training set before each epoch (epochs).",
-    ),
-)
 
 
 _order_option = click.option(
@@ -372,6 +409,7 @@ _form_option = click.option(
     is_flag=True,
     help="With --resummed: Remark 2's integrals of exponentials in r = ηh.",
 )
+@force_option
 def series_command(
     order: int,
     schedule: Schedule,
@@ -380,15 +418,20 @@ def series_command(
     form: str,
     resummed: bool,
     integral: bool,
+    force: bool,
 ) -> None:
     """Print the η-series of a quantity, order by order."""
-    if not resummed:
-        click.echo(series_report(order, schedule, quantity, fmt=fmt, form=form))
-        return
-    if quantity == "gap":
+    if resummed and quantity == "gap":
         raise click.BadParameter(
             "with --resummed print test and train separately", param_hint="--quantity"
         )
+    _bounded(order, schedule, quantity, resummed=resummed, force=force)
+    if not resummed:
+        click.echo(series_report(order, schedule, quantity, fmt=fmt, form=form))
+        return
+    from perturb.symbolic.options import describe
+    from perturb.symbolic.resummed import resummed_report
+
     try:
         report = resummed_report(order, schedule, quantity, fmt=fmt, integral=integral)
     except ValueError as err:
@@ -425,6 +468,7 @@ def series_command(
     type=click.Choice(IMAGE_FORMATS),
     help="Image format for --draw.  [default: svg]",
 )
+@force_option
 def diagrams_command(
     order: int,
     schedule: Schedule,
@@ -432,10 +476,15 @@ def diagrams_command(
     form: str,
     directory: Path | None,
     fmt: str | None,
+    force: bool,
 ) -> None:
     """List the diagrams of one order with their counts and contractions."""
     if fmt is not None and directory is None:
         raise click.UsageError("--format applies to drawings only; give --draw DIR too")
+    _bounded(order, schedule, quantity, resummed=False, force=force)
+    from perturb.symbolic.diagrams import diagrams
+    from perturb.symbolic.options import describe
+
     items = diagrams(order, quantity=quantity, path_condition=schedule.single_epoch)
     condition = "with" if schedule.single_epoch else "without"
     click.echo(
@@ -453,34 +502,16 @@ def diagrams_command(
 
 
 @cli.command("predict")
-@click.option(
-    "--model", "model_spec", required=True, help="smooth-convnet, mlp or pkg.module:factory."
-)
+@data_options(model_default=None, alias=True)
 @click.option(
     "--checkpoint",
-    type=click.Path(dir_okay=False),
+    type=click.Path(exists=True, dir_okay=False),
     default=None,
     help="A saved state_dict (torch.save); default: the model's initialization.",
 )
-@click.option(
-    "--data",
-    "dataset",
-    default="digits",
-    show_default=True,
-    help="digits (built in), fashion-mnist, cifar10 or npz:PATH.",
-)
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
-@click.option(
-    "--lr",
-    "lrs",
-    cls=VariadicOption,
-    type=float,
-    metavar="ETA...",
-    required=True,
-    help="Learning rates: --lr 0.01 0.03 0.1 (or repeat the option).",
-)
-@click.option("--steps", type=click.IntRange(min=1), required=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@lr_option(required=True)
+@size_option("steps", required=True, help="Steps T of online SGD.")
+@size_option("batch_size", default=1, show_default=True, help="Batch size B.")
 @click.option("--order", type=click.IntRange(0, 4), default=3, show_default=True)
 @click.option("--quantity", type=click.Choice(QUANTITIES[:3]), default="test", show_default=True)
 @click.option(
@@ -494,43 +525,46 @@ def diagrams_command(
     is_flag=True,
     help="Treat the points as the population (exact averages, no error bars).",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@seed_option
+@device_option
 @click.option(
     "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
 )
 def predict_command(
-    model_spec,
-    checkpoint,
-    dataset,
-    data_dir,
-    lrs,
-    steps,
-    batch_size,
-    order,
-    quantity,
-    samples,
-    exact,
-    seed,
-    device,
-    fmt,
+    dataset: str,
+    data_dir: str | None,
+    model_spec: str,
+    checkpoint: str | None,
+    lrs: tuple[float, ...],
+    steps: int,
+    batch_size: int,
+    order: int,
+    quantity: str,
+    samples: int | None,
+    exact: bool,
+    seed: int,
+    device: str,
+    fmt: str,
 ) -> None:
     """Predict SGD's test loss, train loss or gap from a checkpoint, with error bars."""
     import json
 
     import torch
 
-    from perturb.experiments.data import DataError, load_dataset
-    from perturb.experiments.models import ModelSpecError, build_model, load_checkpoint
+    from perturb.experiments.data import load_dataset
+    from perturb.experiments.models import build_model, load_checkpoint
     from perturb.numeric.measuring import measure
+    from perturb.symbolic.schedules import Online
 
-    try:
-        data = load_dataset(dataset, data_dir=data_dir, split="train")
-        model = build_model(model_spec, data.input_shape, data.num_classes, seed=seed)
-        if checkpoint is not None:
-            load_checkpoint(model, checkpoint)
-    except (DataError, ModelSpecError, ValueError, FileNotFoundError) as err:
-        raise click.UsageError(str(err)) from None
+    data = load_dataset(dataset, data_dir=data_dir, split="train")
+    if samples is not None and samples > len(data):
+        raise click.BadParameter(
+            f"{samples} is more than the {len(data)} points of {dataset!r}",
+            param_hint="'--samples'",
+        )
+    model = build_model(model_spec, data.input_shape, data.num_classes, seed=seed)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
     if exact and samples is not None and samples < len(data):
         data, samples = data.subset(samples, seed=seed), None
     model = model.to(device)
@@ -547,6 +581,11 @@ def predict_command(
         dtype=torch.float32,
     )
     pred = stats.predict(schedule, lr=list(lrs), quantity=quantity, order=order)
+    asked = len(data) if samples is None else samples
+    if stats.rows != asked:
+        size = stats.meta.get("tuple_size")
+        why = f"disjoint tuples of {size} rows" if size else "the estimator's layout"
+        click.echo(f"note: {stats.rows} of the {asked} points are used ({why})", err=True)
     if fmt == "json":
         click.echo(
             json.dumps(
@@ -576,75 +615,31 @@ def predict_command(
         click.echo(f"{lr:8.4g} {cells} {pred.total[i]:12.6f} {pred.se[i]:10.6f}")
 
 
+def _orders_option(default: str) -> Any:
+    return click.option(
+        "--orders",
+        cls=VariadicOption,
+        type=click.IntRange(0, 4),
+        metavar="D...",
+        help=f"Orders of the series to report: --orders 0 1 2 3 (or repeat).  [default: {default}]",
+    )
+
+
+_population_option = click.option(
+    "--population",
+    type=click.IntRange(min=2),
+    default=256,
+    show_default=True,
+    help="Images in the population SGD samples from (and the test loss averages).",
+)
+
+
 @cli.command("validate")
-@click.option(
-    "--dataset",
-    default="digits",
-    show_default=True,
-    help="digits (built in), fashion-mnist, cifar10 or npz:PATH.",
-)
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Folder with the dataset's files as distributed.",
-)
-@click.option(
-    "--model",
-    default="smooth-convnet",
-    show_default=True,
-    help="smooth-convnet, mlp or pkg.module:factory.",
-)
-@click.option(
-    "--lr",
-    "lrs",
-    cls=VariadicOption,
-    type=float,
-    metavar="ETA...",
-    help="Learning rates: --lr 0.01 0.03 0.1 (or repeat the option).  "
-    "[default: 0.002 0.005 0.01 0.02 0.05]",
-)
-@click.option(
-    "--schedule",
-    type=click.Choice(SCHEDULES),
-    default=None,
-    help="online: fresh samples each step; epochs: passes over a training set of "
-    "--train-size points; gd: full batch.  [default: epochs if --epochs or --shuffle "
-    "is given, else online]",
-)
-@click.option(
-    "--steps",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Steps T (online, gd).  [default: 100]",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Batch size B (online, epochs).  [default: 1]",
-)
-@click.option(
-    "--train-size",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Training set size N, drawn iid from the population (epochs, gd; required there).",
-)
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs E (epochs).")
-@click.option(
-    "--shuffle/--no-shuffle",
-    default=False,
-    show_default=True,
-    help="Reshuffle the training set before each epoch (epochs).",
-)
+@data_options()
+@lr_option(default="0.002 0.005 0.01 0.02 0.05")
+@schedule_size_options(symbolic=False)
 @click.option("--trials", type=click.IntRange(min=2), default=256, show_default=True)
-@click.option(
-    "--orders",
-    cls=VariadicOption,
-    type=click.IntRange(0, 4),
-    metavar="D...",
-    help="Orders of the series to report: --orders 0 1 2 3 (or repeat).  [default: 0 1 2 3]",
-)
+@_orders_option("0 1 2 3")
 @click.option(
     "--gap/--no-gap",
     default=True,
@@ -657,31 +652,16 @@ def predict_command(
     show_default=True,
     help="Also report the re-summed prediction (up to two edges).",
 )
-@click.option(
-    "--seeds",
-    "--seed",
-    "seeds",
-    cls=VariadicOption,
-    type=click.IntRange(min=0),
-    metavar="S...",
-    help="Seeds of the initialization, population subset and trials: one run per seed "
-    "(--seeds 0 1 2; several write into OUT/seed-S).  [default: 0]",
-)
-@click.option(
-    "--population",
-    type=click.IntRange(min=2),
-    default=256,
-    show_default=True,
-    help="Images in the population SGD samples from (and the test loss averages).",
-)
+@seeds_option
+@_population_option
 @click.option(
     "--records",
-    type=click.IntRange(min=1),
+    type=POSITIVE,
     default=5,
     show_default=True,
     help="Recorded steps per run, evenly spaced up to --steps.",
 )
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@device_option
 @click.option(
     "--out",
     type=click.Path(file_okay=False),
@@ -689,11 +669,11 @@ def predict_command(
     show_default=True,
     help="Folder for results.json, results.csv, gap.csv and plots.",
 )
-def validate_command(**options: Any) -> None:
+def validate_command(model_spec: str, **options: Any) -> None:
     """Predict SGD's test loss and gap and compare with the mean of many real SGD runs."""
-    from perturb.experiments.data import DataError
     from perturb.experiments.validation import DEFAULT_LRS, validate
 
+    options["model"] = model_spec
     options["lrs"] = tuple(options["lrs"]) or DEFAULT_LRS
     options["orders"] = tuple(options["orders"]) or (0, 1, 2, 3)
     if options["schedule"] is None:
@@ -703,10 +683,7 @@ def validate_command(**options: Any) -> None:
     out = Path(options.pop("out"))
     for seed in seeds:
         folder = out if len(seeds) == 1 else out / f"seed-{seed}"
-        try:
-            result = validate(seed=seed, out=folder, **options)
-        except (DataError, ValueError) as err:
-            raise click.UsageError(str(err)) from None
+        result = validate(seed=seed, out=folder, **options)
         if len(seeds) > 1:
             click.echo(f"seed {seed}:")
         click.echo(result.table())
@@ -717,45 +694,40 @@ def validate_command(**options: Any) -> None:
 
 
 @cli.command("compare")
-@click.option("--dataset", default="digits", show_default=True, help="digits, fashion-mnist, …")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
-@click.option("--model", default="smooth-convnet", show_default=True)
-@click.option(
-    "--lr", "lrs", cls=VariadicOption, type=float, metavar="ETA...", help="[default: 0.005 0.02]"
-)
+@data_options()
+@lr_option(default="0.005 0.02")
 @click.option(
     "--batch-size",
     "batch_sizes",
     cls=VariadicOption,
-    type=click.IntRange(min=1),
+    type=POSITIVE,
     metavar="B...",
-    help="[default: 1 4]",
+    help="Batch sizes: --batch-size 1 4 (or repeat).  [default: 1 4]",
 )
-@click.option("--steps", cls=VariadicOption, type=int, metavar="T...", help="[default: 25 50 100]")
-@click.option("--trials", type=click.IntRange(min=2), default=128, show_default=True)
 @click.option(
-    "--orders",
+    "--steps",
     cls=VariadicOption,
-    type=click.IntRange(0, 4),
-    metavar="D...",
-    help="[default: 1 2 3]",
+    type=int,
+    metavar="T...",
+    help="Step counts: --steps 25 50 100 (or repeat).  [default: 25 50 100]",
 )
+@click.option("--trials", type=click.IntRange(min=2), default=128, show_default=True)
+@_orders_option("1 2 3")
 @click.option("--resummed/--no-resummed", default=True, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--population", type=click.IntRange(min=2), default=256, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@seed_option
+@_population_option
+@device_option
 @click.option("--out", type=click.Path(file_okay=False), default="compare-out", show_default=True)
-def compare_command(**options: Any) -> None:
-    """Real SGD against every theory (perturb orders, re-summed, ODE, SDE, Lyapunov)."""
+def compare_command(model_spec: str, **options: Any) -> None:
+    """Real SGD against every theory (orders, re-summed, gradient flow, SDE, Lyapunov)."""
     from perturb.experiments.comparison import (
         DEFAULT_BATCH_SIZES,
         DEFAULT_LRS,
         DEFAULT_STEPS,
         compare,
     )
-    from perturb.experiments.data import DataError
-    from perturb.experiments.models import ModelSpecError
 
+    options["model"] = model_spec
     for key, default in (
         ("lrs", DEFAULT_LRS),
         ("batch_sizes", DEFAULT_BATCH_SIZES),
@@ -763,10 +735,7 @@ def compare_command(**options: Any) -> None:
         ("orders", (1, 2, 3)),
     ):
         options[key] = tuple(options[key]) or default
-    try:
-        result = compare(**options)
-    except (DataError, ModelSpecError, ValueError) as err:
-        raise click.UsageError(str(err)) from None
+    result = compare(**options)
     click.echo(result.table())
     click.echo(f"wrote {options['out']}/compare.json, compare.csv, compare.png")
 
@@ -777,7 +746,8 @@ def main(args: Sequence[str] | None = None, *, standalone_mode: bool = True) -> 
     Args:
         args: the arguments; ``None`` reads ``sys.argv``.
         standalone_mode: click's standalone mode: handle errors and exit.  Pass
-            ``False`` to call it from Python and get exceptions instead.
+            ``False`` to call it from Python and get exceptions instead (a
+            :class:`CommandError` whose ``__cause__`` is the original error).
 
     Returns:
         The subcommand's return value (only when ``standalone_mode`` is false).

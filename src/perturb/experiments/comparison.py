@@ -9,8 +9,9 @@ and the predictors are
 
 * ``order d``: perturb's un-resummed series through ``η^d``;
 * ``resummed 2``: perturb's re-summed diagrams with up to two edges;
-* ``ODE``: gradient flow on the quadratic model at ``θ_0``
-  (:func:`perturb.experiments.baselines.ode_test_loss`);
+* ``gradient flow``: the ODE ``dθ/dt = −∇l`` on the quadratic model at ``θ_0``, at
+  time ``ηT`` (:func:`perturb.experiments.baselines.ode_test_loss`; not
+  :func:`perturb.validate`'s ``noiseless``, the noise-free diagrams of discrete SGD);
 * ``SDE``: seed 001's diffusion with statistics frozen at ``θ_0``
   (:func:`perturb.experiments.baselines.sde_test_loss`);
 * ``Lyapunov``: the exact moments of discrete SGD on the same quadratic model with
@@ -30,29 +31,34 @@ import csv
 import io
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from perturb.checks import check_int, check_ints, check_lrs, check_orders
 from perturb.experiments.baselines import (
     QuadraticModel,
     lyapunov_test_loss,
-    mean_hessian,
     ode_test_loss,
-    per_sample_derivatives,
     sde_test_loss,
     stationary_excess_loss,
 )
-from perturb.experiments.data import load_dataset
-from perturb.experiments.models import build_model
-from perturb.experiments.simulation import model_loss, simulate
-from perturb.numeric.measuring import measure
-from perturb.numeric.resummation import resummed_values
-from perturb.symbolic.resummed import resummed_terms
+from perturb.experiments.pipeline import (
+    build,
+    ci_error,
+    curve_intervals,
+    json_ready,
+    load_population,
+    measure_at_start,
+    quadratic_model,
+    record_every,
+    resummed_prediction,
+    run_trials,
+    series_predictions,
+    timed,
+)
 from perturb.symbolic.schedules import Online
 
 __all__ = ["Comparison", "compare"]
@@ -60,6 +66,8 @@ __all__ = ["Comparison", "compare"]
 DEFAULT_LRS = (0.005, 0.02)
 DEFAULT_BATCH_SIZES = (1, 4)
 DEFAULT_STEPS = (25, 50, 100)
+GRADIENT_FLOW = "gradient flow"
+"""The gradient-flow predictor's name: the ODE ``dθ/dt = −∇l`` on the quadratic model."""
 
 
 @dataclass
@@ -106,16 +114,7 @@ class Comparison:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: config, predictors, rows, notes and timings (``nan`` → ``None``)."""
 
-        def clean(v):
-            if isinstance(v, float) and not math.isfinite(v):
-                return None
-            if isinstance(v, dict):
-                return {k: clean(x) for k, x in v.items()}
-            if isinstance(v, list):
-                return [clean(x) for x in v]
-            return v
-
-        return clean(
+        return json_ready(
             {
                 "config": self.config,
                 "predictors": self.predictors,
@@ -255,19 +254,16 @@ def compare(
         >>> r = compare(model=softmax, lrs=(0.01,), batch_sizes=(2,), steps=(3,), trials=4,
         ...             orders=(1,), population=16)
         >>> r.predictors
-        ['order 1', 'resummed 2', 'ODE', 'SDE', 'Lyapunov', 'stationary']
+        ['order 1', 'resummed 2', 'gradient flow', 'SDE', 'Lyapunov', 'stationary']
         >>> len(r.rows), r.rows[0]["batch_size"]
         (1, 2)
     """
-    _check(
-        lrs=lrs,
-        batch_sizes=batch_sizes,
-        steps=steps,
-        trials=trials,
-        orders=orders,
-        population=population,
-    )
-    lrs, batch_sizes, steps = tuple(lrs), tuple(sorted(set(batch_sizes))), tuple(sorted(set(steps)))
+    lrs = check_lrs(lrs)
+    batch_sizes = tuple(sorted(set(check_ints("batch_sizes", batch_sizes, minimum=1))))
+    steps = tuple(sorted(set(check_ints("steps", steps, minimum=1))))
+    trials = check_int("trials", trials, minimum=2)
+    orders = check_orders(orders)
+    population = check_int("population", population, minimum=1)
     config = {
         "dataset": dataset,
         "model": model if isinstance(model, str) else type(model).__name__,
@@ -283,135 +279,92 @@ def compare(
         "schedule": "online",
     }
     timings: dict[str, float] = {}
-    data = load_dataset(dataset, data_dir=data_dir, split="train")
-    if population < len(data):
-        data = data.subset(population, seed=seed)
-    x, y = data.x.to(device), data.y.to(device)
-    net = (
-        build_model(model, data.input_shape, data.num_classes, seed=seed)
-        if isinstance(model, str)
-        else model
-    ).to(device)
-    loss_fn, theta0 = model_loss(net)
-    config["parameters"] = int(theta0.numel())
+    data = load_population(dataset, data_dir=data_dir, population=population, seed=seed)
+    setup = build(model, data, seed=seed, device=device)
+    config["parameters"] = setup.parameters
     schedules = {(b, s): Online(steps=s, batch_size=b) for b in batch_sizes for s in steps}
 
-    start = time.perf_counter()
     top = max(orders)
-    stats = measure(
-        net,
-        (x, y),
-        order=top,
-        schedules=list(schedules.values()),
-        quantities=("test",),
-        exact=True,
-        dtype=torch.float32,
-        progress=progress,
-    )
-    timings["measure_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    every = math.gcd(*steps)
-    runs = {
-        b: simulate(
-            loss_fn,
-            theta0,
-            (x, y),
-            Online(steps=max(steps), batch_size=b),
-            lr=list(lrs),
-            trials=trials,
-            seed=seed + 1000 * i,
-            record_every=every,
-            device=device,
-            dtype=torch.float32,
-            progress=progress,
+    with timed(timings, "measure_s"):
+        stats = measure_at_start(
+            setup, order=top, schedules=list(schedules.values()), progress=progress
         )
-        for i, b in enumerate(batch_sizes)
-    }
-    timings["simulate_s"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    theta64, x64 = theta0.detach().to(torch.float64), x.to(torch.float64)
-    derivs = per_sample_derivatives(loss_fn, theta64, x64, y)
-    hess = mean_hessian(loss_fn, theta0.detach().float(), x.float(), y).to(torch.float64)
-    quad = QuadraticModel.from_derivatives(derivs, hess)
-    eigh = quad.eig
-    do_resum = resummed and theta0.numel() <= max_resummed_parameters
-    predictors = [f"order {d}" for d in orders] + (["resummed 2"] if do_resum else [])
-    predictors += ["ODE", "SDE", "Lyapunov", "stationary"]
-    result = Comparison(config=config, predictors=predictors, timings=timings)
-    h_min, h_max = float(eigh[0].min()), float(eigh[0].max())
-    if h_min <= 0:
-        result.notes["stationary"] = (
-            f"n/a: H at θ_0 is not positive definite (smallest eigenvalue {h_min:.3g}), "
-            "θ_0 is not near a minimum"
-        )
-    for b in batch_sizes:
-        means, sems = runs[b].curve_mean()
-        index = {s: k for k, s in enumerate(runs[b].steps)}
-        finite = runs[b].finite
-        for s in steps:
-            sched = schedules[(b, s)]
-            by_order = np.cumsum(
-                stats.predict(sched, lr=list(lrs), quantity="test", order=top).by_order, axis=1
+    with timed(timings, "simulate_s"):
+        runs = {
+            b: run_trials(
+                setup,
+                Online(steps=max(steps), batch_size=b),
+                lrs=lrs,
+                trials=trials,
+                seed=seed + 1000 * i,
+                every=record_every(steps),
+                device=device,
+                progress=progress,
             )
-            terms = resummed_terms(2, sched) if do_resum else None
-            for li, lr in enumerate(lrs):
-                values = {f"order {d}": float(by_order[li, d]) for d in orders}
+            for i, b in enumerate(batch_sizes)
+        }
+
+    with timed(timings, "predict_s"):
+        quad = quadratic_model(setup)
+        do_resum = resummed and setup.parameters <= max_resummed_parameters
+        predictors = [f"order {d}" for d in orders] + (["resummed 2"] if do_resum else [])
+        predictors += [GRADIENT_FLOW, "SDE", "Lyapunov", "stationary"]
+        result = Comparison(config=config, predictors=predictors, timings=timings)
+        eig = quad.model.eig[0]
+        h_min, h_max = float(eig.min()), float(eig.max())
+        if h_min <= 0:
+            result.notes["stationary"] = (
+                f"n/a: H at θ_0 is not positive definite (smallest eigenvalue {h_min:.3g}), "
+                "θ_0 is not near a minimum"
+            )
+        for b in batch_sizes:
+            means, halves, column = curve_intervals(runs[b])
+            for s in steps:
+                sched = schedules[(b, s)]
+                columns = series_predictions(stats, sched, lrs, orders=orders)
                 if do_resum:
-                    parts = resummed_values(
-                        terms,
-                        derivs,
-                        lr=lr,
-                        steps=s,
-                        schedule=sched,
-                        means={2: hess},
-                        eigh=eigh,
+                    columns["resummed 2"] = resummed_prediction(quad, sched, lrs)
+                for li, lr in enumerate(lrs):
+                    values = {name: float(v[li]) for name, v in columns.items()}
+                    values.update(_baselines(quad.model, lr=lr, steps=s, batch_size=b))
+                    values["stationary"] = _stationary(
+                        quad.model, lr=lr, batch_size=b, h_min=h_min, h_max=h_max
                     )
-                    values["resummed 2"] = float(sum(parts))
-                values["ODE"] = float(ode_test_loss(quad, lr=lr, steps=s))
-                values["SDE"] = float(sde_test_loss(quad, lr=lr, steps=s, batch_size=b))
-                values["Lyapunov"] = float(lyapunov_test_loss(quad, lr=lr, steps=s, batch_size=b))
-                values["stationary"] = _stationary(
-                    quad, lr=lr, batch_size=b, h_min=h_min, h_max=h_max
-                )
-                mean, sem = float(means[li, index[s]]), float(sems[li, index[s]])
-                n = int(finite[li])
-                half = _half_width(sem, n)
-                result.rows.append(
-                    {
-                        "lr": float(lr),
-                        "batch_size": int(b),
-                        "steps": int(s),
-                        "eta_t": float(lr * s),
-                        "actual": mean,
-                        "ci_half": half,
-                        "trials": n,
-                        "divergent": bool(runs[b].is_divergent[li]),
-                        "predictions": {
-                            name: {
-                                "value": v,
-                                "error_ci": (v - mean) / half if half > 0 else math.nan,
-                            }
-                            for name, v in values.items()
-                        },
-                    }
-                )
-    if math.isfinite(h_min) and h_min > 0:
-        bad = [lr for lr in lrs if lr * h_max >= 2]
-        if bad:
-            result.notes["stationary"] = f"n/a at η = {bad}: ηh_max ≥ 2, no stationary law"
-    result.rows.sort(key=lambda r: (r["lr"], r["batch_size"], r["steps"]))
-    timings["predict_s"] = time.perf_counter() - start
+                    mean, half = float(means[li, column[s]]), float(halves[li, column[s]])
+                    result.rows.append(
+                        {
+                            "lr": float(lr),
+                            "batch_size": int(b),
+                            "steps": int(s),
+                            "eta_t": float(lr * s),
+                            "actual": mean,
+                            "ci_half": half,
+                            "trials": int(runs[b].finite[li]),
+                            "divergent": bool(runs[b].is_divergent[li]),
+                            "predictions": {
+                                name: {"value": v, "error_ci": ci_error(v, mean, half)}
+                                for name, v in values.items()
+                            },
+                        }
+                    )
+        if math.isfinite(h_min) and h_min > 0:
+            bad = [lr for lr in lrs if lr * h_max >= 2]
+            if bad:
+                result.notes["stationary"] = f"n/a at η = {bad}: ηh_max ≥ 2, no stationary law"
+        result.rows.sort(key=lambda r: (r["lr"], r["batch_size"], r["steps"]))
     if out is not None:
         result.write(out)
     return result
 
 
-def _half_width(sem: float, n: int) -> float:
-    from scipy import stats as st
-
-    return float(st.t.ppf(0.975, n - 1) * sem) if n > 1 else math.nan
+def _baselines(quad: QuadraticModel, *, lr: float, steps: int, batch_size: int) -> dict:
+    """Gradient flow, the SDE and exact discrete SGD (Lyapunov) on the quadratic model."""
+    return {
+        GRADIENT_FLOW: float(ode_test_loss(quad, lr=lr, steps=steps)),
+        "SDE": float(sde_test_loss(quad, lr=lr, steps=steps, batch_size=batch_size)),
+        "Lyapunov": float(lyapunov_test_loss(quad, lr=lr, steps=steps, batch_size=batch_size)),
+    }
 
 
 def _stationary(quad: QuadraticModel, *, lr, batch_size, h_min, h_max) -> float:
@@ -422,21 +375,3 @@ def _stationary(quad: QuadraticModel, *, lr, batch_size, h_min, h_max) -> float:
     g = v.T @ quad.grad
     floor = float(quad.loss - 0.5 * (g**2 / h).sum())
     return floor + float(stationary_excess_loss(quad.hess, quad.cov, lr=lr, batch_size=batch_size))
-
-
-def _check(*, lrs, batch_sizes, steps, trials, orders, population) -> None:
-    if not lrs or any(
-        isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0
-        for v in lrs
-    ):
-        raise ValueError(f"lrs must be positive finite numbers, got {lrs!r}")
-    for name, grid in (("batch_sizes", batch_sizes), ("steps", steps)):
-        if not grid or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in grid):
-            raise ValueError(f"{name} must be positive integers, got {grid!r}")
-    for name, value, low in (("trials", trials, 2), ("population", population, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
-    if not orders or any(
-        isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= 4 for d in orders
-    ):
-        raise ValueError(f"orders must be integers in 0..4, got {orders!r}")

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.func import grad, hessian, vmap
 
+from perturb.checks import check_int, check_lr
 from perturb.numeric.prediction import Population, predict
 from perturb.symbolic.schedules import GD, Online
 from perturb.symbolic.series import Series
@@ -69,18 +70,13 @@ def _check_theta(theta0: object) -> torch.Tensor:
 def _check_lr(lr: object) -> float:
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
         raise TypeError(f"lr must be a positive real number, got {lr!r}")
-    value = float(lr)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    return value
+    return check_lr(lr)
 
 
 def _check_count(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return int(value)
+        raise TypeError(f"{name} must be an integer ≥ 1, got {value!r}")
+    return check_int(name, value, minimum=1)
 
 
 def _mean_hessian_eigenvalues(population: Population, theta: torch.Tensor) -> torch.Tensor:

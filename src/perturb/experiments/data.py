@@ -21,11 +21,14 @@ All images are returned as float32 tensors of shape ``(n, C, H, W)`` with values
 from __future__ import annotations
 
 import builtins
+import functools
 import gzip
 import io
 import os
 import pickle
 import struct
+import warnings
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +42,16 @@ from perturb.errors import DataError
 __all__ = ["DATASET_NAMES", "DataError", "Dataset", "load_dataset"]
 
 #: Canonical dataset names accepted by :func:`load_dataset` (plus ``"npz:PATH"``).
-DATASET_NAMES: tuple[str, ...] = ("digits", "fashion-mnist", "cifar10", "npz:PATH")
+DATASET_NAMES: tuple[str, ...] = ("digits", "mnist1d", "fashion-mnist", "cifar10", "npz:PATH")
+
+_MNIST1D_SAMPLES = 5000  # the package's default: 4,000 train + 1,000 test sequences of length 40
+_MNIST1D_SEED = 42
 
 _ALIASES = {
     "digits": "digits",
     "sklearn-digits": "digits",
+    "mnist1d": "mnist1d",
+    "mnist-1d": "mnist1d",
     "fashion-mnist": "fashion-mnist",
     "fashionmnist": "fashion-mnist",
     "cifar10": "cifar10",
@@ -72,11 +80,11 @@ _CIFAR_FILES = {
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Dataset:
-    """An in-memory image classification dataset.
+    """An in-memory classification dataset of images ``(C, H, W)`` or sequences ``(C, L)``.
 
     Attributes:
         name: Canonical dataset name (e.g. ``"digits"``).
-        x: Float tensor of shape ``(n, C, H, W)``.
+        x: Float tensor of shape ``(n, C, H, W)`` (images) or ``(n, C, L)`` (sequences).
         y: Int64 label tensor of shape ``(n,)`` with values in ``[0, num_classes)``.
         num_classes: Number of classes.
 
@@ -94,9 +102,10 @@ class Dataset:
     num_classes: int
 
     def __post_init__(self) -> None:
-        if not isinstance(self.x, torch.Tensor) or self.x.ndim != 4:
+        if not isinstance(self.x, torch.Tensor) or self.x.ndim not in (3, 4):
             raise ValueError(
-                f"Dataset.x must be a tensor of shape (n, C, H, W), got {_desc(self.x)}"
+                "Dataset.x must be a tensor of shape (n, C, H, W) or (n, C, L), got "
+                f"{_desc(self.x)}"
             )
         if not self.x.is_floating_point():
             raise ValueError(f"Dataset.x must be a floating-point tensor, got {self.x.dtype}")
@@ -117,16 +126,17 @@ class Dataset:
             )
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """The shape ``(C, H, W)`` of one input.
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape ``(C, H, W)`` or ``(C, L)`` of one input.
 
         Examples:
             >>> y = torch.zeros(3, dtype=torch.int64)
             >>> Dataset("toy", torch.zeros(3, 3, 4, 5), y, 1).input_shape
             (3, 4, 5)
+            >>> Dataset("toy", torch.zeros(3, 1, 40), y, 1).input_shape
+            (1, 40)
         """
-        c, h, w = self.x.shape[1:]
-        return (int(c), int(h), int(w))
+        return tuple(int(s) for s in self.x.shape[1:])
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -163,6 +173,45 @@ class Dataset:
         idx = torch.randperm(len(self), generator=gen)[:n].sort().values.to(self.x.device)
         return Dataset(self.name, self.x[idx], self.y[idx], self.num_classes)
 
+    def population(self, n: int, *, seed: int) -> Dataset:
+        """The population of ``n`` rows SGD samples from: :meth:`subset`, or all rows.
+
+        When ``n`` exceeds the number of rows every row is used, and a :class:`UserWarning`
+        says so (the population is not silently smaller than asked for).
+
+        Args:
+            n: Number of rows wanted, ``n >= 1``.
+            seed: Seed of the subset (see :meth:`subset`).
+
+        Returns:
+            ``self`` if ``n >= len(self)``, else ``self.subset(n, seed=seed)``.
+
+        Raises:
+            ValueError: If ``n < 1``.
+
+        Examples:
+            >>> import warnings
+            >>> ds = Dataset("toy", torch.zeros(4, 1, 1, 1), torch.zeros(4, dtype=torch.int64), 1)
+            >>> len(ds.population(3, seed=0))
+            3
+            >>> with warnings.catch_warnings(record=True) as caught:
+            ...     warnings.simplefilter("always")
+            ...     n = len(ds.population(10, seed=0))
+            >>> n, str(caught[0].message)
+            (4, 'population 10 > 4 rows of toy: using 4')
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"population size must be a positive integer, got {n!r}")
+        if n < len(self):
+            return self.subset(n, seed=seed)
+        if n > len(self):
+            warnings.warn(
+                f"population {n} > {len(self)} rows of {self.name}: using {len(self)}",
+                UserWarning,
+                stacklevel=2,
+            )
+        return self
+
     def to(
         self, dtype: torch.dtype | None = None, device: torch.device | str | None = None
     ) -> Dataset:
@@ -184,8 +233,9 @@ def load_dataset(
     """Load a dataset by name, never downloading anything.
 
     Args:
-        name: ``"digits"``, ``"fashion-mnist"``, ``"cifar10"`` or ``"npz:PATH"``
-            (case-insensitive; ``_`` may replace ``-``).
+        name: ``"digits"``, ``"mnist1d"`` (generated offline by the ``mnist1d``
+            package, :mod:`perturb.experiments.mnist1d`), ``"fashion-mnist"``,
+            ``"cifar10"`` or ``"npz:PATH"`` (case-insensitive; ``_`` may replace ``-``).
         data_dir: Folder holding the distributed files (required for ``"fashion-mnist"`` and
             ``"cifar10"``; ignored for ``"digits"`` and ``"npz:PATH"``). For Fashion-MNIST the
             files may also sit in ``data_dir/"fashion-mnist"``; for CIFAR-10 ``data_dir`` may
@@ -194,7 +244,8 @@ def load_dataset(
             ``x_test``/``y_test``.
 
     Returns:
-        The requested split as a :class:`Dataset` (float32 ``x`` in ``[0, 1]``, int64 ``y``).
+        The requested split as a :class:`Dataset` (float32 ``x``: images in ``[0, 1]``,
+        MNIST-1D sequences ``(1, 40)`` standardized; int64 ``y``).
 
     Raises:
         DataError: Unknown name or split, missing folder or file, or corrupt file.
@@ -219,6 +270,8 @@ def load_dataset(
         )
     if key == "digits":
         return _load_digits(split)
+    if key == "mnist1d":
+        return _load_mnist1d(split)
     if key == "fashion-mnist":
         return _load_fashion_mnist(data_dir, split)
     return _load_cifar10(data_dir, split)
@@ -273,6 +326,21 @@ def _load_digits(split: str) -> Dataset:
         mask = ~mask
     x = images[mask][:, None, :, :]
     return _make("digits", x, labels[mask], 10, scale=16.0)
+
+
+@functools.cache
+def _mnist1d() -> tuple[np.ndarray, ...]:
+    from perturb.experiments.mnist1d import mnist1d_arrays
+
+    return mnist1d_arrays(samples=_MNIST1D_SAMPLES, seed=_MNIST1D_SEED)
+
+
+def _load_mnist1d(split: str) -> Dataset:
+    """MNIST-1D from the package's own generator: 4,000 train and 1,000 test sequences."""
+    x, y, x_test, y_test = _mnist1d()
+    if split == "train":
+        return _make("mnist1d", x, y, 10, scale=1.0)
+    return _make("mnist1d", x_test, y_test, 10, scale=1.0)
 
 
 def _stratified_test_indices(labels: np.ndarray, n_test: int, *, seed: int) -> np.ndarray:
@@ -529,6 +597,32 @@ def _load_cifar10(data_dir: str | os.PathLike[str] | None, split: str) -> Datase
 # --------------------------------------------------------------------------- npz
 
 
+#: How every zip archive (so every ``.npz`` file) starts: a local file header or, for an
+#: empty archive, the end-of-central-directory record.
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def _check_npz_magic(path: Path) -> None:
+    """Refuse a file that is not a zip archive before numpy guesses it is a pickle."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(6)
+    except OSError as err:
+        raise DataError(f"cannot read npz file {str(path)!r}: {err}") from err
+    if head.startswith(_ZIP_MAGIC):
+        return
+    if head.startswith(b"\x93NUMPY"):
+        found = "a single-array .npy file"
+    elif not head:
+        found = "an empty file"
+    else:
+        found = f"a file starting with {head!r}"
+    raise DataError(
+        f"corrupt npz file {str(path)!r}: expected a NumPy .npz archive (a zip file, as "
+        f"numpy.savez writes), found {found}; save it with numpy.savez(path, x=..., y=...)"
+    )
+
+
 def _load_npz(path_str: str, *, split: str) -> Dataset:
     if not path_str:
         raise DataError("npz dataset needs a path: use 'npz:/path/to/file.npz'")
@@ -536,6 +630,7 @@ def _load_npz(path_str: str, *, split: str) -> Dataset:
     if not path.is_file():
         raise DataError(f"missing npz file: expected {str(path)!r} (from 'npz:{path_str}')")
     xkey, ykey = ("x", "y") if split == "train" else ("x_test", "y_test")
+    _check_npz_magic(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
             files = list(npz.files)
@@ -550,8 +645,11 @@ def _load_npz(path_str: str, *, split: str) -> Dataset:
             all_labels = [y] + [np.asarray(npz[k]) for k in ("y", "y_test") if k in files]
     except DataError:
         raise
-    except (OSError, ValueError, zlib.error, EOFError) as err:
-        raise DataError(f"corrupt npz file {str(path)!r}: {err}") from err
+    except (OSError, ValueError, zlib.error, EOFError, zipfile.BadZipFile) as err:
+        raise DataError(
+            f"corrupt npz file {str(path)!r}: expected a readable NumPy .npz archive, got "
+            f"a damaged one ({err}); re-create it with numpy.savez(path, x=..., y=...)"
+        ) from err
     if x.ndim == 3:
         x = x[:, None, :, :]
     if x.ndim != 4:

@@ -25,6 +25,7 @@ import math
 import torch
 from scipy.stats import norm
 
+from perturb.checks import check_int, check_positive
 from perturb.numeric.prediction import Population
 
 __all__ = ["archimedes", "gaussian_fit", "mean_estimation", "symmetric_unit_values"]
@@ -32,22 +33,17 @@ __all__ = ["archimedes", "gaussian_fit", "mean_estimation", "symmetric_unit_valu
 
 def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return value
+        raise TypeError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+    return check_int(name, value, minimum=minimum)
 
 
-def _check_positive(name: str, value: object) -> float:
+def _real(name: str, value: object) -> float:
     if isinstance(value, bool):
-        raise TypeError(f"{name} must be a positive real number, got {value!r}")
+        raise TypeError(f"{name} must be a real number, got {value!r}")
     try:
-        out = float(value)  # type: ignore[arg-type]
+        return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a positive real number, got {value!r}") from None
-    if not math.isfinite(out) or out <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return out
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
 
 
 def symmetric_unit_values(rows: int) -> torch.Tensor:
@@ -164,8 +160,8 @@ def mean_estimation(
         >>> float(d[2].mean()), float((d[1] ** 2).mean())  # H = h, C = noise²
         (0.5, 4.0)
     """
-    h = _check_positive("curvature", curvature)
-    sigma = _check_positive("noise", noise)
+    h = check_positive("curvature", _real("curvature", curvature))
+    sigma = check_positive("noise", _real("noise", noise))
     dim = _check_int("dim", dim, 1)
     q = symmetric_unit_values(rows)
     eye = torch.eye(dim, dtype=torch.float64)
@@ -206,12 +202,7 @@ def gaussian_fit(*, rows: int = 8, h0: float = 0.5) -> tuple[Population, torch.T
         (0.0, 0.5)
     """
     rows = _check_int("rows", rows, 3)
-    if isinstance(h0, bool):
-        raise TypeError(f"h0 must be a real number, got {h0!r}")
-    try:
-        start = float(h0)
-    except (TypeError, ValueError):
-        raise TypeError(f"h0 must be a real number, got {h0!r}") from None
+    start = _real("h0", h0)
     if not math.isfinite(start):
         raise ValueError(f"h0 must be finite, got {h0!r}")
     xs = symmetric_unit_values(rows).reshape(-1, 1)

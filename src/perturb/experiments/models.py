@@ -3,8 +3,8 @@
 The perturbative (diagrammatic) theory of SGD expands the loss in a Taylor series around the
 initial weights, so every model here is built from analytic pieces only: convolutions, linear
 layers, average pooling and ``tanh``/``softplus`` activations; no ReLU, max-pooling or
-BatchNorm. :func:`check_model` inspects user-supplied models for pieces that break those
-assumptions.
+BatchNorm. :func:`check_model` (defined in :mod:`perturb.numeric.adapters`, re-exported here)
+inspects user-supplied models for pieces that break those assumptions.
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ import importlib
 import inspect
 import math
 import os
-import warnings
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from perturb.errors import ModelSpecError
+from perturb.numeric.adapters import NonSmoothWarning, check_model, cross_entropy_per_sample
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -44,15 +44,6 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "softplus": nn.Soft
 _GAINS = {"tanh": 5.0 / 3.0, "softplus": 1.0}
 
 
-class NonSmoothWarning(UserWarning):
-    """A model contains a piece that breaks the smoothness assumed by the perturbative expansion.
-
-    Examples:
-        >>> issubclass(NonSmoothWarning, UserWarning)
-        True
-    """
-
-
 # --------------------------------------------------------------------------- builders
 
 
@@ -66,11 +57,13 @@ def _activation(name: str) -> nn.Module:
         ) from None
 
 
-def _check_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
+def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     shape = tuple(int(s) for s in input_shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {input_shape}")
-    return shape  # type: ignore[return-value]
+    if len(shape) not in (2, 3) or min(shape) < 1:
+        raise ValueError(
+            f"input_shape must be (C, H, W) or (C, L) with positive sizes, got {input_shape}"
+        )
+    return shape
 
 
 @contextlib.contextmanager
@@ -91,7 +84,7 @@ def _init(model: nn.Module, *, seed: int, gain: float) -> None:
     the last layer, which feeds no activation); biases are zero.
     """
     gen = torch.Generator().manual_seed(int(seed))
-    layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    layers = [m for m in model.modules() if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Linear)]
     for i, layer in enumerate(layers):
         weight = layer.weight
         fan_in = weight[0].numel()
@@ -116,10 +109,11 @@ def smooth_convnet(
     (doubling the channels each time) until the spatial size is at most 4, then global average
     pooling and a linear classifier; ``activation`` follows every convolution. No BatchNorm, no
     max-pooling. At ``width=8`` this gives 1,418 parameters for 1×8×8 digits, 25,034 for
-    1×28×28 Fashion-MNIST and 25,178 for 3×32×32 CIFAR-10.
+    1×28×28 Fashion-MNIST and 25,178 for 3×32×32 CIFAR-10. For sequences ``(C, L)``
+    (MNIST-1D) the same layout with 1-D convolutions of width 3: 34,202 parameters for 1×40.
 
     Args:
-        input_shape: ``(C, H, W)`` of one input.
+        input_shape: ``(C, H, W)`` of one image or ``(C, L)`` of one sequence.
         num_classes: Number of output logits.
         width: Channels of the stem convolution.
         activation: ``"tanh"`` or ``"softplus"``.
@@ -134,20 +128,26 @@ def smooth_convnet(
         torch.Size([2, 10])
         >>> sum(p.numel() for p in net.parameters())
         1418
+        >>> seq = smooth_convnet((1, 40), 10)
+        >>> seq(torch.zeros(2, 1, 40)).shape, sum(p.numel() for p in seq.parameters())
+        (torch.Size([2, 10]), 34202)
     """
-    c, h, w = _check_shape(input_shape)
+    c, *sizes = _check_shape(input_shape)
     if width < 1 or num_classes < 1:
         raise ValueError(f"width and num_classes must be >= 1, got {width} and {num_classes}")
     _activation(activation)
+    conv, pool = (
+        (nn.Conv1d, nn.AdaptiveAvgPool1d) if len(sizes) == 1 else (nn.Conv2d, nn.AdaptiveAvgPool2d)
+    )
     with _private_rng():
-        layers: list[nn.Module] = [nn.Conv2d(c, width, 3, padding=1), _activation(activation)]
+        layers: list[nn.Module] = [conv(c, width, 3, padding=1), _activation(activation)]
         channels = width
-        while min(h, w) > 4:
-            layers += [nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1)]
+        while min(sizes) > 4:
+            layers += [conv(channels, 2 * channels, 3, stride=2, padding=1)]
             layers += [_activation(activation)]
             channels *= 2
-            h, w = (h + 1) // 2, (w + 1) // 2
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
+            sizes = [(s + 1) // 2 for s in sizes]
+        layers += [pool(1), nn.Flatten(), nn.Linear(channels, num_classes)]
         model = nn.Sequential(*layers)
     _init(model, seed=seed, gain=_GAINS[activation])
     return model
@@ -178,13 +178,13 @@ def mlp(
         >>> net(torch.zeros(3, 1, 8, 8)).shape, sum(p.numel() for p in net.parameters())
         (torch.Size([3, 10]), 2410)
     """
-    c, h, w = _check_shape(input_shape)
+    shape = _check_shape(input_shape)
     if num_classes < 1 or any(int(k) < 1 for k in hidden):
         raise ValueError(f"num_classes and hidden widths must be >= 1, got {num_classes}, {hidden}")
     _activation(activation)  # validate the name even when there are no hidden layers
     with _private_rng():
         layers: list[nn.Module] = [nn.Flatten()]
-        fan_in = c * h * w
+        fan_in = math.prod(shape)
         for k in hidden:
             layers += [nn.Linear(fan_in, int(k)), _activation(activation)]
             fan_in = int(k)
@@ -195,9 +195,22 @@ def mlp(
 
 
 def build_model(
-    spec: str, input_shape: Sequence[int], num_classes: int, *, seed: int = 0
+    spec: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    seed: int = 0,
+    check: bool = True,
 ) -> nn.Module:
     """Build a model from a spec string.
+
+    A factory's module is imported as ``python -m`` would find it: the current working
+    folder is searched first (it is put in front of ``sys.path`` for the import only).
+    With ``check``, a factory's model must be one SGD on flat parameters can run
+    (vectorized over trials with :func:`torch.func.vmap`): it must have parameters, no
+    BatchNorm layer in training mode (it couples the samples of a batch), no dropout in
+    training mode (a random operation), and map a zero input ``(2, C, H, W)`` to logits
+    of shape ``(2, num_classes)``, one per class.
 
     Args:
         spec: ``"smooth-convnet"``, ``"mlp"`` or ``"pkg.module:factory"``. A factory is called
@@ -206,19 +219,24 @@ def build_model(
         input_shape: ``(C, H, W)`` of one input.
         num_classes: Number of output logits.
         seed: Seed for the initial weights.
+        check: Check a factory's model as above (the built-ins pass by construction).
 
     Returns:
         The model (an ``nn.Module``).
 
     Raises:
         ModelSpecError: Unknown built-in, malformed spec, module that cannot be imported,
-            missing attribute, non-callable factory, or a factory not returning an ``nn.Module``.
+            missing attribute, non-callable factory, a factory not returning an
+            ``nn.Module``, or (with ``check``) a model failing a check above.
 
     Examples:
         >>> build_model("mlp", (1, 8, 8), 10)(torch.zeros(1, 1, 8, 8)).shape
         torch.Size([1, 10])
-        >>> isinstance(build_model("torch.nn:Identity", (1, 8, 8), 10), torch.nn.Identity)
-        True
+        >>> try:
+        ...     build_model("torch.nn:Identity", (1, 8, 8), 10)
+        ... except ModelSpecError as err:
+        ...     print(str(err).split(": ")[0])
+        model 'torch.nn:Identity' (Identity) has no parameters
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ModelSpecError(
@@ -243,7 +261,7 @@ def build_model(
             f"non-empty (valid built-ins: {', '.join(BUILTIN_MODELS)})"
         )
     try:
-        module = importlib.import_module(module_name)
+        module = _import_from_cwd(module_name)
     except ImportError as err:
         raise ModelSpecError(
             f"cannot import module {module_name!r} from model spec {spec!r}: {err}"
@@ -267,7 +285,93 @@ def build_model(
         raise ModelSpecError(
             f"factory {spec!r} returned {type(model).__name__}, expected a torch.nn.Module"
         )
+    if check:
+        _check_factory_model(model, spec, tuple(input_shape), num_classes)
     return model
+
+
+def _import_from_cwd(module_name: str) -> Any:
+    """Import ``module_name`` with the current working folder searched first, as ``python -m``."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+        importlib.invalidate_caches()
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(cwd)
+
+
+#: Layers that couple the samples of a batch in training mode (batch statistics).
+_BATCH_STATISTICS: tuple[type[nn.Module], ...] = tuple(
+    cls
+    for cls in (
+        getattr(nn.modules.batchnorm, "_BatchNorm", None),
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.SyncBatchNorm,
+    )
+    if cls is not None
+)
+#: Layers that draw random numbers in training mode.
+_RANDOM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+def _check_factory_model(
+    model: nn.Module, spec: str, input_shape: tuple[int, ...], num_classes: int
+) -> None:
+    """Raise :class:`ModelSpecError` if SGD on flat parameters cannot run ``model``."""
+    label = f"model {spec!r} ({type(model).__name__})"
+    params = list(model.parameters())
+    if not params:
+        raise ModelSpecError(
+            f"{label} has no parameters: expected a network with weights for SGD to train"
+        )
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        where = f"submodule {name!r} ({kind})" if name else f"the model ({kind})"
+        if isinstance(module, _BATCH_STATISTICS) and module.training:
+            raise ModelSpecError(
+                f"{label}: {where} is a BatchNorm layer in training mode, which couples the "
+                "samples of a batch; expected per-sample layers: remove it, or return "
+                "model.eval() from the factory"
+            )
+        if isinstance(module, _RANDOM_LAYERS) and module.training and module.p > 0:
+            raise ModelSpecError(
+                f"{label}: {where} is dropout in training mode, a random operation the "
+                "vectorized trials cannot run; expected a deterministic model: remove it, or "
+                "return model.eval() from the factory"
+            )
+    floating = [p for p in params if p.is_floating_point()]
+    dtype = floating[0].dtype if floating else torch.get_default_dtype()
+    zeros = torch.zeros((2, *input_shape), dtype=dtype, device=params[0].device)
+    try:
+        with torch.no_grad():
+            out = model(zeros)
+    except Exception as err:  # a user's forward can fail in any way
+        raise ModelSpecError(
+            f"{label} fails on a zero input of shape {tuple(zeros.shape)}: expected it to take "
+            f"(n, C, H, W) images of the dataset; got {type(err).__name__}: {err}"
+        ) from err
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+    if shape != (2, num_classes):
+        got = f"shape {shape}" if shape is not None else f"a {type(out).__name__}"
+        raise ModelSpecError(
+            f"{label} maps a zero input of shape {tuple(zeros.shape)} to {got}: expected "
+            f"logits of shape (2, {num_classes}), one per class of the dataset; make its last "
+            f"layer output num_classes={num_classes}"
+        )
 
 
 def _accepted_kwargs(func: Any, offered: dict[str, Any]) -> dict[str, Any]:
@@ -285,124 +389,7 @@ def _accepted_kwargs(func: Any, offered: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in offered.items() if k in names}
 
 
-# --------------------------------------------------------------------------- checks
-
-_NON_ANALYTIC: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.RReLU,
-    nn.ReLU6,
-    nn.ELU,
-    nn.CELU,
-    nn.SELU,
-    nn.Hardtanh,
-    nn.Hardsigmoid,
-    nn.Hardswish,
-    nn.Hardshrink,
-    nn.Softshrink,
-    nn.Softsign,
-    nn.Threshold,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-    nn.FractionalMaxPool2d,
-    nn.FractionalMaxPool3d,
-    nn.LPPool1d,
-    nn.LPPool2d,
-)
-_DROPOUT: tuple[type[nn.Module], ...] = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-)
-_BATCHNORM: tuple[type[nn.Module], ...] = tuple(
-    cls
-    for cls in (
-        getattr(nn.modules.batchnorm, "_BatchNorm", None),
-        nn.BatchNorm1d,
-        nn.BatchNorm2d,
-        nn.BatchNorm3d,
-        nn.SyncBatchNorm,
-    )
-    if cls is not None
-)
-
-
-def check_model(model: nn.Module) -> None:
-    """Check that a model fits the smoothness assumptions of the perturbative expansion.
-
-    Only submodules are inspected; activations applied functionally inside ``forward`` (e.g.
-    ``F.relu``) cannot be seen.
-
-    Args:
-        model: The model to inspect.
-
-    Warns:
-        NonSmoothWarning: For each non-analytic submodule (ReLU and its variants, ELU/CELU/SELU,
-            hard activations, max-pooling, LP-pooling) and each dropout layer in training mode.
-
-    Raises:
-        ValueError: If a BatchNorm layer is in training mode (it couples the samples in a batch).
-
-    Examples:
-        >>> check_model(smooth_convnet((1, 8, 8), 10))  # silent
-        >>> with warnings.catch_warnings(record=True) as caught:
-        ...     warnings.simplefilter("always")
-        ...     check_model(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
-        >>> print(caught[0].message)
-        submodule '1' (ReLU): the perturbative expansion assumes a smooth loss; ReLU is not analytic
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"check_model expects a torch.nn.Module, got {type(model).__name__}")
-    for name, module in model.named_modules():
-        label = f"submodule {name!r}" if name else "the model"
-        kind = type(module).__name__
-        if isinstance(module, _BATCHNORM) and module.training:
-            raise ValueError(
-                f"{label} ({kind}) is in training mode: batch normalisation couples the samples "
-                "in a batch; call model.eval() or remove it"
-            )
-        if isinstance(module, _NON_ANALYTIC):
-            warnings.warn(
-                f"{label} ({kind}): the perturbative expansion assumes a smooth loss; "
-                f"{kind} is not analytic",
-                NonSmoothWarning,
-                stacklevel=2,
-            )
-        elif isinstance(module, _DROPOUT) and module.training and module.p > 0:
-            warnings.warn(
-                f"{label} ({kind}): the perturbative expansion assumes a smooth, deterministic "
-                f"loss; {kind} is random in training mode; call model.eval() or remove it",
-                NonSmoothWarning,
-                stacklevel=2,
-            )
-
-
-# --------------------------------------------------------------------------- loss / checkpoints
-
-
-def cross_entropy_per_sample(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-sample cross-entropy loss.
-
-    Args:
-        logits: ``(n, num_classes)`` logits.
-        y: ``(n,)`` integer labels.
-
-    Returns:
-        A ``(n,)`` tensor of losses (differentiable).
-
-    Examples:
-        >>> cross_entropy_per_sample(torch.zeros(2, 4), torch.tensor([0, 3]))
-        tensor([1.3863, 1.3863])
-    """
-    return F.cross_entropy(logits, y, reduction="none")
+# --------------------------------------------------------------------------- checkpoints
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
@@ -421,8 +408,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
-        ValueError: If the file is not a readable state dict, or its keys or shapes do not
-            match the model (all missing and unexpected keys and shape mismatches are listed).
+        ModelSpecError: If the file is not a readable state dict, its keys or shapes do not
+            match the model (all missing and unexpected keys and shape mismatches are listed),
+            or a weight is NaN or infinite.
 
     Examples:
         >>> import tempfile, pathlib
@@ -439,7 +427,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module
     try:
         obj = torch.load(path_str, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        raise ValueError(
+        raise ModelSpecError(
             f"cannot read checkpoint {path_str!r} as a weights-only state dict: {err}"
         ) from err
     state = _extract_state_dict(obj, path_str)
@@ -463,9 +451,18 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module
             parts.append(f"unexpected keys: {', '.join(unexpected)}")
         if mismatched:
             parts.append(f"shape mismatches: {'; '.join(mismatched)}")
-        raise ValueError(
+        raise ModelSpecError(
             f"checkpoint {path_str!r} does not match {type(model).__name__}: " + "; ".join(parts)
         )
+    for name, value in state.items():
+        if value.is_floating_point() or value.is_complex():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                raise ModelSpecError(
+                    f"checkpoint {path_str!r} has non-finite weights in {name} ({bad} of "
+                    f"{value.numel()} entries NaN or inf): expected finite weights; save a "
+                    "checkpoint from before the run diverged"
+                )
     model.load_state_dict(state, strict=True)
     return model
 
@@ -479,7 +476,7 @@ def _extract_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):
-        raise ValueError(
+        raise ModelSpecError(
             f"checkpoint {path!r} is not a state dict: expected a mapping of parameter names to "
             "tensors (optionally under the key 'state_dict' or 'model'), "
             f"got {type(obj).__name__}"

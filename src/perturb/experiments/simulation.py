@@ -32,35 +32,41 @@ runs it (``trials=range(a, b)`` runs trials ``a … b-1`` alone; under ``torchru
 :mod:`perturb.numeric.distributed`); every learning
 rate sees the same samples (common random numbers).  :func:`simulate_loop` runs the
 same trials one after another and serves as the reference.
+
+A trial *diverges* when a batch loss or a parameter becomes non-finite or exceeds the
+absolute cap ``diverge_above``, or an evaluated test or train loss exceeds
+``diverge_factor`` times the starting loss ``L(θ_0)``; divergent trials are counted and
+left out of the averages.  The step itself and the divergence bookkeeping live in
+:mod:`perturb.experiments.sgd_step`, the checks of the arguments and the samples of each
+trial in :mod:`perturb.experiments.simulation_setup`.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-import sympy as sp
 import torch
-from scipy import stats
 from torch import nn
-from tqdm.auto import tqdm
 
-from perturb.experiments.models import cross_entropy_per_sample
+from perturb.experiments.sgd_step import run_trials
+from perturb.experiments.simulation_setup import LossFn, make_setup, trial_indices
+from perturb.numeric.adapters import cross_entropy_per_sample
 from perturb.numeric.distributed import all_ints, gather_blocks, same_on_all_ranks, shard, world
+from perturb.numeric.intervals import t_half_width
 from perturb.symbolic.schedules import Schedule
 
-__all__ = ["Trials", "model_loss", "simulate", "simulate_loop", "trial_indices"]
-
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-#: How many (trial, sample) loss evaluations one evaluation call may hold.
-_EVAL_BUDGET = 1 << 15
-#: Evaluation sets with at least this many rows are evaluated trial by trial.
-_LOOP_ROWS = 256
+__all__ = [
+    "Trials",
+    "model_loss",
+    "simulate",
+    "simulate_distributed",
+    "simulate_loop",
+    "trial_indices",
+]
 
 
 # --------------------------------------------------------------------------- results
@@ -70,11 +76,12 @@ _LOOP_ROWS = 256
 class Trials:
     """Final losses of ``K`` SGD trials at each of ``L`` learning rates.
 
-    A trial is *divergent* when its loss or parameters became non-finite or exceeded
-    the divergence threshold; its losses are stored as ``NaN`` and every statistic
-    below is taken over the ``n`` finite trials only.  For values ``v_1 … v_n`` the
-    mean is ``v̄``, the standard error ``s/√n`` with ``s`` the sample standard
-    deviation (``ddof = 1``), and the two-sided level-``α`` interval
+    A trial is *divergent* when a loss or its parameters became non-finite, or exceeded
+    the absolute cap, or a test or train loss exceeded :attr:`loss_limit` (by default 10
+    times :attr:`start_loss`); its losses are stored as ``NaN``, :attr:`divergent` counts
+    them, and every statistic below is taken over the ``n`` finite trials only.  For
+    values ``v_1 … v_n`` the mean is ``v̄``, the standard error ``s/√n`` with ``s`` the
+    sample standard deviation (``ddof = 1``), and the two-sided level-``α`` interval
     ``v̄ ± t_{(1+α)/2, n-1}·s/√n`` (Student's t).
 
     Attributes:
@@ -89,6 +96,10 @@ class Trials:
         schedule: The schedule's name.
         seed: The base seed.
         level: Confidence level of :attr:`ci` (0.95).
+        start_loss: ``L(θ_0)``, the population loss at the shared start as the
+            simulation evaluated it (``NaN`` if not known).
+        loss_limit: The largest test or train loss a trial may reach and still count as
+            not divergent, ``min(diverge_above, diverge_factor·L(θ_0))`` (``inf``: none).
 
     Example:
         >>> t = Trials(
@@ -114,6 +125,8 @@ class Trials:
     schedule: str = "schedule"
     seed: int = 0
     level: float = 0.95
+    start_loss: float = math.nan
+    loss_limit: float = math.inf
 
     @property
     def trials(self) -> int:
@@ -230,6 +243,8 @@ class Trials:
             "finite": [int(v) for v in self.finite],
             "divergent": [int(v) for v in self.divergent],
             "is_divergent": [bool(v) for v in self.is_divergent],
+            "start_loss": _jsonable(self.start_loss),
+            "loss_limit": _jsonable(self.loss_limit),
             "test_loss": _jsonable(self.test_loss),
             "train_loss": _jsonable(self.train_loss),
             "steps": [int(s) for s in self.steps],
@@ -258,7 +273,7 @@ def _summary(values: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray, 
             mean[i] = v.mean()
         if n > 1:
             sem[i] = v.std(ddof=1) / math.sqrt(n)
-            half[i] = stats.t.ppf(0.5 + level / 2, n - 1) * sem[i]
+            half[i] = t_half_width(sem[i], n, level=level)
     return mean, sem, half
 
 
@@ -319,447 +334,6 @@ def model_loss(
     return loss_fn, theta0
 
 
-# --------------------------------------------------------------------------- sampling
-
-
-def _sizes(schedule: Schedule) -> tuple[int, int, int]:
-    if not isinstance(schedule, Schedule):
-        raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
-    if not schedule.is_numeric:
-        raise ValueError(
-            "simulate needs a numeric schedule, got a symbolic one "
-            f"(M={schedule.batches}, B={schedule.batch_size}, E={schedule.epochs}); "
-            "e.g. Online(steps=100, batch_size=1)"
-        )
-    out = []
-    for name in ("batches", "batch_size", "epochs"):
-        v = sp.sympify(getattr(schedule, name))
-        if not (v.is_Integer and v >= 1):
-            raise ValueError(f"schedule {name} must be a positive integer, got {v}")
-        out.append(int(v))
-    return out[0], out[1], out[2]
-
-
-def _trial_rng(seed: int, trial: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, trial])))
-
-
-def trial_indices(
-    schedule: Schedule, population_size: int, *, seed: int = 0, trial: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """The samples trial ``trial`` uses: its training set and its batches.
-
-    Trial ``k``'s generator is seeded from ``(seed, k)`` alone.  It first draws the
-    training set, ``N = M·B`` indices iid uniform on ``{0, …, n-1}`` (with
-    replacement), then for each of the ``E`` epochs an order of the training set (the
-    identity, or a fresh uniform permutation if ``schedule.shuffle``), cut into ``M``
-    consecutive batches of ``B``.
-
-    Args:
-        schedule: A numeric schedule.
-        population_size: ``n``, the number of population rows.
-        seed: The base seed (a non-negative integer).
-        trial: The trial number ``k ≥ 0``.
-
-    Returns:
-        ``(train, batches)``: population indices of the training set, shape ``(N,)``,
-        and of each step's batch, shape ``(T, B)``.
-
-    Example:
-        >>> from perturb.symbolic.schedules import Epochs
-        >>> train, batches = trial_indices(Epochs(train_size=4, batch_size=2, epochs=3), 10)
-        >>> train.shape, batches.shape
-        ((4,), (6, 2))
-        >>> bool((batches[:2] == batches[2:4]).all())  # fixed order: every epoch alike
-        True
-    """
-    m, b, e = _sizes(schedule)
-    seed = _seed(seed)
-    if isinstance(trial, bool) or not isinstance(trial, numbers.Integral) or trial < 0:
-        raise ValueError(f"trial must be a non-negative integer, got {trial!r}")
-    if isinstance(population_size, bool) or not isinstance(population_size, numbers.Integral):
-        raise ValueError(f"population_size must be a positive integer, got {population_size!r}")
-    if population_size < 1:
-        raise ValueError(f"population_size must be a positive integer, got {population_size!r}")
-    n = m * b
-    rng = _trial_rng(seed, int(trial))
-    train = rng.integers(0, int(population_size), size=n, dtype=np.int64)
-    orders = [rng.permutation(n) if schedule.shuffle else np.arange(n) for _ in range(e)]
-    batches = train[np.concatenate(orders)].reshape(m * e, b)
-    return train, batches
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _seed(seed: object) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    return int(seed)
-
-
-def _lrs(lr: object) -> tuple[float, ...]:
-    values = lr if isinstance(lr, Sequence | np.ndarray | torch.Tensor) else [lr]
-    if isinstance(lr, str):
-        values = [lr]
-    if isinstance(values, np.ndarray | torch.Tensor):
-        values = values.reshape(-1).tolist()
-    values = list(values)
-    if not values:
-        raise ValueError("lr must be a learning rate or a non-empty list of them, got []")
-    out = []
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise ValueError(f"lr must be a real number >= 0 (or a list of them), got {v!r}")
-        f = float(v)
-        if not math.isfinite(f) or f < 0:
-            raise ValueError(f"lr must be finite and >= 0, got {v!r}")
-        out.append(f)
-    return tuple(out)
-
-
-def _pair(name: str, data: object) -> tuple[torch.Tensor, torch.Tensor]:
-    if hasattr(data, "x") and hasattr(data, "y"):
-        data = (data.x, data.y)  # e.g. a perturb.data.Dataset
-    if not isinstance(data, tuple | list) or len(data) != 2:
-        raise ValueError(f"{name} must be a pair (x, y) of tensors, got {type(data).__name__}")
-    x, y = data
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise ValueError(
-            f"{name} must be a pair (x, y) of tensors, got ({type(x).__name__}, {type(y).__name__})"
-        )
-    if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"{name} x and y must have the same number of rows, got shapes "
-            f"{tuple(x.shape)} and {tuple(y.shape)}"
-        )
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} must have at least one row")
-    return x, y
-
-
-def _to(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device)
-
-
-@dataclass
-class _Setup:
-    loss_fn: LossFn
-    theta0: torch.Tensor
-    x: torch.Tensor
-    y: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    schedule: Schedule
-    steps: int
-    lrs: tuple[float, ...]
-    trials: int
-    seed: int
-    chunk: int | None
-    record: tuple[int, ...]
-    threshold: float
-    progress: bool
-    dtype: torch.dtype
-    first: int = 0
-
-    def batches(self, trial: int) -> tuple[np.ndarray, np.ndarray]:
-        """The samples of local trial ``trial``, i.e. of global trial ``first + trial``."""
-        return trial_indices(
-            self.schedule, int(self.x.shape[0]), seed=self.seed, trial=self.first + trial
-        )
-
-
-def _setup(
-    loss_fn: LossFn,
-    theta0: torch.Tensor,
-    population: object,
-    schedule: Schedule,
-    lr: object,
-    trials: int | range,
-    test: object,
-    seed: int,
-    chunk: int | None,
-    device: torch.device | str | None,
-    dtype: torch.dtype,
-    progress: bool,
-    record_every: int | None,
-    diverge_above: float,
-) -> _Setup:
-    """Validate the arguments of :func:`simulate` and move the data to ``device``."""
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    m, _, e = _sizes(schedule)
-    lrs = _lrs(lr)
-    if isinstance(trials, range):
-        if len(trials) < 1 or trials.step != 1 or trials.start < 0:
-            raise ValueError(
-                f"trials as a range must be non-empty with step 1 and start >= 0, got {trials!r}"
-            )
-    elif isinstance(trials, bool) or not isinstance(trials, numbers.Integral) or trials < 1:
-        raise ValueError(f"trials must be an integer >= 1 or a range of trials, got {trials!r}")
-    seed = _seed(seed)
-    if chunk is not None and (
-        isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1
-    ):
-        raise ValueError(f"chunk must be a positive integer or None, got {chunk!r}")
-    if record_every is not None and (
-        isinstance(record_every, bool)
-        or not isinstance(record_every, numbers.Integral)
-        or record_every < 1
-    ):
-        raise ValueError(f"record_every must be a positive integer or None, got {record_every!r}")
-    if not (isinstance(diverge_above, numbers.Real) and float(diverge_above) > 0):
-        raise ValueError(f"diverge_above must be a positive number, got {diverge_above!r}")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
-    theta0 = torch.as_tensor(theta0)
-    if theta0.ndim != 1 or theta0.numel() == 0:
-        raise ValueError(f"theta0 must be a non-empty 1-D tensor, got shape {tuple(theta0.shape)}")
-    x, y = _pair("population", population)
-    x_test, y_test = (x, y) if test is None else _pair("test", test)
-    if x_test.shape[1:] != x.shape[1:] or y_test.shape[1:] != y.shape[1:]:
-        raise ValueError(
-            "test and population shapes do not match: population x "
-            f"{tuple(x.shape)}, y {tuple(y.shape)}; test x {tuple(x_test.shape)}, "
-            f"y {tuple(y_test.shape)} (rows may differ, the rest must agree)"
-        )
-    device = torch.device(device) if device is not None else theta0.device
-    steps = m * e
-    record = (
-        tuple(sorted({*range(0, steps, int(record_every)), steps}))
-        if record_every is not None
-        else (steps,)
-    )
-    return _Setup(
-        loss_fn=loss_fn,
-        theta0=theta0.detach().to(device=device, dtype=dtype),
-        x=_to(x, device, dtype),
-        y=_to(y, device, dtype),
-        x_test=_to(x_test, device, dtype),
-        y_test=_to(y_test, device, dtype),
-        schedule=schedule,
-        steps=steps,
-        lrs=lrs,
-        trials=len(trials) if isinstance(trials, range) else int(trials),
-        seed=seed,
-        chunk=None if chunk is None else int(chunk),
-        record=record,
-        threshold=float(diverge_above),
-        progress=bool(progress),
-        dtype=dtype,
-        first=trials.start if isinstance(trials, range) else 0,
-    )
-
-
-# --------------------------------------------------------------------------- the step
-
-
-def _alive(theta, new, value, alive, threshold):
-    """Still alive: batch loss and new parameters finite and at most ``threshold``."""
-    return (
-        alive
-        & torch.isfinite(value)
-        & (value.abs() <= threshold)
-        & torch.isfinite(new).all()
-        & (new.abs().amax() <= threshold)
-    )
-
-
-def _make_step(loss_fn: LossFn, threshold: float):
-    """One SGD step ``θ ← θ - η ∇ mean_b l(θ)`` (for ``vmap``), with divergence bookkeeping.
-
-    A trial stays *alive* while its batch loss and new parameters are finite and at
-    most ``threshold`` in absolute value; once dead its parameters are frozen.
-    """
-
-    def batch_mean(theta, xb, yb):
-        return loss_fn(theta, xb, yb).mean()
-
-    grad_and_value = torch.func.grad_and_value(batch_mean)
-
-    def step(theta, xb, yb, lr, alive):
-        g, value = grad_and_value(theta, xb, yb)
-        new = theta - lr * g
-        ok = _alive(theta, new, value, alive, threshold)
-        return torch.where(ok, new, theta), ok
-
-    return step
-
-
-def _make_loop_step(loss_fn: LossFn, threshold: float):
-    """The same step for one trial, with plain autograd (the ordinary way to run SGD)."""
-
-    def step(theta, xb, yb, lr, alive):
-        with torch.enable_grad():
-            p = theta.detach().requires_grad_()
-            value = loss_fn(p, xb, yb).mean()
-            (g,) = torch.autograd.grad(value, p)
-        with torch.no_grad():
-            new = theta - lr * g
-            ok = _alive(theta, new, value, alive, threshold)
-            return torch.where(ok, new, theta), ok
-
-    return step
-
-
-def _mean_loss(s: _Setup, thetas: torch.Tensor, idx: torch.Tensor | None, vec: bool):
-    """Mean loss of each row of ``thetas`` (``(c, P)``) on the test set or a training set.
-
-    ``idx`` is ``None`` (the test set, shared) or ``(c, n)`` population indices.  The
-    evaluation is vectorized over trials only for small sets (``n < _LOOP_ROWS``): a
-    large set is a big batch for each trial already, and looping over trials then
-    beats ``vmap`` (whose batched convolutions become slower grouped ones on CPU).
-    """
-    c = thetas.shape[0]
-    x, y = (s.x_test, s.y_test) if idx is None else (s.x, s.y)
-    n = x.shape[0] if idx is None else idx.shape[1]
-
-    def total(theta, xb, yb):
-        return s.loss_fn(theta, xb, yb).sum()
-
-    with torch.no_grad():
-        if vec and n < _LOOP_ROWS:
-            rows = max(1, _EVAL_BUDGET // c)
-            out = torch.zeros(c, dtype=thetas.dtype, device=thetas.device)
-            for start in range(0, n, rows):
-                if idx is None:
-                    xb, yb = x[start : start + rows], y[start : start + rows]
-                    out = out + torch.func.vmap(total, in_dims=(0, None, None))(thetas, xb, yb)
-                else:
-                    ib = idx[:, start : start + rows]
-                    out = out + torch.func.vmap(total)(thetas, x[ib], y[ib])
-            return out / n
-        sums = []
-        for j in range(c):
-            acc = torch.zeros((), dtype=thetas.dtype, device=thetas.device)
-            for start in range(0, n, _EVAL_BUDGET):
-                if idx is None:
-                    xb, yb = x[start : start + _EVAL_BUDGET], y[start : start + _EVAL_BUDGET]
-                else:
-                    ib = idx[j, start : start + _EVAL_BUDGET]
-                    xb, yb = x[ib], y[ib]
-                acc = acc + total(thetas[j], xb, yb)
-            sums.append(acc)
-        return torch.stack(sums) / n
-
-
-def _test_loss(
-    s: _Setup, theta: torch.Tensor, alive: torch.Tensor, vectorized: bool
-) -> tuple[np.ndarray, torch.Tensor]:
-    """Test losses of the ``(c, P)`` parameters (``NaN`` where dead) and the alive mask."""
-    loss = _mean_loss(s, theta, None, vectorized)
-    ok = alive & torch.isfinite(loss) & (loss.abs() <= s.threshold)
-    vals = torch.where(ok, loss, torch.full_like(loss, float("nan")))
-    return vals.cpu().numpy(), ok
-
-
-_CUDA_GRAPHS = True  # replay the vectorized step as a CUDA graph on a GPU
-
-
-class _GraphStep:
-    """The vectorized step captured once as a CUDA graph and replayed for every step.
-
-    The step is launch-bound: on an H100, 256 trials of the digits convnet spend ~4 ms of
-    CPU dispatch per step for ~0.26 ms of GPU work.  The graph reads the batch indices
-    and writes the parameters and alive flags in place, in static buffers; the kernels
-    are the ones the eager step runs, so the results are the same
-    (``benchmarks/check_gpu.py`` compares the two).
-    """
-
-    def __init__(self, step, theta, alive, x, y, ib, lr) -> None:
-        self.theta, self.alive, self.ib = theta.clone(), alive.clone(), ib.clone()
-        self.x, self.y, self.lr, self.step = x, y, lr, step
-        start = (theta.clone(), alive.clone())
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.no_grad(), torch.cuda.stream(side):
-            for _ in range(2):  # warm-up before capture (allocator, cuDNN plans)
-                self._body()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(self.graph):
-            self._body()
-        self.theta.copy_(start[0])
-        self.alive.copy_(start[1])
-
-    def _body(self) -> None:
-        new, ok = self.step(self.theta, self.x[self.ib], self.y[self.ib], self.lr, self.alive)
-        self.theta.copy_(new)
-        self.alive.copy_(ok)
-
-    def run(self, ib: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step on the batches ``ib``; the returned tensors are the static buffers."""
-        self.ib.copy_(ib)
-        self.graph.replay()
-        return self.theta, self.alive
-
-
-def _run(s: _Setup, *, vectorized: bool) -> Trials:
-    """Run every (lr, trial) pair: vectorized in chunks, or one after another."""
-    L, K, S = len(s.lrs), s.trials, len(s.record)
-    pairs = [(i, k) for i in range(L) for k in range(K)]
-    size = (s.chunk or len(pairs)) if vectorized else 1
-    groups = [pairs[j : j + size] for j in range(0, len(pairs), size)]
-    step = torch.func.vmap(_make_step(s.loss_fn, s.threshold)) if vectorized else None
-    loop_step = None if vectorized else _make_loop_step(s.loss_fn, s.threshold)
-    test = np.full((L, K), np.nan)
-    train = np.full((L, K), np.nan)
-    diverged = np.zeros((L, K), dtype=bool)
-    curve = np.full((L, K, S), np.nan)
-    record_at = {t: j for j, t in enumerate(s.record)}
-    device = s.theta0.device
-    bar = tqdm(total=len(groups) * s.steps, disable=not s.progress, desc="simulate")
-    for group in groups:
-        c = len(group)
-        drawn = [s.batches(k) for _, k in group]
-        train_idx = torch.from_numpy(np.stack([d[0] for d in drawn])).to(device)
-        batch_idx = torch.from_numpy(np.stack([d[1] for d in drawn])).to(device)  # (c, T, B)
-        lr = torch.tensor([s.lrs[i] for i, _ in group], dtype=s.dtype, device=device)
-        theta = s.theta0.expand(c, -1).clone()
-        alive = torch.ones(c, dtype=torch.bool, device=device)
-        rows = np.array([i for i, _ in group])
-        cols = np.array([k for _, k in group])
-        if 0 in record_at:
-            curve[rows, cols, record_at[0]] = _test_loss(s, theta, alive, vectorized)[0]
-        graph = None
-        if step is not None and device.type == "cuda" and _CUDA_GRAPHS and s.steps > 1:
-            graph = _GraphStep(step, theta, alive, s.x, s.y, batch_idx[:, 0], lr)
-        for t in range(s.steps):
-            ib = batch_idx[:, t]
-            with torch.no_grad():
-                if graph is not None:
-                    theta, alive = graph.run(ib)
-                elif step is not None:
-                    theta, alive = step(theta, s.x[ib], s.y[ib], lr, alive)
-                else:
-                    xb, yb = s.x[ib], s.y[ib]
-                    theta, alive = loop_step(theta[0], xb[0], yb[0], lr[0], alive[0])
-                    theta, alive = theta[None], alive[None]
-            if t + 1 in record_at and t + 1 < s.steps:
-                curve[rows, cols, record_at[t + 1]] = _test_loss(s, theta, alive, vectorized)[0]
-            bar.update(1)
-        vals, ok = _test_loss(s, theta, alive, vectorized)
-        curve[rows, cols, -1] = vals
-        tr = _mean_loss(s, theta, train_idx, vectorized)
-        ok = ok & torch.isfinite(tr) & (tr.abs() <= s.threshold)
-        ok_np = ok.cpu().numpy()
-        diverged[rows, cols] = ~ok_np
-        test[rows, cols] = np.where(ok_np, curve[rows, cols, -1], np.nan)
-        train[rows, cols] = np.where(ok_np, tr.cpu().numpy(), np.nan)
-    bar.close()
-    curve[diverged, -1] = np.nan
-    return Trials(
-        lrs=s.lrs,
-        test_loss=test,
-        train_loss=train,
-        diverged=diverged,
-        steps=s.record,
-        curve=curve,
-        schedule=s.schedule.name,
-        seed=s.seed,
-    )
-
-
 # --------------------------------------------------------------------------- public API
 
 _DOC_ARGS = """
@@ -787,8 +361,16 @@ _DOC_ARGS = """
         progress: Show a progress bar.
         record_every: Also record the test loss every this many steps (steps
             ``0, r, 2r, …`` and ``T``), for curves against ``T`` from one run.
-        diverge_above: A trial diverges once a batch loss, a parameter, or its final
-            test or train loss is non-finite or exceeds this in absolute value.
+        diverge_above: Absolute cap: a trial diverges once a batch loss, a parameter,
+            or a test or train loss is non-finite or exceeds this in absolute value
+            (``None``: no cap, only non-finite values count).
+        diverge_factor: Relative limit ``f``: a trial also diverges once a test loss
+            (at a recorded step after 0 or at the end) or its final train loss exceeds
+            ``f·L(θ_0)``, with ``L(θ_0)`` the mean loss over the *population* at ``θ_0``
+            as this simulation evaluates it (same device and dtype), reported as
+            :attr:`Trials.start_loss`.  It applies only when ``L(θ_0) > 0``; ``None``
+            turns it off.  Divergent trials are counted in :attr:`Trials.divergent` and
+            left out of every average.
 
     Returns:
         A :class:`Trials` with the final test and train losses of every trial.
@@ -815,7 +397,8 @@ def simulate(
     dtype: torch.dtype = torch.float64,
     progress: bool = False,
     record_every: int | None = None,
-    diverge_above: float = 1e8,
+    diverge_above: float | None = 1e8,
+    diverge_factor: float | None = 10.0,
     distributed: bool = True,
 ) -> Trials:
     """Run ``K`` independent SGD trials at once (vectorized over trials with ``vmap``).
@@ -855,12 +438,13 @@ def simulate(
                 loss_fn, theta0, population, schedule, lr=lr, trials=trials, test=test,
                 seed=seed, chunk=chunk, device=device, dtype=dtype, progress=progress,
                 record_every=record_every, diverge_above=diverge_above,
+                diverge_factor=diverge_factor,
             )  # fmt: skip
-    s = _setup(
-        loss_fn, theta0, population, schedule, lr, trials, test, seed, chunk, device, dtype,
-        progress, record_every, diverge_above,
+    return _run(
+        loss_fn, theta0, population, schedule, lr=lr, trials=trials, test=test, seed=seed,
+        chunk=chunk, device=device, dtype=dtype, progress=progress, record_every=record_every,
+        diverge_above=diverge_above, diverge_factor=diverge_factor, vectorized=True,
     )  # fmt: skip
-    return _run(s, vectorized=True)
 
 
 def simulate_loop(
@@ -878,7 +462,8 @@ def simulate_loop(
     dtype: torch.dtype = torch.float64,
     progress: bool = False,
     record_every: int | None = None,
-    diverge_above: float = 1e8,
+    diverge_above: float | None = 1e8,
+    diverge_factor: float | None = 10.0,
 ) -> Trials:
     """Reference for :func:`simulate`: the same trials, one after another.
 
@@ -898,11 +483,29 @@ def simulate_loop(
         >>> bool(np.allclose(a.test_loss, b.test_loss, rtol=0, atol=1e-12))
         True
     """
-    s = _setup(
-        loss_fn, theta0, population, schedule, lr, trials, test, seed, chunk, device, dtype,
-        progress, record_every, diverge_above,
+    return _run(
+        loss_fn, theta0, population, schedule, lr=lr, trials=trials, test=test, seed=seed,
+        chunk=chunk, device=device, dtype=dtype, progress=progress, record_every=record_every,
+        diverge_above=diverge_above, diverge_factor=diverge_factor, vectorized=False,
     )  # fmt: skip
-    return _run(s, vectorized=False)
+
+
+def _run(*args: Any, vectorized: bool, **options: Any) -> Trials:
+    """Check the arguments, run the trials (:func:`~perturb.experiments.sgd_step.run_trials`)."""
+    s = make_setup(*args, **options)
+    out = run_trials(s, vectorized=vectorized)
+    return Trials(
+        lrs=s.lrs,
+        test_loss=out.test_loss,
+        train_loss=out.train_loss,
+        diverged=out.diverged,
+        steps=s.record,
+        curve=out.curve,
+        schedule=s.schedule.name,
+        seed=s.seed,
+        start_loss=out.start_loss,
+        loss_limit=out.limit,
+    )
 
 
 simulate.__doc__ = (simulate.__doc__ or "").replace("{args}", _DOC_ARGS)
@@ -924,7 +527,8 @@ def simulate_distributed(
     dtype: torch.dtype = torch.float64,
     progress: bool = False,
     record_every: int | None = None,
-    diverge_above: float = 1e8,
+    diverge_above: float | None = 1e8,
+    diverge_factor: float | None = 10.0,
 ) -> Trials:
     """:func:`perturb.experiments.simulation.simulate`, with the trials split across the ranks.
 
@@ -957,7 +561,8 @@ def simulate_distributed(
     count = len(trials) if isinstance(trials, range) else trials
     options = dict(
         lr=lr, seed=seed, test=test, chunk=chunk, device=device, dtype=dtype,
-        record_every=record_every, diverge_above=diverge_above, distributed=False,
+        record_every=record_every, diverge_above=diverge_above,
+        diverge_factor=diverge_factor, distributed=False,
     )  # fmt: skip
     if size == 1 or isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 1:
         # one process, or bad trials: simulate's own checks raise on every rank alike

@@ -18,8 +18,10 @@ Predictors, all from statistics at ``θ_0``:
 * ``resummed 2``: the re-summed diagrams with up to two edges (edges carry
   ``η(I − ηH)^{Δt−1}``), exact through a full eigendecomposition of ``H``
   (models with a few thousand parameters);
-* ``ODE``: the noiseless diagrams (every part a single node) through the highest
-  order;
+* ``noiseless``: the noiseless diagrams (every part a single node, so no ``C`` or
+  higher cumulant of the gradient noise) through the highest order: the η-series of
+  GD-like SGD without noise (not gradient flow, :func:`perturb.compare`'s
+  ``gradient flow``, which is the continuous-time limit on the quadratic model);
 * ``SDE``: the diffusion with statistics frozen at ``θ_0``, integrated from its
   moment equations (:mod:`perturb.experiments.baselines`; not for GD, which has no per-step
   noise).
@@ -33,12 +35,9 @@ and the smallest ``ηt`` at which it leaves the interval.
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import math
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,27 +45,43 @@ from typing import Any
 import numpy as np
 import torch
 
-from perturb.symbolic.options import describe
-from perturb.experiments.baselines import (
-    QuadraticModel,
-    mean_hessian,
-    per_sample_derivatives,
-    sde_test_loss,
+from perturb.checks import check_int, check_lrs, check_orders
+from perturb.experiments.baselines import sde_test_loss
+from perturb.experiments.pipeline import (
+    Quadratic,
+    Setup,
+    build,
+    ci_error,
+    curve_intervals,
+    cut,
+    experiment_schedule,
+    json_ready,
+    load_population,
+    measure_at_start,
+    noiseless_prediction,
+    per_sample_hessians,
+    per_sample_orders,
+    quadratic_model,
+    record_every,
+    recorded_steps,
+    resummed_prediction,
+    run_trials,
+    series_predictions,
+    timed,
 )
-from perturb.experiments.data import load_dataset
-from perturb.experiments.models import build_model
-from perturb.experiments.simulation import model_loss, simulate
 from perturb.numeric.distributed import is_main
-from perturb.numeric.measuring import contraction_value, measure
-from perturb.numeric.resummation import resummed_values
+from perturb.numeric.intervals import mean_interval
+from perturb.numeric.measuring import contraction_value
+from perturb.symbolic.options import describe
 from perturb.symbolic.resummed import resummed_terms
-from perturb.symbolic.schedules import GD, Epochs, Online, Schedule
+from perturb.symbolic.schedules import Schedule
 from perturb.symbolic.series import series
 
 __all__ = ["ValidationResult", "validate"]
 
 DEFAULT_LRS = (0.002, 0.005, 0.01, 0.02, 0.05)
-SCHEDULE_NAMES = ("online", "epochs", "gd")
+NOISELESS = "noiseless"
+"""The noiseless predictor's name: the diagrams without gradient noise (no ``C`` terms)."""
 
 
 @dataclass
@@ -154,7 +169,7 @@ class ValidationResult:
     def to_json(self) -> str:
         """The whole result as strict JSON (``NaN`` and infinities become ``null``)."""
         return json.dumps(
-            _finite(
+            json_ready(
                 {
                     "config": self.config,
                     "rows": self.rows,
@@ -181,16 +196,6 @@ def _actual(row: dict[str, Any], config: dict[str, Any]) -> str:
         return f"divergent {row['divergent_trials']}/{config['trials']}"
     half = (row["ci_high"] - row["ci_low"]) / 2
     return f"{row['actual']:.5f} ± {half:.5f}"
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 def validate(
@@ -283,20 +288,23 @@ def validate(
         >>> r = validate(lrs=(0.01,), steps=4, trials=8, orders=(0, 1), population=16,
         ...              records=1, progress=False, resummed=False, gap=False)
         >>> sorted(r.breakdown)
-        ['ODE', 'SDE', 'order 0', 'order 1']
+        ['SDE', 'noiseless', 'order 0', 'order 1']
         >>> r.config["schedule"]
         'online'
     """
-    full, record_steps, cut = _schedule(
+    full = experiment_schedule(
         schedule,
         steps=steps,
         batch_size=batch_size,
         train_size=train_size,
         epochs=epochs,
         shuffle=shuffle,
-        records=records,
     )
-    _check(lrs=lrs, trials=trials, orders=orders, population=population, records=records)
+    record_steps = recorded_steps(full, records)
+    lrs = check_lrs(lrs)
+    trials = check_int("trials", trials, minimum=2)
+    orders = check_orders(orders)
+    population = check_int("population", population, minimum=1)
     config = {
         "dataset": dataset,
         "model": model,
@@ -318,123 +326,42 @@ def validate(
         "unavailable": {},
     }
     timings: dict[str, float] = {}
-    data = load_dataset(dataset, data_dir=data_dir, split="train")
-    if population < len(data):
-        data = data.subset(population, seed=seed)
-    x, y = data.x.to(device), data.y.to(device)
-    net = build_model(model, data.input_shape, data.num_classes, seed=seed).to(device)
-    loss_fn, theta0 = model_loss(net)
-    config["parameters"] = int(theta0.numel())
-    config["population"] = int(x.shape[0])
+    data = load_population(dataset, data_dir=data_dir, population=population, seed=seed)
+    setup = build(model, data, seed=seed, device=device)
+    config["parameters"] = setup.parameters
+    config["population"] = int(setup.x.shape[0])
 
-    start = time.perf_counter()
     top = max(orders)
-    stats = measure(
-        net,
-        (x, y),
-        order=top,
-        schedules=[cut(s) for s in record_steps],
-        quantities=("test",),
-        exact=True,
-        dtype=torch.float32,
-        progress=progress,
-    )
-    gap_by_order = _gap_by_order(stats, net, (x, y), full, lrs) if gap else None
-    timings["measure_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    trials_out = simulate(
-        loss_fn,
-        theta0,
-        (x, y),
-        full,
-        lr=list(lrs),
-        trials=trials,
-        seed=seed,
-        record_every=_record_every(record_steps),
-        device=device,
-        dtype=torch.float32,
-        progress=progress,
-    )
-    timings["simulate_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    if x.device.type != "cpu":  # the Hessian-based predictors below run on the CPU
-        loss_fn, theta0 = model_loss(copy.deepcopy(net).cpu())
-        x, y = x.cpu(), y.cpu()
-    theta64 = theta0.detach().to(torch.float64)
-    x64 = x.to(torch.float64)
-    derivs = per_sample_derivatives(loss_fn, theta64, x64, y)
-    unavailable = config["unavailable"]
-    too_big = theta0.numel() > max_hessian_parameters
-    if too_big:
-        why = (
-            f"needs the materialized Hessian: {theta0.numel()} parameters > "
-            f"max_hessian_parameters = {max_hessian_parameters}"
+    with timed(timings, "measure_s"):
+        stats = measure_at_start(
+            setup, order=top, schedules=[cut(full, s) for s in record_steps], progress=progress
         )
-        unavailable["SDE"] = why
-        if resummed:
-            unavailable["resummed 2"] = why
-    else:
-        hess = mean_hessian(loss_fn, theta0.detach().float(), x.float(), y).to(torch.float64)
-        quad = QuadraticModel.from_derivatives(derivs, hess)
-        eigh = quad.eig  # one eigendecomposition of H for the SDE and the re-summed series
-    if schedule == "gd":
-        unavailable["SDE"] = (
-            "the SDE models fresh samples every step; GD's only noise is the draw of "
-            "its training set"
+        gap_by_order = _gap_by_order(stats, setup, full, lrs) if gap else None
+
+    with timed(timings, "simulate_s"):
+        trials_out = run_trials(
+            setup,
+            full,
+            lrs=lrs,
+            trials=trials,
+            seed=seed,
+            every=record_every(record_steps),
+            device=device,
+            progress=progress,
         )
-    if resummed and not too_big:
-        try:
-            needs = _per_sample_orders(resummed_terms(2, full))
-        except ValueError as err:
-            unavailable["resummed 2"] = str(err)
-        else:
-            if 2 in needs:  # GD: a part {H-node, G-node} shares a training point
-                size = x.shape[0] * theta0.numel() ** 2
-                if size > max_per_sample_hessians:
-                    unavailable["resummed 2"] = (
-                        f"needs per-sample Hessians (n·P² = {size:.3g} numbers > "
-                        f"max_per_sample_hessians = {max_per_sample_hessians:.3g})"
-                    )
-                else:
-                    derivs[2] = _per_sample_hessians(loss_fn, theta64, x64, y)
-    predictions: dict[str, dict[int, np.ndarray]] = {}
-    for s in record_steps:
-        sched = cut(s)
-        pred = stats.predict(sched, lr=list(lrs), quantity="test", order=top)
-        cumulative = np.cumsum(pred.by_order, axis=1)
-        for d in orders:
-            predictions.setdefault(f"order {d}", {})[s] = cumulative[:, d]
-        predictions.setdefault("ODE", {})[s] = _ode(stats, sched, lrs, top)
-        if "SDE" not in unavailable:
-            predictions.setdefault("SDE", {})[s] = np.array(
-                [
-                    float(sde_test_loss(quad, lr=lr, steps=s, batch_size=int(sched.batch_size)))
-                    for lr in lrs
-                ]
-            )
-        if resummed and "resummed 2" not in unavailable:
-            terms = resummed_terms(2, sched)
-            predictions.setdefault("resummed 2", {})[s] = np.array(
-                [
-                    float(
-                        sum(
-                            resummed_values(
-                                terms,
-                                derivs,
-                                lr=lr,
-                                steps=s,
-                                schedule=sched,
-                                means={2: hess},
-                                eigh=eigh,
-                            )
-                        )
-                    )
-                    for lr in lrs
-                ]
-            )
-    timings["predict_s"] = time.perf_counter() - start
+
+    with timed(timings, "predict_s"):
+        quad = _hessian_stage(
+            setup,
+            full,
+            config["unavailable"],
+            resummed=resummed,
+            max_hessian_parameters=max_hessian_parameters,
+            max_per_sample_hessians=max_per_sample_hessians,
+        )
+        predictions = _predict(
+            stats, quad, full, record_steps, lrs, orders, config["unavailable"], resummed=resummed
+        )
 
     result = ValidationResult(config=config, timings=timings)
     _compare(result, trials_out, predictions, lrs, record_steps)
@@ -445,79 +372,87 @@ def validate(
     return result
 
 
-def _schedule(
-    name: str,
+def _hessian_stage(
+    setup: Setup,
+    full: Schedule,
+    unavailable: dict[str, str],
     *,
-    steps: int | None,
-    batch_size: int | None,
-    train_size: int | None,
-    epochs: int | None,
-    shuffle: bool,
-    records: int,
-) -> tuple[Schedule, list[int], Callable[[int], Schedule]]:
-    """The full schedule, the recorded steps, and the schedule cut at a recorded step."""
-    if name not in SCHEDULE_NAMES:
-        raise ValueError(f"schedule must be one of {', '.join(SCHEDULE_NAMES)}, got {name!r}")
-    for what, value in (
-        ("steps", steps),
-        ("batch_size", batch_size),
-        ("train_size", train_size),
-        ("epochs", epochs),
-        ("records", records),
-    ):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise ValueError(f"{what} must be a positive integer, got {value!r}")
-    takes = {
-        "online": ("steps", "batch_size"),
-        "epochs": ("batch_size", "train_size", "epochs", "shuffle"),
-        "gd": ("steps", "train_size"),
-    }[name]
-    given = {
-        "steps": steps is not None,
-        "batch_size": batch_size is not None,
-        "train_size": train_size is not None,
-        "epochs": epochs is not None,
-        "shuffle": bool(shuffle),
-    }
-    for what, used in given.items():
-        if used and what not in takes:
-            raise ValueError(
-                f"{what} does not apply to schedule {name!r} (it takes {', '.join(takes)})"
+    resummed: bool,
+    max_hessian_parameters: int,
+    max_per_sample_hessians: float,
+) -> Quadratic | None:
+    """The quadratic model for SDE and re-summed, or ``None``; records what cannot run."""
+    p = setup.parameters
+    too_big = p > max_hessian_parameters
+    if too_big:
+        why = (
+            f"needs the materialized Hessian: {p} parameters > "
+            f"max_hessian_parameters = {max_hessian_parameters}"
+        )
+        unavailable["SDE"] = why
+        if resummed:
+            unavailable["resummed 2"] = why
+    if full.name == "gd":
+        unavailable["SDE"] = (
+            "the SDE models fresh samples every step; GD's only noise is the draw of "
+            "its training set"
+        )
+    if too_big:
+        return None
+    quad = quadratic_model(setup)
+    if resummed:
+        try:
+            needs = per_sample_orders(resummed_terms(2, full))
+        except ValueError as err:
+            unavailable["resummed 2"] = str(err)
+        else:
+            if 2 in needs:  # GD: a part {H-node, G-node} shares a training point
+                size = setup.x.shape[0] * p**2
+                if size > max_per_sample_hessians:
+                    unavailable["resummed 2"] = (
+                        f"needs per-sample Hessians (n·P² = {size:.3g} numbers > "
+                        f"max_per_sample_hessians = {max_per_sample_hessians:.3g})"
+                    )
+                else:
+                    quad.derivs[2] = per_sample_hessians(quad)
+    return quad
+
+
+def _predict(
+    stats,
+    quad: Quadratic | None,
+    full: Schedule,
+    record_steps: list[int],
+    lrs: tuple[float, ...],
+    orders: tuple[int, ...],
+    unavailable: dict[str, str],
+    *,
+    resummed: bool,
+) -> dict[str, dict[int, np.ndarray]]:
+    """Every available predictor at every recorded step: ``{name: {step: (L,) values}}``."""
+    predictions: dict[str, dict[int, np.ndarray]] = {}
+    for s in record_steps:
+        sched = cut(full, s)
+        for name, values in series_predictions(stats, sched, lrs, orders=orders).items():
+            predictions.setdefault(name, {})[s] = values
+        predictions.setdefault(NOISELESS, {})[s] = noiseless_prediction(
+            stats, sched, lrs, order=max(orders)
+        )
+        if "SDE" not in unavailable:
+            predictions.setdefault("SDE", {})[s] = np.array(
+                [
+                    float(
+                        sde_test_loss(quad.model, lr=lr, steps=s, batch_size=int(sched.batch_size))
+                    )
+                    for lr in lrs
+                ]
             )
-    if name != "online" and train_size is None:
-        raise ValueError(f"schedule {name!r} needs train_size (N, the training set size)")
-    if name == "epochs":
-        b, e = batch_size or 1, epochs or 1
-        if train_size % b:
-            raise ValueError(
-                f"batch_size must divide train_size, got batch size {b} and train size {train_size}"
-            )
-        m = train_size // b
-        ends = sorted({max(1, round(e * (i + 1) / records)) for i in range(records)})
-
-        def cut(s: int) -> Schedule:
-            return Epochs(train_size=train_size, batch_size=b, epochs=s // m, shuffle=shuffle)
-
-        return cut(e * m), [k * m for k in ends], cut
-    t = steps or 100
-    record_steps = sorted({max(1, round(t * (i + 1) / records)) for i in range(records)})
-    if name == "gd":
-
-        def cut(s: int) -> Schedule:
-            return GD(train_size=train_size, steps=s)
-
-    else:
-        b = batch_size or 1
-
-        def cut(s: int) -> Schedule:
-            return Online(steps=s, batch_size=b)
-
-    return cut(t), record_steps, cut
+        if resummed and "resummed 2" not in unavailable:
+            predictions.setdefault("resummed 2", {})[s] = resummed_prediction(quad, sched, lrs)
+    return predictions
 
 
-def _gap_by_order(stats, net, data, schedule: Schedule, lrs) -> np.ndarray:
+def _gap_by_order(stats, setup: Setup, schedule: Schedule, lrs) -> np.ndarray:
     """The ``η^0, η^1, η^2`` terms of ``E[test − train]``, shape ``(L, 3)``.
 
     Contractions the test-loss statistics hold are reused (``tr(C H)`` is the costly
@@ -529,31 +464,25 @@ def _gap_by_order(stats, net, data, schedule: Schedule, lrs) -> np.ndarray:
         if term.contraction in stats:
             value = float(stats.value(term.contraction))
         else:
-            value = float(contraction_value(term.contraction, net, data, dtype=torch.float32))
+            value = float(
+                contraction_value(
+                    term.contraction, setup.net, (setup.x, setup.y), dtype=torch.float32
+                )
+            )
         by_order[:, term.power] += float(term.coefficient) * value * eta**term.power
     return by_order
 
 
 def _gap_rows(trials, by_order_all: np.ndarray, steps: int) -> list[dict[str, Any]]:
     """Simulated gap (paired t-interval of test − train) against the order-2 prediction."""
-    from scipy import stats as st
-
     rows = []
     for li in range(len(trials.lrs)):
-        diff = trials.test_loss[li] - trials.train_loss[li]
-        diff = diff[np.isfinite(diff)]
-        n = diff.size
-        mean = float(diff.mean()) if n else float("nan")
-        half = (
-            float(st.t.ppf(0.975, n - 1) * diff.std(ddof=1) / math.sqrt(n))
-            if n > 1
-            else float("nan")
-        )
+        mean, half = mean_interval(trials.test_loss[li] - trials.train_loss[li])
         by_order = np.cumsum(by_order_all[li])
         value = float(by_order[2])
         row = _row(trials, li, steps, mean, half)
         row["order 1"], row["order 2"] = float(by_order[1]), value
-        row["error_ci"] = (value - mean) / half if half > 0 else float("nan")
+        row["error_ci"] = ci_error(value, mean, half)
         rows.append(row)
     return rows
 
@@ -573,64 +502,18 @@ def _row(trials, li: int, steps: int, mean: float, half: float) -> dict[str, Any
     }
 
 
-def _per_sample_orders(terms) -> set[int]:
-    """Derivative orders needed per sample: those of nodes sharing a part with another."""
-    need = set()
-    for term in terms:
-        d = term.diagram
-        for part in d.parts:
-            if len(part) > 1:
-                need.update(len(d.children[v]) + (v != 0) for v in part)
-    return need
-
-
-def _per_sample_hessians(loss_fn, theta: torch.Tensor, x, y) -> torch.Tensor:
-    """``∇²l_i`` for every row, shape ``(n, P, P)`` (float64)."""
-
-    def one(xi, yi):
-        return torch.func.hessian(lambda p: loss_fn(p, xi[None], yi[None]).sum())(theta)
-
-    return torch.stack([one(x[i], y[i]) for i in range(x.shape[0])])
-
-
-def _record_every(record_steps: list[int]) -> int:
-    every = record_steps[0]
-    for s in record_steps:
-        every = math.gcd(every, s)
-    return every
-
-
-def _ode(stats, sched, lrs, top: int) -> np.ndarray:
-    """The noiseless (c = 0) diagrams: every part a single node."""
-    s = series(top, sched, "test")
-    total = np.zeros(len(lrs))
-    for term in s.terms:
-        if all(len(p) == 1 for p in term.contraction.tensors):
-            value = stats.value(term.contraction)
-            coef = float(term.coefficient)
-            total += coef * value * np.asarray(lrs, dtype=float) ** term.power
-    return total
-
-
 def _compare(result: ValidationResult, trials, predictions, lrs, record_steps) -> None:
-    means, sems = trials.curve_mean()
-    steps_index = {s: i for i, s in enumerate(trials.steps)}
-    from scipy import stats as st
-
-    finite = trials.finite
+    means, halves, column = curve_intervals(trials)
     exits: dict[str, float | None] = {name: None for name in predictions}
     errors: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for li, lr in enumerate(lrs):
         for s in record_steps:
-            k = steps_index[s]
-            mean, sem = float(means[li, k]), float(sems[li, k])
-            n = int(finite[li])
-            half = float(st.t.ppf(0.975, max(n - 1, 1)) * sem) if n > 1 else float("nan")
+            mean, half = float(means[li, column[s]]), float(halves[li, column[s]])
             row = _row(trials, li, s, mean, half)
             row["predictions"] = {}
             for name, by_step in predictions.items():
                 value = float(by_step[s][li])
-                error = (value - mean) / half if half > 0 else float("nan")
+                error = ci_error(value, mean, half)
                 row["predictions"][name] = {"value": value, "error_ci": error}
                 if not row["divergent"]:
                     errors.setdefault((name, li), []).append((lr * s, abs(error)))
@@ -759,24 +642,3 @@ def _write_gap(result: ValidationResult, out: Path, plt) -> list[Path]:
     fig.savefig(out / "gap_vs_lr.png", dpi=120)
     plt.close(fig)
     return [out / "gap.csv", out / "gap_vs_lr.png"]
-
-
-def _check(*, lrs, trials, orders, population, records) -> None:
-    if (
-        isinstance(lrs, str | bytes)
-        or not lrs
-        or any(
-            isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0
-            for v in lrs
-        )
-    ):
-        raise ValueError(f"lrs must be positive finite numbers, got {lrs!r}")
-    for name, value in (("trials", trials), ("population", population), ("records", records)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if trials < 2:
-        raise ValueError(f"trials must be at least 2 for a confidence interval, got {trials}")
-    if not orders or any(
-        isinstance(d, bool) or not isinstance(d, int) or d < 0 or d > 4 for d in orders
-    ):
-        raise ValueError(f"orders must be integers in 0..4, got {orders!r}")

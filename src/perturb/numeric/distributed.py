@@ -1,10 +1,11 @@
-"""Running perturb unchanged under ``torchrun`` (Gloo on CPU, NCCL on GPU).
+"""Process groups, sharding and collectives: running perturb unchanged under ``torchrun``.
 
-Launch any script with ``torchrun --nproc-per-node K script.py``; in the script call
-:func:`init_from_env` once (or wrap the work in :func:`session`), then call
-:func:`perturb.numeric.measuring.measure` and :func:`perturb.experiments.simulation.simulate` as usual: once a
-default process group of ``W > 1`` processes is initialized they split their work
-across the ranks (through :func:`measure_distributed` and :func:`simulate_distributed`;
+This is the low-level helper that :func:`perturb.measure` and :func:`perturb.simulate` call
+(it imports neither).  Launch any script with ``torchrun --nproc-per-node K script.py``; in
+the script call :func:`init_from_env` once (or wrap the work in :func:`session`), then call
+:func:`perturb.measure` and :func:`perturb.simulate` as usual: once a default process group
+of ``W > 1`` processes is initialized (Gloo on CPU, NCCL on GPU) they split their work
+across the ranks (through ``measure_distributed`` and ``simulate_distributed`` beside them;
 pass ``distributed=False`` to keep a call local) and every rank gets the single-process
 result.  Write outputs only where :func:`is_main` holds.  Without a process group (a
 plain ``python script.py``) everything runs in the one process, so the same script
@@ -21,8 +22,8 @@ What is split, and why the results do not depend on the number of processes:
   ``exact=True`` and ``estimator="groups"`` are not split: every rank computes them whole.
 * **simulation**: rank ``r`` runs the trials :func:`shard` ``(K, r, W)``
   (``simulate(trials=range(a, b))``), each with its own per-trial seed ``(seed, k)``
-  (:func:`perturb.experiments.simulation.trial_indices`), and the per-trial losses are all-gathered in
-  trial order.
+  (:func:`perturb.experiments.simulation.trial_indices`), and the per-trial losses are
+  all-gathered in trial order.
 
 :func:`communication_bytes` gives the bytes each rank receives.
 

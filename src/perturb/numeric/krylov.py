@@ -67,9 +67,10 @@ from typing import Any
 import torch
 from torch.func import grad, vmap
 
-from perturb.checks import check_lr
-from perturb.numeric.measuring import _derivative, _Objective, _objective, _summed
-from perturb.numeric.prediction import Prediction
+from perturb.checks import check_int, check_lr
+from perturb.numeric.adapters import Objective, objective
+from perturb.numeric.derivatives import derivative, summed
+from perturb.numeric.predictions import Prediction
 from perturb.numeric.resummation import resummed_by_quantity
 from perturb.symbolic.resummed import check_resummable, resummed_terms
 from perturb.symbolic.schedules import Online, Schedule
@@ -158,12 +159,7 @@ class KrylovSubspace:
                 f"this subspace was built for quantities {self.quantities}, got {quantity!r}; "
                 "pass quantities=... to krylov_subspace"
             )
-        order = self.order if order is None else order
-        if not isinstance(order, int) or isinstance(order, bool) or not 0 <= order <= self.order:
-            raise ValueError(
-                f"order must be an int in 0..{self.order} (the order the subspace was built "
-                f"for), got {order!r}"
-            )
+        order = check_int("order", self.order if order is None else order, maximum=self.order)
         per_sample, means = _needed_orders(order, (quantity,), (schedule,))
         missing = sorted(per_sample - set(self.derivs)) + sorted(means - set(self.means))
         if missing:
@@ -172,9 +168,7 @@ class KrylovSubspace:
                 f"orders {missing} that this subspace lacks; build it with schedules=[...] "
                 "including this schedule"
             )
-        rank = self.rank if rank is None else rank
-        if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= self.rank:
-            raise ValueError(f"rank must be an int in 1..{self.rank}, got {rank!r}")
+        rank = check_int("rank", self.rank if rank is None else rank, minimum=1, maximum=self.rank)
         lr = check_lr(lr)
         fine = self._values(schedule, quantity, order, lr, rank, integral)
         coarse = self._values(schedule, quantity, order, lr, max(rank // 2, 1), integral)
@@ -312,14 +306,6 @@ def _block_lanczos(
     return q, upper + torch.triu(upper, 1).T, residual
 
 
-def _validate_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if high is not None and value > high:
-        raise ValueError(f"{name} must be at most {high}, got {value!r}")
-    return value
-
-
 def krylov_subspace(
     loss_fn_or_model: Any,
     data: Any,
@@ -344,7 +330,7 @@ def krylov_subspace(
 
     Args:
         loss_fn_or_model: an ``nn.Module`` (with ``data = (x, y)``), a
-            :class:`perturb.numeric.measuring.FlatLoss`, a per-row ``loss_fn(params, row)`` or a
+            :class:`perturb.numeric.adapters.FlatLoss`, a per-row ``loss_fn(params, row)`` or a
             :class:`perturb.Population` (then ``data=None``).
         data: the rows.
         theta0: the point (a model's own parameters by default).
@@ -375,12 +361,12 @@ def krylov_subspace(
         >>> sub.rank, sub.cost["hvps"]
         (10, 10)
     """
-    obj = _objective(loss_fn_or_model, data, theta0, loss=loss, dtype=dtype, device=device)
+    obj = objective(loss_fn_or_model, data, theta0, loss=loss, dtype=dtype, device=device)
     p, n = obj.size, obj.n
-    rank = _validate_int("rank", rank, 1, p)
-    order = _validate_int("order", order, 1)
-    probes = _validate_int("probes", probes, 0)
-    chunk_size = _validate_int("chunk_size", chunk_size, 1)
+    rank = check_int("rank", rank, minimum=1, maximum=p)
+    order = check_int("order", order, minimum=1)
+    probes = check_int("probes", probes)
+    chunk_size = check_int("chunk_size", chunk_size, minimum=1)
     if isinstance(quantities, str):
         quantities = (quantities,)
     quantities = tuple(quantities)
@@ -410,10 +396,9 @@ def krylov_subspace(
     }
     start_time = time.perf_counter()
     theta = obj.theta0
-    summed = _summed(obj.batch)
-    vector = _derivative(summed, vector=True)
+    vector = derivative(summed(obj.batch), vector=True)
 
-    def mean_derivative(us: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def meanderivative(us: tuple[torch.Tensor, ...]) -> torch.Tensor:
         total = torch.zeros_like(theta)
         for s in _chunks(n, chunk_size):
             total = total + vector(theta, tuple(r[s] for r in obj.rows), us)
@@ -421,10 +406,10 @@ def krylov_subspace(
 
     def hvp(block: torch.Tensor) -> torch.Tensor:
         cost["hvps"] += block.shape[1]
-        return vmap(lambda u: mean_derivative((u,)), in_dims=1, out_dims=1)(block)
+        return vmap(lambda u: meanderivative((u,)), in_dims=1, out_dims=1)(block)
 
     gen = torch.Generator().manual_seed(seed)
-    mean_grad = mean_derivative(())
+    mean_grad = meanderivative(())
     cost["gradients"] += 1
     start = [mean_grad]
     for _ in range(probes):
@@ -460,7 +445,7 @@ def krylov_subspace(
         cost["per_sample_hvps" if m == 2 else "per_sample_higher_derivatives"] += calls
     for m in sorted(k for k in mean_orders if k >= 3):
         means[m] = _symmetric_projection(
-            lambda us: basis.T @ mean_derivative(us), basis, m, leading=(), batch=batch
+            lambda us: basis.T @ meanderivative(us), basis, m, leading=(), batch=batch
         )
         cost["mean_higher_derivatives"] += math.comb(rank + m - 2, m - 1)
     cost["lanczos_seconds"] = lanczos_seconds
@@ -478,7 +463,7 @@ def krylov_subspace(
     )
 
 
-def _weighted_gradient(obj: _Objective, weights: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def _weighted_gradient(obj: Objective, weights: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """``∇ Σ_i w_i l_i(θ_0)``: one backward pass per chunk, no per-sample gradients."""
 
     def weighted(t, w, *rows):
@@ -491,10 +476,10 @@ def _weighted_gradient(obj: _Objective, weights: torch.Tensor, chunk_size: int) 
 
 
 def _per_sample_projected(
-    obj: _Objective, basis: torch.Tensor, us: tuple[torch.Tensor, ...], chunk_size: int
+    obj: Objective, basis: torch.Tensor, us: tuple[torch.Tensor, ...], chunk_size: int
 ) -> torch.Tensor:
     """``Qᵀ ∇^{len(us)+1} l_i[us…, ·]`` for every row ``i``: shape ``(n, k)``."""
-    fn = _derivative(obj.single, vector=True)
+    fn = derivative(obj.single, vector=True)
 
     def one(*row):
         return fn(obj.theta0, row, us)

@@ -24,6 +24,7 @@ from perturb.symbolic.schedules import Schedule
 
 __all__ = [
     "complete_homogeneous",
+    "open_network",
     "resummed_by_quantity",
     "resummed_values",
     "time_integral",
@@ -195,7 +196,7 @@ def resummed_values(
     out: list = [zero] * (order + 1)
     for term in terms:
         d = term.diagram.edges
-        network = _open_network(term, rotated, rotated_means)
+        network = open_network(term, rotated, rotated_means)
         xs = [x.reshape((-1,) + (1,) * (d - 1 - i)) for i in range(d)]
         if not d:
             weights = torch.ones((), dtype=hess.dtype, device=hess.device)
@@ -282,10 +283,29 @@ def _rotate(tensor: torch.Tensor, evecs: torch.Tensor, *, first: int) -> torch.T
     return out
 
 
-def _open_network(
+def open_network(
     term: ResummedTerm, rotated: Mapping[int, object], means: Mapping[int, object] | None = None
 ):
-    """The cumulant network with every edge index left open (edges in node order)."""
+    """The cumulant network of a re-summed term with every edge index left open.
+
+    Args:
+        term: a :class:`~perturb.symbolic.resummed.ResummedTerm`.
+        rotated: per-sample derivative tensors ``{k: (n, P, …)}`` (numpy or torch),
+            usually in the eigenbasis of ``H``.
+        means: optional mean tensors for nodes alone in their part.
+
+    Returns:
+        A tensor with one axis of length ``P`` per edge, edges in node order.
+
+    Example:
+        >>> import numpy as np
+        >>> from perturb.symbolic.resummed import resummed_terms
+        >>> from perturb.symbolic.schedules import Online
+        >>> term = next(t for t in resummed_terms(1, Online()) if t.diagram.edges == 1)
+        >>> g = np.array([[1.0, 0.0], [3.0, 2.0]])  # two rows, P = 2
+        >>> open_network(term, {1: g})  # G_a G_a with a open: G ⊙ G, G = (2, 1)
+        array([4., 1.])
+    """
     d = term.diagram
     einsum = default_einsum(rotated)
     n = rows_of(rotated)

@@ -22,11 +22,11 @@ from fractions import Fraction
 
 import sympy
 
-from .oracle import (
+from .truncated import (
+    Landscape,
     Point,
     check_int_at_least,
     iid_multisets,
-    Landscape,
     rational_list,
     to_fraction,
 )

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import numbers
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -51,15 +50,19 @@ from fractions import Fraction
 import sympy
 import torch
 
+from .truncated import (
+    Landscape,
+    Point,
+    check_int_at_least,
+    iid_multisets,
+    rational_list,
+    to_fraction,
+)
+
 __all__ = [
     "KINDS",
     "QUANTITIES",
-    "Landscape",
-    "check_int_at_least",
-    "iid_multisets",
     "oracle_series",
-    "rational_list",
-    "to_fraction",
     "unroll_taylor",
 ]
 
@@ -68,12 +71,6 @@ KINDS: tuple[str, ...] = ("online", "epochs")
 
 QUANTITIES: tuple[str, ...] = ("test", "train", "gap", "displacement")
 """Valid values of ``quantity``."""
-
-Series = tuple[Fraction, ...]
-"""A power series in η truncated at η^order: coefficients of η^0 … η^order."""
-
-Point = tuple[Series, ...]
-"""A parameter vector whose coordinates are truncated series in η."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,16 +88,6 @@ class _Schedule:
     train_size: int | None
     epochs: int
     shuffle: bool
-
-
-def check_int_at_least(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"{name} must be an int >= {minimum}; got {value!r} ({type(value).__name__})"
-        )
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
-    return int(value)
 
 
 def _check_schedule(
@@ -154,25 +141,8 @@ def _check_schedule(
 
 
 # ----------------------------------------------------------------------------------------------
-# Enumeration of batches (shared): multisets of rows as count vectors with exact probabilities
+# Enumeration of batches without replacement (iid multisets: reference.truncated)
 # ----------------------------------------------------------------------------------------------
-
-
-def _multinomial(counts: Sequence[int]) -> int:
-    out = math.factorial(sum(counts))
-    for c in counts:
-        out //= math.factorial(c)
-    return out
-
-
-def iid_multisets(n_rows: int, size: int) -> list[tuple[tuple[int, ...], Fraction]]:
-    """All multisets of ``size`` iid uniform draws from ``n_rows`` rows, with probabilities."""
-    out = []
-    total = n_rows**size
-    for combo in itertools.combinations_with_replacement(range(n_rows), size):
-        counts = tuple(combo.count(r) for r in range(n_rows))
-        out.append((counts, Fraction(_multinomial(counts), total)))
-    return out
 
 
 def _subsets_without_replacement(
@@ -199,137 +169,8 @@ def _counts(rows: Sequence[int], n_rows: int) -> tuple[int, ...]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Exact oracle: truncated power series with Fraction coefficients
+# Exact oracle: SGD on truncated power series (reference.truncated) with Fraction coefficients
 # ----------------------------------------------------------------------------------------------
-
-_Terms = tuple[tuple[tuple[int, ...], Fraction], ...]
-
-
-def _mul(a: Series, b: Series, order: int) -> Series:
-    out = [Fraction(0)] * (order + 1)
-    for i, ai in enumerate(a):
-        if ai:
-            for j in range(order + 1 - i):
-                if b[j]:
-                    out[i + j] += ai * b[j]
-    return tuple(out)
-
-
-def to_fraction(value: object, what: str) -> Fraction:
-    if isinstance(value, Fraction):
-        return value
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return Fraction(int(value))
-    if isinstance(value, float):
-        raise TypeError(
-            f"{what} must be rational (int, fractions.Fraction or sympy.Rational); got the float "
-            f"{value!r}"
-        )
-    try:
-        expr = sympy.sympify(value)
-    except (sympy.SympifyError, TypeError) as err:
-        raise TypeError(f"{what} must be rational; got {value!r}") from err
-    if not expr.is_Rational:
-        raise TypeError(
-            f"{what} must be rational (int, fractions.Fraction or sympy.Rational); got {value!r}"
-        )
-    return Fraction(int(expr.p), int(expr.q))
-
-
-def _poly_terms(poly: sympy.Poly, what: str) -> _Terms:
-    terms = []
-    for monom, coeff in poly.terms():
-        if not coeff.is_Rational:
-            raise ValueError(
-                f"{what} has the non-rational coefficient {coeff} (use sympy.Rational, not floats "
-                "or other symbols)"
-            )
-        terms.append((tuple(int(e) for e in monom), Fraction(int(coeff.p), int(coeff.q))))
-    return tuple(terms)
-
-
-class Landscape:
-    """Loss and gradient polynomials of every row, evaluated on series-valued points."""
-
-    def __init__(self, losses: Sequence[object], params: Sequence[sympy.Symbol], order: int):
-        self.order = order
-        self.n_params = len(params)
-        self.loss_terms: list[_Terms] = []
-        self.grad_terms: list[list[_Terms]] = []
-        degree = 0
-        for i, expr in enumerate(losses):
-            what = f"losses[{i}]"
-            try:
-                poly = sympy.Poly(sympy.sympify(expr), *params)
-            except (sympy.PolynomialError, sympy.SympifyError) as err:
-                raise ValueError(
-                    f"{what} = {expr} is not a polynomial in the parameters {tuple(params)}"
-                ) from err
-            self.loss_terms.append(_poly_terms(poly, what))
-            self.grad_terms.append([_poly_terms(poly.diff(p), f"d {what} / d {p}") for p in params])
-            degree = max(degree, poly.total_degree())
-        self.degree = degree
-        self._grad_cache: dict[Point, list[Point]] = {}
-        self._loss_cache: dict[Point, list[Series]] = {}
-
-    def _powers(self, theta: Point) -> list[list[Series]]:
-        one = (Fraction(1),) + (Fraction(0),) * self.order
-        powers = []
-        for coord in theta:
-            row = [one]
-            for _ in range(self.degree):
-                row.append(_mul(row[-1], coord, self.order))
-            powers.append(row)
-        return powers
-
-    def _eval(self, terms: _Terms, powers: list[list[Series]]) -> Series:
-        acc = [Fraction(0)] * (self.order + 1)
-        for exps, coeff in terms:
-            mono: Series | None = None
-            for mu, e in enumerate(exps):
-                if e:
-                    mono = powers[mu][e] if mono is None else _mul(mono, powers[mu][e], self.order)
-            if mono is None:
-                acc[0] += coeff
-            else:
-                for k, m in enumerate(mono):
-                    if m:
-                        acc[k] += coeff * m
-        return tuple(acc)
-
-    def grads(self, theta: Point) -> list[Point]:
-        """``grads(θ)[r][μ]`` = ∂_μ l_r(θ) as a truncated series."""
-        cached = self._grad_cache.get(theta)
-        if cached is None:
-            powers = self._powers(theta)
-            cached = [tuple(self._eval(t, powers) for t in row) for row in self.grad_terms]
-            self._grad_cache[theta] = cached
-        return cached
-
-    def losses(self, theta: Point) -> list[Series]:
-        """``losses(θ)[r]`` = l_r(θ) as a truncated series."""
-        cached = self._loss_cache.get(theta)
-        if cached is None:
-            powers = self._powers(theta)
-            cached = [self._eval(t, powers) for t in self.loss_terms]
-            self._loss_cache[theta] = cached
-        return cached
-
-    def step(self, theta: Point, batch_counts: tuple[int, ...], batch_size: int) -> Point:
-        """θ − (η/B) Σ_r k_r ∇l_r(θ), where ``batch_counts[r] = k_r``."""
-        grads = self.grads(theta)
-        scale = Fraction(1, batch_size)
-        out = []
-        for mu, coord in enumerate(theta):
-            new = list(coord)
-            for r, k in enumerate(batch_counts):
-                if k:
-                    g = grads[r][mu]
-                    for j in range(self.order):  # multiplying by η shifts by one power
-                        if g[j]:
-                            new[j + 1] -= scale * k * g[j]
-            out.append(tuple(new))
-        return tuple(out)
 
 
 def _online_states(
@@ -394,10 +235,6 @@ def _epoch_states(
             dist[(theta, counts)] += p
     final.update(dist)
     return final
-
-
-def rational_list(values: Sequence[Fraction]) -> list[sympy.Rational]:
-    return [sympy.Rational(v.numerator, v.denominator) for v in values]
 
 
 def oracle_series(

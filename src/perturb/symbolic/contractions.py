@@ -38,7 +38,15 @@ import sympy as sp
 
 from perturb.symbolic.diagrams import set_partitions
 
-__all__ = ["Contraction", "tensor_name"]
+__all__ = [
+    "Contraction",
+    "contract_moment_network",
+    "default_einsum",
+    "is_exact",
+    "refinements_of",
+    "rows_of",
+    "tensor_name",
+]
 
 _SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 _MEANS = {1: ("G", "G"), 2: ("H", "H"), 3: ("J", "J")}
@@ -114,7 +122,14 @@ class Contraction:
 
     @cached_property
     def tensors(self) -> tuple[tuple[int, ...], ...]:
-        """The parts that carry a tensor, nodes sorted by degree (name order)."""
+        """The parts that carry a tensor, nodes sorted by degree (name order).
+
+        Example:
+            >>> Contraction(parents=(-1, 0, 0), parts=((0,), (1, 2))).tensors
+            ((0,), (1, 2))
+            >>> Contraction(parents=(-1, 0, 0), parts=((0,), (1, 2)), open_root=True).tensors
+            ((1, 2),)
+        """
         out = []
         for part in self.parts:
             if self.open_root and 0 in part:
@@ -124,7 +139,17 @@ class Contraction:
 
     @cached_property
     def graph(self) -> nx.Graph:
-        """Network as a graph: slot vertices (nodes), tensor vertices (parts)."""
+        """Network as a graph: slot vertices (nodes), tensor vertices (parts).
+
+        Slot ``("v", v)`` is node ``v`` (kind ``"slot"``, or ``"open"`` for a free root);
+        tensor ``("t", i)`` is ``tensors[i]`` (kind: the form), joined to its slots by
+        ``"member"`` edges; ``"index"`` edges join a node to its parent.
+
+        Example:
+            >>> g = Contraction(parents=(-1, 0), parts=((0,), (1,))).graph
+            >>> sorted(g.nodes), g.number_of_edges()
+            ([('t', 0), ('t', 1), ('v', 0), ('v', 1)], 3)
+        """
         g = nx.Graph()
         for v in range(len(self.parents)):
             g.add_node(("v", v), kind="open" if self.open_root and v == 0 else "slot")
@@ -138,13 +163,28 @@ class Contraction:
 
     @cached_property
     def hash(self) -> str:
-        """Weisfeiler-Lehman hash: isomorphic networks hash equal (a bucket, not an identity)."""
+        """Weisfeiler-Lehman hash: isomorphic networks hash equal (a bucket, not an identity).
+
+        Example:
+            >>> a = Contraction(parents=(-1, 0, 1), parts=((0,), (1,), (2,)))
+            >>> b = Contraction(parents=(-1, 0, 0), parts=((1,), (0,), (2,)))  # re-rooted
+            >>> a.hash == b.hash
+            True
+        """
         return nx.weisfeiler_lehman_graph_hash(
             self.graph, node_attr="kind", edge_attr="kind", iterations=4
         )
 
     def is_isomorphic(self, other: Contraction) -> bool:
-        """Whether both networks are the same contraction."""
+        """Whether both networks are the same contraction (exact graph isomorphism).
+
+        Example:
+            >>> chain = Contraction(parents=(-1, 0, 1), parts=((0,), (1,), (2,)))
+            >>> chain.is_isomorphic(Contraction(parents=(-1, 0, 0), parts=((0,), (1,), (2,))))
+            True
+            >>> chain.is_isomorphic(Contraction(parents=(-1, 0, 0), parts=((0,), (1, 2))))
+            False
+        """
         if self.hash != other.hash:
             return False
         return nx.is_isomorphic(
@@ -163,6 +203,10 @@ class Contraction:
         :attr:`open_root`) and relabelled in depth-first order, children sorted by their
         encodings.  Isomorphic networks almost always get identical canonical forms;
         :meth:`is_isomorphic` remains the exact test.
+
+        Example:
+            >>> Contraction(parents=(-1, 0, 0), parts=((0, 2), (1,))).canonical
+            Contraction(parents=(-1, 0, 0), parts=((0, 1), (2,)), form='cumulant', open_root=False)
         """
         n = len(self.parents)
         hashes = nx.weisfeiler_lehman_subgraph_hashes(
@@ -212,7 +256,12 @@ class Contraction:
 
     @cached_property
     def max_degree(self) -> int:
-        """Highest derivative order any node needs."""
+        """Highest derivative order any node needs.
+
+        Example:
+            >>> Contraction(parents=(-1, 0, 0, 0), parts=((0,), (1,), (2,), (3,))).max_degree
+            3
+        """
         return max(self._degree)
 
     # ------------------------------------------------------------------- printing
@@ -299,13 +348,33 @@ class Contraction:
 
     @property
     def text(self) -> str:
-        """Plain-text name, e.g. ``G·H·G``, ``tr(C H)``, ``S:J``, of the canonical form."""
+        """Plain-text name, e.g. ``G·H·G``, ``tr(C H)``, ``S:J``, of the canonical form.
+
+        Example:
+            >>> Contraction(parents=(-1, 0, 0, 0), parts=((0,), (1, 2, 3))).text
+            'J:S'
+        """
         return self._pretty[0]
 
     @property
     def latex(self) -> str:
-        """LaTeX name."""
+        """LaTeX name of the canonical form.
+
+        Example:
+            >>> print(Contraction(parents=(-1, 0, 0), parts=((0,), (1, 2))).latex)
+            \\operatorname{tr}(C H)
+        """
         return self._pretty[1]
+
+    @property
+    def einstein(self) -> tuple[str, str]:
+        """Plain-text and LaTeX names in index notation, one letter per edge, as labelled.
+
+        Example:
+            >>> Contraction(parents=(-1, 0, 0, 0), parts=((0,), (1, 2, 3))).einstein[0]
+            'J_abc S_(a,b,c)'
+        """
+        return self._einstein(self._names())
 
     def __str__(self) -> str:
         return self.text
@@ -362,7 +431,14 @@ def refinements_of(
     """Moment networks and Möbius weights whose sum is the cumulant network of ``parts``.
 
     With ``open_root`` the root's part is left out of the tensors and kept as the
-    singleton block ``(0,)``.
+    singleton block ``(0,)``.  The weights are the Möbius function of the partition
+    lattice, ``κ(X_1..X_k) = Σ_ρ (−1)^{|ρ|−1}(|ρ|−1)! Π_{B∈ρ} E[Π_{i∈B} X_i]``.
+
+    Example:
+        >>> refinements_of([(0,), (1, 2)], open_root=False)  # ⟨x,y⟩ = E[xy] − E[x]E[y]
+        [(((0,), (1, 2)), 1), (((0,), (1,), (2,)), -1)]
+        >>> refinements_of([(0,), (1, 2)], open_root=False, form="moment")
+        [(((0,), (1, 2)), 1)]
     """
     tensors = [tuple(p) for p in parts if not (open_root and 0 in p)]
     if open_root:
@@ -445,6 +521,22 @@ def contract_moment_network(
 
     A node alone in its block uses ``means[k]`` (no sample index) when given.  With
     ``keep_edges`` every edge index stays open in the output (edges in node order).
+
+    Args:
+        parents: the tree.
+        blocks: the partition into independently sampled blocks.
+        open_root: leave the root's edge index free instead of a root tensor.
+        derivs: per-sample derivative tensors ``{k: (n, P, …)}``.
+        n: the number of rows.
+        einsum: the einsum to contract with.
+        means: optional mean tensors ``{k: (P,)*k}``.
+        keep_edges: leave every edge index open.
+
+    Example:
+        >>> g = np.array([[1.0], [3.0]])
+        >>> d = {1: g, 2: np.array([[[2.0]], [[2.0]]])}
+        >>> float(contract_moment_network((-1, 0, 0), ((0,), (1, 2)), False, d, 2, np.einsum))
+        10.0
     """
     means = means or {}
     letter = {}
@@ -488,6 +580,12 @@ def contract_moment_network(
 
 
 def is_exact(value) -> bool:
+    """Whether ``value`` holds exact numbers (``object`` arrays, fractions, sympy).
+
+    Example:
+        >>> is_exact(np.array([Fraction(1, 2)], dtype=object)), is_exact(np.ones(2))
+        (True, False)
+    """
     if isinstance(value, np.ndarray):
         return value.dtype == object
     return isinstance(value, Fraction | int | sp.Basic)

@@ -37,6 +37,7 @@ __all__ = [
     "Diagram",
     "count_rooted_trees",
     "diagrams",
+    "labelled_partitions",
     "rooted_trees",
     "set_partitions",
 ]
@@ -113,14 +114,29 @@ def rooted_trees(nodes: int) -> list[tuple[int, ...]]:
     return [_parents(t) for t in _canonical_trees(nodes)]
 
 
+@cache
 def count_rooted_trees(nodes: int) -> int:
-    """Number of rooted trees with ``nodes`` nodes (OEIS A000081).
+    """Number of rooted trees with ``nodes`` nodes (OEIS A000081), without listing them.
+
+    By the recurrence ``a(n+1) = (1/n) Σ_{k=1}^{n} (Σ_{d|k} d·a(d)) a(n−k+1)``, so it
+    answers at once for sizes whose trees could never be enumerated.
 
     Example:
         >>> [count_rooted_trees(n) for n in range(1, 9)]
         [1, 1, 2, 4, 9, 20, 48, 115]
+        >>> count_rooted_trees(21)
+        35221832
     """
-    return len(rooted_trees(nodes))
+    if not isinstance(nodes, int) or nodes < 1:
+        raise ValueError(f"nodes must be a positive integer, got {nodes!r}")
+    if nodes == 1:
+        return 1
+    n = nodes - 1
+    total = 0
+    for k in range(1, n + 1):
+        weight = sum(d * count_rooted_trees(d) for d in range(1, k + 1) if k % d == 0)
+        total += weight * count_rooted_trees(n - k + 1)
+    return total // n
 
 
 # ---------------------------------------------------------------------- partitions
@@ -181,29 +197,59 @@ class Diagram:
 
     @property
     def nodes(self) -> int:
-        """Number of nodes, ``edges + 1``."""
+        """Number of nodes, ``edges + 1``.
+
+        Example:
+            >>> d = Diagram(parents=(-1, 0, 1, 1), parts=((0,), (1,), (2, 3)))
+            >>> d.nodes
+            4
+        """
         return len(self.parents)
 
     @property
     def edges(self) -> int:
-        """Number of edges ``d``: the diagram contributes at order ``η^d``."""
+        """Number of edges ``d``: the diagram contributes at order ``η^d``.
+
+        Example:
+            >>> d = Diagram(parents=(-1, 0, 1, 1), parts=((0,), (1,), (2, 3)))
+            >>> d.edges
+            3
+        """
         return len(self.parents) - 1
 
     @cached_property
     def children(self) -> tuple[tuple[int, ...], ...]:
-        """``children[v]``: the children of node ``v``."""
+        """``children[v]``: the children of node ``v``.
+
+        Example:
+            >>> d = Diagram(parents=(-1, 0, 1, 1), parts=((0,), (1,), (2, 3)))
+            >>> d.children
+            ((1,), (2, 3), (), ())
+        """
         kids: list[list[int]] = [[] for _ in self.parents]
         for v, p in enumerate(self.parents[1:], start=1):
             kids[p].append(v)
         return tuple(tuple(k) for k in kids)
 
     def degree(self, v: int) -> int:
-        """Number of tensor indices at node ``v``: its edges (``∇^degree l``)."""
+        """Number of tensor indices at node ``v``: its edges (``∇^degree l``).
+
+        Example:
+            >>> d = Diagram(parents=(-1, 0, 1, 1), parts=((0,), (1,), (2, 3)))
+            >>> [d.degree(v) for v in range(4)]
+            [1, 3, 1, 1]
+        """
         return len(self.children[v]) + (v != 0)
 
     @cached_property
     def part_of(self) -> tuple[int, ...]:
-        """``part_of[v]``: index into :attr:`parts` of the part holding ``v``."""
+        """``part_of[v]``: index into :attr:`parts` of the part holding ``v``.
+
+        Example:
+            >>> d = Diagram(parents=(-1, 0, 1, 1), parts=((0,), (1,), (2, 3)))
+            >>> d.part_of
+            (0, 1, 2, 2)
+        """
         out = [0] * self.nodes
         for i, part in enumerate(self.parts):
             for v in part:
@@ -211,7 +257,13 @@ class Diagram:
         return tuple(out)
 
     def ancestors(self, v: int) -> list[int]:
-        """Strict ancestors of ``v``, nearest first (the root last)."""
+        """Strict ancestors of ``v``, nearest first (the root last).
+
+        Example:
+            >>> d = Diagram(parents=(-1, 0, 1, 1), parts=((0,), (1,), (2, 3)))
+            >>> d.ancestors(3)
+            [1, 0]
+        """
         out = []
         while self.parents[v] != -1:
             v = self.parents[v]
@@ -220,11 +272,25 @@ class Diagram:
 
     @property
     def root_alone(self) -> bool:
-        """Whether the root is alone in its part (always true for the test loss)."""
+        """Whether the root is alone in its part (always true for the test loss).
+
+        Example:
+            >>> d = Diagram(parents=(-1, 0, 1, 1), parts=((0,), (1,), (2, 3)))
+            >>> d.root_alone
+            True
+        """
         return len(self.parts[self.part_of[0]]) == 1
 
     def satisfies_path_condition(self) -> bool:
-        """No part holds a non-root node together with one of its non-root ancestors."""
+        """No part holds a non-root node together with one of its non-root ancestors.
+
+        Example:
+            >>> d = Diagram(parents=(-1, 0, 1, 1), parts=((0,), (1,), (2, 3)))
+            >>> d.satisfies_path_condition()
+            True
+            >>> Diagram(parents=(-1, 0, 1), parts=((0,), (1, 2))).satisfies_path_condition()
+            False
+        """
         for part in self.parts:
             members = set(part) - {0}
             for v in members:
@@ -234,13 +300,24 @@ class Diagram:
 
     @cached_property
     def tree_automorphisms(self) -> int:
-        """``|Aut|`` of the underlying rooted tree (ignoring the partition)."""
+        """``|Aut|`` of the underlying rooted tree (ignoring the partition).
+
+        Example:
+            >>> d = Diagram(parents=(-1, 0, 1, 1), parts=((0,), (1,), (2, 3)))
+            >>> d.tree_automorphisms
+            2
+        """
         return _aut(_canonical(self.parents, 0))
 
     def graph(self) -> nx.DiGraph:
         """The diagram as a networkx DiGraph: edges point from child to parent.
 
         Node attributes: ``part`` (index of its part), ``root`` (bool), ``degree``.
+
+        Example:
+            >>> d = Diagram(parents=(-1, 0, 1, 1), parts=((0,), (1,), (2, 3)))
+            >>> sorted(d.graph().edges)
+            [(1, 0), (2, 1), (3, 1)]
         """
         g = nx.DiGraph()
         for v in range(self.nodes):
@@ -263,7 +340,15 @@ class Diagram:
 
     @cached_property
     def automorphisms(self) -> int:
-        """``|Aut(D)|``: automorphisms of the rooted tree that map parts to parts."""
+        """``|Aut(D)|``: automorphisms of the rooted tree that map parts to parts.
+
+        Example:
+            >>> d = Diagram(parents=(-1, 0, 1, 1), parts=((0,), (1,), (2, 3)))
+            >>> d.automorphisms
+            2
+            >>> Diagram(parents=(-1, 0, 1, 1), parts=((0,), (1, 2), (3,))).automorphisms
+            1
+        """
         g = self._labelled_graph()
         matcher = nx.algorithms.isomorphism.GraphMatcher(
             g,
@@ -274,7 +359,15 @@ class Diagram:
         return sum(1 for _ in matcher.isomorphisms_iter())
 
     def is_isomorphic(self, other: Diagram) -> bool:
-        """Whether the two diagrams are equal up to relabelling nodes and parts."""
+        """Whether the two diagrams are equal up to relabelling nodes and parts.
+
+        Example:
+            >>> a = Diagram(parents=(-1, 0, 1, 1), parts=((0,), (1, 2), (3,)))
+            >>> a.is_isomorphic(Diagram(parents=(-1, 0, 1, 1), parts=((0,), (1, 3), (2,))))
+            True
+            >>> a.is_isomorphic(Diagram(parents=(-1, 0, 1, 1), parts=((0,), (1,), (2, 3))))
+            False
+        """
         return nx.is_isomorphic(
             self._labelled_graph(),
             other._labelled_graph(),
@@ -284,7 +377,13 @@ class Diagram:
 
     @cached_property
     def hash(self) -> str:
-        """A Weisfeiler-Lehman hash, equal for isomorphic diagrams."""
+        """A Weisfeiler-Lehman hash, equal for isomorphic diagrams.
+
+        Example:
+            >>> a = Diagram(parents=(-1, 0, 1, 1), parts=((0,), (1, 2), (3,)))
+            >>> a.hash == Diagram(parents=(-1, 0, 1, 1), parts=((0,), (1, 3), (2,))).hash
+            True
+        """
         return nx.weisfeiler_lehman_graph_hash(
             self._labelled_graph(), node_attr="kind", edge_attr="kind", iterations=4
         )
@@ -302,7 +401,23 @@ def _canonical(parents: Sequence[int], v: int) -> tuple:
 def labelled_partitions(
     parents: tuple[int, ...], *, quantity: str, path_condition: bool
 ) -> Iterator[tuple[tuple[int, ...], ...]]:
-    """Partitions of one labelled tree's nodes allowed for ``quantity``."""
+    """Partitions of one labelled tree's nodes allowed for ``quantity``.
+
+    Every partition of the movable nodes (the non-root nodes, and for ``"train"`` the
+    root too), minus those breaking the path condition when ``path_condition``; for
+    ``"test"`` and ``"displacement"`` the root is added as its own part.
+
+    Args:
+        parents: the tree, a parent array.
+        quantity: ``"test"``, ``"train"`` or ``"displacement"``.
+        path_condition: drop parts holding a non-root node and a non-root ancestor.
+
+    Example:
+        >>> list(labelled_partitions((-1, 0, 1), quantity="test", path_condition=True))
+        [((0,), (1,), (2,))]
+        >>> list(labelled_partitions((-1, 0, 1), quantity="test", path_condition=False))
+        [((0,), (1, 2)), ((0,), (1,), (2,))]
+    """
     n = len(parents)
     ancestors = []
     for v in range(n):

@@ -34,20 +34,20 @@ Supported schedules: online SGD (any batch size) and full-batch GD.
 from __future__ import annotations
 
 import itertools
+import json
 import string
 from dataclasses import dataclass
 
 import sympy as sp
 
 from perturb.checks import check_order
-from perturb.symbolic.contractions import (
-    Contraction,
-)
+from perturb.symbolic.contractions import Contraction
 from perturb.symbolic.diagrams import Diagram, labelled_partitions, rooted_trees
 from perturb.symbolic.schedules import Schedule
 
 __all__ = [
     "ResummedTerm",
+    "check_resummable",
     "resummed_report",
     "resummed_terms",
     "time_sum_exact",
@@ -66,6 +66,13 @@ class ResummedTerm:
         orders: one entry per weak order of the time units: ``(j, spans)`` where
             ``spans[e] = (a_e, b_e)`` are the levels of edge ``e``'s child and parent.
         open_root: the root is a free index (displacement).
+
+    Example:
+        >>> from perturb.symbolic.schedules import Online
+        >>> cherry = [t for t in resummed_terms(2, Online(batch_size=1))
+        ...           if t.contraction.text == "tr(C H)"][0]
+        >>> cherry.edges, cherry.orders, cherry.prefactor
+        (((1, 0), (2, 0)), ((1, ((1, 2), (1, 2))),), 1/2)
     """
 
     diagram: Diagram
@@ -76,7 +83,13 @@ class ResummedTerm:
 
     @property
     def contraction(self) -> Contraction:
-        """The diagram's tensor network (edges carry ``η K^{Δt−1}``)."""
+        """The diagram's tensor network (edges carry ``η K^{Δt−1}``).
+
+        Example:
+            >>> from perturb.symbolic.schedules import Online
+            >>> [t.contraction.text for t in resummed_terms(1, Online())]
+            ['l', 'G·G']
+        """
         d = self.diagram
         return Contraction(parents=d.parents, parts=d.parts, open_root=self.open_root)
 
@@ -212,6 +225,20 @@ def _level_assignments(units: list, below: dict) -> list[dict]:
 
 
 def check_resummable(schedule: Schedule) -> None:
+    """Raise unless ``schedule`` is one re-summation supports (online SGD or full-batch GD).
+
+    Raises:
+        TypeError: not a :class:`~perturb.symbolic.schedules.Schedule`.
+        ValueError: several epochs of several batches.
+
+    Example:
+        >>> from perturb.symbolic.schedules import GD, Epochs
+        >>> check_resummable(GD())
+        >>> check_resummable(Epochs(train_size=4, batch_size=2, epochs=2))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: re-summation supports online SGD (one epoch) and full-batch GD; got epochs ...
+    """
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
     if not (schedule.single_epoch or schedule.batches == 1):
@@ -333,8 +360,6 @@ def resummed_report(
         >>> print(next(line for line in lines if "S_(a,b,c)" in line))
         η^3·(-1/6)·Σ J_abc S_(a,b,c) · (x_a**T*x_b**T*x_c**T - 1)/(x_a*x_b*x_c - 1)
     """
-    import json
-
     if fmt not in ("text", "latex", "json"):
         raise ValueError(f"fmt must be one of 'text', 'latex', 'json', got {fmt!r}")
     steps = schedule.steps
@@ -342,7 +367,7 @@ def resummed_report(
     records = []
     for term in resummed_terms(order, schedule, quantity):
         network = term.contraction
-        text, tex = network._einstein(network._names())
+        text, tex = network.einstein
         if not term.edges:
             time = sp.Integer(1)
         elif integral:

@@ -42,9 +42,10 @@ import sympy as sp
 
 from perturb.symbolic.diagrams import Diagram, set_partitions
 
-__all__ = ["GD", "Epochs", "Online", "Schedule"]
+__all__ = ["FORMS", "GD", "Epochs", "Online", "Schedule"]
 
 FORMS = ("cumulant", "moment")
+"""The two readings of a part: joint cumulants or joint moments."""
 
 
 def _positive(name: str, value: object) -> sp.Expr | None:
@@ -70,6 +71,13 @@ class Schedule:
         epochs: ``E``.
         shuffle: reshuffle the training set before each epoch.
         name: a short label.
+
+    Example:
+        >>> s = Epochs(train_size=6, batch_size=2, epochs=2)
+        >>> s.train_size, s.steps, s.single_epoch, s.is_numeric
+        (6, 6, False, True)
+        >>> Online().steps, Online().is_numeric
+        (T, False)
     """
 
     batches: sp.Expr
@@ -80,22 +88,42 @@ class Schedule:
 
     @property
     def train_size(self) -> sp.Expr:
-        """``N = M·B``."""
+        """``N = M·B``.
+
+        Example:
+            >>> Online(steps=10, batch_size=2).train_size
+            20
+        """
         return sp.simplify(self.batches * self.batch_size)
 
     @property
     def steps(self) -> sp.Expr:
-        """``T = M·E``."""
+        """``T = M·E``.
+
+        Example:
+            >>> Epochs(train_size=6, batch_size=2).steps
+            3*E
+        """
         return sp.simplify(self.batches * self.epochs)
 
     @property
     def single_epoch(self) -> bool:
-        """Whether each point is used at one step only (so the path condition holds)."""
+        """Whether each point is used at one step only (so the path condition holds).
+
+        Example:
+            >>> Online().single_epoch, GD().single_epoch
+            (True, False)
+        """
         return self.epochs == 1
 
     @property
     def is_numeric(self) -> bool:
-        """Whether every size is a number."""
+        """Whether every size is a number.
+
+        Example:
+            >>> GD(train_size=4, steps=3).is_numeric, GD(train_size=4).is_numeric
+            (True, False)
+        """
         return all(sp.sympify(x).is_number for x in (self.batches, self.batch_size, self.epochs))
 
     def embeddings(

@@ -24,19 +24,23 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from functools import lru_cache
 
 import sympy as sp
 
 from perturb.checks import check_order
-from perturb.symbolic.contractions import Contraction
+from perturb.symbolic.contractions import Contraction, is_exact
 from perturb.symbolic.diagrams import Diagram, labelled_partitions, rooted_trees
 from perturb.symbolic.schedules import FORMS, Online, Schedule
 
-__all__ = ["QUANTITIES", "Series", "Term", "eta", "series"]
+__all__ = ["QUANTITIES", "Series", "Term", "eta", "power_terms", "series"]
 
 QUANTITIES = ("test", "train", "gap", "displacement")
+"""The quantities a series can be of."""
+
 eta = sp.Symbol("η", positive=True)
+"""The learning rate, the series variable."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,11 @@ class Term:
         power: the power ``d`` of η.
         coefficient: sympy expression in the schedule's symbols.
         contraction: the tensor network multiplying it.
+
+    Example:
+        >>> term = series(1).terms[1]
+        >>> term.power, term.coefficient, term.symbol
+        (1, -T, G·G)
     """
 
     power: int
@@ -55,7 +64,12 @@ class Term:
 
     @property
     def symbol(self) -> sp.Symbol:
-        """The contraction as a sympy symbol named by its plain-text name."""
+        """The contraction as a sympy symbol named by its plain-text name.
+
+        Example:
+            >>> series(2).terms[-1].symbol
+            tr(C H)
+        """
         return sp.Symbol(self.contraction.text, commutative=True)
 
 
@@ -84,15 +98,30 @@ class Series:
 
     @property
     def expr(self) -> sp.Expr:
-        """The whole series as one sympy expression in η and the contraction symbols."""
+        """The whole series as one sympy expression in η and the contraction symbols.
+
+        Example:
+            >>> series(1).expr
+            -G·G*T*η + l
+        """
         return sp.Add(*(eta**t.power * t.coefficient * t.symbol for t in self.terms))
 
     def coefficient(self, power: int) -> sp.Expr:
-        """The sympy coefficient of ``η^power``: Σ (coefficient × contraction symbol)."""
+        """The sympy coefficient of ``η^power``: Σ (coefficient × contraction symbol).
+
+        Example:
+            >>> series(1, Online(batch_size=1)).coefficient(1)
+            -G·G*T
+        """
         return sp.Add(*(t.coefficient * t.symbol for t in self.terms if t.power == power))
 
     def by_power(self) -> list[list[Term]]:
-        """Terms grouped by power of η, from ``η^0`` to ``η^order``."""
+        """Terms grouped by power of η, from ``η^0`` to ``η^order``.
+
+        Example:
+            >>> [len(terms) for terms in series(2).by_power()]
+            [1, 1, 2]
+        """
         return [[t for t in self.terms if t.power == d] for d in range(self.order + 1)]
 
     def evaluate(
@@ -135,7 +164,13 @@ class Series:
 
     # ----------------------------------------------------------------- formats
     def to_text(self) -> str:
-        """Plain text, one line per power of η."""
+        """Plain text, one line per power of η.
+
+        Example:
+            >>> print(series(1).to_text())
+            η^0: (1)·l
+            η^1: (-T)·G·G
+        """
         lines = []
         for d, terms in enumerate(self.by_power()):
             body = " + ".join(f"({sp.factor(t.coefficient)})·{t.contraction.text}" for t in terms)
@@ -143,7 +178,13 @@ class Series:
         return "\n".join(lines)
 
     def to_latex(self) -> str:
-        """LaTeX: an ``align*`` body, one line per power of η."""
+        """LaTeX: an ``align*`` body, one line per power of η.
+
+        Example:
+            >>> print(series(1).to_latex())
+            \\eta^{0} &: \\left(1\\right) l \\\\
+            \\eta^{1} &: \\left(- T\\right) G \\cdot G
+        """
         lines = []
         for d, terms in enumerate(self.by_power()):
             body = " + ".join(
@@ -154,7 +195,14 @@ class Series:
         return " \\\\\n".join(lines)
 
     def to_json(self) -> str:
-        """JSON: schedule, quantity and one record per term."""
+        """JSON: schedule, quantity and one record per term.
+
+        Example:
+            >>> import json
+            >>> record = json.loads(series(1).to_json())["terms"][1]
+            >>> record["power"], record["coefficient"], record["contraction"]
+            (1, '-T', 'G·G')
+        """
         records = [
             {
                 "power": t.power,
@@ -187,10 +235,6 @@ def _number(coefficient: sp.Expr, value) -> object:
     c = sp.nsimplify(coefficient) if not coefficient.is_number else coefficient
     if not c.is_number:
         raise ValueError(f"coefficient {coefficient} still has symbols")
-    from fractions import Fraction
-
-    from perturb.symbolic.contractions import is_exact
-
     if is_exact(value):
         c = sp.Rational(c)
         return Fraction(int(c.p), int(c.q))
@@ -269,6 +313,16 @@ def _terms(order: int, schedule: Schedule, quantity: str, form: str) -> tuple[Te
 
 
 def power_terms(d: int, schedule: Schedule, quantity: str, form: str) -> list[Term]:
+    """The merged terms of ``η^d`` alone (``quantity`` not ``"gap"``; no input checks).
+
+    Every labelled partition of every tree with ``d`` edges contributes
+    ``(−1/B)^d · emb / |Aut(tree)|`` (``/N`` for the train loss) to its contraction.
+
+    Example:
+        >>> [(str(t.coefficient), t.contraction.text)
+        ...  for t in power_terms(2, Online(batch_size=1), "test", "cumulant")]
+        [('T**2 - T/2', 'G·H·G'), ('T/2', 'tr(C H)')]
+    """
     train = quantity == "train"
     open_root = quantity == "displacement"
     if open_root and d == 0:

@@ -368,7 +368,7 @@ def _assert_json_close(a: object, b: object, path: str = "") -> None:
 
 def test_bench_distributed_runs_on_cpu(capsys):
     """The benchmark script, tiny: rank 0's share per K, and the bytes of the formula."""
-    path = Path(__file__).parents[1] / "benchmarks" / "bench_distributed.py"
+    path = Path(__file__).parents[2] / "benchmarks" / "bench_distributed.py"
     spec = importlib.util.spec_from_file_location("bench_distributed", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -259,7 +259,9 @@ def _multiplicative():
 
     At η = 0.1 a trial blows up (loss > 1e8) when it draws a = 30 about 13 times or
     more in 60 steps, which is Binomial(60, 0.2): some trials do, some do not.  At
-    η = 25 every step multiplies |θ| by at least 1.5, so every trial blows up.
+    η = 25 every step multiplies |θ| by at least 1.5, so every trial blows up.  (The
+    relative limit, 10·L(θ_0) = 30.4, flags nearly every trial at η = 0.1: the tests of
+    the absolute threshold turn it off with ``diverge_factor=None``.)
     """
     a = torch.tensor([0.1] * 8 + [30.0] * 2, dtype=torch.float64)
 
@@ -272,7 +274,7 @@ def _multiplicative():
 def test_divergent_trials_are_counted_not_averaged():
     loss_fn, theta0, population = _multiplicative()
     args = (loss_fn, theta0, population, Online(steps=60, batch_size=1))
-    result = simulate(*args, lr=[0.01, 0.1, 25.0], trials=64, record_every=20)
+    result = simulate(*args, lr=[0.01, 0.1, 25.0], trials=64, record_every=20, diverge_factor=None)
     fine, mixed, blown = range(3)
     assert result.divergent[fine] == 0 and not result.is_divergent[fine]
     assert 0 < result.divergent[mixed] < 64 and result.is_divergent[mixed]
@@ -287,16 +289,17 @@ def test_divergent_trials_are_counted_not_averaged():
     d = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert d["divergent"][blown] == 64 and d["mean"][blown] is None
     assert d["is_divergent"] == [False, True, True]
-    first = simulate_loop(*args, lr=[0.01, 0.1, 25.0], trials=16, record_every=20)
-    _assert_same(first, simulate(*args, lr=[0.01, 0.1, 25.0], trials=16, record_every=20))
+    kw = dict(lr=[0.01, 0.1, 25.0], trials=16, record_every=20, diverge_factor=None)
+    first = simulate_loop(*args, **kw)
+    _assert_same(first, simulate(*args, **kw))
     assert 0 < first.divergent[1] < 16
 
 
 def test_threshold_and_nonfinite_losses():
     loss_fn, theta0, population = _multiplicative()
     args = (loss_fn, theta0, population, Online(steps=60, batch_size=1))
-    strict = simulate(*args, lr=0.1, trials=64, diverge_above=10.0)
-    loose = simulate(*args, lr=0.1, trials=64)
+    strict = simulate(*args, lr=0.1, trials=64, diverge_above=10.0, diverge_factor=None)
+    loose = simulate(*args, lr=0.1, trials=64, diverge_factor=None)
     assert strict.divergent[0] > loose.divergent[0]
 
     def nan_loss(theta, xb, yb):
@@ -305,6 +308,67 @@ def test_threshold_and_nonfinite_losses():
     result = simulate(nan_loss, theta0, population, Online(steps=3, batch_size=1), lr=0.01,
                       trials=16, test=(population[0][:1], population[1][:1]))  # fmt: skip
     assert 0 < result.divergent[0] < 16 and np.isfinite(result.mean[0])
+
+
+def _quadratic(h: float = 1.0):
+    """l_x(θ) = ½hθ² + xθ with x = ±0.01: a step multiplies θ by 1 − ηh (plus noise)."""
+    x = torch.tensor([0.01, -0.01], dtype=torch.float64)
+
+    def loss_fn(theta, xb, yb):
+        return 0.5 * h * theta[0] ** 2 + xb * theta[0]
+
+    return loss_fn, torch.ones(1, dtype=torch.float64), (x, torch.zeros(2))
+
+
+def test_loss_growing_past_a_multiple_of_the_start_is_divergent():
+    """η·h = 2.5 > 2: |θ| grows 1.5× a step, the loss ~1.5^20 ≈ 3300× in 10 steps.
+
+    That is far below the absolute cap 1e8, so only the relative limit (10·L(θ_0)) flags
+    it; η·h = 2.0565 makes the loss rise about 3× (1.0565^20), which is not divergent.
+    """
+    loss_fn, theta0, population = _quadratic()
+    args = (loss_fn, theta0, population, Online(steps=10, batch_size=1))
+    result = simulate(*args, lr=[0.1, 2.0565, 2.5], trials=8, record_every=5)
+    assert result.start_loss == pytest.approx(0.5, abs=1e-15)
+    assert result.loss_limit == pytest.approx(5.0, abs=1e-14)
+    assert result.divergent.tolist() == [0, 0, 8] and result.is_divergent.tolist() == [0, 0, 1]
+    rise = result.mean[1] / result.start_loss
+    assert 2.5 < rise < 3.5, rise  # risen about 3x, still counted
+    assert np.isnan(result.test_loss[2]).all() and np.isnan(result.mean[2])
+    assert np.isnan(result.curve[2][:, 1:]).all()  # flagged from the first record on
+    d = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert d["divergent"] == [0, 0, 8] and d["start_loss"] == pytest.approx(0.5)
+    # the absolute threshold alone (the old rule) misses it; a tighter factor flags the 3x
+    old = simulate(*args, lr=[2.0565, 2.5], trials=8, diverge_factor=None)
+    assert old.divergent.tolist() == [0, 0] and np.nanmax(old.test_loss) < 1e4
+    tight = simulate(*args, lr=2.0565, trials=8, diverge_factor=2.0)
+    assert tight.divergent.tolist() == [8]
+    capped = simulate(*args, lr=2.5, trials=8, diverge_above=1e3, diverge_factor=None)
+    assert capped.divergent.tolist() == [8] and capped.loss_limit == 1e3
+    _assert_same(result, simulate_loop(*args, lr=[0.1, 2.0565, 2.5], trials=8, record_every=5))
+
+
+def test_a_zero_starting_loss_leaves_only_the_absolute_cap():
+    loss_fn, _, population = _quadratic()
+    result = simulate(loss_fn, torch.zeros(1, dtype=torch.float64), population,
+                      Online(steps=5, batch_size=1), lr=0.1, trials=4)  # fmt: skip
+    assert result.start_loss == 0.0 and result.loss_limit == 1e8
+    assert result.divergent.tolist() == [0]
+
+
+def test_digits_convnet_at_lr_30_is_divergent():
+    """The reported case: at η = 30 the loss climbs from 2.36 to ~450 in a few steps."""
+    from perturb.experiments.data import load_dataset
+
+    data = load_dataset("digits").subset(64, seed=0)
+    loss_fn, theta0 = model_loss(smooth_convnet(data.input_shape, data.num_classes))
+    args = (loss_fn, theta0, (data.x, data.y), Online(steps=3, batch_size=1))
+    result = simulate(*args, lr=[0.05, 30.0], trials=4, dtype=torch.float32)
+    assert result.start_loss == pytest.approx(2.357, abs=1e-3)
+    assert result.divergent.tolist() == [0, 4]
+    assert np.isfinite(result.mean[0]) and np.isnan(result.mean[1])
+    loose = simulate(*args, lr=30.0, trials=4, dtype=torch.float32, diverge_factor=None)
+    assert loose.divergent.tolist() == [0] and (loose.test_loss > 100).all()
 
 
 # --------------------------------------------------------------------------- errors
@@ -349,6 +413,12 @@ def test_error_paths(small_mlp):
         run(theta=theta0[None])
     with pytest.raises(TypeError, match="loss_fn must be callable"):
         run(fn=3)
+    for bad in (0.5, -1.0, float("nan"), True, "10"):
+        with pytest.raises(ValueError, match="diverge_factor must be a number >= 1 or None"):
+            run(diverge_factor=bad)
+    for bad in (0.0, -1.0, True):
+        with pytest.raises(ValueError, match="diverge_above must be a positive number or None"):
+            run(diverge_above=bad)
     with pytest.raises(ValueError, match="level must lie"):
         run().interval(1.5)
     with pytest.raises(ValueError, match="trials must be an integer"):

@@ -34,7 +34,7 @@ def test_rows_and_predictors(small):
         "order 1",
         "order 2",
         "order 3",
-        "ODE",
+        "noiseless",
         "SDE",
         "resummed 2",
     ]
@@ -142,17 +142,17 @@ def test_divergent_learning_rate_is_reported(tmp_path, tiny):
     [
         (dict(dataset="mnist"), DataError, "unknown dataset"),
         (dict(lrs=(-0.1,)), ValueError, "lrs must be positive"),
-        (dict(trials=1), ValueError, "trials must be at least 2"),
+        (dict(trials=1), ValueError, "trials must be an integer ≥ 2"),
         (dict(orders=(5,)), ValueError, "orders must be integers in 0..4"),
-        (dict(steps=0), ValueError, "steps must be a positive integer"),
+        (dict(steps=0), ValueError, "steps must be an integer ≥ 1"),
         (dict(schedule="sgd"), ValueError, "schedule must be one of online, epochs, gd"),
         (dict(schedule="gd", steps=5), ValueError, "schedule 'gd' needs train_size"),
         (dict(schedule="epochs", train_size=4, steps=5), ValueError, "steps does not apply"),
-        (dict(schedule="gd", train_size=4, batch_size=2), ValueError, "batch_size does not"),
-        (dict(train_size=4), ValueError, "train_size does not apply to schedule 'online'"),
+        (dict(schedule="gd", train_size=4, batch_size=2), ValueError, "--batch-size does not"),
+        (dict(train_size=4), ValueError, "--train-size does not apply to --schedule online"),
         (dict(schedule="online", shuffle=True), ValueError, "shuffle does not apply"),
         (dict(schedule="epochs", train_size=5, batch_size=2), ValueError, "must divide"),
-        (dict(records=0), ValueError, "records must be a positive integer"),
+        (dict(records=0), ValueError, "records must be an integer ≥ 1"),
         (dict(lrs="0.1"), ValueError, "lrs must be positive finite numbers"),
     ],
 )
@@ -230,7 +230,7 @@ def test_every_schedule_runs_and_says_which(scheduled):
     expected = {"online": set(), "epochs": {"resummed 2"}, "gd": {"SDE"}}[name]
     assert set(unavailable) == expected
     assert set(result.predictors) == (
-        {"order 0", "order 1", "order 2", "order 3", "ODE", "SDE", "resummed 2"} - expected
+        {"order 0", "order 1", "order 2", "order 3", "noiseless", "SDE", "resummed 2"} - expected
     )
     for n, why in unavailable.items():
         assert f"{n}: not available ({why})" in result.table()
@@ -398,7 +398,7 @@ def test_hessian_predictors_skipped_for_large_models(tiny):
         set(why) == {"SDE", "resummed 2"}
         and "259 parameters > max_hessian_parameters" in (why["SDE"])
     )
-    assert result.predictors == ["order 0", "ODE"] and not result.gap
+    assert result.predictors == ["order 0", "noiseless"] and not result.gap
     result = validate(dataset=tiny, model="mlp", schedule="gd", train_size=4, steps=2,
                       lrs=(0.01,), trials=4, records=1, progress=False, orders=(0,),
                       gap=False, max_per_sample_hessians=1000)  # fmt: skip

@@ -515,9 +515,9 @@ def test_bad_inputs(torch_landscape):
         displacement(pop, theta0, lr=0.0, steps=3)
     with pytest.raises(TypeError, match="lr must be a positive real number"):
         drift_velocity(pop, theta0, lr="fast")
-    with pytest.raises(ValueError, match="steps must be a positive int"):
+    with pytest.raises(ValueError, match="steps must be an integer ≥ 1"):
         displacement(pop, theta0, lr=0.1, steps=0)
-    with pytest.raises(TypeError, match="batch_size must be a positive int"):
+    with pytest.raises(TypeError, match="batch_size must be an integer ≥ 1"):
         drift_velocity(pop, theta0, lr=0.1, batch_size=1.5)
     with pytest.raises(ValueError, match=">= 2: GD on the mean loss diverges"):
         drift_velocity(pop, theta0, lr=1.0)
@@ -527,13 +527,13 @@ def test_bad_inputs(torch_landscape):
     flat = perturb.Population(lambda p, x: x[0] * p[0], torch.eye(2))
     with pytest.raises(ValueError, match="no positive eigenvalue"):
         drift_velocity(flat, torch.zeros(2), lr=0.1)
-    with pytest.raises(ValueError, match="train_size must be a positive int"):
+    with pytest.raises(ValueError, match="train_size must be an integer ≥ 1"):
         gd_generalization_gap(pop, theta0, lr=0.1, steps=3, train_size=0)
-    with pytest.raises(ValueError, match="steps must be a positive int"):
+    with pytest.raises(ValueError, match="steps must be an integer ≥ 1"):
         gd_test_loss_increase(pop, theta0, lr=0.1, steps=-1, train_size=3)
     with pytest.raises(ValueError, match="positive-definite mean Hessian"):
         gap_limit(pop, theta0, train_size=3)
-    with pytest.raises(TypeError, match="train_size must be a positive int"):
+    with pytest.raises(TypeError, match="train_size must be an integer ≥ 1"):
         gap_limit(pop, theta0, train_size=2.0)
 
     loss_fn, params, xs, ys = _logistic()
@@ -556,7 +556,7 @@ def test_bad_inputs(torch_landscape):
         gdc_loss("loss", lr=0.1, train_size=3)
     with pytest.raises(ValueError, match="lr must be a positive finite number"):
         gdc_loss(loss_fn, lr=-0.1, train_size=3)
-    with pytest.raises(ValueError, match="train_size must be a positive int"):
+    with pytest.raises(ValueError, match="train_size must be an integer ≥ 1"):
         gdc_loss(loss_fn, lr=0.1, train_size=0)
     with pytest.raises(ValueError, match="at least 2 rows"):
         gdc_loss(loss_fn, lr=0.1, train_size=3)(params, xs[:1], ys[:1])

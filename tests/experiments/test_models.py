@@ -97,8 +97,27 @@ def test_bad_builder_arguments() -> None:
         smooth_convnet((1, 8, 8), 10, activation="relu")
     with pytest.raises(ValueError, match="unknown activation"):
         mlp((1, 8, 8), 10, hidden=(), activation="relu")
-    with pytest.raises(ValueError, match="input_shape"):
-        smooth_convnet((8, 8), 10)
+    for shape in ((8,), (1, 2, 8, 8), (1, 0, 8)):
+        with pytest.raises(ValueError, match="input_shape"):
+            smooth_convnet(shape, 10)
+
+
+def test_smooth_convnet_for_sequences_is_a_1d_convnet() -> None:
+    net = smooth_convnet((1, 40), 10, seed=3)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv1d)]
+    assert len(convs) == 5 and not any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+    assert all(
+        isinstance(m, torch.nn.Tanh)
+        for m in net
+        if not isinstance(
+            m, (torch.nn.Conv1d, torch.nn.Linear, torch.nn.AdaptiveAvgPool1d, torch.nn.Flatten)
+        )
+    )
+    x = torch.randn(4, 1, 40, generator=torch.Generator().manual_seed(0))
+    assert net(x).shape == (4, 10)
+    again = smooth_convnet((1, 40), 10, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), again.parameters(), strict=True))
+    assert mlp((1, 40), 10, hidden=(16,))(x).shape == (4, 10)
 
 
 # --------------------------------------------------------------------------- build_model
@@ -156,16 +175,107 @@ def test_build_model_factory_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     import my_factories  # type: ignore[import-not-found]
 
     assert my_factories.calls[-1] == ((1, 8, 8), 10, 4)
-    assert isinstance(build_model("my_factories:bare", (1, 8, 8), 10), nn.Linear)
-    assert isinstance(build_model("my_factories:kwargs_only", (1, 8, 8), 10, seed=1), nn.Tanh)
+    assert isinstance(build_model("my_factories:bare", (1, 8, 8), 10, check=False), nn.Linear)
+    assert isinstance(
+        build_model("my_factories:kwargs_only", (1, 8, 8), 10, seed=1, check=False), nn.Tanh
+    )
     assert my_factories.calls[-1] == {"input_shape": (1, 8, 8), "num_classes": 10, "seed": 1}
-    assert isinstance(build_model("my_factories:Holder.make", (1, 8, 8), 10), nn.Linear)
+    assert isinstance(
+        build_model("my_factories:Holder.make", (1, 8, 8), 10, check=False), nn.Linear
+    )
     with pytest.raises(ModelSpecError, match=r"returned str, expected a torch.nn.Module"):
         build_model("my_factories:not_a_model", (1, 8, 8), 10)
     with pytest.raises(ModelSpecError, match="not callable"):
         build_model("my_factories:NOT_CALLABLE", (1, 8, 8), 10)
     with pytest.raises(ModelSpecError, match="has no attribute 'missing'"):
         build_model("my_factories:missing", (1, 8, 8), 10)
+
+
+def test_build_model_refuses_models_sgd_cannot_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BatchNorm, dropout, no parameters, or the wrong number of logits: a typed error now."""
+    _write_module(
+        tmp_path,
+        monkeypatch,
+        "bad_factories",
+        """
+        from torch import nn
+
+        def head(input_shape, num_classes, extra=()):
+            c, h, w = input_shape
+            return [nn.Flatten(), *extra, nn.Linear(c * h * w, num_classes)]
+
+        def batchnorm(input_shape, num_classes):
+            return nn.Sequential(nn.BatchNorm2d(input_shape[0]), *head(input_shape, num_classes))
+
+        def batchnorm_eval(input_shape, num_classes):
+            return batchnorm(input_shape, num_classes).eval()
+
+        def dropout(input_shape, num_classes):
+            return nn.Sequential(*head(input_shape, num_classes, (nn.Dropout(0.5),)))
+
+        def dropout_off(input_shape, num_classes):
+            return nn.Sequential(*head(input_shape, num_classes, (nn.Dropout(0.0),)))
+
+        def no_parameters():
+            return nn.Flatten()
+
+        def five_classes(input_shape):
+            return nn.Sequential(*head(input_shape, 5))
+
+        def wrong_input(num_classes):
+            return nn.Linear(3, num_classes)
+
+        def tuple_out(input_shape, num_classes):
+            class Two(nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.net = nn.Sequential(*head(input_shape, num_classes))
+
+                def forward(self, x):
+                    return self.net(x), x
+
+            return Two()
+        """,
+    )
+    shape = (1, 8, 8)
+    with pytest.raises(ModelSpecError, match=r"submodule '0' \(BatchNorm2d\) is a BatchNorm"):
+        build_model("bad_factories:batchnorm", shape, 10)
+    assert isinstance(build_model("bad_factories:batchnorm_eval", shape, 10), nn.Sequential)
+    with pytest.raises(ModelSpecError, match=r"\(Dropout\) is dropout in training mode"):
+        build_model("bad_factories:dropout", shape, 10)
+    assert isinstance(build_model("bad_factories:dropout_off", shape, 10), nn.Sequential)
+    with pytest.raises(ModelSpecError, match="has no parameters"):
+        build_model("bad_factories:no_parameters", shape, 10)
+    with pytest.raises(
+        ModelSpecError, match=r"to shape \(2, 5\): expected logits of shape \(2, 10\)"
+    ) as info:
+        build_model("bad_factories:five_classes", shape, 10)
+    assert "num_classes=10" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ModelSpecError, match=r"fails on a zero input of shape \(2, 1, 8, 8\)"):
+        build_model("bad_factories:wrong_input", shape, 10)
+    with pytest.raises(ModelSpecError, match="to a tuple: expected logits"):
+        build_model("bad_factories:tuple_out", shape, 10)
+    # check=False builds it anyway
+    assert isinstance(build_model("bad_factories:dropout", shape, 10, check=False), nn.Sequential)
+
+
+def test_build_model_finds_a_module_in_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--model pkg:factory`` finds ./pkg.py as ``python -m`` would, and sys.path is restored."""
+    (tmp_path / "cwd_factory.py").write_text(
+        "from torch import nn\n\ndef make(num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "cwd_factory", raising=False)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    before = list(sys.path)
+    model = build_model("cwd_factory:make", (1, 8, 8), 10)
+    assert model(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
+    assert sys.path == before
 
 
 def test_build_model_bad_specs() -> None:
@@ -294,6 +404,20 @@ def test_load_checkpoint_mismatches(tmp_path: Path) -> None:
     torch.save({"0.weight": torch.zeros(3, 4)}, path)
     with pytest.raises(ValueError, match=r"missing keys: 1\.weight, 1\.bias"):
         load_checkpoint(mlp((1, 2, 2), 3, hidden=()), path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_load_checkpoint_refuses_non_finite_weights(tmp_path: Path, bad: float) -> None:
+    model = mlp((1, 2, 2), 3, hidden=(4,))
+    state = model.state_dict()
+    state["1.bias"][2] = bad
+    path = tmp_path / "diverged.pt"
+    torch.save(state, path)
+    fresh = mlp((1, 2, 2), 3, hidden=(4,), seed=1)
+    before = [p.clone() for p in fresh.parameters()]
+    with pytest.raises(ModelSpecError, match=r"has non-finite weights in 1\.bias \(1 of 4"):
+        load_checkpoint(fresh, path)
+    assert all(torch.equal(p, q) for p, q in zip(fresh.parameters(), before, strict=True))
 
 
 def test_load_checkpoint_bad_files(tmp_path: Path) -> None:

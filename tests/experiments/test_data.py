@@ -7,6 +7,7 @@ import gzip
 import os
 import pickle
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -406,6 +407,46 @@ def test_npz_errors(tmp_path: Path) -> None:
     bad.write_bytes(b"not a zip file")
     with pytest.raises(DataError, match="corrupt npz"):
         load_dataset(f"npz:{bad}")
+
+
+def test_npz_damaged_or_not_an_archive(tmp_path: Path) -> None:
+    """Truncated, CRC-corrupt, random-byte, .npy and empty files: a one-line DataError each."""
+    good = tmp_path / "good.npz"
+    np.savez(good, x=np.random.default_rng(0).random((20, 1, 4, 4)), y=np.arange(20) % 3)
+    raw = good.read_bytes()
+    bad = tmp_path / "bad.npz"
+    flipped = bytearray(raw)
+    flipped[200] ^= 0xFF  # inside x.npy's data: its CRC-32 no longer matches
+    cases = {
+        "truncated": (raw[: len(raw) // 2], r"damaged one \(File is not a zip file\)"),
+        "crc": (bytes(flipped), r"damaged one \(Bad CRC-32 for file 'x\.npy'\)"),
+        "random": (np.random.default_rng(1).bytes(2000), "found a file starting with"),
+        "empty": (b"", "found an empty file"),
+    }
+    for name, (content, message) in cases.items():
+        bad.write_bytes(content)
+        with pytest.raises(DataError, match=message) as info:
+            load_dataset(f"npz:{bad}")
+        text = str(info.value)
+        assert "expected a" in text and "numpy.savez" in text and "\n" not in text, name
+        assert "pickle" not in text, name
+    np.save(tmp_path / "single.npy", np.zeros(3))
+    (tmp_path / "single.npy").rename(bad)
+    with pytest.raises(DataError, match=r"found a single-array \.npy file"):
+        load_dataset(f"npz:{bad}")
+
+
+def test_population_larger_than_the_data_is_said() -> None:
+    ds = load_dataset("digits")
+    with pytest.warns(UserWarning, match=r"^population 5000 > 1297 rows of digits: using 1297$"):
+        assert ds.population(5000, seed=0) is ds
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ds.population(1297, seed=0) is ds
+        sub = ds.population(100, seed=3)
+    assert torch.equal(sub.x, ds.subset(100, seed=3).x)
+    with pytest.raises(ValueError, match="population size must be a positive integer"):
+        ds.population(0, seed=0)
 
 
 def test_unknown_dataset_and_split() -> None:

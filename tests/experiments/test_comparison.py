@@ -86,7 +86,7 @@ def test_perturb_orders_converge_to_exact(small):
 
 
 def test_theories_use_the_statistics_at_theta0(small):
-    """ODE/SDE/Lyapunov equal the baselines on a quadratic model built here with autograd;
+    """Gradient flow/SDE/Lyapunov equal the baselines on a quadratic model built here with autograd;
     at T = 1 the quadratic model's exact answer (Lyapunov) is perturb's order 2."""
     x, onehot = _population()
     lin = _net()[1]

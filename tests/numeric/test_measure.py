@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -22,16 +21,20 @@ import torch
 from sympy import Rational as R
 from torch import nn
 
+import perturb.numeric.engine as engine_module
 from perturb import GD, QUANTITIES, Contraction, Epochs, Online, Population, predict, series
-from perturb.experiments.models import NonSmoothWarning
-from perturb.numeric.measuring import (
-    FlatLoss,
-    Statistics,
+from perturb.numeric.adapters import FlatLoss, NonSmoothWarning, flat_loss, objective
+from perturb.numeric.derivatives import derivative
+from perturb.numeric.engine import MESSAGE_CACHE, Engine
+from perturb.numeric.measuring import measure
+from perturb.numeric.networks import (
     contraction_value,
-    flat_loss,
-    measure,
     moment_network,
+    tuple_networks,
+    tuple_size,
+    tuple_values,
 )
+from perturb.numeric.statistics import Statistics
 from perturb.reference import oracle_series
 from perturb.reference.tensors import derivative_tensors
 
@@ -461,8 +464,6 @@ def test_tuples_average_over_assignments_is_complete_u_statistic():
     # injective map of a refinement's blocks into the rows occurs equally often), which the
     # group estimator computes (validated by hand in the test above).  Every order-3
     # contraction of every schedule and quantity, on the polynomial and the MLP.
-    from perturb.numeric.measuring import _Engine, _objective, _tuple_size, _tuple_values
-
     perms = torch.tensor(list(itertools.permutations(range(4))))
     for name in ("poly", "mlp"):
         model, data, theta0, *_ = _case(name)
@@ -478,12 +479,12 @@ def test_tuples_average_over_assignments_is_complete_u_statistic():
             estimator="groups",
             progress=False,
         )
-        obj = _objective(model, sub, theta0, loss=None, dtype=F64, device=None)
-        engine = _Engine(obj, perms, chunk_size=64, budget=None)
+        obj = objective(model, sub, theta0, loss=None, dtype=F64, device=None)
+        engine = Engine(obj, perms, chunk_size=64, budget=None)
         for key, c in complete.contractions.items():
-            got = _tuple_values(engine, c, perms).mean(dim=0)
+            got = tuple_values(engine, c, perms).mean(dim=0)
             want = complete.group_values[key][0]
-            _assert_close(got.numpy(), want, 1e-10, f"{name} {c.text} (m={_tuple_size(c)})")
+            _assert_close(got.numpy(), want, 1e-10, f"{name} {c.text} (m={tuple_size(c)})")
     # and explicitly from per-row gradients and Hessians: tr(C H) = E g_b·H_a g_b −
     # g_b·H_a g_c over distinct (a, b, c), with H at the (test) root
     rows = POLY_DATA
@@ -492,10 +493,10 @@ def test_tuples_average_over_assignments_is_complete_u_statistic():
     triples = list(itertools.permutations(range(4), 3))
     want = sum(float(g[b] @ h[a] @ g[b] - g[b] @ h[a] @ g[c]) for a, b, c in triples)
     want /= len(triples)
-    obj = _objective(poly_loss, rows, POLY_TH, loss=None, dtype=F64, device=None)
-    engine = _Engine(obj, perms, chunk_size=64, budget=None)
+    obj = objective(poly_loss, rows, POLY_TH, loss=None, dtype=F64, device=None)
+    engine = Engine(obj, perms, chunk_size=64, budget=None)
     trch = Contraction(parents=(-1, 0, 0), parts=((0,), (1, 2)))
-    got = float(_tuple_values(engine, trch, perms).mean())
+    got = float(tuple_values(engine, trch, perms).mean())
     assert abs(got - want) < 1e-12 * max(1.0, abs(want))
 
 
@@ -652,9 +653,9 @@ def test_errors_inputs():
         measure(poly_loss, POLY_DATA, order=1, progress=False)
     with pytest.raises(ValueError, match="theta0 has 2 entries; is that the right size"):
         measure(poly_loss, POLY_DATA, torch.zeros(2), order=1, progress=False)
-    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+    with pytest.raises(ValueError, match="chunk_size must be an integer ≥ 1"):
         measure(poly_loss, POLY_DATA, POLY_TH, order=1, exact=True, chunk_size=0, progress=False)
-    with pytest.raises(ValueError, match="max_message_elements must be a positive integer"):
+    with pytest.raises(ValueError, match="max_message_elements must be an integer ≥ 1"):
         contraction_value(
             Contraction((-1, 0), ((0,), (1,))),
             poly_loss,
@@ -773,8 +774,7 @@ def test_tuple_message_cache_reuses_subtrees_exactly(monkeypatch):
     y = torch.randint(0, 3, (40,), generator=gen)
     kwargs = dict(order=3, quantities=("test", "train"), progress=False)
     cached = measure(_mlp(), (x, y), **kwargs)
-    module = sys.modules["perturb.numeric.measuring"]  # the package exports a function of that name
-    monkeypatch.setattr(module, "_MESSAGE_CACHE", 0)
+    monkeypatch.setattr(engine_module, "MESSAGE_CACHE", 0)
     plain = measure(_mlp(), (x, y), **kwargs)
     assert cached.meta["evaluations"] < 0.8 * plain.meta["evaluations"]
     for key, values in plain.group_values.items():
@@ -786,21 +786,19 @@ def test_tuple_networks_equal_at_every_evaluation_root(monkeypatch):
     # so the engine may evaluate any node last (it picks the cheapest).  Forcing each node
     # in turn as the root must give the same per-tuple values, for every order-3
     # contraction of every schedule and quantity, on the MLP, in float64.
-    from perturb.numeric.measuring import _Engine, _objective, _tuple_networks
-
     model, data, theta0, *_ = _case("mlp")
-    obj = _objective(model, data, theta0, loss=None, dtype=F64, device=None)
+    obj = objective(model, data, theta0, loss=None, dtype=F64, device=None)
     tuples = torch.tensor(list(itertools.permutations(range(obj.n), 4))[::20])
     contractions = {}
     for s in SCHEDULES:
         for q in QUANTITIES:
             for term in series(3, s, q).terms:
                 contractions.setdefault(term.contraction.hash, term.contraction)
-    networks = {net: c for c in contractions.values() for net, _ in _tuple_networks(c)}
-    chosen = _Engine._hang
+    networks = {net: c for c in contractions.values() for net, _ in tuple_networks(c)}
+    chosen = Engine._hang
     roots_seen = set()
     for net, c in networks.items():
-        engine = _Engine(obj, tuples, chunk_size=3, budget=None)
+        engine = Engine(obj, tuples, chunk_size=3, budget=None)
         want = engine.tuple_values(net, tuples, "chosen")
         roots = [0] if net.open_root else range(len(net.parents))
         for root in roots:
@@ -808,9 +806,9 @@ def test_tuple_networks_equal_at_every_evaluation_root(monkeypatch):
             def forced(self, net, block_of, tuples, root=root):
                 return self._hung_at(net, block_of, tuples, root)[1:]
 
-            monkeypatch.setattr(_Engine, "_hang", forced)
-            got = _Engine(obj, tuples, chunk_size=3, budget=None).tuple_values(net, tuples, "r")
-            monkeypatch.setattr(_Engine, "_hang", chosen)
+            monkeypatch.setattr(Engine, "_hang", forced)
+            got = Engine(obj, tuples, chunk_size=3, budget=None).tuple_values(net, tuples, "r")
+            monkeypatch.setattr(Engine, "_hang", chosen)
             _assert_close(got.numpy(), want.numpy(), 1e-12, f"{c.text} root {root}")
             roots_seen.add(root)
     assert roots_seen == {0, 1, 2, 3}
@@ -818,17 +816,15 @@ def test_tuple_networks_equal_at_every_evaluation_root(monkeypatch):
 
 def test_reverse_first_derivative_equals_forward():
     # On CUDA vector nodes start from the reverse-over-reverse HVP; the number is the same
-    from perturb.numeric.measuring import _derivative, _objective
-
     model, data, theta0, *_ = _case("mlp")
-    obj = _objective(model, data, theta0, loss=None, dtype=F64, device=None)
+    obj = objective(model, data, theta0, loss=None, dtype=F64, device=None)
     gen = torch.Generator().manual_seed(1)
     rows = obj.rows
     us = tuple(torch.randn(obj.n, obj.size, generator=gen, dtype=F64) for _ in range(2))
     for k in (0, 1, 2):
-        fwd = torch.func.vmap(_derivative(obj.single, True), in_dims=(None, 0, 0))
+        fwd = torch.func.vmap(derivative(obj.single, True), in_dims=(None, 0, 0))
         rev = torch.func.vmap(
-            _derivative(obj.single, True, reverse_first=True), in_dims=(None, 0, 0)
+            derivative(obj.single, True, reverse_first=True), in_dims=(None, 0, 0)
         )
         want, got = fwd(obj.theta0, rows, us[:k]), rev(obj.theta0, rows, us[:k])
         _assert_close(got.numpy(), want.numpy(), 1e-12, f"k = {k}")
@@ -868,22 +864,19 @@ def test_vector_statistics_are_batch_means_of_tuples():
         np.testing.assert_allclose(
             pred.se[0], per_batch.std(axis=0, ddof=1) / math.sqrt(k), rtol=1e-12
         )
-    with pytest.raises(ValueError, match="vector_batches must be an integer ≥ 2 or None"):
+    with pytest.raises(ValueError, match="vector_batches must be an integer ≥ 2"):
         measure(_mlp(), (x, y), vector_batches=1, **kwargs)
-    with pytest.raises(ValueError, match="vector_batches must be an integer ≥ 2 or None"):
+    with pytest.raises(ValueError, match="vector_batches must be an integer ≥ 2"):
         measure(_mlp(), (x, y), vector_batches=2.0, **kwargs)
 
 
 def test_message_cache_takes_a_quarter_of_free_memory(monkeypatch):
-    from perturb.numeric.measuring import _MESSAGE_CACHE, _Engine, _objective
-
-    module = sys.modules["perturb.numeric.measuring"]
     model, data, theta0, *_ = _case("mlp")
-    obj = _objective(model, data, theta0, loss=None, dtype=F64, device=None)
+    obj = objective(model, data, theta0, loss=None, dtype=F64, device=None)
     tuples = torch.arange(4)[None, :]
-    monkeypatch.setattr(module, "_free_bytes", lambda device: 2**40)
-    assert _Engine(obj, tuples, chunk_size=2, budget=None).message_budget == 2**40 // 4 // 8
-    monkeypatch.setattr(module, "_free_bytes", lambda device: 2**20)  # little: the floor
-    assert _Engine(obj, tuples, chunk_size=2, budget=None).message_budget == _MESSAGE_CACHE
-    monkeypatch.setattr(module, "_free_bytes", lambda device: None)  # unknown: the floor
-    assert _Engine(obj, tuples, chunk_size=2, budget=None).message_budget == _MESSAGE_CACHE
+    monkeypatch.setattr(engine_module, "free_bytes", lambda device: 2**40)
+    assert Engine(obj, tuples, chunk_size=2, budget=None).message_budget == 2**40 // 4 // 8
+    monkeypatch.setattr(engine_module, "free_bytes", lambda device: 2**20)  # little: the floor
+    assert Engine(obj, tuples, chunk_size=2, budget=None).message_budget == MESSAGE_CACHE
+    monkeypatch.setattr(engine_module, "free_bytes", lambda device: None)  # unknown: the floor
+    assert Engine(obj, tuples, chunk_size=2, budget=None).message_budget == MESSAGE_CACHE

@@ -1009,7 +1009,7 @@ def test_mean_hessian_equals_materialized_hessian():
     for chunk in (1, 7, 1000):
         got = mean_hessian(loss_fn, theta0, x, y, chunk=chunk)
         assert torch.allclose(got, ref, rtol=0, atol=1e-12)
-    with pytest.raises(ValueError, match="chunk must be a positive integer"):
+    with pytest.raises(ValueError, match="chunk must be an integer ≥ 1"):
         mean_hessian(loss_fn, theta0, x, y, chunk=0)
     with pytest.raises(ValueError, match="1-D parameter vector"):
         mean_hessian(loss_fn, theta0[None], x, y)

@@ -1,0 +1,404 @@
+r"""Measured statistics: contraction values at ``θ_0`` with error bars, and predictions from them.
+
+:func:`perturb.numeric.measuring.measure` returns a :class:`Statistics`: for each measured
+contraction the per-group (per-tuple) estimates, stored under :attr:`Contraction.key`
+(``"name|WL hash"``, the key saved files hold) and looked up by that key, by the printed
+name (``stats["tr(C H)"]``) or by the :class:`Contraction`.  The value is the mean of the
+group estimates and its standard error is
+
+.. math::  \operatorname{SE} = \operatorname{sd}(Z_1, \dots, Z_K) / \sqrt K,
+
+exactly unbiased for the variance of the mean because the group estimates are iid.  A
+prediction is linear in the values, so :meth:`Statistics.predict` evaluates a schedule's
+series on every group and gets the error bar of any ``η`` and ``T`` from the spread of the
+per-group predictions (:class:`MeasuredPrediction`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import sympy as sp
+import torch
+
+from perturb.checks import check_int
+from perturb.symbolic.contractions import Contraction
+from perturb.symbolic.schedules import Schedule
+from perturb.symbolic.series import QUANTITIES, series
+
+__all__ = ["HostCopy", "MeasuredPrediction", "Statistics"]
+
+
+@dataclass(frozen=True)
+class MeasuredPrediction:
+    """Predictions of one quantity for one schedule over a grid of learning rates.
+
+    Attributes:
+        schedule: the numeric schedule.
+        quantity: ``"test"``, ``"train"``, ``"gap"`` or ``"displacement"``.
+        lr: the learning rates, shape ``(L,)``.
+        coefficients: the numeric coefficient of ``η^d``, shape ``(order+1,)`` (``(order+1,
+            P)`` for the displacement).
+        coefficient_se: standard errors of :attr:`coefficients`.
+        by_order: the ``η^d`` contributions, ``(L, order+1[, P])``.
+        total: the truncated series at each ``lr``, ``(L[, P])``.
+        se: standard error of :attr:`total` (the spread of the per-group predictions over
+            ``√K``; zero for exact statistics).
+
+    Example:
+        >>> import torch
+        >>> from perturb.numeric.measuring import measure
+        >>> from perturb.symbolic.schedules import Online
+        >>> f = lambda p, x: ((p - x) ** 2).sum() / 2
+        >>> st = measure(f, torch.eye(2), torch.zeros(2), order=1, exact=True, progress=False)
+        >>> pred = st.predict(Online(steps=3, batch_size=1), lr=0.1)
+        >>> pred.coefficients.round(6).tolist(), pred.se.tolist()
+        ([0.5, -1.5], [0.0])
+    """
+
+    schedule: Schedule
+    quantity: str
+    lr: np.ndarray
+    coefficients: np.ndarray
+    coefficient_se: np.ndarray
+    by_order: np.ndarray
+    total: np.ndarray
+    se: np.ndarray
+
+
+@dataclass
+class Statistics:
+    """Values of contractions at ``θ_0``: exact, or unbiased estimates with error bars.
+
+    Attributes:
+        order: the highest power of η the statistics serve.
+        exact: whether the values are exact averages over the rows (``se`` is zero).
+        rows: rows used (``K · n_g`` for groups, ``R · m`` for tuples).
+        groups: ``K``, the number of disjoint groups, or ``R``, the number of tuples (1
+            when exact).
+        parameters: ``P``.
+        contractions: key -> :class:`Contraction`.
+        group_values: key -> per-group (per-tuple) values ``(K,)`` or ``(K, P)`` (float64);
+            with tuples an open-root statistic holds ``meta["vector_batches"]`` batch means
+            of ``meta["vector_batch_size"]`` tuples each (``R`` per-tuple vectors when
+            measured with ``vector_batches=None``).
+        meta: free-form JSON-able metadata (dtype, seed, schedules, quantities, …).
+
+    Example:
+        >>> import torch
+        >>> from perturb.symbolic.schedules import Online
+        >>> f = lambda p, x: ((p - x) ** 2).sum() / 2
+        >>> from perturb.numeric.measuring import measure
+        >>> st = measure(f, torch.eye(2), torch.zeros(2), order=1, exact=True, progress=False)
+        >>> pred = st.predict(Online(steps=3, batch_size=1), lr=[0.0, 0.1])
+        >>> [round(float(v), 6) for v in pred.total]
+        [0.5, 0.35]
+    """
+
+    order: int
+    exact: bool
+    rows: int
+    groups: int
+    parameters: int
+    contractions: dict[str, Contraction]
+    group_values: dict[str, np.ndarray]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ access
+    def __len__(self) -> int:
+        return len(self.contractions)
+
+    def __contains__(self, item: object) -> bool:
+        if not isinstance(item, Contraction | str):
+            return False
+        return bool(self._matches(item))
+
+    def _matches(self, item: Contraction | str) -> list[str]:
+        """The storage keys ``item`` names: a full key, a printed name or a Contraction."""
+        if isinstance(item, Contraction):
+            if item.key in self.contractions:
+                return [item.key]
+            return [  # keys from another version of the printer
+                k
+                for k, c in self.contractions.items()
+                if c.open_root == item.open_root and c.form == item.form and c.is_isomorphic(item)
+            ]
+        if not isinstance(item, str):
+            raise TypeError(f"look statistics up by name or Contraction, got {type(item).__name__}")
+        if item in self.contractions:
+            return [item]
+        return [k for k, c in self.contractions.items() if item in (c.text, k.rpartition("|")[0])]
+
+    def key(self, item: Contraction | str) -> str:
+        """The storage key (:attr:`Contraction.key`) of a printed name, a key or a Contraction.
+
+        Raises:
+            KeyError: When nothing measured matches, or a name matches several statistics
+                (then pass the full key or the :class:`Contraction`); the message lists the
+                measured names.
+
+        Example:
+            >>> import torch
+            >>> from perturb.numeric.measuring import measure
+            >>> f = lambda p, x: ((p - x) ** 2).sum() / 2
+            >>> st = measure(f, torch.eye(2), torch.zeros(2), order=1, exact=True, progress=False)
+            >>> st.key("G·G").startswith("G·G|"), "G·G" in st, "tr(C H)" in st
+            (True, True, False)
+        """
+        keys = self._matches(item)
+        if len(keys) == 1:
+            return keys[0]
+        name = item if isinstance(item, str) else item.text
+        measured = sorted(c.text for c in self.contractions.values())
+        if not keys:
+            raise KeyError(f"no statistic for {name!r}; measured: {measured}")
+        raise KeyError(
+            f"{name!r} matches {len(keys)} measured statistics {sorted(keys)}; pass the full key "
+            f"or the Contraction; measured: {measured}"
+        )
+
+    def value(self, item: Contraction | str) -> np.ndarray:
+        """The value (the mean of the group estimates): a 0-d array or a ``(P,)`` vector.
+
+        ``item`` is a printed name (``"tr(C H)"``), a full key or a :class:`Contraction`;
+        ``stats[item]`` is the same.
+
+        Example:
+            >>> import torch
+            >>> from perturb.numeric.measuring import measure
+            >>> f = lambda p, x: ((p - x) ** 2).sum() / 2
+            >>> st = measure(f, torch.eye(2), torch.zeros(2), order=1, exact=True, progress=False)
+            >>> float(st.value("G·G")), float(st["l"])
+            (0.5, 0.5)
+        """
+        return self.group_values[self.key(item)].mean(axis=0)
+
+    def se(self, item: Contraction | str) -> np.ndarray:
+        """Standard error of :meth:`value` (zero when exact, NaN with one group).
+
+        Example:
+            >>> import torch
+            >>> from perturb.numeric.measuring import measure
+            >>> f = lambda p, x: ((p - x) ** 2).sum() / 2
+            >>> st = measure(f, torch.eye(2), torch.zeros(2), order=1, exact=True, progress=False)
+            >>> float(st.se("G·G"))
+            0.0
+        """
+        return _se(self.group_values[self.key(item)], self.exact)
+
+    def __getitem__(self, item: Contraction | str) -> np.ndarray:
+        return self.value(item)
+
+    def to_text(self) -> str:
+        """One line per statistic: name, value ± standard error (vectors by their norm)."""
+        lines = []
+        for key, c in self.contractions.items():
+            v, s = self.value(key), self.se(key)
+            if v.ndim:
+                lines.append(f"{c.text}: |v| = {np.linalg.norm(v):.6g} (vector of {v.size})")
+            else:
+                lines.append(f"{c.text}: {float(v):.6g} ± {float(s):.2g}")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ predictions
+    def predict(
+        self,
+        schedule: Schedule,
+        *,
+        lr: float | Sequence[float] | np.ndarray,
+        quantity: str = "test",
+        order: int | None = None,
+    ) -> MeasuredPrediction:
+        r"""Predict ``quantity`` after ``schedule`` for every learning rate in ``lr``.
+
+        ``E[q] ≈ Σ_{d≤order} η^d Σ_t c_t(T, B, N, E) · v_t`` with the schedule's numbers in
+        the series coefficients ``c_t`` and the stored values ``v_t``; the standard error is
+        the spread of the same prediction made from each group's values, over ``√K``.
+
+        Args:
+            schedule: a numeric schedule.
+            lr: one learning rate or a grid.
+            quantity: ``"test"``, ``"train"``, ``"gap"`` or ``"displacement"``.
+            order: highest power of η (default: :attr:`order`).
+
+        Returns:
+            A :class:`MeasuredPrediction`.
+        """
+        order = check_int("order", self.order if order is None else order, maximum=self.order)
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+        if not schedule.is_numeric:
+            raise ValueError(
+                "predict needs numeric schedule sizes, e.g. Online(steps=100, batch_size=1); "
+                f"got {schedule}"
+            )
+        if quantity not in QUANTITIES:
+            raise ValueError(f"quantity must be one of {QUANTITIES}, got {quantity!r}")
+        lrs = np.atleast_1d(np.asarray(lr, dtype=float))
+        if lrs.ndim != 1 or not np.all(np.isfinite(lrs)):
+            raise ValueError(f"lr must be a finite number or a 1-D grid of them, got {lr!r}")
+        s = series(order, schedule, quantity)
+        missing = [t.contraction.text for t in s.terms if t.contraction not in self]
+        if missing:
+            raise KeyError(
+                f"statistics lack {sorted(set(missing))} for {quantity!r} on {schedule}; "
+                "measure them with the schedule and quantity included"
+            )
+        vector = quantity == "displacement"
+        count = self.groups  # vectors may be batch means: their own number of rows
+        if s.terms:
+            count = self.group_values[self.key(s.terms[0].contraction)].shape[0]
+        shape = (count, self.parameters) if vector else (count,)
+        per_group = np.zeros((order + 1, *shape))
+        for t in s.terms:
+            coefficient = sp.sympify(t.coefficient)
+            if not coefficient.is_number:
+                raise ValueError(f"coefficient {coefficient} of {t.contraction.text} has symbols")
+            per_group[t.power] += float(coefficient) * self.group_values[self.key(t.contraction)]
+        powers = lrs[:, None] ** np.arange(order + 1)[None, :]  # (L, d+1)
+        coefficients = per_group.mean(axis=1)
+        by_order = np.einsum("ld,d...->ld...", powers, coefficients)
+        group_totals = np.einsum("ld,dg...->lg...", powers, per_group)
+        return MeasuredPrediction(
+            schedule=schedule,
+            quantity=quantity,
+            lr=lrs,
+            coefficients=coefficients,
+            coefficient_se=_se(np.moveaxis(per_group, 1, 0), self.exact),
+            by_order=by_order,
+            total=by_order.sum(axis=1),
+            se=_se(np.moveaxis(group_totals, 1, 0), self.exact),
+        )
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write to one ``.npz`` file: JSON metadata and float64 arrays (no pickle).
+
+        Example:
+            >>> import tempfile, pathlib, torch
+            >>> from perturb.numeric.measuring import measure
+            >>> f = lambda p, x: ((p - x) ** 2).sum() / 2
+            >>> st = measure(f, torch.eye(2), torch.zeros(2), order=1, exact=True, progress=False)
+            >>> with tempfile.TemporaryDirectory() as tmp:
+            ...     st.save(pathlib.Path(tmp) / "stats.npz")
+            ...     back = Statistics.load(pathlib.Path(tmp) / "stats.npz")
+            >>> sorted(back.contractions) == sorted(st.contractions)
+            True
+        """
+        entries, arrays = [], {}
+        for i, (key, c) in enumerate(self.contractions.items()):
+            entries.append(
+                {
+                    "key": key,
+                    "text": c.text,
+                    "parents": list(c.parents),
+                    "parts": [list(p) for p in c.parts],
+                    "form": c.form,
+                    "open_root": c.open_root,
+                }
+            )
+            arrays[f"values_{i}"] = np.asarray(self.group_values[key], dtype=np.float64)
+        header = {
+            "format": "perturb.Statistics",
+            "version": 1,
+            "order": self.order,
+            "exact": self.exact,
+            "rows": self.rows,
+            "groups": self.groups,
+            "parameters": self.parameters,
+            "meta": self.meta,
+            "entries": entries,
+        }
+        with open(os.fspath(path), "wb") as fh:
+            np.savez(fh, header=np.array(json.dumps(header, ensure_ascii=False)), **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Statistics:
+        """Read a file written by :meth:`save` (``allow_pickle=False``)."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"statistics file {path!r} does not exist")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                header = json.loads(str(z["header"]))
+                arrays = {k: np.array(z[k]) for k in z.files if k != "header"}
+        except (ValueError, KeyError, OSError) as err:
+            raise ValueError(f"{path!r} is not a perturb statistics file: {err}") from err
+        if header.get("format") != "perturb.Statistics":
+            raise ValueError(f"{path!r} is not a perturb statistics file")
+        contractions, values = {}, {}
+        for i, e in enumerate(header["entries"]):
+            c = Contraction(
+                parents=tuple(e["parents"]),
+                parts=tuple(tuple(p) for p in e["parts"]),
+                form=e["form"],
+                open_root=bool(e["open_root"]),
+            )
+            contractions[e["key"]] = c
+            values[e["key"]] = arrays[f"values_{i}"]
+        return cls(
+            order=int(header["order"]),
+            exact=bool(header["exact"]),
+            rows=int(header["rows"]),
+            groups=int(header["groups"]),
+            parameters=int(header["parameters"]),
+            contractions=contractions,
+            group_values=values,
+            meta=dict(header.get("meta", {})),
+        )
+
+    def communication_bytes(self, world: int) -> int:
+        """Bytes each rank receives when ``world`` ranks split this measurement (see
+        :func:`perturb.numeric.distributed.communication_bytes`)."""
+        if self.exact or self.meta.get("estimator") != "tuples":
+            return 0
+        batched = "vector_batches" in self.meta
+        width = whole = 0
+        for key, v in self.group_values.items():
+            if batched and self.contractions[key].open_root:
+                whole += int(v.size)
+            else:
+                width += int(np.prod(v.shape[1:]))
+        return 8 * world * (6 + -(-self.groups // world) * width + whole)
+
+
+class HostCopy:
+    """Device tensors to NumPy; large CUDA ones through one reused page-locked buffer.
+
+    Per-tuple vectors (``vector_batches=None``) are ``R × P`` float64 (0.8 GB at
+    ``R = 1024``, ``P ≈ 10⁵``); a pageable device-to-host copy of that took 0.6 s on an
+    H100 host, the staged copy plus a host copy about a third of that (docs/benchmarks.md).
+
+    Example:
+        >>> import torch
+        >>> HostCopy()(torch.arange(3.0))
+        array([0., 1., 2.], dtype=float32)
+    """
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def __call__(self, tensor: torch.Tensor) -> np.ndarray:
+        tensor = tensor.detach()
+        if tensor.device.type != "cuda" or tensor.numel() < 2**20:
+            return tensor.cpu().numpy()
+        if self.buffer is None or self.buffer.numel() < tensor.numel():
+            self.buffer = torch.empty(tensor.numel(), dtype=torch.float64, pin_memory=True)
+        staged = self.buffer[: tensor.numel()].view(tensor.shape)
+        staged.copy_(tensor.to(torch.float64))
+        return staged.numpy().copy()
+
+
+def _se(group_values: np.ndarray, exact: bool) -> np.ndarray:
+    k = group_values.shape[0]
+    if exact:
+        return np.zeros(group_values.shape[1:])
+    if k < 2:
+        return np.full(group_values.shape[1:], np.nan)
+    return group_values.std(axis=0, ddof=1) / math.sqrt(k)

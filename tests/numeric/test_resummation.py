@@ -1,0 +1,179 @@
+"""Numeric re-summation (perturb.numeric.resummation) against exact recursions and the series."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from resum_landscapes import exact_test_loss, linear_gaussian, tanh_net
+
+import perturb
+from perturb.numeric.resummation import complete_homogeneous, time_sum
+from perturb.symbolic.resummed import resummed_terms
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("eta_frac", [0.1, 1.0, 1.5])
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        perturb.Online(steps=10_000, batch_size=1),
+        perturb.Online(steps=10_000, batch_size=3),
+        perturb.GD(train_size=4, steps=10_000),
+    ],
+    ids=["online-B1", "online-B3", "gd-N4"],
+)
+def test_linear_gaussian_order2_is_exact_at_long_times(seed, eta_frac, schedule):
+    hess, xs, theta0, loss_fn = linear_gaussian(3, 6, seed)
+    lr = eta_frac / float(torch.linalg.eigvalsh(hess).max())
+    pred = perturb.predict(
+        perturb.Population(loss_fn, xs), theta0, schedule, lr=lr, order=2, resummed=True
+    )
+    if schedule.batches == 1:
+        exact = exact_test_loss(hess, xs, theta0, lr, 10_000, train_size=int(schedule.train_size))
+    else:
+        exact = exact_test_loss(hess, xs, theta0, lr, 10_000, batch_size=int(schedule.batch_size))
+    assert pred.total == pytest.approx(exact, rel=1e-9)
+
+
+def test_resummed_agrees_with_unresummed_to_next_order_on_tanh_net():
+    """Float check on a tanh net: the difference scales as η⁴ (ratio 16 per halving)."""
+    pop, theta = tanh_net(0)
+    sched = perturb.Online(steps=5, batch_size=1)
+    diffs = []
+    for lr in (2e-3, 1e-3):
+        r = perturb.predict(pop, theta, sched, lr=lr, order=3, resummed=True).total
+        u = perturb.predict(pop, theta, sched, lr=lr, order=3).total
+        diffs.append(r - u)
+    assert diffs[0] / diffs[1] == pytest.approx(16, rel=0.02)
+
+
+def test_long_runs_cost_no_more_than_short_ones():
+    import time
+
+    _hess, xs, theta0, loss_fn = linear_gaussian(3, 6, 0)
+    pop = perturb.Population(loss_fn, xs)
+    times = []
+    for steps in (100, 100_000):
+        start = time.perf_counter()
+        perturb.predict(
+            pop, theta0, perturb.Online(steps=steps, batch_size=1), lr=0.1, order=3, resummed=True
+        )
+        times.append(time.perf_counter() - start)
+    assert times[1] < 3 * times[0] + 0.5  # log T matrix products, never a loop over steps
+
+
+def test_complete_homogeneous_matches_definition():
+    z = torch.tensor([1.0, 0.9, 0.5, 0.9], dtype=torch.float64)  # repeated values are fine
+    for n in range(6):
+        brute = sum(
+            float(np.prod([z[i] for i in combo]))
+            for combo in itertools.combinations_with_replacement(range(4), n)
+        )
+        assert float(complete_homogeneous(z, n)) == pytest.approx(brute, rel=1e-13)
+    assert float(complete_homogeneous(z, -1)) == 0.0
+
+
+def test_time_sum_is_the_brute_force_sum_over_embeddings():
+    """Chain root ← u ← v in online SGD: Σ_{s<t<T} x_a^{T−t−1} x_b^{t−s−1}."""
+    chain = [
+        t
+        for t in resummed_terms(2, perturb.Online(steps=6, batch_size=1))
+        if t.diagram.parents == (-1, 0, 1)
+    ]
+    assert len(chain) == 0  # a one-child singleton node is re-summed away
+    cherry = next(
+        t
+        for t in resummed_terms(2, perturb.Online(steps=6, batch_size=1))
+        if t.diagram.parents == (-1, 0, 0) and len(t.diagram.parts) == 3
+    )
+    xa, xb = torch.tensor(0.7, dtype=torch.float64), torch.tensor(0.4, dtype=torch.float64)
+    brute = sum(0.7 ** (6 - s - 1) * 0.4 ** (6 - t - 1) for s in range(6) for t in range(6))
+    assert float(time_sum(cherry.orders, [xa, xb], 6)) == pytest.approx(brute, rel=1e-13)
+
+
+def test_mean_tensors_replace_per_sample_tensors_for_lone_nodes():
+    """Order-2 re-summed values need per-sample gradients only; H may be a mean."""
+    from perturb.numeric.resummation import resummed_values
+    from perturb.reference import derivative_tensors
+
+    _hess, xs, theta0, loss_fn = linear_gaussian(4, 5, 3)
+    derivs = derivative_tensors(loss_fn, xs, theta0, 2)
+    schedule = perturb.Online(steps=50, batch_size=2)
+    terms = resummed_terms(2, schedule)
+    full = resummed_values(terms, derivs, lr=0.2, steps=50, schedule=schedule)
+    lean = resummed_values(
+        terms,
+        {0: derivs[0], 1: derivs[1]},
+        lr=0.2,
+        steps=50,
+        schedule=schedule,
+        means={2: derivs[2].mean(0)},
+    )
+    for a, b in zip(full, lean, strict=True):
+        assert float(b) == pytest.approx(float(a), rel=1e-12)
+
+
+def test_cyclic_part_constraints_have_no_embedding():
+    """Parts whose edges force each to precede the other are dropped (order 5)."""
+    _hess, xs, theta0, loss_fn = linear_gaussian(2, 3, 0)
+    pop = perturb.Population(loss_fn, xs)
+    sched = perturb.Online(steps=4, batch_size=1)
+    for quantity in ("test", "displacement"):
+        pred = perturb.predict(
+            pop, theta0, sched, lr=0.1, order=5, quantity=quantity, resummed=True
+        )
+        assert len(pred.by_order) == 6
+    disp = perturb.predict(
+        pop, theta0, sched, lr=0.1, order=5, quantity="displacement", resummed=True
+    )
+    assert all(np.shape(v) == (2,) for v in disp.by_order)
+
+
+def test_integral_form_of_example_1():
+    """Remark 2: one level, three edges to the root: (1 − e^{−T Σr}) / Σr."""
+    from perturb.numeric.resummation import time_integral
+
+    rates = [torch.tensor(v, dtype=torch.float64) for v in (0.01, 0.02, 0.005)]
+    total = sum(float(r) for r in rates)
+    got = float(time_integral(((1, ((1, 2), (1, 2), (1, 2))),), rates, 100.0))
+    assert got == pytest.approx(-np.expm1(-100 * total) / total, rel=1e-13)
+
+
+def test_integral_form_of_the_split_cherry():
+    """Two lone leaves under the root: the three weak orders give the full square plus
+    the diagonal, ∏ (1 − e^{−r_i T})/r_i + (1 − e^{−(r_1+r_2)T})/(r_1 + r_2)."""
+    from perturb.numeric.resummation import time_integral
+
+    cherry = next(
+        t
+        for t in resummed_terms(2, perturb.Online(steps=7, batch_size=1))
+        if t.diagram.parents == (-1, 0, 0) and len(t.diagram.parts) == 3
+    )
+    r1, r2 = torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.05, dtype=torch.float64)
+    t = 7.0
+    square = (-np.expm1(-0.3 * t) / 0.3) * (-np.expm1(-0.05 * t) / 0.05)
+    diagonal = -np.expm1(-0.35 * t) / 0.35
+    assert float(time_integral(cherry.orders, [r1, r2], t)) == pytest.approx(
+        square + diagonal, rel=1e-12
+    )
+
+
+def test_integral_form_is_exact_to_first_order_in_eta():
+    """At fixed ηT the integral form differs from the exact sums by O(η)."""
+    _, xs, theta0, loss_fn = linear_gaussian(3, 6, 1)
+    pop = perturb.Population(loss_fn, xs)
+    gaps = []
+    for lr, steps in ((0.02, 50), (0.01, 100), (0.005, 200)):
+        sched = perturb.Online(steps=steps, batch_size=1)
+        exact = perturb.predict(pop, theta0, sched, lr=lr, order=2, resummed=True).total
+        approx = perturb.predict(
+            pop, theta0, sched, lr=lr, order=2, resummed=True, integral=True
+        ).total
+        gaps.append(approx - exact)
+    assert gaps[0] / gaps[1] == pytest.approx(2, rel=0.1)
+    assert gaps[1] / gaps[2] == pytest.approx(2, rel=0.1)
+    with pytest.raises(ValueError, match="integral=True applies to re-summed"):
+        perturb.predict(pop, theta0, sched, lr=0.1, order=2, integral=True)

@@ -1,0 +1,246 @@
+"""Every way a user can get the command line wrong ends in one line on stderr and status 2.
+
+Each row of :data:`BAD_INPUTS` is a command line and a fragment of the expected message:
+the command must exit with status 2, print nothing on stdout, exactly one line on stderr
+(``error: …`` containing the fragment), and no traceback.  Then: ``--debug`` shows the
+traceback, unexpected exceptions are one ``internal error`` line with status 1, torch's
+deprecation noise stays hidden, and ``perturb --help`` answers fast without torch or sympy.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from perturb.cli import cli
+from perturb.symbolic.schedules import Online
+
+PREDICT = ["predict", "--model", "mlp", "--steps", "3", "--order", "1"]
+
+
+def _npz(tmp_path: Path, kind: str) -> str:
+    """A broken ``.npz``: ``truncated`` (a valid file cut in half) or ``random`` bytes."""
+    path = tmp_path / f"{kind}.npz"
+    if kind == "truncated":
+        rng = np.random.default_rng(0)
+        np.savez(path, x=rng.normal(size=(12, 1, 2, 2)).astype(np.float32), y=np.arange(12) % 3)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    return f"npz:{path}"
+
+
+def _refusal_of_order_20() -> str:
+    """The library's own refusal of the order-20 series, which the CLI must print."""
+    from perturb.symbolic.cost import check_work, estimate_work
+
+    with pytest.raises(ValueError) as refused:
+        check_work(estimate_work(20, Online()), force=False)
+    return " ".join(str(refused.value).split())
+
+
+BAD_INPUTS = [
+    pytest.param([*PREDICT, "--lr", "-0.01"], "lr must be a positive finite number", id="lr<0"),
+    pytest.param([*PREDICT, "--lr", "0"], "lr must be a positive finite number, got 0", id="lr=0"),
+    pytest.param([*PREDICT, "--lr", "nan"], "got nan", id="lr=nan"),
+    pytest.param([*PREDICT, "--lr", "inf"], "got inf", id="lr=inf"),
+    pytest.param([*PREDICT, "--lr", "0.01", "0.02", "-1"], "got -1", id="lr-list"),
+    pytest.param([*PREDICT, "--lr", "0.01", "--device", "cuda"], "no CUDA GPU", id="cuda"),
+    pytest.param(["series", "--order", "-1"], "-1 is not in the range", id="order<0"),
+    pytest.param(["series", "--order", "20"], None, id="order-20"),
+    pytest.param(["diagrams", "--order", "20"], None, id="diagrams-order-20"),
+    pytest.param(
+        [*PREDICT, "--lr", "0.01", "--checkpoint", "{tmp}/missing.pt"],
+        "does not exist",
+        id="missing-checkpoint",
+    ),
+    pytest.param([*PREDICT, "--lr", "0.01", "--dataset", "{truncated}"], "npz", id="npz-cut"),
+    pytest.param([*PREDICT, "--lr", "0.01", "--dataset", "{random}"], "npz", id="npz-random"),
+    pytest.param(
+        [*PREDICT, "--lr", "0.01", "--samples", "100000"], "more than the", id="samples>data"
+    ),
+    pytest.param(
+        ["predict", "--model", "resnet", "--lr", "0.01", "--steps", "3"],
+        "unknown model spec 'resnet'",
+        id="unknown-model",
+    ),
+    pytest.param(
+        [*PREDICT, "--lr", "0.01", "--dataset", "mnist-but-wrong"],
+        "unknown dataset 'mnist-but-wrong'",
+        id="unknown-dataset",
+    ),
+    pytest.param(
+        ["series", "--order", "1", "--schedule", "epochs", "-N", "6", "-B", "4"],
+        "--batch-size must divide --train-size",
+        id="batch-not-dividing",
+    ),
+    pytest.param(
+        ["validate", "--schedule", "epochs", "--train-size", "10", "--batch-size", "3"],
+        "--batch-size must divide --train-size",
+        id="validate-batch-not-dividing",
+    ),
+    pytest.param(["validate", "--population", "0"], "0 is not in the range x>=2", id="pop=0"),
+    pytest.param(["validate", "--lr", "0"], "lr must be a positive finite number", id="val-lr"),
+    pytest.param(["compare", "--lr", "nan"], "got nan", id="compare-lr"),
+    pytest.param(["compare", "--trials", "1"], "1 is not in the range x>=2", id="trials=1"),
+    pytest.param(
+        ["predict", "--model", "mlp", "--steps", "3"], "Missing option '--lr'", id="no-lr"
+    ),
+    pytest.param([*PREDICT, "--lr", "0.1", "--steps", "0"], "0 is not in the range", id="steps=0"),
+    pytest.param(["predict", "--seed", "-1"], "-1 is not in the range x>=0", id="seed<0"),
+    pytest.param(["frobnicate"], "No such command 'frobnicate'", id="command"),
+    pytest.param(["--frobnicate"], "No such option '--frobnicate'", id="group-option"),
+]
+
+
+@pytest.mark.parametrize(("args", "fragment"), BAD_INPUTS)
+def test_bad_input_is_one_line_and_status_2(args, fragment, tmp_path):
+    if "cuda" in args:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a CUDA GPU")
+    if fragment is None:
+        fragment = _refusal_of_order_20()
+    names = {"tmp": str(tmp_path)}
+    for kind in ("truncated", "random"):
+        if any(f"{{{kind}}}" in a for a in args):
+            names[kind] = _npz(tmp_path, kind)
+    args = [a.format(**names) for a in args]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert fragment in lines[0]
+
+
+def _raise(error: BaseException):
+    def boom(*args, **kwargs):
+        raise error
+
+    return boom
+
+
+def test_debug_shows_the_traceback():
+    args = ["predict", "--model", "resnet", "--lr", "0.01", "--steps", "3"]
+    result = CliRunner().invoke(cli, ["--debug", *args])
+    from perturb.errors import ModelSpecError
+
+    assert isinstance(result.exception, ModelSpecError)
+    assert result.exit_code == 1
+
+
+def test_an_unexpected_exception_is_one_internal_error_line(monkeypatch):
+    monkeypatch.setattr("perturb.cli.series_report", _raise(RuntimeError("boom\nsecond line")))
+    result = CliRunner().invoke(cli, ["series", "--order", "1"])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        "internal error: RuntimeError: boom second line (rerun with --debug for the traceback)"
+    ]
+    debug = CliRunner().invoke(cli, ["--debug", "series", "--order", "1"])
+    assert isinstance(debug.exception, RuntimeError) and debug.exit_code == 1
+
+
+@pytest.mark.parametrize(
+    ("error", "fragment"),
+    [
+        (FileNotFoundError("no such file 'x.pt'"), "error: no such file 'x.pt'"),
+        (TypeError("lr must be a number"), "error: lr must be a number"),
+        (EOFError("Ran out of input"), "error: could not read an input file (EOFError: Ran"),
+    ],
+)
+def test_input_errors_from_the_library_are_status_2(monkeypatch, error, fragment):
+    monkeypatch.setattr("perturb.cli.series_report", _raise(error))
+    result = CliRunner().invoke(cli, ["series", "--order", "1"])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(fragment)
+
+
+def test_torch_deprecation_warnings_are_hidden_and_others_are_not(monkeypatch):
+    def noisy(*args, **kwargs):
+        warnings.warn(
+            "`torch.jit.script` is deprecated. Please switch.", DeprecationWarning, stacklevel=1
+        )
+        warnings.warn(
+            "`torch.jit.script` is deprecated. Please switch.", FutureWarning, stacklevel=1
+        )
+        warnings.warn("a warning of our own", UserWarning, stacklevel=1)
+        return "report"
+
+    monkeypatch.setattr("perturb.cli.series_report", noisy)
+    for args, expected in (([], 1), (["--debug"], 3)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = CliRunner().invoke(cli, [*args, "series", "--order", "1"])
+        assert result.exit_code == 0, result.output
+        assert len(caught) == expected, [str(w.message) for w in caught]
+        assert "a warning of our own" in {str(w.message) for w in caught}
+
+
+# ------------------------------------------------------------------------ start-up
+
+_SCRIPT = shutil.which("perturb", path=str(Path(sys.executable).parent)) or shutil.which("perturb")
+
+
+def _timed(command: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    return done, time.perf_counter() - start
+
+
+def _imported(importtime_log: str) -> set[str]:
+    return {line.rsplit("|", 1)[-1].strip() for line in importtime_log.splitlines() if "|" in line}
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param([sys.executable, "-X", "importtime", "-m", "perturb"], id="python -m perturb"),
+        pytest.param([sys.executable, "-X", "importtime", _SCRIPT or "perturb"], id="perturb"),
+    ],
+)
+@pytest.mark.parametrize(
+    "args", [["--help"], ["series", "--order", "-1"], ["predict", "--lr", "0"]]
+)
+def test_help_and_argument_errors_start_fast_without_torch_or_sympy(command, args):
+    if _SCRIPT is None and "-m" not in command:
+        pytest.skip("the perturb script is not installed")
+    done, seconds = _timed([*command, *args])
+    assert done.returncode == (0 if args == ["--help"] else 2), done.stderr[-2000:]
+    modules = _imported(done.stderr)
+    assert "perturb.cli" in modules
+    assert not {"torch", "sympy"} & modules
+    assert seconds < 2.0
+
+
+def test_python_dash_m_perturb_runs_the_command_line():
+    done, _ = _timed([sys.executable, "-m", "perturb", "series", "--order", "1", "-B", "1"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "E[test loss] for online SGD (T steps, batch 1), to order η^1:",
+        "η^0: (1)·l",
+        "η^1: (-T)·G·G",
+    ]
+
+
+def test_series_order_20_is_refused_within_seconds():
+    done, seconds = _timed([sys.executable, "-m", "perturb", "series", "--order", "20"])
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [f"error: {_refusal_of_order_20()}"]
+    assert seconds < 10.0
