@@ -234,7 +234,7 @@ def test_series_resummed_reproduces_example_1():
 
 def test_series_resummed_bad_inputs():
     result = run("series", "--order", "2", "--resummed", "--schedule", "epochs", "--epochs", "2")
-    assert result.exit_code == 2 and "re-summation supports" in result.output
+    assert result.exit_code == 0 and "2 epochs" in result.output  # epochs are re-summed now
     result = run("series", "--order", "2", "--resummed", "--quantity", "gap")
     assert result.exit_code == 2 and "test and train separately" in result.output
 
@@ -388,6 +388,61 @@ def test_the_cli_choices_are_the_librarys():
     assert cli_options.SCHEDULES == SCHEDULES
     assert cli_options.FORMS == FORMS
     assert cli_options.QUANTITIES == QUANTITIES
+
+
+def test_the_pretrain_lr_default_is_the_librarys():
+    from perturb import cli_options
+    from perturb.experiments.pipeline import DEFAULT_PRETRAIN_LR
+
+    assert cli_options.DEFAULT_PRETRAIN_LR == DEFAULT_PRETRAIN_LR
+    for command in ("validate", "compare"):
+        params = {p.name: p for p in cli.commands[command].params}
+        assert params["pretrain_lr"].default == DEFAULT_PRETRAIN_LR
+        assert params["pretrain"].default == 0 and params["checkpoint"].default is None
+
+
+def _tiny_npz(tmp_path: Path) -> str:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 1, 2, 2)).astype(np.float32)
+    np.savez(tmp_path / "tiny.npz", x=x, y=rng.integers(0, 3, 12))
+    return f"npz:{tmp_path / 'tiny.npz'}"
+
+
+def test_validate_from_a_checkpoint_with_pretraining_on_a_log_grid(tmp_path):
+    import torch
+
+    from perturb.experiments.data import load_dataset
+    from perturb.experiments.models import build_model
+
+    dataset = _tiny_npz(tmp_path)
+    data = load_dataset(dataset)
+    torch.save(build_model("mlp", data.input_shape, 3, seed=4).state_dict(), tmp_path / "c.pt")
+    args = ["validate", "--dataset", dataset, "--model", "mlp", "--lr", "0.01", "--trials", "4"]
+    args += ["--steps", "30", "--records", "3", "--records-log", "--orders", "0", "1"]
+    args += ["--no-resummed", "--no-gap", "--checkpoint", str(tmp_path / "c.pt")]
+    result = run(*args, "--pretrain", "10", "--pretrain-lr", "0.5", "--out", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    start = json.loads((tmp_path / "o" / "results.json").read_text())["config"]["start"]
+    assert start["checkpoint"] == str(tmp_path / "c.pt")
+    assert (start["pretrain_steps"], start["pretrain_lr"]) == (10, 0.5)
+    lines = result.stdout.splitlines()
+    assert lines[1] == (
+        f"start: l(θ0) = {start['loss']:.5f}, ‖G‖ = {start['grad_norm']:.6f} "
+        f"({tmp_path / 'c.pt'}, then 10 steps of full-batch GD at lr 0.5)"
+    )
+    assert [int(line.split()[1]) for line in lines[4:7]] == [1, 5, 30]
+
+
+def test_compare_after_pretraining(tmp_path):
+    args = ["compare", "--dataset", _tiny_npz(tmp_path), "--model", "mlp", "--orders", "1"]
+    args += ["--lr", "0.01", "--batch-size", "1", "--steps", "2", "--trials", "4"]
+    result = run(*args, "--population", "8", "--pretrain", "5", "--out", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    start = json.loads((tmp_path / "o" / "compare.json").read_text())["config"]["start"]
+    assert start["pretrain_steps"] == 5 and start["pretrain_lr"] == 1.0
+    assert result.stdout.splitlines()[0].startswith(f"start: l(θ0) = {start['loss']:.5f}")
 
 
 @pytest.mark.parametrize("command", ["predict", "validate", "compare"])

@@ -40,6 +40,19 @@ def _npz(tmp_path: Path, kind: str) -> str:
     return f"npz:{path}"
 
 
+def _checkpoints(tmp_path: Path) -> tuple[str, str]:
+    """A checkpoint that is no state dict (random bytes) and one of the digits mlp."""
+    bad = tmp_path / "random.pt"
+    bad.write_bytes(np.random.default_rng(2).integers(0, 256, 512, dtype=np.uint8).tobytes())
+    import torch
+
+    from perturb.experiments.models import mlp
+
+    good = tmp_path / "mlp.pt"
+    torch.save(mlp((1, 8, 8), 10, seed=0).state_dict(), good)
+    return str(bad), str(good)
+
+
 def _refusal_of_order_20() -> str:
     """The library's own refusal of the order-20 series, which the CLI must print."""
     from perturb.symbolic.cost import check_work, estimate_work
@@ -94,6 +107,26 @@ BAD_INPUTS = [
     pytest.param(["compare", "--lr", "nan"], "got nan", id="compare-lr"),
     pytest.param(["compare", "--trials", "1"], "1 is not in the range x>=2", id="trials=1"),
     pytest.param(
+        ["validate", "--checkpoint", "{tmp}/missing.pt"], "does not exist", id="val-no-ckpt"
+    ),
+    pytest.param(
+        ["compare", "--checkpoint", "{tmp}/missing.pt"], "does not exist", id="cmp-no-ckpt"
+    ),
+    pytest.param(
+        ["validate", "--model", "mlp", "--checkpoint", "{ckpt}"],
+        "cannot read checkpoint",
+        id="val-bad-ckpt",
+    ),
+    pytest.param(
+        ["validate", "--checkpoint", "{mlp_ckpt}"],
+        "does not match Sequential: missing keys",
+        id="val-wrong-ckpt",
+    ),
+    pytest.param(["validate", "--pretrain", "-1"], "-1 is not in the range x>=0", id="pretrain<0"),
+    pytest.param(
+        ["compare", "--pretrain-lr", "0"], "lr must be a positive finite number", id="pretrain-lr"
+    ),
+    pytest.param(
         ["predict", "--model", "mlp", "--steps", "3"], "Missing option '--lr'", id="no-lr"
     ),
     pytest.param([*PREDICT, "--lr", "0.1", "--steps", "0"], "0 is not in the range", id="steps=0"),
@@ -116,6 +149,7 @@ def test_bad_input_is_one_line_and_status_2(args, fragment, tmp_path):
     for kind in ("truncated", "random"):
         if any(f"{{{kind}}}" in a for a in args):
             names[kind] = _npz(tmp_path, kind)
+    names["ckpt"], names["mlp_ckpt"] = _checkpoints(tmp_path)
     args = [a.format(**names) for a in args]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2, result.output

@@ -41,6 +41,7 @@ from perturb.cli_options import (
     QUANTITIES,
     SCHEDULES,
     VariadicOption,
+    checkpoint_option,
     data_options,
     device_option,
     force_option,
@@ -50,6 +51,7 @@ from perturb.cli_options import (
     seed_option,
     seeds_option,
     size_option,
+    start_options,
 )
 from perturb.errors import PerturbError
 
@@ -503,12 +505,7 @@ def diagrams_command(
 
 @cli.command("predict")
 @data_options(model_default=None, alias=True)
-@click.option(
-    "--checkpoint",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="A saved state_dict (torch.save); default: the model's initialization.",
-)
+@checkpoint_option
 @lr_option(required=True)
 @size_option("steps", required=True, help="Steps T of online SGD.")
 @size_option("batch_size", default=1, show_default=True, help="Batch size B.")
@@ -661,6 +658,12 @@ _population_option = click.option(
     show_default=True,
     help="Recorded steps per run, evenly spaced up to --steps.",
 )
+@click.option(
+    "--records-log",
+    is_flag=True,
+    help="Space the recorded steps geometrically from 1 to --steps (long runs).",
+)
+@start_options
 @device_option
 @click.option(
     "--out",
@@ -716,6 +719,7 @@ def validate_command(model_spec: str, **options: Any) -> None:
 @click.option("--resummed/--no-resummed", default=True, show_default=True)
 @seed_option
 @_population_option
+@start_options
 @device_option
 @click.option("--out", type=click.Path(file_okay=False), default="compare-out", show_default=True)
 def compare_command(model_spec: str, **options: Any) -> None:
@@ -735,7 +739,7 @@ def compare_command(model_spec: str, **options: Any) -> None:
         ("orders", (1, 2, 3)),
     ):
         options[key] = tuple(options[key]) or default
-    result = compare(**options)
+    result = compare(progress=True, **options)
     click.echo(result.table())
     click.echo(f"wrote {options['out']}/compare.json, compare.csv, compare.png")
 

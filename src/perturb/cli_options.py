@@ -1,7 +1,8 @@
 """The command line's options, declared once and shared by every subcommand.
 
 Each group of options that several commands take (the dataset and model, the learning
-rates, the device, the seed, the schedule and its sizes) is one decorator here, so the
+rates, the device, the seed, the schedule and its sizes, the start point) is one
+decorator here, so the
 same flag means the same thing, takes the same values and is checked the same way in
 ``perturb series``, ``diagrams``, ``predict``, ``validate`` and ``compare``.  Values are
 checked where they are parsed, with the checks of :mod:`perturb.checks`: a bad value is
@@ -10,8 +11,9 @@ a usage error (exit status 2) before any work starts.
 This module imports neither torch nor sympy, so ``perturb --help`` and argument errors
 answer at once.  The choice lists below repeat the library's (``SCHEDULES`` of
 :mod:`perturb.symbolic.options`, ``FORMS`` of :mod:`perturb.symbolic.schedules`,
-``QUANTITIES`` of :mod:`perturb.symbolic.series`) for that reason; ``tests/test_cli.py``
-checks that they agree.
+``QUANTITIES`` of :mod:`perturb.symbolic.series`), and ``DEFAULT_PRETRAIN_LR`` that of
+:mod:`perturb.experiments.pipeline`, for that reason; ``tests/test_cli.py`` checks that
+they agree.
 
 Example:
     >>> @click.command()
@@ -34,6 +36,7 @@ from click.core import ParameterSource
 from perturb.checks import DEVICES, check_device, check_lr
 
 __all__ = [
+    "DEFAULT_PRETRAIN_LR",
     "DEVICES",
     "DIAGRAM_QUANTITIES",
     "FORMS",
@@ -42,6 +45,7 @@ __all__ = [
     "QUANTITIES",
     "SCHEDULES",
     "VariadicOption",
+    "checkpoint_option",
     "data_options",
     "device_option",
     "force_option",
@@ -52,6 +56,7 @@ __all__ = [
     "seed_option",
     "seeds_option",
     "size_option",
+    "start_options",
 ]
 
 SCHEDULES = ("online", "epochs", "gd")
@@ -66,6 +71,8 @@ OUTPUT_FORMATS = ("text", "latex", "json")
 """Output formats of ``perturb series``."""
 IMAGE_FORMATS = ("svg", "png")
 """Image formats of ``perturb diagrams --draw``."""
+DEFAULT_PRETRAIN_LR = 1.0
+"""``--pretrain-lr``'s default (:data:`perturb.experiments.pipeline.DEFAULT_PRETRAIN_LR`)."""
 
 POSITIVE = click.IntRange(min=1)
 
@@ -289,7 +296,7 @@ def force_option(command: Callable[..., Any]) -> Callable[..., Any]:
 
 # ------------------------------------------------------------- dataset and model
 
-_DATASET_HELP = "digits (built in), fashion-mnist, cifar10 or npz:PATH."
+_DATASET_HELP = "digits (built in), mnist1d (generated), fashion-mnist, cifar10 or npz:PATH."
 _MODEL_HELP = "smooth-convnet, mlp or pkg.module:factory."
 
 
@@ -344,6 +351,69 @@ def data_options(*, model_default: str | None = "smooth-convnet", alias: bool = 
         return option_group(*options, hidden)(_wrap(command, wrapper))
 
     return decorate
+
+
+def checkpoint_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--checkpoint PATH``: a weights-only ``state_dict`` of ``--model``; must exist.
+
+    Example:
+        >>> @click.command()
+        ... @checkpoint_option
+        ... def show(checkpoint):
+        ...     click.echo(repr(checkpoint))
+        >>> show([], standalone_mode=False)
+        None
+    """
+    return click.option(
+        "--checkpoint",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="A saved state_dict of --model (torch.save, read weights-only); "
+        "default: the model's seeded initialization.",
+    )(command)
+
+
+def _check_pretrain_lr(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    try:
+        return check_lr(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+
+
+def start_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--checkpoint``, ``--pretrain STEPS`` and ``--pretrain-lr LR``: where runs start.
+
+    The command gets ``checkpoint``, ``pretrain`` and ``pretrain_lr``.
+
+    Example:
+        >>> @click.command()
+        ... @start_options
+        ... def show(checkpoint, pretrain, pretrain_lr):
+        ...     click.echo(f"{checkpoint} {pretrain} {pretrain_lr}")
+        >>> show(["--pretrain", "200"], standalone_mode=False)
+        None 200 1.0
+    """
+    return option_group(
+        checkpoint_option,
+        click.option(
+            "--pretrain",
+            type=click.IntRange(min=0),
+            default=0,
+            show_default=True,
+            metavar="STEPS",
+            help="First take STEPS steps of full-batch gradient descent on the population "
+            "(deterministic), from the initialization or --checkpoint; runs start there.",
+        ),
+        click.option(
+            "--pretrain-lr",
+            type=float,
+            default=DEFAULT_PRETRAIN_LR,
+            show_default=True,
+            metavar="LR",
+            callback=_check_pretrain_lr,
+            help="Learning rate of --pretrain.",
+        ),
+    )(command)
 
 
 # ---------------------------------------------------------------------- schedule

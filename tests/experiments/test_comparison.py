@@ -22,6 +22,7 @@ from perturb.experiments.baselines import QuadraticModel, lyapunov_test_loss, sd
 from perturb.experiments.comparison import Comparison, compare
 from perturb.experiments.data import load_dataset
 from perturb.experiments.models import mlp
+from perturb.experiments.pipeline import Start
 
 POP, LR, SEED = 8, 0.02, 0
 
@@ -160,3 +161,56 @@ def test_outputs_agree_with_the_rows(small, tmp_path):
 def test_compare_rejects_bad_grids(kwargs, match):
     with pytest.raises(ValueError, match=match):
         compare(**kwargs)
+
+
+def test_mnist1d_compare_runs_and_names_the_theories_it_skips():
+    """The 1-D convnet (34,202 parameters) is too big for the materialized Hessian."""
+    result = compare(
+        dataset="mnist1d",
+        lrs=(0.01,),
+        batch_sizes=(1,),
+        steps=(2, 4),
+        trials=4,
+        orders=(1,),
+        population=64,
+    )
+    assert result.config["parameters"] == 34202
+    assert result.predictors == ["order 1"]
+    why = "not available (needs the materialized Hessian: 34202 parameters > "
+    why += "max_hessian_parameters = 4000)"
+    skipped = ("resummed 2", "gradient flow", "SDE", "Lyapunov", "stationary")
+    assert result.notes == dict.fromkeys(skipped, why)
+    table = result.table()
+    assert all(f"{name}: {why}" in table for name in skipped)
+    assert [r["steps"] for r in result.rows] == [2, 4]
+    for r in result.rows:
+        assert not r["divergent"] and math.isfinite(r["predictions"]["order 1"]["value"])
+
+
+def test_compare_from_a_pretrained_start_flags_blown_up_theories(tmp_path):
+    """Softmax regression pretrained on the population; at η = 60 the series blows up."""
+    result = compare(
+        model=_net(),
+        lrs=(LR, 60.0),
+        batch_sizes=(1,),
+        steps=(2,),
+        trials=8,
+        orders=(1, 3),
+        population=POP,
+        pretrain=20,
+        pretrain_lr=0.5,
+    )
+    start = result.config["start"]
+    assert start["pretrain_steps"] == 20 and start["pretrain_lr"] == 0.5
+    table = result.table()
+    assert table.splitlines()[0] == Start(**start).describe()
+    bad = {r["lr"]: r for r in result.rows}[60.0]["predictions"]
+    assert bad["order 3"]["unstable"] and math.isfinite(bad["order 3"]["value"])
+    assert "unstable" in table and f"{bad['order 3']['value']:9.5f}" not in table
+    good = {r["lr"]: r for r in result.rows}[LR]["predictions"]
+    assert not any(p["unstable"] for p in good.values())
+    # stationary's nan is "no stationary law" (see the notes), not a blow-up
+    assert all(not p["unstable"] for p in good.values() if math.isnan(p["value"]))
+    loaded = json.loads(result.write(tmp_path)[0].read_text())
+    assert loaded["config"]["start"] == start
+    assert any(p["unstable"] for r in loaded["rows"] for p in r["predictions"].values())

@@ -227,7 +227,7 @@ def test_every_schedule_runs_and_says_which(scheduled):
         assert math.isfinite(g["order 2"]) and g["steps"] == result.config["steps"]
     # predictors that do not apply are named, with the reason, and nowhere else
     unavailable = result.config["unavailable"]
-    expected = {"online": set(), "epochs": {"resummed 2"}, "gd": {"SDE"}}[name]
+    expected = {"online": set(), "epochs": set(), "gd": {"SDE"}}[name]
     assert set(unavailable) == expected
     assert set(result.predictors) == (
         {"order 0", "order 1", "order 2", "order 3", "noiseless", "SDE", "resummed 2"} - expected
@@ -403,3 +403,202 @@ def test_hessian_predictors_skipped_for_large_models(tiny):
                       lrs=(0.01,), trials=4, records=1, progress=False, orders=(0,),
                       gap=False, max_per_sample_hessians=1000)  # fmt: skip
     assert "needs per-sample Hessians" in result.config["unavailable"]["resummed 2"]
+
+
+# ------------------------------------------------------------------ where the runs start
+
+
+def _tiny_loss(net, tiny: str) -> float:
+    import torch
+
+    from perturb.experiments.data import load_dataset
+
+    data = load_dataset(tiny)
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(net(data.x), data.y))
+
+
+FAST_API = dict(lrs=(0.01,), steps=2, trials=4, records=1, progress=False, resummed=False)
+
+
+def test_validate_from_a_checkpoint_round_trip(tmp_path, tiny):
+    """A saved state dict is where every run starts: l(θ_0) is the model's loss there."""
+    import torch
+
+    from perturb.experiments.data import load_dataset
+    from perturb.experiments.models import build_model
+
+    data = load_dataset(tiny)
+    net = build_model("mlp", data.input_shape, data.num_classes, seed=7)
+    torch.save(net.state_dict(), tmp_path / "ckpt.pt")
+    result = validate(
+        dataset=tiny,
+        model="mlp",
+        checkpoint=tmp_path / "ckpt.pt",
+        orders=(0, 1),
+        gap=False,
+        out=tmp_path / "out",
+        **FAST_API,
+    )
+    start = result.config["start"]
+    assert start["loss"] == pytest.approx(_tiny_loss(net, tiny), rel=1e-6)
+    assert start["checkpoint"] == str(tmp_path / "ckpt.pt") and start["pretrain_steps"] == 0
+    assert start["grad_norm"] > 0
+    assert result.rows[0]["predictions"]["order 0"]["value"] == pytest.approx(start["loss"])
+    lines = result.table().splitlines()
+    assert lines[1].startswith(f"start: l(θ0) = {start['loss']:.5f}, ‖G‖ = ")
+    assert "ckpt.pt" in lines[1]
+    payload = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert payload["config"]["start"] == pytest.approx(start)
+    default = validate(dataset=tiny, model="mlp", orders=(0,), gap=False, **FAST_API)
+    assert default.config["start"]["loss"] != pytest.approx(start["loss"])
+    assert not default.table().splitlines()[1].startswith("start:")  # the default: as before
+
+
+def test_validate_after_pretraining_starts_lower_and_is_deterministic(tiny):
+    runs = [
+        validate(dataset=tiny, model="mlp", pretrain=25, orders=(0, 1), gap=False, **FAST_API)
+        for _ in range(2)
+    ]
+    default = validate(dataset=tiny, model="mlp", orders=(0, 1), gap=False, **FAST_API)
+    a, b = (r.config["start"] for r in runs)
+    assert a == b and a["pretrain_steps"] == 25 and a["pretrain_lr"] == 1.0
+    assert a["loss"] < default.config["start"]["loss"] - 0.05
+    assert runs[0].rows == runs[1].rows
+    assert "then 25 steps of full-batch GD at lr 1" in runs[0].table().splitlines()[1]
+
+
+def test_long_runs_on_a_log_grid(tiny):
+    result = validate(
+        dataset=tiny,
+        model="mlp",
+        lrs=(0.01,),
+        steps=100,
+        records=4,
+        records_log=True,
+        trials=4,
+        orders=(0, 1),
+        gap=False,
+        resummed=False,
+        progress=False,
+    )
+    assert [r["steps"] for r in result.rows] == [1, 5, 22, 100]
+    assert result.config["records_log"] is True
+
+
+# ------------------------------------------------------------------ blow-ups
+
+
+@pytest.fixture(scope="module")
+def blown_up(tmp_path_factory):
+    """η = 30 on the digits convnet: every SGD trial blows up, so does the series."""
+    out = tmp_path_factory.mktemp("lr30")
+    result = validate(
+        lrs=(0.01, 30.0),
+        steps=6,
+        trials=8,
+        population=16,
+        records=2,
+        orders=(0, 1, 2),
+        progress=False,
+        out=out,
+        max_hessian_parameters=1000,  # keeps it fast: SDE and re-summed are skipped
+    )
+    return result, out
+
+
+def test_lr_30_trials_are_divergent_and_blown_up_predictions_are_unstable(blown_up):
+    result, _ = blown_up
+    table = result.table()
+    assert table.count("divergent 8/8") == 3  # two recorded steps and the gap
+    rows = [r for r in result.rows if r["lr"] == 30.0]
+    assert all(r["divergent"] and r["divergent_trials"] == 8 for r in rows)
+    start = result.config["start"]["loss"]
+    unstable = [(r["steps"], n) for r in rows for n, p in r["predictions"].items() if p["unstable"]]
+    assert (6, "order 2") in unstable and (3, "noiseless") in unstable
+    for r in rows:
+        for p in r["predictions"].values():  # unstable: far outside [0, 10·l(θ_0)]
+            v = p["value"]
+            assert p["unstable"] == (not math.isfinite(v) or not -10 * start <= v <= 20 * start)
+    # the table prints none of them as a number, and the columns stay aligned
+    lines = table.splitlines()
+    head = lines[1]
+    body = [line for line in lines[: lines.index("")] if line.startswith("30.0000")]
+    assert len(body) == 2 and all(len(line) == len(head) for line in body)
+    assert all(line.count("unstable") >= 2 for line in body)
+    for r in rows:
+        for p in r["predictions"].values():
+            if p["unstable"] and math.isfinite(p["value"]):
+                assert f"{p['value']:9.5f}" not in table
+    # the finite learning rate is unaffected
+    assert all(
+        not r["divergent"] and not any(p["unstable"] for p in r["predictions"].values())
+        for r in result.rows
+        if r["lr"] == 0.01
+    )
+    gap = {g["lr"]: g for g in result.gap}
+    assert gap[30.0]["order 2 unstable"] and not gap[0.01]["order 2 unstable"]
+
+
+def test_unstable_predictions_in_results_json_carry_value_and_flag(blown_up):
+    _, out = blown_up
+    payload = _strict_json((out / "results.json").read_text())
+    saved = [
+        p
+        for r in payload["rows"]
+        if r["lr"] == 30.0
+        for p in r["predictions"].values()
+        if p["unstable"]
+    ]
+    assert saved and all(p["unstable"] is True for p in saved)
+    kept = [p for p in saved if p["value"] is not None]  # finite but absurd: kept as it is
+    assert kept and all(abs(p["value"]) > 10 for p in kept)
+    assert "order 2 unstable" in (out / "results.csv").read_text().splitlines()[0]
+
+
+# ------------------------------------------------------------------ MNIST-1D
+
+
+def test_mnist1d_runs_end_to_end_and_says_what_it_skips():
+    """Sequences (1, 40), the 1-D convnet (34,202 parameters): SDE and re-summed skipped."""
+    result = validate(
+        dataset="mnist1d",
+        lrs=(0.01,),
+        steps=4,
+        trials=4,
+        population=64,
+        records=2,
+        orders=(0, 1),
+        gap=False,
+        progress=False,
+    )
+    assert result.config["parameters"] == 34202 and result.config["population"] == 64
+    assert result.predictors == ["order 0", "order 1", "noiseless"]
+    why = "needs the materialized Hessian: 34202 parameters > max_hessian_parameters = 4000"
+    assert result.config["unavailable"] == {"SDE": why, "resummed 2": why}
+    table = result.table()
+    assert f"         SDE: not available ({why})" in table
+    assert f"  resummed 2: not available ({why})" in table
+    for r in result.rows:
+        assert r["ci_low"] < r["actual"] < r["ci_high"] and not r["divergent"]
+        assert all(math.isfinite(p["value"]) for p in r["predictions"].values())
+
+
+def test_outputs_written_when_every_trial_diverged(tmp_path, tiny):
+    """No finite error to plot on a log scale: the plots are still written."""
+    result = validate(
+        dataset=tiny,
+        model="mlp",
+        lrs=(1e9,),
+        steps=4,
+        trials=4,
+        records=2,
+        orders=(0, 1),
+        progress=False,
+        out=tmp_path,
+    )
+    assert all(r["divergent"] for r in result.rows) and result.gap[0]["divergent"]
+    for png in ("test_loss_vs_lr.png", "error_vs_eta_t.png", "gap_vs_lr.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result.table().count("divergent 4/4") == 3
+    assert "   order 1: not compared (trials diverged at every learning rate)" in result.table()

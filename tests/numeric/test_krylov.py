@@ -272,14 +272,8 @@ def test_krylov_errors():
         krylov_subspace(pop, None, theta0, rank=2, probes=-1)
     with pytest.raises(ValueError, match="quantities must be a non-empty subset"):
         krylov_subspace(pop, None, theta0, rank=2, quantities=("loss",))
-    with pytest.raises(ValueError, match="re-summation supports online SGD"):
-        krylov_subspace(
-            pop,
-            None,
-            theta0,
-            rank=2,
-            schedules=perturb.Epochs(train_size=4, batch_size=2, epochs=2),
-        )
+    epochs = perturb.Epochs(train_size=4, batch_size=2, epochs=2, shuffle=True)
+    assert krylov_subspace(pop, None, theta0, rank=2, schedules=epochs).rank == 2  # now re-summed
     with pytest.raises(TypeError, match="schedules must hold Schedules, got str"):
         krylov_subspace(pop, None, theta0, rank=2, schedules=["online"])
     sub = krylov_subspace(pop, None, theta0, rank=3)

@@ -177,3 +177,143 @@ def test_integral_form_is_exact_to_first_order_in_eta():
     assert gaps[1] / gaps[2] == pytest.approx(2, rel=0.1)
     with pytest.raises(ValueError, match="integral=True applies to re-summed"):
         perturb.predict(pop, theta0, sched, lr=0.1, order=2, integral=True)
+
+
+# ----------------------------------------------------------- fixed-order epochs
+
+
+def _exact_epoch_losses(hess, xs, theta0, lr, *, train_size, batch_size, epochs, shuffle):
+    """Exact E l(θ_T) (test) and E (1/N)Σ_n l_n(θ_T) (train) for E epochs on
+    l_x(θ) = ½θᵀHθ + xᵀθ, the N training points drawn iid from the rows once.
+
+    ``θ_T = K^T θ_0 − η Σ_t A_t x̄_t``, ``A_t = K^{T−1−t}``; ``Cov(x̄_t, x̄_s) = w C`` with
+    ``w = 1/B`` at ``t = s``, ``0`` for two steps of one epoch, and across epochs ``1/B`` at
+    the same batch position (fixed order, else ``0``) or ``1/N`` (reshuffled).  So
+    ``Cov θ_T = η² Σ_{t,s} w A_t C A_sᵀ``, accumulated per batch (fixed) or per epoch
+    (reshuffled), and ``E (1/N)Σ_n x_nᵀθ_T = μᵀE θ_T − (η/N) Σ_t tr(A_t C)``."""
+    hess, xs, theta0 = (np.asarray(a, dtype=np.float64) for a in (hess, xs, theta0))
+    mu = xs.mean(0)
+    cov = (xs - mu).T @ (xs - mu) / xs.shape[0]
+    p = len(mu)
+    batches = train_size // batch_size
+    steps = batches * epochs
+    k = np.eye(p) - lr * hess
+    powers = [np.eye(p)]
+    for _ in range(steps):
+        powers.append(k @ powers[-1])
+    a = [powers[steps - 1 - t] for t in range(steps)]
+    total = sum(a)
+    if shuffle:
+        per_epoch = [sum(a[e * batches : (e + 1) * batches]) for e in range(epochs)]
+        same_step = sum(m @ cov @ m.T for m in a) / batch_size
+        across = total @ cov @ total.T - sum(s_ @ cov @ s_.T for s_ in per_epoch)
+        sigma = lr**2 * (same_step + across / train_size)
+    else:
+        per_batch = [sum(a[b::batches]) for b in range(batches)]
+        sigma = lr**2 * sum(m @ cov @ m.T for m in per_batch) / batch_size
+    mean = powers[steps] @ theta0 - lr * total @ mu
+    test = 0.5 * np.trace(hess @ (sigma + np.outer(mean, mean))) + mu @ mean
+    cross = lr * np.trace(total @ cov) / train_size
+    return float(test), float(test - cross)
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["fixed", "shuffled"])
+@pytest.mark.parametrize("eta_frac", [0.1, 1.0, 1.5])
+@pytest.mark.parametrize(
+    "sizes", [(6, 2, 100), (5, 1, 60), (8, 4, 150)], ids=["N6B2E100", "N5B1E60", "N8B4E150"]
+)
+def test_linear_gaussian_order2_is_exact_for_epochs(sizes, eta_frac, shuffle):
+    """300 steps of E epochs over one training set (fixed order or reshuffled): the
+    re-summed order-2 test, train and gap equal the exact second-moment answer."""
+    n, b, e = sizes
+    hess, xs, theta0, loss_fn = linear_gaussian(3, 6, 1)
+    lr = eta_frac / float(torch.linalg.eigvalsh(hess).max())
+    schedule = perturb.Epochs(train_size=n, batch_size=b, epochs=e, shuffle=shuffle)
+    pop = perturb.Population(loss_fn, xs)
+    test, train = _exact_epoch_losses(
+        hess, xs, theta0, lr, train_size=n, batch_size=b, epochs=e, shuffle=shuffle
+    )
+    for quantity, exact in (("test", test), ("train", train), ("gap", test - train)):
+        pred = perturb.predict(
+            pop, theta0, schedule, lr=lr, order=2, quantity=quantity, resummed=True
+        )
+        assert pred.total == pytest.approx(exact, rel=1e-9, abs=1e-12), quantity
+
+
+def _symbolic_sum_at_numbers(pop, theta0, schedule, quantity, order, lr):
+    """Σ_terms prefactor η^d Σ_μ network_μ S_μ with ``S`` from the symbolic layer's exact
+    sums (:func:`epoch_time_sum_exact`, ring arithmetic on numpy arrays)."""
+    from dataclasses import replace
+
+    from perturb.numeric.resummation import open_network
+    from perturb.symbolic.resummed import epoch_time_sum_exact
+
+    derivs = pop.derivatives(torch.as_tensor(theta0, dtype=torch.float64), max(order, 2))
+    hess = derivs[2].mean(0)
+    evals, evecs = (a.numpy() for a in torch.linalg.eigh(hess))
+    rotated = {}
+    for k, tensor in derivs.items():
+        out = tensor.numpy()
+        for axis in range(1, out.ndim):
+            out = np.moveaxis(np.tensordot(out, evecs, axes=([axis], [0])), -1, axis)
+        rotated[k] = out
+    x = 1 - lr * evals
+    steps = int(schedule.steps)
+    total = [0.0] * (order + 1)
+    for term in resummed_terms(order, schedule, quantity):
+        d = term.diagram.edges
+        network = open_network(term, rotated)
+        if not d:
+            total[0] += float(term.prefactor) * network
+            continue
+        xs = [x.reshape((-1,) + (1,) * (d - 1 - i)) for i in range(d)]
+        groups = tuple(replace(g, weight=float(g.weight)) for g in term.orders.groups)
+        weights = epoch_time_sum_exact(replace(term.orders, groups=groups), xs, steps)
+        if term.open_root:
+            letters = "abcdefgh"[:d]
+            value = evecs @ np.einsum(f"{letters},{letters}->a", network, weights)
+        else:
+            value = float((network * weights).sum())
+        total[d] = total[d] + float(term.prefactor) * lr**d * value
+    return total
+
+
+@pytest.mark.filterwarnings("ignore:re-summed prediction along unstable directions")
+@pytest.mark.parametrize("shuffle", [False, True], ids=["fixed", "shuffled"])
+@pytest.mark.parametrize("quantity", ["test", "train", "displacement"])
+@pytest.mark.parametrize("order", [2, 3])
+def test_epochs_prediction_is_the_symbolic_sum(order, quantity, shuffle):
+    """predict(Epochs(...), resummed=True) on a tanh net (J, S, per-sample Hessians) is
+    the symbolic layer's exact sum evaluated at the same numbers, order by order."""
+    pop, theta = tanh_net(0)
+    schedule = perturb.Epochs(train_size=6, batch_size=2, epochs=4, shuffle=shuffle)
+    pred = perturb.predict(
+        pop, theta, schedule, lr=0.05, order=order, quantity=quantity, resummed=True
+    )
+    expected = _symbolic_sum_at_numbers(pop, theta, schedule, quantity, order, 0.05)
+    for got, want in zip(pred.by_order, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["fixed", "shuffled"])
+def test_epochs_long_runs_cost_no_more_than_short_ones(shuffle):
+    import time
+
+    _hess, xs, theta0, loss_fn = linear_gaussian(3, 6, 0)
+    pop = perturb.Population(loss_fn, xs)
+    times = []
+    for n, e in ((10, 10), (100, 1000)):  # T = 10² and 10⁵
+        schedule = perturb.Epochs(train_size=n, batch_size=1, epochs=e, shuffle=shuffle)
+        start = time.perf_counter()
+        value = perturb.predict(pop, theta0, schedule, lr=0.1, order=3, resummed=True).total
+        times.append(time.perf_counter() - start)
+        assert np.isfinite(value)
+    assert times[1] < 3 * times[0] + 0.5  # log M + log E matrix products, no loop over steps
+
+
+def test_epochs_integral_form_is_refused():
+    _hess, xs, theta0, loss_fn = linear_gaussian(2, 3, 0)
+    pop = perturb.Population(loss_fn, xs)
+    schedule = perturb.Epochs(train_size=4, batch_size=2, epochs=3)
+    with pytest.raises(ValueError, match="integral form is implemented for online SGD"):
+        perturb.predict(pop, theta0, schedule, lr=0.1, order=2, resummed=True, integral=True)

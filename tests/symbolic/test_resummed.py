@@ -71,8 +71,10 @@ def test_eta_expansion_reproduces_unresummed_coefficients(schedule, quantity):
 
 
 def test_bad_schedules():
-    with pytest.raises(ValueError, match="re-summation supports online SGD"):
-        resummed_terms(2, perturb.Epochs(train_size=4, batch_size=2, epochs=2))
+    for shuffle in (False, True):  # several epochs of several batches are re-summed now
+        assert resummed_terms(
+            2, perturb.Epochs(train_size=4, batch_size=2, epochs=2, shuffle=shuffle)
+        )
     with pytest.raises(ValueError, match="quantity must be one of"):
         resummed_terms(2, perturb.Online(), "gap")
     with pytest.raises(TypeError, match="schedule must be a Schedule"):

@@ -22,7 +22,13 @@ and the predictors are
   positive definite and ``ηh_i < 2`` (near a minimum), and is reported as ``nan``
   otherwise, e.g. at a random initialization where ``H`` has negative eigenvalues.
 
-Each prediction's error is given in units of the interval's half-width.
+Each prediction's error is given in units of the interval's half-width; a prediction
+that blew up (not finite, or far outside what the loss can be,
+:func:`perturb.experiments.pipeline.is_unstable`) is shown as ``unstable``.  The runs
+start at the model's seeded initialization, or at a checkpoint, optionally after
+full-batch gradient descent on the population (``checkpoint``, ``pretrain``).  The
+theories on the quadratic model need the materialized Hessian and are skipped, with a
+note, for models over ``max_hessian_parameters``.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from perturb.checks import check_int, check_ints, check_lrs, check_orders
 from perturb.experiments.baselines import (
@@ -46,17 +53,19 @@ from perturb.experiments.baselines import (
     stationary_excess_loss,
 )
 from perturb.experiments.pipeline import (
-    build,
-    ci_error,
+    DEFAULT_PRETRAIN_LR,
+    Quadratic,
+    Start,
     curve_intervals,
     json_ready,
     load_population,
     measure_at_start,
+    prediction_entry,
     quadratic_model,
-    record_every,
     resummed_prediction,
     run_trials,
     series_predictions,
+    start_point,
     timed,
 )
 from perturb.symbolic.schedules import Online
@@ -68,6 +77,8 @@ DEFAULT_BATCH_SIZES = (1, 4)
 DEFAULT_STEPS = (25, 50, 100)
 GRADIENT_FLOW = "gradient flow"
 """The gradient-flow predictor's name: the ODE ``dθ/dt = −∇l`` on the quadratic model."""
+QUADRATIC = (GRADIENT_FLOW, "SDE", "Lyapunov", "stationary")
+"""The theories on the quadratic model at ``θ_0`` (they need the materialized Hessian)."""
 
 
 @dataclass
@@ -75,13 +86,15 @@ class Comparison:
     """The outcome of :func:`compare`.
 
     Attributes:
-        config: the settings of the run.
+        config: the settings of the run (``start``: the loss ``l(θ_0)``, gradient norm
+            ``‖G‖``, checkpoint and pretraining of the start).
         predictors: names of the predictors, in table order.
         rows: one record per ``(η, B, T)``: ``lr``, ``batch_size``, ``steps``, ``eta_t``,
             ``actual`` (SGD mean), ``ci_half`` (95% half-width), ``trials`` (finite
-            trials), ``divergent``, and ``predictions[name] = {"value", "error_ci"}``
-            with ``error_ci = (value − actual)/ci_half``.
-        notes: why a predictor is ``nan`` where it is.
+            trials), ``divergent``, and ``predictions[name] = {"value", "error_ci",
+            "unstable"}`` with ``error_ci = (value − actual)/ci_half`` and ``unstable``
+            whether the value blew up (shown as ``unstable``).
+        notes: why a predictor is ``nan`` where it is, or not available at all.
         timings: seconds spent measuring, simulating and predicting.
     """
 
@@ -96,15 +109,14 @@ class Comparison:
         head = f"{'η':>7} {'B':>3} {'T':>5} {'ηT':>6} {'SGD mean ± 95% CI':>21} " + " ".join(
             f"{n:>17}" for n in self.predictors
         )
-        lines = [head, "-" * len(head)]
+        start = Start(**self.config["start"]) if "start" in self.config else None
+        lines = [] if start is None or start.is_default else [start.describe()]
+        lines += [head, "-" * len(head)]
         for r in self.rows:
             actual = "divergent" if r["divergent"] else f"{r['actual']:.5f} ± {r['ci_half']:.5f}"
-            cells = []
-            for n in self.predictors:
-                v, e = r["predictions"][n]["value"], r["predictions"][n]["error_ci"]
-                cells.append(f"{v:9.5f} ({e:+6.1f})" if math.isfinite(v) else f"{'n/a':>17}")
+            cells = [_cell(r["predictions"][n]) for n in self.predictors]
             lines.append(
-                f"{r['lr']:7.4f} {r['batch_size']:3d} {r['steps']:5d} {r['eta_t']:6.3f} "
+                f"{r['lr']:7.4f} {r['batch_size']:3d} {r['steps']:5d} {_eta_t(r['eta_t'])} "
                 f"{actual:>21} " + " ".join(cells)
             )
         lines += ["", "(error) = (prediction − SGD mean) / CI half-width; |error| > 1: outside."]
@@ -129,12 +141,16 @@ class Comparison:
         buf = io.StringIO()
         writer = csv.writer(buf)
         base = ["lr", "batch_size", "steps", "eta_t", "actual", "ci_half", "trials", "divergent"]
-        writer.writerow(base + list(self.predictors) + [f"{n} error_ci" for n in self.predictors])
+        names = list(self.predictors)
+        writer.writerow(
+            base + names + [f"{n} error_ci" for n in names] + [f"{n} unstable" for n in names]
+        )
         for r in self.rows:
             writer.writerow(
                 [r[k] for k in base]
-                + [r["predictions"][n]["value"] for n in self.predictors]
-                + [r["predictions"][n]["error_ci"] for n in self.predictors]
+                + [r["predictions"][n]["value"] for n in names]
+                + [r["predictions"][n]["error_ci"] for n in names]
+                + [r["predictions"][n]["unstable"] for n in names]
             )
         return buf.getvalue()
 
@@ -175,7 +191,12 @@ class Comparison:
                 for k, n in enumerate(self.predictors):
                     ax.plot(
                         t,
-                        [r["predictions"][n]["value"] for r in rows],
+                        [
+                            math.nan
+                            if r["predictions"][n]["unstable"]
+                            else r["predictions"][n]["value"]
+                            for r in rows
+                        ],
                         "-",
                         marker=".",
                         color=colors[k % len(colors)],
@@ -195,6 +216,20 @@ class Comparison:
         return paths
 
 
+def _eta_t(value: float) -> str:
+    """``ηt`` in six characters: three decimals below 100, one up to 10⁴."""
+    return f"{value:6.3f}" if value < 99.9995 else f"{value:6.1f}"
+
+
+def _cell(entry: dict[str, Any]) -> str:
+    """A table cell: the value and its error, ``unstable``, or ``n/a`` (see the notes)."""
+    if entry["unstable"]:
+        return f"{'unstable':>17}"
+    if not math.isfinite(entry["value"]):
+        return f"{'n/a':>17}"
+    return f"{entry['value']:9.5f} ({entry['error_ci']:+6.1f})"
+
+
 def compare(
     *,
     dataset: str = "digits",
@@ -208,10 +243,14 @@ def compare(
     resummed: bool = True,
     seed: int = 0,
     population: int = 256,
+    checkpoint: str | Path | None = None,
+    pretrain: int = 0,
+    pretrain_lr: float = DEFAULT_PRETRAIN_LR,
     device: str = "cpu",
     out: str | Path | None = None,
     progress: bool = False,
     max_resummed_parameters: int = 4000,
+    max_hessian_parameters: int = 4000,
 ) -> Comparison:
     """Run SGD on a grid of ``(η, B, T)`` and put every theory's prediction beside it.
 
@@ -223,9 +262,9 @@ def compare(
     module docstring for the predictors.
 
     Args:
-        dataset: ``"digits"`` (built in), ``"fashion-mnist"``, ``"cifar10"`` or
-            ``"npz:PATH"``.
-        data_dir: folder with the dataset's files (not needed for digits).
+        dataset: ``"digits"`` (built in), ``"mnist1d"`` (generated offline),
+            ``"fashion-mnist"``, ``"cifar10"`` or ``"npz:PATH"``.
+        data_dir: folder with the dataset's files (not needed for digits, mnist1d).
         model: ``"smooth-convnet"``, ``"mlp"``, ``"pkg.module:factory"``, or a network
             (an ``nn.Module`` taking the dataset's inputs, moved to ``device``).
         lrs: learning rates ``η``.
@@ -237,16 +276,26 @@ def compare(
             at most ``max_resummed_parameters`` parameters).
         seed: seed of the initialization, the population subset and the trials.
         population: number of images in the population.
+        checkpoint: start from this weights-only ``state_dict`` of ``model`` instead
+            of its seeded initialization.
+        pretrain: first take this many steps of full-batch gradient descent on the
+            population (deterministic); every run starts where it ends.
+        pretrain_lr: their learning rate.
         device: ``"cpu"`` or ``"cuda"``.
         out: folder for ``compare.json``, ``compare.csv`` and ``compare.png``.
         progress: show progress bars.
         max_resummed_parameters: largest model for the re-summed predictor.
+        max_hessian_parameters: largest model for the theories on the quadratic model
+            (gradient flow, SDE, Lyapunov, stationary), which materialize ``H``.
 
     Returns:
         A :class:`Comparison`.
 
     Raises:
-        ValueError: on an empty or malformed grid, ``trials < 2`` or orders outside 0..4.
+        ValueError: on an empty or malformed grid, ``trials < 2``, orders outside 0..4,
+            or pretraining that diverged.
+        FileNotFoundError: a ``checkpoint`` that does not exist.
+        perturb.errors.ModelSpecError: a checkpoint that is no state dict of ``model``.
 
     Example:
         >>> from perturb.experiments.models import mlp
@@ -280,8 +329,19 @@ def compare(
     }
     timings: dict[str, float] = {}
     data = load_population(dataset, data_dir=data_dir, population=population, seed=seed)
-    setup = build(model, data, seed=seed, device=device)
-    config["parameters"] = setup.parameters
+    with timed(timings, "start_s"):
+        setup, start = start_point(
+            model,
+            data,
+            seed=seed,
+            device=device,
+            checkpoint=checkpoint,
+            pretrain_steps=pretrain,
+            pretrain_lr=pretrain_lr,
+            progress=progress,
+        )
+    config["start"] = start.to_dict()
+    config["parameters"] = p = setup.parameters
     schedules = {(b, s): Online(steps=s, batch_size=b) for b in batch_sizes for s in steps}
 
     top = max(orders)
@@ -298,7 +358,7 @@ def compare(
                 lrs=lrs,
                 trials=trials,
                 seed=seed + 1000 * i,
-                every=record_every(steps),
+                record=steps,
                 device=device,
                 progress=progress,
             )
@@ -306,49 +366,55 @@ def compare(
         }
 
     with timed(timings, "predict_s"):
-        quad = quadratic_model(setup)
-        do_resum = resummed and setup.parameters <= max_resummed_parameters
-        predictors = [f"order {d}" for d in orders] + (["resummed 2"] if do_resum else [])
-        predictors += [GRADIENT_FLOW, "SDE", "Lyapunov", "stationary"]
-        result = Comparison(config=config, predictors=predictors, timings=timings)
-        eig = quad.model.eig[0]
-        h_min, h_max = float(eig.min()), float(eig.max())
-        if h_min <= 0:
-            result.notes["stationary"] = (
-                f"n/a: H at θ_0 is not positive definite (smallest eigenvalue {h_min:.3g}), "
-                "θ_0 is not near a minimum"
+        notes: dict[str, str] = {}
+        quadratic = p <= max_hessian_parameters
+        do_resum = resummed and quadratic and p <= max_resummed_parameters
+        if not quadratic:
+            why = f"needs the materialized Hessian: {p} parameters > max_hessian_parameters"
+            for name in (["resummed 2"] if resummed else []) + list(QUADRATIC):
+                notes[name] = f"not available ({why} = {max_hessian_parameters})"
+        elif resummed and not do_resum:
+            notes["resummed 2"] = (
+                f"not available ({p} parameters > max_resummed_parameters = "
+                f"{max_resummed_parameters})"
             )
-        for b in batch_sizes:
+        quad = quadratic_model(setup, progress=progress) if quadratic else None
+        predictors = [f"order {d}" for d in orders] + (["resummed 2"] if do_resum else [])
+        predictors += list(QUADRATIC) if quadratic else []
+        result = Comparison(config=config, predictors=predictors, notes=notes, timings=timings)
+        h_min, h_max = _spectrum(quad, result.notes)
+        grid = [(b, s) for b in batch_sizes for s in steps]
+        for b, s in tqdm(grid, desc="predict", unit="(B, T)", disable=not progress):
             means, halves, column = curve_intervals(runs[b])
-            for s in steps:
-                sched = schedules[(b, s)]
-                columns = series_predictions(stats, sched, lrs, orders=orders)
-                if do_resum:
-                    columns["resummed 2"] = resummed_prediction(quad, sched, lrs)
-                for li, lr in enumerate(lrs):
-                    values = {name: float(v[li]) for name, v in columns.items()}
+            sched = schedules[(b, s)]
+            columns = series_predictions(stats, sched, lrs, orders=orders)
+            if do_resum:
+                columns["resummed 2"] = resummed_prediction(quad, sched, lrs)
+            for li, lr in enumerate(lrs):
+                values = {name: float(v[li]) for name, v in columns.items()}
+                if quad is not None:
                     values.update(_baselines(quad.model, lr=lr, steps=s, batch_size=b))
                     values["stationary"] = _stationary(
                         quad.model, lr=lr, batch_size=b, h_min=h_min, h_max=h_max
                     )
-                    mean, half = float(means[li, column[s]]), float(halves[li, column[s]])
-                    result.rows.append(
-                        {
-                            "lr": float(lr),
-                            "batch_size": int(b),
-                            "steps": int(s),
-                            "eta_t": float(lr * s),
-                            "actual": mean,
-                            "ci_half": half,
-                            "trials": int(runs[b].finite[li]),
-                            "divergent": bool(runs[b].is_divergent[li]),
-                            "predictions": {
-                                name: {"value": v, "error_ci": ci_error(v, mean, half)}
-                                for name, v in values.items()
-                            },
-                        }
-                    )
-        if math.isfinite(h_min) and h_min > 0:
+                mean, half = float(means[li, column[s]]), float(halves[li, column[s]])
+                result.rows.append(
+                    {
+                        "lr": float(lr),
+                        "batch_size": int(b),
+                        "steps": int(s),
+                        "eta_t": float(lr * s),
+                        "actual": mean,
+                        "ci_half": half,
+                        "trials": int(runs[b].finite[li]),
+                        "divergent": bool(runs[b].is_divergent[li]),
+                        "predictions": {
+                            name: _entry(name, v, mean, half, start.loss)
+                            for name, v in values.items()
+                        },
+                    }
+                )
+        if quad is not None and math.isfinite(h_min) and h_min > 0:
             bad = [lr for lr in lrs if lr * h_max >= 2]
             if bad:
                 result.notes["stationary"] = f"n/a at η = {bad}: ηh_max ≥ 2, no stationary law"
@@ -356,6 +422,27 @@ def compare(
     if out is not None:
         result.write(out)
     return result
+
+
+def _spectrum(quad: Quadratic | None, notes: dict[str, str]) -> tuple[float, float]:
+    """The extreme eigenvalues of ``H`` (``nan`` without it); notes a ``H`` not positive."""
+    if quad is None:
+        return math.nan, math.nan
+    eig = quad.model.eig[0]
+    h_min, h_max = float(eig.min()), float(eig.max())
+    if h_min <= 0:
+        notes["stationary"] = (
+            f"n/a: H at θ_0 is not positive definite (smallest eigenvalue {h_min:.3g}), "
+            "θ_0 is not near a minimum"
+        )
+    return h_min, h_max
+
+
+def _entry(name: str, value: float, mean: float, half: float, start_loss: float) -> dict:
+    """A prediction entry; ``stationary``'s ``nan`` means no stationary law, not a blow-up."""
+    if name == "stationary" and math.isnan(value):
+        return {"value": value, "error_ci": math.nan, "unstable": False}
+    return prediction_entry(value, mean, half, start_loss=start_loss)
 
 
 def _baselines(quad: QuadraticModel, *, lr: float, steps: int, batch_size: int) -> dict:

@@ -3,9 +3,13 @@
 :func:`perturb.validate` and :func:`perturb.compare` run the same pipeline, written
 once here:
 
-1. :func:`load_population`: a fixed set of ``n`` labelled images, SGD's population
-   (samples are drawn from it uniformly with replacement; the test loss is its mean);
-2. :func:`build`: the network at its initialization ``θ_0`` and its per-sample loss;
+1. :func:`load_population`: a fixed set of ``n`` labelled inputs (images ``(C, H, W)``
+   or sequences ``(C, L)``), SGD's population (samples are drawn from it uniformly with
+   replacement; the test loss is its mean);
+2. :func:`start_point`: the network and its per-sample loss at the start ``θ_0`` of
+   every run: its seeded initialization or a checkpoint (:func:`build`), optionally
+   after full-batch gradient descent on the population (:func:`pretrain`), with the
+   loss and gradient norm there (:class:`Start`);
 3. :func:`measure_at_start`: the diagram values at ``θ_0``, exact over the population;
 4. :func:`run_trials`: ``K`` vectorized SGD runs per learning rate, with
    :func:`curve_intervals` for the mean and 95% t-interval at each recorded step;
@@ -16,8 +20,10 @@ once here:
 
 Schedules come from the command line's options through
 :func:`perturb.symbolic.options.make_schedule` (:func:`experiment_schedule`), and a
-run of ``T`` steps is recorded at :func:`recorded_steps`, each a run of the schedule
-:func:`cut` there.
+run of ``T`` steps is recorded at :func:`recorded_steps` (evenly spaced, or on a log
+grid for long runs), each a run of the schedule :func:`cut` there.  A prediction far
+outside what a loss can be (:func:`is_unstable`) is reported as unstable, never as a
+number (:func:`prediction_entry`).
 
 Example:
     >>> data = load_population("digits", population=16, seed=0)
@@ -40,14 +46,16 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from perturb.checks import check_int
+from perturb.checks import check_int, check_positive
 from perturb.experiments.baselines import QuadraticModel, mean_hessian, per_sample_derivatives
 from perturb.experiments.data import Dataset, load_dataset
-from perturb.experiments.models import build_model
+from perturb.experiments.models import build_model, load_checkpoint
 from perturb.experiments.simulation import Trials, model_loss, simulate
 from perturb.numeric.intervals import t_half_width
 from perturb.numeric.measuring import Statistics, measure
+from perturb.numeric.predictions import growth
 from perturb.numeric.resummation import resummed_values
 from perturb.symbolic.options import make_schedule
 from perturb.symbolic.resummed import resummed_terms
@@ -55,27 +63,39 @@ from perturb.symbolic.schedules import GD, Epochs, Online, Schedule
 from perturb.symbolic.series import series
 
 __all__ = [
+    "DEFAULT_PRETRAIN_LR",
     "Quadratic",
     "Setup",
+    "Start",
     "build",
     "ci_error",
     "curve_intervals",
     "cut",
     "experiment_schedule",
+    "is_unstable",
     "json_ready",
     "load_population",
     "measure_at_start",
     "noiseless_prediction",
     "per_sample_hessians",
     "per_sample_orders",
+    "prediction_entry",
+    "pretrain",
     "quadratic_model",
     "record_every",
     "recorded_steps",
     "resummed_prediction",
     "run_trials",
     "series_predictions",
+    "start_point",
     "timed",
+    "unstable_growth",
 ]
+
+DEFAULT_PRETRAIN_LR = 1.0
+"""Learning rate of :func:`pretrain`: 200 steps take the digits convnet from 2.392 to 0.558."""
+UNSTABLE_FACTOR = 10.0
+"""A loss prediction is unstable beyond ``UNSTABLE_FACTOR·l(θ_0)`` outside ``[0, 10·l(θ_0)]``."""
 
 # the sizes an experiment fills in when they are not given (only where they apply)
 _DEFAULTS = {"online": {"steps": 100, "batch_size": 1}, "epochs": {"batch_size": 1, "epochs": 1}}
@@ -125,22 +145,30 @@ def experiment_schedule(
     return schedule
 
 
-def recorded_steps(schedule: Schedule, records: int) -> list[int]:
-    """``records`` steps evenly spaced up to ``T`` (for epochs: ends of epochs), ascending.
+def recorded_steps(schedule: Schedule, records: int, *, log: bool = False) -> list[int]:
+    """``records`` steps up to ``T`` (for epochs: ends of epochs), ascending.
+
+    Evenly spaced, or with ``log`` geometrically spaced from 1 to ``T`` (rounded; steps
+    that round alike are kept once, so there may be fewer than ``records``).
 
     Example:
         >>> recorded_steps(Online(steps=100, batch_size=1), 5)
         [20, 40, 60, 80, 100]
+        >>> recorded_steps(Online(steps=1000, batch_size=1), 5, log=True)
+        [1, 6, 32, 178, 1000]
         >>> recorded_steps(Epochs(train_size=4, batch_size=2, epochs=3), 2)
         [4, 6]
     """
     records = check_int("records", records, minimum=1)
-    if schedule.name == "epochs":
-        m, e = int(schedule.batches), int(schedule.epochs)
-        ends = sorted({max(1, round(e * (i + 1) / records)) for i in range(records)})
-        return [k * m for k in ends]
-    t = int(schedule.steps)
-    return sorted({max(1, round(t * (i + 1) / records)) for i in range(records)})
+    epochs = schedule.name == "epochs"
+    last, unit = (
+        (int(schedule.epochs), int(schedule.batches)) if epochs else (int(schedule.steps), 1)
+    )
+    if log:
+        grid = [last ** (i / (records - 1)) for i in range(records)] if records > 1 else [last]
+    else:
+        grid = [last * (i + 1) / records for i in range(records)]
+    return [k * unit for k in sorted({max(1, round(v)) for v in grid})]
 
 
 def cut(schedule: Schedule, steps: int) -> Schedule:
@@ -222,20 +250,184 @@ def load_population(
     return data.population(population, seed=seed)  # warns if population > len(data)
 
 
-def build(model: str | nn.Module, data: Dataset, *, seed: int, device: str = "cpu") -> Setup:
+def build(
+    model: str | nn.Module,
+    data: Dataset,
+    *,
+    seed: int,
+    device: str = "cpu",
+    checkpoint: str | Path | None = None,
+) -> Setup:
     """The network (a spec for :func:`~perturb.experiments.models.build_model`, or a module).
+
+    Args:
+        model: a model spec, initialized with ``seed``, or a module (a module given with
+            a ``checkpoint`` is copied, not changed).
+        data: the population.
+        seed: the seed of the initialization.
+        device: where the network and the data go.
+        checkpoint: a weights-only ``state_dict`` file for the network
+            (:func:`~perturb.experiments.models.load_checkpoint`), or ``None``.
+
+    Raises:
+        FileNotFoundError: a ``checkpoint`` that does not exist.
+        perturb.errors.ModelSpecError: a checkpoint that is no state dict of this network.
 
     Example:
         >>> build("mlp", load_population("digits", population=4, seed=0), seed=0).parameters
         2410
     """
-    net = (
-        build_model(model, data.input_shape, data.num_classes, seed=seed)
-        if isinstance(model, str)
-        else model
-    ).to(device)
+    if isinstance(model, str):
+        net = build_model(model, data.input_shape, data.num_classes, seed=seed)
+    else:
+        net = copy.deepcopy(model) if checkpoint is not None else model
+    if checkpoint is not None:
+        load_checkpoint(net, checkpoint)
+    net = net.to(device)
     loss_fn, theta0 = model_loss(net)
     return Setup(data, net, data.x.to(device), data.y.to(device), loss_fn, theta0)
+
+
+def _loss_and_gradient(setup: Setup, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The population's mean loss and its gradient at ``theta``, in chunks of rows."""
+    n, chunk = int(setup.x.shape[0]), 2048
+    total = torch.zeros((), dtype=theta.dtype, device=theta.device)
+    grad = torch.zeros_like(theta)
+
+    def summed(th: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return setup.loss_fn(th, x, y).sum()
+
+    for a in range(0, n, chunk):
+        x, y = setup.x[a : a + chunk], setup.y[a : a + chunk]
+        g, value = torch.func.grad_and_value(summed)(theta, x, y)
+        total, grad = total + value, grad + g
+    return total / n, grad / n
+
+
+def pretrain(setup: Setup, *, steps: int, lr: float, progress: bool = False) -> Setup:
+    """``steps`` steps of full-batch gradient descent on the population, from ``θ_0``.
+
+    Deterministic: ``θ ← θ − lr·∇L(θ)`` with ``L`` the population's mean loss, in the
+    network's dtype.  The network is copied; the returned setup starts where GD ended.
+
+    Raises:
+        ValueError: a bad ``steps`` or ``lr``, or pretraining that diverged: a loss or
+            parameter that became non-finite, or a loss above 10 times the first
+            (the message says at which step: lower ``lr``).
+
+    Example:
+        >>> setup = build("mlp", load_population("digits", population=16, seed=0), seed=0)
+        >>> after = pretrain(setup, steps=20, lr=1.0)
+        >>> float(after.loss_fn(after.theta0, after.x, after.y).mean()) < float(
+        ...     setup.loss_fn(setup.theta0, setup.x, setup.y).mean())
+        True
+    """
+    steps = check_int("pretrain steps", steps, minimum=0)
+    lr = check_positive("pretrain lr", lr)
+    theta = setup.theta0.detach().clone()
+    limit = math.inf
+    for k in tqdm(range(steps), desc="pretrain", unit="step", disable=not progress):
+        loss, grad = _loss_and_gradient(setup, theta)
+        limit = 10 * abs(float(loss)) if k == 0 else limit
+        theta = theta - lr * grad
+        if not (torch.isfinite(theta).all() and float(loss) <= limit):
+            raise ValueError(
+                f"pretraining diverged at step {k + 1} of {steps} (lr {lr:g}): the loss "
+                f"is {float(loss):.4g}, or a parameter is not finite; lower the pretrain lr"
+            )
+    net = copy.deepcopy(setup.net)
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(theta, net.parameters())
+    loss_fn, theta0 = model_loss(net)
+    return Setup(setup.data, net, setup.x, setup.y, loss_fn, theta0)
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where every run starts: the loss ``l(θ_0)`` and gradient norm ``‖G‖`` there, and how.
+
+    Attributes:
+        loss: ``l(θ_0)``, the population's mean loss at ``θ_0``.
+        grad_norm: ``‖G‖``, the norm of its gradient.
+        checkpoint: the checkpoint file loaded, or ``None`` (the seeded initialization).
+        pretrain_steps: steps of full-batch GD taken from there (0: none).
+        pretrain_lr: their learning rate (``None`` without pretraining).
+
+    Example:
+        >>> start = Start(loss=2.3, grad_norm=0.05, pretrain_steps=10, pretrain_lr=1.0)
+        >>> start.describe()[:40]
+        'start: l(θ0) = 2.30000, ‖G‖ = 0.050000 ('
+        >>> start.describe()[40:]
+        'seeded initialization, then 10 steps of full-batch GD at lr 1)'
+    """
+
+    loss: float
+    grad_norm: float
+    checkpoint: str | None = None
+    pretrain_steps: int = 0
+    pretrain_lr: float | None = None
+
+    @property
+    def is_default(self) -> bool:
+        """Whether the start is the seeded initialization itself."""
+        return self.checkpoint is None and self.pretrain_steps == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict (``config["start"]`` of the results)."""
+        return {
+            "loss": self.loss,
+            "grad_norm": self.grad_norm,
+            "checkpoint": self.checkpoint,
+            "pretrain_steps": self.pretrain_steps,
+            "pretrain_lr": self.pretrain_lr,
+        }
+
+    def describe(self) -> str:
+        """One line for the tables' header."""
+        where = "seeded initialization" if self.checkpoint is None else self.checkpoint
+        if self.pretrain_steps:
+            where += (
+                f", then {self.pretrain_steps} steps of full-batch GD at lr {self.pretrain_lr:g}"
+            )
+        return f"start: l(θ0) = {self.loss:.5f}, ‖G‖ = {self.grad_norm:.6f} ({where})"
+
+
+def start_point(
+    model: str | nn.Module,
+    data: Dataset,
+    *,
+    seed: int,
+    device: str = "cpu",
+    checkpoint: str | Path | None = None,
+    pretrain_steps: int = 0,
+    pretrain_lr: float = DEFAULT_PRETRAIN_LR,
+    progress: bool = False,
+) -> tuple[Setup, Start]:
+    """The network at the start ``θ_0`` of every run, and the loss and gradient there.
+
+    ``θ_0`` is the seeded initialization, or ``checkpoint``'s weights, followed by
+    ``pretrain_steps`` steps of :func:`pretrain` at ``pretrain_lr``.
+
+    Example:
+        >>> data = load_population("digits", population=16, seed=0)
+        >>> setup, start = start_point("mlp", data, seed=0, pretrain_steps=5)
+        >>> start.pretrain_steps, start.loss < 2.4, setup.parameters
+        (5, True, 2410)
+    """
+    pretrain_steps = check_int("pretrain steps", pretrain_steps, minimum=0)
+    pretrain_lr = check_positive("pretrain lr", pretrain_lr)
+    setup = build(model, data, seed=seed, device=device, checkpoint=checkpoint)
+    if pretrain_steps:
+        setup = pretrain(setup, steps=pretrain_steps, lr=pretrain_lr, progress=progress)
+    loss, grad = _loss_and_gradient(setup, setup.theta0)
+    start = Start(
+        loss=float(loss),
+        grad_norm=float(torch.linalg.vector_norm(grad)),
+        checkpoint=None if checkpoint is None else str(checkpoint),
+        pretrain_steps=pretrain_steps,
+        pretrain_lr=pretrain_lr if pretrain_steps else None,
+    )
+    return setup, start
 
 
 def measure_at_start(
@@ -268,18 +460,24 @@ def run_trials(
     lrs: Sequence[float],
     trials: int,
     seed: int,
-    every: int,
+    record: int | Sequence[int],
     device: str = "cpu",
     progress: bool = False,
 ) -> Trials:
-    """``trials`` SGD runs of ``schedule`` from ``θ_0`` per learning rate, recorded ``every``.
+    """``trials`` SGD runs of ``schedule`` from ``θ_0`` per learning rate.
+
+    The test loss is recorded every ``record`` steps, or at the steps ``record`` lists
+    (and at 0 and ``T``).
 
     Example:
         >>> setup = build("mlp", load_population("digits", population=4, seed=0), seed=0)
         >>> run = run_trials(setup, Online(steps=2, batch_size=1), lrs=[0.1], trials=3,
-        ...                  seed=0, every=1)
+        ...                  seed=0, record=1)
         >>> run.steps
         (0, 1, 2)
+        >>> run_trials(setup, Online(steps=9, batch_size=1), lrs=[0.1], trials=2, seed=0,
+        ...            record=[1, 3]).steps
+        (0, 1, 3, 9)
     """
     return simulate(
         setup.loss_fn,
@@ -289,7 +487,7 @@ def run_trials(
         lr=list(lrs),
         trials=trials,
         seed=seed,
-        record_every=every,
+        record_every=record if isinstance(record, int) else list(record),
         device=device,
         dtype=torch.float32,
         progress=progress,
@@ -394,10 +592,11 @@ class Quadratic:
     model: QuadraticModel
 
 
-def quadratic_model(setup: Setup) -> Quadratic:
+def quadratic_model(setup: Setup, *, progress: bool = False) -> Quadratic:
     """Per-sample derivatives, the mean Hessian and the quadratic model at ``θ_0``.
 
-    Materializes ``H`` (``P`` Hessian-vector products, ``P²`` numbers), on the CPU.
+    Materializes ``H`` (``P`` Hessian-vector products, ``P²`` numbers), on the CPU, and
+    eigendecomposes it; ``progress`` shows the three stages as a bar.
 
     Example:
         >>> from perturb.experiments.models import mlp
@@ -411,9 +610,16 @@ def quadratic_model(setup: Setup) -> Quadratic:
         loss_fn, theta0 = model_loss(copy.deepcopy(setup.net).cpu())
         x, y = x.cpu(), y.cpu()
     theta64, x64 = theta0.detach().to(torch.float64), x.to(torch.float64)
-    derivs = per_sample_derivatives(loss_fn, theta64, x64, y)
-    hess = mean_hessian(loss_fn, theta0.detach().float(), x.float(), y).to(torch.float64)
-    model = QuadraticModel.from_derivatives(derivs, hess)
+    with tqdm(total=3, desc="hessian", unit="stage", disable=not progress) as bar:
+        bar.set_postfix_str("per-sample gradients")
+        derivs = per_sample_derivatives(loss_fn, theta64, x64, y)
+        bar.update()
+        bar.set_postfix_str(f"H ({theta0.numel()} HVPs)")
+        hess = mean_hessian(loss_fn, theta0.detach().float(), x.float(), y).to(torch.float64)
+        bar.update()
+        bar.set_postfix_str("eigendecomposition")
+        model = QuadraticModel.from_derivatives(derivs, hess)
+        bar.update()
     return Quadratic(loss_fn, theta64, x64, y, derivs, hess, model)
 
 
@@ -431,25 +637,34 @@ def resummed_prediction(
         (1,)
     """
     terms = resummed_terms(2, schedule) if terms is None else terms
-    steps = int(schedule.steps)
-    return np.array(
-        [
-            float(
-                sum(
-                    resummed_values(
-                        terms,
-                        quad.derivs,
-                        lr=lr,
-                        steps=steps,
-                        schedule=schedule,
-                        means={2: quad.hess},
-                        eigh=quad.model.eig,
-                    )
-                )
-            )
-            for lr in lrs
-        ]
+    values = resummed_values(
+        terms,
+        quad.derivs,
+        lr=[float(lr) for lr in lrs],
+        steps=int(schedule.steps),
+        schedule=schedule,
+        means={2: quad.hess},
+        eigh=quad.model.eig,
+        warn=False,
     )
+    return np.asarray(sum(values), dtype=float).reshape(len(lrs))
+
+
+def unstable_growth(quad: Quadratic, lrs: Sequence[float], steps: int) -> float:
+    """How much ``K^T = (I − ηH)^T`` grows along unstable directions of ``H`` (``0`` if none).
+
+    The log of the largest growth factor over ``lrs`` (≈ ``ηT·|h_min|`` for a small negative
+    eigenvalue); above :data:`~perturb.numeric.predictions.UNSTABLE_GROWTH` the re-summed
+    values are not long-run predictions.
+
+    Example:
+        >>> from perturb.experiments.models import mlp
+        >>> setup = build(mlp((1, 8, 8), 10, hidden=()),
+        ...               load_population("digits", population=4, seed=0), seed=0)
+        >>> unstable_growth(quadratic_model(setup), [0.1], 10) >= 0.0
+        True
+    """
+    return growth(quad.model.eig[0], list(lrs), int(steps))
 
 
 def per_sample_orders(terms: list) -> set[int]:
@@ -496,6 +711,42 @@ def ci_error(value: float, mean: float, half: float) -> float:
         2.0
     """
     return (value - mean) / half if half > 0 else math.nan
+
+
+def is_unstable(value: float, start_loss: float) -> bool:
+    """Whether a predicted loss is absurd: not finite, or far outside ``[0, 10·l(θ_0)]``.
+
+    A cross-entropy loss is never negative, and SGD is flagged divergent above
+    ``10·l(θ_0)``; a prediction more than ``UNSTABLE_FACTOR·l(θ_0)`` beyond that band,
+    i.e. outside ``[−10·l(θ_0), 20·l(θ_0)]``, is a blow-up of the series, not a value.
+    Without a positive finite ``start_loss`` only non-finite values are unstable.
+
+    Example:
+        >>> [is_unstable(v, 2.0) for v in (1.5, -11.3, -25.0, 41.0, float("inf"))]
+        [False, False, True, True, True]
+    """
+    if not math.isfinite(value):
+        return True
+    if not (math.isfinite(start_loss) and start_loss > 0):
+        return False
+    margin = UNSTABLE_FACTOR * start_loss
+    return not -margin <= value <= 10 * start_loss + margin
+
+
+def prediction_entry(value: float, mean: float, half: float, *, start_loss: float) -> dict:
+    """A prediction as the results hold it: ``value``, ``error_ci`` and ``unstable``.
+
+    Example:
+        >>> prediction_entry(2.5, 2.0, 0.25, start_loss=2.3)
+        {'value': 2.5, 'error_ci': 2.0, 'unstable': False}
+        >>> prediction_entry(-1e6, 2.0, 0.25, start_loss=2.3)["unstable"]
+        True
+    """
+    return {
+        "value": value,
+        "error_ci": ci_error(value, mean, half),
+        "unstable": is_unstable(value, start_loss),
+    }
 
 
 def json_ready(value: Any) -> Any:

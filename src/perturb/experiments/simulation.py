@@ -360,7 +360,8 @@ _DOC_ARGS = """
         dtype: Floating dtype of parameters and inputs (default float64).
         progress: Show a progress bar.
         record_every: Also record the test loss every this many steps (steps
-            ``0, r, 2r, …`` and ``T``), for curves against ``T`` from one run.
+            ``0, r, 2r, …`` and ``T``), for curves against ``T`` from one run; or a
+            sequence of steps: exactly those (with ``0`` and ``T``), e.g. a log grid.
         diverge_above: Absolute cap: a trial diverges once a batch loss, a parameter,
             or a test or train loss is non-finite or exceeds this in absolute value
             (``None``: no cap, only non-finite values count).
@@ -396,7 +397,7 @@ def simulate(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float64,
     progress: bool = False,
-    record_every: int | None = None,
+    record_every: int | Sequence[int] | None = None,
     diverge_above: float | None = 1e8,
     diverge_factor: float | None = 10.0,
     distributed: bool = True,
@@ -461,7 +462,7 @@ def simulate_loop(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float64,
     progress: bool = False,
-    record_every: int | None = None,
+    record_every: int | Sequence[int] | None = None,
     diverge_above: float | None = 1e8,
     diverge_factor: float | None = 10.0,
 ) -> Trials:
@@ -526,7 +527,7 @@ def simulate_distributed(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float64,
     progress: bool = False,
-    record_every: int | None = None,
+    record_every: int | Sequence[int] | None = None,
     diverge_above: float | None = 1e8,
     diverge_factor: float | None = 10.0,
 ) -> Trials:

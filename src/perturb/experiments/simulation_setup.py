@@ -150,6 +150,25 @@ def _to(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tens
     return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device)
 
 
+def _record_at(record_every: object) -> int | tuple[int, ...]:
+    """``record_every`` checked: an interval ``r ≥ 1``, or the steps to record (``()``: none)."""
+    if record_every is None:
+        return ()
+    if isinstance(record_every, numbers.Integral) and not isinstance(record_every, bool):
+        if record_every >= 1:
+            return int(record_every)
+    elif isinstance(record_every, Sequence) and not isinstance(record_every, str):
+        steps = tuple(record_every)
+        if all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 1 for t in steps
+        ):
+            return tuple(int(t) for t in steps)
+    raise ValueError(
+        "record_every must be a positive integer, a sequence of positive steps or None, "
+        f"got {record_every!r}"
+    )
+
+
 @dataclass
 class Setup:
     """The checked arguments of one simulation, with the data on the compute device.
@@ -223,7 +242,7 @@ def make_setup(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float64,
     progress: bool = False,
-    record_every: int | None = None,
+    record_every: int | Sequence[int] | None = None,
     diverge_above: float | None = 1e8,
     diverge_factor: float | None = 10.0,
 ) -> Setup:
@@ -263,12 +282,7 @@ def make_setup(
         isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1
     ):
         raise ValueError(f"chunk must be a positive integer or None, got {chunk!r}")
-    if record_every is not None and (
-        isinstance(record_every, bool)
-        or not isinstance(record_every, numbers.Integral)
-        or record_every < 1
-    ):
-        raise ValueError(f"record_every must be a positive integer or None, got {record_every!r}")
+    at = _record_at(record_every)
     if diverge_above is not None and not (
         isinstance(diverge_above, numbers.Real)
         and not isinstance(diverge_above, bool)
@@ -299,11 +313,10 @@ def make_setup(
         )
     device = torch.device(device) if device is not None else theta0.device
     steps = m * e
-    record = (
-        tuple(sorted({*range(0, steps, int(record_every)), steps}))
-        if record_every is not None
-        else (steps,)
-    )
+    if isinstance(at, int):
+        record = tuple(sorted({*range(0, steps, at), steps}))
+    else:
+        record = tuple(sorted({0, *(t for t in at if t < steps), steps})) if at else (steps,)
     return Setup(
         loss_fn=loss_fn,
         theta0=theta0.detach().to(device=device, dtype=dtype),

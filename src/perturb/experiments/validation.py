@@ -29,8 +29,13 @@ Predictors, all from statistics at ``θ_0``:
 Predictors that need the materialized Hessian (SDE, re-summed) are skipped, with the
 reason in the result, for models with more than a few thousand parameters.
 
-For each predictor the report gives its error in units of the interval's half-width
-and the smallest ``ηt`` at which it leaves the interval.
+Every run starts at the same ``θ_0``: the model's seeded initialization, or a
+checkpoint, optionally after full-batch gradient descent on the population
+(:func:`perturb.experiments.pipeline.start_point`); the loss and gradient norm there are
+in ``config["start"]``.  For each predictor the report gives its error in units of the
+interval's half-width and the smallest ``ηt`` at which it leaves the interval; a
+prediction that blew up (not finite, or far outside what the loss can be,
+:func:`perturb.experiments.pipeline.is_unstable`) is shown as ``unstable``.
 """
 
 from __future__ import annotations
@@ -44,34 +49,40 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from perturb.checks import check_int, check_lrs, check_orders
 from perturb.experiments.baselines import sde_test_loss
 from perturb.experiments.pipeline import (
+    DEFAULT_PRETRAIN_LR,
     Quadratic,
     Setup,
-    build,
+    Start,
     ci_error,
     curve_intervals,
     cut,
     experiment_schedule,
+    is_unstable,
     json_ready,
     load_population,
     measure_at_start,
     noiseless_prediction,
     per_sample_hessians,
     per_sample_orders,
+    prediction_entry,
     quadratic_model,
-    record_every,
     recorded_steps,
     resummed_prediction,
     run_trials,
     series_predictions,
+    start_point,
     timed,
+    unstable_growth,
 )
 from perturb.numeric.distributed import is_main
 from perturb.numeric.intervals import mean_interval
 from perturb.numeric.measuring import contraction_value
+from perturb.numeric.predictions import UNSTABLE_GROWTH
 from perturb.symbolic.options import describe
 from perturb.symbolic.resummed import resummed_terms
 from perturb.symbolic.schedules import Schedule
@@ -91,12 +102,14 @@ class ValidationResult:
     Attributes:
         config: the settings of the run (``schedule`` and ``description`` name the
             schedule that ran; ``unavailable`` maps predictors that do not apply to it
-            to the reason).
+            to the reason; ``start`` holds ``loss`` ``l(θ_0)``, ``grad_norm`` ``‖G‖``,
+            ``checkpoint``, ``pretrain_steps`` and ``pretrain_lr``).
         rows: one record per (learning rate, recorded step): ``lr``, ``steps``,
             ``eta_t``, ``actual``, ``ci_low``, ``ci_high``, ``divergent`` (whether any
             trial of this learning rate diverged), ``divergent_trials``, and for each
-            predictor its ``value`` and ``error_ci`` (error over the interval's
-            half-width).  ``actual`` and the interval are over the finite trials only;
+            predictor its ``value``, ``error_ci`` (error over the interval's
+            half-width) and ``unstable`` (the value blew up: shown as ``unstable``,
+            counted as outside).  ``actual`` and the interval are over the finite trials only;
             rows of a divergent learning rate are reported as divergent and left out
             of :attr:`breakdown`.
         breakdown: per predictor, the smallest ``ηt`` from which on it stays outside
@@ -106,8 +119,9 @@ class ValidationResult:
         gap: one record per learning rate for the generalization gap ``test − train``
             after ``T`` steps: ``actual`` with ``ci_low``/``ci_high`` (paired
             t-interval over the finite trials), the ``order 1`` and ``order 2``
-            predictions, ``error_ci`` of order 2, ``divergent``, ``divergent_trials``
-            (empty when the gap was not requested).
+            predictions, ``error_ci`` of order 2, ``divergent``, ``divergent_trials``,
+            ``order 1 unstable`` and ``order 2 unstable`` (empty when the gap was not
+            requested).
         timings: seconds spent measuring, simulating and predicting.
     """
 
@@ -126,6 +140,9 @@ class ValidationResult:
         """A plain-text report: the schedule, one line per (η, t), the gap table."""
         names = self.predictors
         lines = [f"{self.config.get('description', self.config.get('schedule', ''))}:"]
+        start = Start(**self.config["start"]) if "start" in self.config else None
+        if start is not None and not start.is_default:
+            lines.append(start.describe())
         head = f"{'η':>7} {'t':>5} {'ηt':>6} {'SGD mean ± 95% CI':>22} " + " ".join(
             f"{n:>16}" for n in names
         )
@@ -133,26 +150,30 @@ class ValidationResult:
         for r in self.rows:
             cells = []
             for n in names:
-                v, e = r["predictions"][n]["value"], r["predictions"][n]["error_ci"]
-                cells.append(_cell(v, e, r["divergent"]))
-            lines.append(
-                f"{r['lr']:7.4f} {r['steps']:5d} {r['eta_t']:6.3f} {_actual(r, self.config):>22} "
-                + " ".join(cells)
-            )
+                p = r["predictions"][n]
+                cells.append(_cell(p["value"], p["error_ci"], r["divergent"], p["unstable"]))
+            where = f"{r['lr']:7.4f} {r['steps']:5d} {_eta_t(r['eta_t'])}"
+            lines.append(f"{where} {_actual(r, self.config):>22} " + " ".join(cells))
         lines.append("")
         lines.append("(error) = (prediction − SGD mean) / CI half-width; |error| > 1: outside.")
+        compared = any(not r["divergent"] for r in self.rows)
         for n in names:
             where = self.breakdown[n]
-            lines.append(
-                f"{n:>12}: "
-                + (
-                    "never leaves the interval for good"
-                    if where is None
-                    else f"leaves the interval for good at ηt = {where:g}"
-                )
-            )
+            if not compared:
+                verdict = "not compared (trials diverged at every learning rate)"
+            elif where is None:
+                verdict = "never leaves the interval for good"
+            else:
+                verdict = f"leaves the interval for good at ηt = {where:g}"
+            lines.append(f"{n:>12}: {verdict}")
         for n, why in self.config.get("unavailable", {}).items():
             lines.append(f"{n:>12}: not available ({why})")
+        for n, info in self.config.get("unstable_directions", {}).items():
+            lines.append(
+                f"{n:>12}: warning: H has a negative eigenvalue (h_min = {info['h_min']:.3g}), "
+                f"so K^T = (I − ηH)^T grows by up to e^{info['growth']:.3g} (max ηT·|h_min|): "
+                "not a long-run prediction"
+            )
         if self.gap:
             lines += [
                 "",
@@ -160,9 +181,11 @@ class ValidationResult:
                 f"{'η':>7} {'ηT':>6} {'SGD mean ± 95% CI':>22} {'order 1':>10} {'order 2':>16}",
             ]
             for g in self.gap:
+                first = "unstable" if g["order 1 unstable"] else f"{g['order 1']:10.5f}"
+                second = _cell(g["order 2"], g["error_ci"], g["divergent"], g["order 2 unstable"])
                 lines.append(
-                    f"{g['lr']:7.4f} {g['eta_t']:6.3f} {_actual(g, self.config):>22} "
-                    f"{g['order 1']:10.5f} {_cell(g['order 2'], g['error_ci'], g['divergent'])}"
+                    f"{g['lr']:7.4f} {_eta_t(g['eta_t'])} {_actual(g, self.config):>22} "
+                    f"{first:>10} {second}"
                 )
         return "\n".join(lines)
 
@@ -183,9 +206,14 @@ class ValidationResult:
         )
 
 
-def _cell(value: float, error: float, divergent: bool) -> str:
-    if not math.isfinite(value):
-        return f"{'nan':>16}"
+def _eta_t(value: float) -> str:
+    """``ηt`` in six characters: three decimals below 100, one up to 10⁴."""
+    return f"{value:6.3f}" if value < 99.9995 else f"{value:6.1f}"
+
+
+def _cell(value: float, error: float, divergent: bool, unstable: bool = False) -> str:
+    if unstable or not math.isfinite(value):
+        return f"{'unstable':>16}"
     if divergent or not math.isfinite(error):
         return f"{value:9.5f} ( n/a)"
     return f"{value:9.5f} ({error:+5.1f})"
@@ -217,6 +245,10 @@ def validate(
     seed: int = 0,
     population: int = 256,
     records: int = 5,
+    records_log: bool = False,
+    checkpoint: str | Path | None = None,
+    pretrain: int = 0,
+    pretrain_lr: float = DEFAULT_PRETRAIN_LR,
     device: str = "cpu",
     out: str | Path | None = None,
     progress: bool = True,
@@ -237,7 +269,7 @@ def validate(
     (the first ``t`` steps of a run are a run of that shorter schedule).  The SDE
     models fresh samples every step (``dθ = −∇l dt + sqrt(η/B) C^{1/2} dW``), so it is
     not available for GD, whose only noise is the draw of the training set; the
-    re-summed series exists for online SGD and GD only (:mod:`perturb.symbolic.resummed`).
+    re-summed series exists for the schedules :mod:`perturb.symbolic.resummed` supports.
     Predictors that do not apply are listed in ``config["unavailable"]`` with the
     reason.
 
@@ -247,9 +279,9 @@ def validate(
     mean of the per-trial differences (a paired 95% t-interval).
 
     Args:
-        dataset: ``"digits"`` (built in), ``"fashion-mnist"``, ``"cifar10"`` or
-            ``"npz:PATH"``.
-        data_dir: folder with the dataset's files (not needed for digits).
+        dataset: ``"digits"`` (built in), ``"mnist1d"`` (generated offline),
+            ``"fashion-mnist"``, ``"cifar10"`` or ``"npz:PATH"``.
+        data_dir: folder with the dataset's files (not needed for digits, mnist1d).
         model: ``"smooth-convnet"``, ``"mlp"`` or ``"pkg.module:factory"``.
         lrs: learning rates.
         schedule: ``"online"``, ``"epochs"`` or ``"gd"``.
@@ -266,6 +298,13 @@ def validate(
         population: number of images in the population (a deterministic subset).
         records: number of recorded steps (evenly spaced, ending at ``T``; for
             ``"epochs"``, evenly spaced ends of epochs).
+        records_log: space the recorded steps geometrically from 1 to ``T`` instead
+            (rounded, duplicates dropped): long runs, small and large ``ηt`` at once.
+        checkpoint: start from this weights-only ``state_dict`` of ``model`` instead
+            of its seeded initialization.
+        pretrain: first take this many steps of full-batch gradient descent on the
+            population (deterministic); every run starts where it ends.
+        pretrain_lr: their learning rate.
         device: ``"cpu"`` or ``"cuda"``.
         out: folder for ``results.json``, ``results.csv``, ``gap.csv`` and PNG plots.
         progress: show progress bars.
@@ -280,8 +319,10 @@ def validate(
         A :class:`ValidationResult`.
 
     Raises:
-        ValueError: bad sizes, options the schedule does not take, or a missing
-            ``train_size``.
+        ValueError: bad sizes, options the schedule does not take, a missing
+            ``train_size``, or pretraining that diverged.
+        FileNotFoundError: a ``checkpoint`` that does not exist.
+        perturb.errors.ModelSpecError: a checkpoint that is no state dict of ``model``.
         perturb.data.DataError: unknown dataset, missing or corrupt files.
 
     Example:
@@ -300,7 +341,7 @@ def validate(
         epochs=epochs,
         shuffle=shuffle,
     )
-    record_steps = recorded_steps(full, records)
+    record_steps = recorded_steps(full, records, log=records_log)
     lrs = check_lrs(lrs)
     trials = check_int("trials", trials, minimum=2)
     orders = check_orders(orders)
@@ -322,12 +363,24 @@ def validate(
         "gap": gap,
         "seed": seed,
         "population": population,
+        "records_log": bool(records_log),
         "device": device,
         "unavailable": {},
     }
     timings: dict[str, float] = {}
     data = load_population(dataset, data_dir=data_dir, population=population, seed=seed)
-    setup = build(model, data, seed=seed, device=device)
+    with timed(timings, "start_s"):
+        setup, start = start_point(
+            model,
+            data,
+            seed=seed,
+            device=device,
+            checkpoint=checkpoint,
+            pretrain_steps=pretrain,
+            pretrain_lr=pretrain_lr,
+            progress=progress,
+        )
+    config["start"] = start.to_dict()
     config["parameters"] = setup.parameters
     config["population"] = int(setup.x.shape[0])
 
@@ -336,7 +389,7 @@ def validate(
         stats = measure_at_start(
             setup, order=top, schedules=[cut(full, s) for s in record_steps], progress=progress
         )
-        gap_by_order = _gap_by_order(stats, setup, full, lrs) if gap else None
+        gap_by_order = _gap_by_order(stats, setup, full, lrs, progress=progress) if gap else None
 
     with timed(timings, "simulate_s"):
         trials_out = run_trials(
@@ -345,7 +398,7 @@ def validate(
             lrs=lrs,
             trials=trials,
             seed=seed,
-            every=record_every(record_steps),
+            record=record_steps,
             device=device,
             progress=progress,
         )
@@ -358,15 +411,30 @@ def validate(
             resummed=resummed,
             max_hessian_parameters=max_hessian_parameters,
             max_per_sample_hessians=max_per_sample_hessians,
+            progress=progress,
         )
         predictions = _predict(
-            stats, quad, full, record_steps, lrs, orders, config["unavailable"], resummed=resummed
+            stats,
+            quad,
+            full,
+            record_steps,
+            lrs,
+            orders,
+            config["unavailable"],
+            resummed=resummed,
+            progress=progress,
         )
+        if "resummed 2" in predictions and quad is not None:
+            grows = unstable_growth(quad, lrs, int(full.steps))
+            if grows > UNSTABLE_GROWTH:
+                config["unstable_directions"] = {
+                    "resummed 2": {"h_min": float(quad.model.eig[0].min()), "growth": grows}
+                }
 
     result = ValidationResult(config=config, timings=timings)
-    _compare(result, trials_out, predictions, lrs, record_steps)
+    _compare(result, trials_out, predictions, lrs, record_steps, start_loss=start.loss)
     if gap_by_order is not None:
-        result.gap = _gap_rows(trials_out, gap_by_order, int(full.steps))
+        result.gap = _gap_rows(trials_out, gap_by_order, int(full.steps), start_loss=start.loss)
     if out is not None and is_main():  # under torchrun only rank 0 writes
         write_outputs(result, Path(out))
     return result
@@ -380,6 +448,7 @@ def _hessian_stage(
     resummed: bool,
     max_hessian_parameters: int,
     max_per_sample_hessians: float,
+    progress: bool = False,
 ) -> Quadratic | None:
     """The quadratic model for SDE and re-summed, or ``None``; records what cannot run."""
     p = setup.parameters
@@ -399,7 +468,7 @@ def _hessian_stage(
         )
     if too_big:
         return None
-    quad = quadratic_model(setup)
+    quad = quadratic_model(setup, progress=progress)
     if resummed:
         try:
             needs = per_sample_orders(resummed_terms(2, full))
@@ -428,10 +497,11 @@ def _predict(
     unavailable: dict[str, str],
     *,
     resummed: bool,
+    progress: bool = False,
 ) -> dict[str, dict[int, np.ndarray]]:
     """Every available predictor at every recorded step: ``{name: {step: (L,) values}}``."""
     predictions: dict[str, dict[int, np.ndarray]] = {}
-    for s in record_steps:
+    for s in tqdm(record_steps, desc="predict", unit="step", disable=not progress):
         sched = cut(full, s)
         for name, values in series_predictions(stats, sched, lrs, orders=orders).items():
             predictions.setdefault(name, {})[s] = values
@@ -452,7 +522,9 @@ def _predict(
     return predictions
 
 
-def _gap_by_order(stats, setup: Setup, schedule: Schedule, lrs) -> np.ndarray:
+def _gap_by_order(
+    stats, setup: Setup, schedule: Schedule, lrs, *, progress: bool = False
+) -> np.ndarray:
     """The ``η^0, η^1, η^2`` terms of ``E[test − train]``, shape ``(L, 3)``.
 
     Contractions the test-loss statistics hold are reused (``tr(C H)`` is the costly
@@ -460,7 +532,8 @@ def _gap_by_order(stats, setup: Setup, schedule: Schedule, lrs) -> np.ndarray:
     """
     by_order = np.zeros((len(lrs), 3))
     eta = np.asarray(lrs, dtype=float)
-    for term in series(2, schedule, "gap").terms:
+    terms = series(2, schedule, "gap").terms
+    for term in tqdm(terms, desc="gap", unit="term", disable=not progress):
         if term.contraction in stats:
             value = float(stats.value(term.contraction))
         else:
@@ -473,7 +546,9 @@ def _gap_by_order(stats, setup: Setup, schedule: Schedule, lrs) -> np.ndarray:
     return by_order
 
 
-def _gap_rows(trials, by_order_all: np.ndarray, steps: int) -> list[dict[str, Any]]:
+def _gap_rows(
+    trials, by_order_all: np.ndarray, steps: int, *, start_loss: float
+) -> list[dict[str, Any]]:
     """Simulated gap (paired t-interval of test − train) against the order-2 prediction."""
     rows = []
     for li in range(len(trials.lrs)):
@@ -483,6 +558,8 @@ def _gap_rows(trials, by_order_all: np.ndarray, steps: int) -> list[dict[str, An
         row = _row(trials, li, steps, mean, half)
         row["order 1"], row["order 2"] = float(by_order[1]), value
         row["error_ci"] = ci_error(value, mean, half)
+        for name in ("order 1", "order 2"):
+            row[f"{name} unstable"] = is_unstable(row[name], start_loss)
         rows.append(row)
     return rows
 
@@ -502,7 +579,9 @@ def _row(trials, li: int, steps: int, mean: float, half: float) -> dict[str, Any
     }
 
 
-def _compare(result: ValidationResult, trials, predictions, lrs, record_steps) -> None:
+def _compare(
+    result: ValidationResult, trials, predictions, lrs, record_steps, *, start_loss: float
+) -> None:
     means, halves, column = curve_intervals(trials)
     exits: dict[str, float | None] = {name: None for name in predictions}
     errors: dict[tuple[str, int], list[tuple[float, float]]] = {}
@@ -512,11 +591,11 @@ def _compare(result: ValidationResult, trials, predictions, lrs, record_steps) -
             row = _row(trials, li, s, mean, half)
             row["predictions"] = {}
             for name, by_step in predictions.items():
-                value = float(by_step[s][li])
-                error = ci_error(value, mean, half)
-                row["predictions"][name] = {"value": value, "error_ci": error}
-                if not row["divergent"]:
-                    errors.setdefault((name, li), []).append((lr * s, abs(error)))
+                entry = prediction_entry(float(by_step[s][li]), mean, half, start_loss=start_loss)
+                row["predictions"][name] = entry
+                if not row["divergent"]:  # an unstable prediction is outside
+                    error = math.inf if entry["unstable"] else abs(entry["error_ci"])
+                    errors.setdefault((name, li), []).append((lr * s, error))
             result.rows.append(row)
     result.rows.sort(key=lambda r: (r["lr"], r["steps"]))
     for (name, _), track in errors.items():
@@ -551,6 +630,7 @@ def write_outputs(result: ValidationResult, out: Path) -> list[Path]:
             ["lr", "steps", "eta_t", "actual", "ci_low", "ci_high", "divergent"]
             + [f"{n}" for n in names]
             + [f"{n} error_ci" for n in names]
+            + [f"{n} unstable" for n in names]
         )
         for r in result.rows:
             writer.writerow(
@@ -565,6 +645,7 @@ def write_outputs(result: ValidationResult, out: Path) -> list[Path]:
                 ]
                 + [r["predictions"][n]["value"] for n in names]
                 + [r["predictions"][n]["error_ci"] for n in names]
+                + [r["predictions"][n]["unstable"] for n in names]
             )
     final = max(r["steps"] for r in result.rows)
     rows = [r for r in result.rows if r["steps"] == final]
@@ -578,8 +659,8 @@ def write_outputs(result: ValidationResult, out: Path) -> list[Path]:
         capsize=3,
         label=f"SGD mean, {result.config['trials']} trials (95% CI)",
     )
-    for n in names:
-        ax.plot(lr, [r["predictions"][n]["value"] for r in rows], "-", marker=".", label=n)
+    for n in names:  # unstable predictions are left out of the plots
+        ax.plot(lr, [_shown(r["predictions"][n], "value") for r in rows], "-", marker=".", label=n)
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     actual = [r["actual"] for r in rows if math.isfinite(r["actual"])]
@@ -595,12 +676,19 @@ def write_outputs(result: ValidationResult, out: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for n in names:
-        pts = sorted((r["eta_t"], abs(r["predictions"][n]["error_ci"])) for r in result.rows)
+    shown = 0
+    for n in names:  # errors that exist: not of divergent rows, not of unstable values
+        pts = sorted(
+            (r["eta_t"], e)
+            for r in result.rows
+            if math.isfinite(e := abs(_shown(r["predictions"][n], "error_ci"))) and e > 0
+        )
         ax.plot([p[0] for p in pts], [p[1] for p in pts], ".", label=n)
+        shown += len(pts)
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    if shown:  # a log scale needs positive data (none when every trial diverged)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
     ax.set_xlabel("ηt")
     ax.set_ylabel("|prediction − SGD mean| / CI half-width")
     ax.legend(fontsize=7)
@@ -613,9 +701,15 @@ def write_outputs(result: ValidationResult, out: Path) -> list[Path]:
     return paths
 
 
+def _shown(entry: dict[str, Any], key: str) -> float:
+    """``entry[key]`` for a plot: ``nan`` (left out) when the prediction is unstable."""
+    return math.nan if entry["unstable"] else entry[key]
+
+
 def _write_gap(result: ValidationResult, out: Path, plt) -> list[Path]:
     keys = ["lr", "steps", "eta_t", "actual", "ci_low", "ci_high", "divergent"]
     keys += ["divergent_trials", "order 1", "order 2", "error_ci"]
+    keys += ["order 1 unstable", "order 2 unstable"]
     with (out / "gap.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(keys)
@@ -632,9 +726,11 @@ def _write_gap(result: ValidationResult, out: Path, plt) -> list[Path]:
         label=f"SGD mean, {result.config['trials']} trials (95% CI)",
     )
     for name in ("order 1", "order 2"):
-        ax.plot([g["lr"] for g in rows], [g[name] for g in rows], "-", marker=".", label=name)
+        values = [math.nan if g[f"{name} unstable"] else g[name] for g in rows]
+        ax.plot([g["lr"] for g in rows], values, "-", marker=".", label=name)
     ax.axhline(0.0, color="k", lw=0.5)
-    ax.set_xscale("log")
+    if rows:  # a log scale needs data (none when every trial diverged)
+        ax.set_xscale("log")
     ax.set_xlabel("learning rate η")
     ax.set_ylabel(f"test − train loss after T = {result.gap[0]['steps']} steps")
     ax.legend(fontsize=7)

@@ -61,16 +61,17 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch.func import grad, vmap
 
 from perturb.checks import check_int, check_lr
 from perturb.numeric.adapters import Objective, objective
 from perturb.numeric.derivatives import derivative, summed
-from perturb.numeric.predictions import Prediction
+from perturb.numeric.predictions import UNSTABLE_GROWTH, Prediction, warn_if_unstable
 from perturb.numeric.resummation import resummed_by_quantity
 from perturb.symbolic.resummed import check_resummable, resummed_terms
 from perturb.symbolic.schedules import Online, Schedule
@@ -108,11 +109,24 @@ class KrylovSubspace:
     block_size: int
     residual: float
     cost: Mapping[str, float]
+    _eigen: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def rank(self) -> int:
         """``k``, the dimension of the subspace."""
-        return int(self.basis.shape[1])
+        return int(self.hessian.shape[0])
+
+    def ritz_values(self, rank: int | None = None) -> torch.Tensor:
+        """Eigenvalues of the leading ``rank × rank`` block of ``T`` (the Ritz values).
+
+        Example:
+            >>> import torch, perturb
+            >>> pop = perturb.Population(
+            ...     lambda p, x: 0.5 * (p * p).sum() + x @ p, torch.eye(2, dtype=torch.float64))
+            >>> krylov_subspace(pop, None, torch.ones(2), rank=2).ritz_values().round(decimals=9)
+            tensor([1., 1.], dtype=torch.float64)
+        """
+        return self._eigenbasis(self.rank if rank is None else rank)[0]
 
     def predict(
         self,
@@ -148,6 +162,40 @@ class KrylovSubspace:
             >>> pred.rank, round(pred.total, 6)
             (3, 0.172949)
         """
+        order = self.check(schedule, quantity, order)
+        rank = check_int("rank", self.rank if rank is None else rank, minimum=1, maximum=self.rank)
+        lr = check_lr(lr)
+        growth = warn_if_unstable(
+            self.ritz_values(rank), lr, int(schedule.steps), integral=integral, stacklevel=3
+        )
+        fine = self._values(schedule, quantity, order, lr, rank, integral)
+        coarse = self._values(schedule, quantity, order, lr, max(rank // 2, 1), integral)
+        return Prediction(
+            unstable=growth > UNSTABLE_GROWTH,
+            growth=growth,
+            quantity=quantity,
+            lr=lr,
+            values=tuple(fine),
+            resummed=True,
+            rank=rank,
+            coarse_values=tuple(coarse),
+            cost=dict(self.cost),
+        )
+
+    def check(self, schedule: Schedule, quantity: str, order: int | None) -> int:
+        """Raise unless the subspace supports ``schedule``, ``quantity`` and ``order``.
+
+        Returns:
+            The order (default :attr:`order`).
+
+        Example:
+            >>> import torch, perturb
+            >>> pop = perturb.Population(
+            ...     lambda p, x: 0.5 * (p * p).sum() + x @ p, torch.eye(2, dtype=torch.float64))
+            >>> krylov_subspace(pop, None, torch.ones(2), rank=2).check(
+            ...     perturb.Online(steps=3, batch_size=1), "test", None)
+            2
+        """
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
         check_resummable(schedule)
@@ -168,30 +216,100 @@ class KrylovSubspace:
                 f"orders {missing} that this subspace lacks; build it with schedules=[...] "
                 "including this schedule"
             )
-        rank = check_int("rank", self.rank if rank is None else rank, minimum=1, maximum=self.rank)
-        lr = check_lr(lr)
-        fine = self._values(schedule, quantity, order, lr, rank, integral)
-        coarse = self._values(schedule, quantity, order, lr, max(rank // 2, 1), integral)
-        return Prediction(
-            quantity=quantity,
-            lr=lr,
-            values=tuple(fine),
-            resummed=True,
-            rank=rank,
-            coarse_values=tuple(coarse),
-            cost=dict(self.cost),
-        )
+        return order
+
+    def values(
+        self,
+        schedule: Schedule,
+        *,
+        lr: Sequence[float],
+        quantity: str = "test",
+        order: int | None = None,
+        rank: int | None = None,
+        integral: bool = False,
+        rows: torch.Tensor | None = None,
+    ) -> np.ndarray:
+        """The re-summed values by order on a grid of learning rates, from chosen rows.
+
+        The Galerkin matrix ``T`` (hence the eigenbasis) and the projected mean third
+        derivative are those of all rows; the per-sample tensors, and the means of the
+        loss and gradient, are those of ``rows`` (all by default), which is how
+        :meth:`perturb.Statistics.predict` gets its jackknife error bars.  No warning
+        here (:meth:`predict` warns).
+
+        Args:
+            schedule: numeric online SGD or GD.
+            lr: the learning rates.
+            quantity: one the subspace supports.
+            order: highest number of edges (default :attr:`order`).
+            rank: leading basis vectors to use (default all).
+            integral: Remark 2's integral form.
+            rows: indices of the rows to average over.
+
+        Returns:
+            Shape ``(L, order+1)`` (``(L, order+1, P)`` for displacement), float64.
+
+        Example:
+            >>> import torch, perturb
+            >>> pop = perturb.Population(
+            ...     lambda p, x: 0.5 * (p * p).sum() + x @ p, torch.eye(3, dtype=torch.float64))
+            >>> sub = krylov_subspace(pop, None, torch.ones(3), rank=3)
+            >>> sub.values(perturb.Online(steps=10, batch_size=1), lr=[0.1, 0.2]).shape
+            (2, 3)
+        """
+        order = self.order if order is None else order
+        rank = self.rank if rank is None else rank
+        lrs = torch.as_tensor(np.asarray(lr, dtype=float).reshape(-1), dtype=torch.float64)
+        evals, evecs, derivs, means = self._eigenbasis(rank)
+        if rows is not None:
+            rows = torch.as_tensor(rows, dtype=torch.long)
+            derivs = {m: t[rows] for m, t in derivs.items()}
+            means = dict(means)
+            for m, t in derivs.items():
+                if m != 2:
+                    means[m] = t.mean(0)
+        values = resummed_by_quantity(
+            derivs, schedule, quantity, order=order, lr=lrs, integral=integral, means=means,
+            eigh=(evals, evecs), rotated=True, warn=False,
+        )  # fmt: skip
+        out = torch.stack(values, dim=1)  # (L, order+1[, k])
+        if quantity == "displacement":
+            q = self.basis[:, :rank]
+            out = (out.to(device=q.device, dtype=q.dtype) @ q.T).to("cpu", torch.float64)
+        return out.numpy()
 
     def _values(self, schedule, quantity, order, lr, rank, integral) -> list:
-        derivs = {m: _leading(t, rank, first=1) for m, t in self.derivs.items()}
-        means = {m: _leading(t, rank, first=0) for m, t in self.means.items()}
-        values = resummed_by_quantity(
-            derivs, schedule, quantity, order=order, lr=lr, integral=integral, means=means
-        )
+        out = self.values(
+            schedule, lr=[lr], quantity=quantity, order=order, rank=rank, integral=integral
+        )[0]
         if quantity != "displacement":
-            return values
-        q = self.basis[:, :rank]
-        return [q @ v.to(device=q.device, dtype=q.dtype) for v in values]
+            return [float(v) for v in out]
+        q = self.basis
+        return [torch.as_tensor(v, dtype=q.dtype, device=q.device) for v in out]
+
+    def _eigenbasis(self, rank: int) -> tuple:
+        """Ritz values and vectors of the leading block, the tensors rotated (cached)."""
+        if rank not in self._eigen:
+            evals, evecs = torch.linalg.eigh(self.hessian[:rank, :rank])
+            derivs = {
+                m: _rotate(_leading(t, rank, first=1), evecs, first=1)
+                for m, t in self.derivs.items()
+            }
+            means = {
+                m: _rotate(_leading(t, rank, first=0), evecs, first=0)
+                for m, t in self.means.items()
+                if m != 2
+            }
+            means[2] = torch.diag(evals)
+            self._eigen[rank] = (evals, evecs, derivs, means)
+        return self._eigen[rank]
+
+
+def _rotate(tensor: torch.Tensor, evecs: torch.Tensor, *, first: int) -> torch.Tensor:
+    """Every axis from ``first`` on expressed in the basis ``evecs`` (columns)."""
+    for axis in range(first, tensor.ndim):
+        tensor = torch.tensordot(tensor, evecs, dims=([axis], [0])).movedim(-1, axis)
+    return tensor
 
 
 def _leading(tensor: torch.Tensor, rank: int, *, first: int) -> torch.Tensor:
@@ -321,6 +439,7 @@ def krylov_subspace(
     chunk_size: int = 256,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float64,
+    per_sample_gradients: bool = False,
 ) -> KrylovSubspace:
     r"""Build a Krylov subspace of the mean Hessian and project the diagrams' tensors on it.
 
@@ -330,8 +449,9 @@ def krylov_subspace(
 
     Args:
         loss_fn_or_model: an ``nn.Module`` (with ``data = (x, y)``), a
-            :class:`perturb.numeric.adapters.FlatLoss`, a per-row ``loss_fn(params, row)`` or a
-            :class:`perturb.Population` (then ``data=None``).
+            :class:`perturb.numeric.adapters.FlatLoss`, a per-row ``loss_fn(params, row)``, a
+            :class:`perturb.Population` (then ``data=None``) or an
+            :class:`~perturb.numeric.adapters.Objective` (its rows and point are used).
         data: the rows.
         theta0: the point (a model's own parameters by default).
         rank: ``k``, the dimension of the subspace (at most ``P``).
@@ -348,6 +468,8 @@ def krylov_subspace(
         device: where the network is evaluated (default: ``theta0``'s).
         dtype: float64 (default) or float32 for the network evaluations; the projected
             problem is solved in float64.
+        per_sample_gradients: project the per-sample gradients even where the diagrams
+            do not need them (for error bars from row subsets, :meth:`KrylovSubspace.values`).
 
     Returns:
         A :class:`KrylovSubspace`.
@@ -361,7 +483,10 @@ def krylov_subspace(
         >>> sub.rank, sub.cost["hvps"]
         (10, 10)
     """
-    obj = objective(loss_fn_or_model, data, theta0, loss=loss, dtype=dtype, device=device)
+    if isinstance(loss_fn_or_model, Objective):
+        obj = loss_fn_or_model
+    else:
+        obj = objective(loss_fn_or_model, data, theta0, loss=loss, dtype=dtype, device=device)
     p, n = obj.size, obj.n
     rank = check_int("rank", rank, minimum=1, maximum=p)
     order = check_int("order", order, minimum=1)
@@ -429,7 +554,7 @@ def krylov_subspace(
     )
     derivs = {0: cpu(losses)}
     means = {0: cpu(losses.mean()), 1: cpu(basis.T @ mean_grad), 2: hessian}
-    if 1 in per_sample:
+    if 1 in per_sample or per_sample_gradients:
         derivs[1] = cpu(_per_sample_projected(obj, basis, (), chunk_size))
         cost["per_sample_gradients"] += n
     batch = max(1, chunk_size // min(n, chunk_size))  # directions per vectorized call

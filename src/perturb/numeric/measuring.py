@@ -70,6 +70,7 @@ from perturb.numeric.distributed import (
     world,
 )
 from perturb.numeric.engine import Engine
+from perturb.numeric.krylov import krylov_subspace
 from perturb.numeric.networks import (
     contraction_value,
     group_values,
@@ -80,6 +81,7 @@ from perturb.numeric.networks import (
 )
 from perturb.numeric.statistics import HostCopy, MeasuredPrediction, Statistics
 from perturb.symbolic.contractions import Contraction
+from perturb.symbolic.resummed import check_resummable
 from perturb.symbolic.schedules import Epochs, Online, Schedule
 from perturb.symbolic.series import QUANTITIES, series
 
@@ -273,6 +275,9 @@ def measure(
     tuple_range: Callable[[int], range] | None = None,
     distributed: bool = True,
     vector_batches: int | None = 64,
+    resummed: bool = False,
+    rank: int | None = None,
+    probes: int = 8,
 ) -> Statistics:
     r"""Measure every contraction of the requested series once at ``θ_0``.
 
@@ -336,6 +341,17 @@ def measure(
             everything here.
         vector_batches: most batch means kept per open-root statistic (tuple estimator;
             at least 2); ``None`` keeps every tuple's vector.
+        resummed: also build what the re-summed diagrams need: a rank-``rank`` Krylov
+            subspace of ``H`` by Hessian-vector products on the device, every tensor the
+            diagrams contract projected on it (:func:`perturb.krylov_subspace`; no
+            ``P×P`` array unless ``rank = P``), for the re-summable ``schedules`` (online
+            SGD and GD; default online) and ``quantities``, kept in
+            :attr:`Statistics.subspace` for ``predict(..., resummed=True)``.  The rows
+            (the ``samples`` subset) are its population; with ``exact=False`` it also
+            keeps their projected gradients, split into ``min(groups, n)`` groups for
+            jackknife error bars.
+        rank: ``k``, the subspace dimension (required with ``resummed``).
+        probes: random centred-gradient combinations in the Krylov starting block.
 
     Returns:
         :class:`Statistics`.
@@ -355,7 +371,8 @@ def measure(
                 quantities=quantities, samples=samples, exact=exact, seed=seed,
                 chunk_size=chunk_size, device=device, dtype=dtype, groups=groups,
                 progress=progress, loss=loss, max_message_elements=max_message_elements,
-                estimator=estimator, vector_batches=vector_batches,
+                estimator=estimator, vector_batches=vector_batches, resummed=resummed,
+                rank=rank, probes=probes,
             )  # fmt: skip
     order, schedules, quantities = _requested(
         order,
@@ -388,7 +405,15 @@ def measure(
         vector_batches=plan.batching,
     )
     values = _evaluate(engine, contractions, plan.tuples, exact=exact, progress=progress)
+    subspace = None
     meta = dict(plan.meta)  # stage 4: the Statistics
+    if resummed:
+        subspace = _subspace(
+            plan.obj, order, schedules, quantities, rank=rank, probes=probes, seed=seed,
+            chunk_size=chunk_size, exact=exact,
+        )  # fmt: skip
+        meta["resummed_groups"] = 1 if exact else min(int(groups), plan.obj.n)
+        meta["resummed_rank"] = subspace.rank
     if not exact:
         meta["estimator"] = estimator
         if plan.tuples is not None:
@@ -411,6 +436,32 @@ def measure(
             + sum(len(b) for b in engine.tuple_cache.values()),
             **meta,
         },
+        subspace=subspace,
+    )
+
+
+def _subspace(obj, order, schedules, quantities, *, rank, probes, seed, chunk_size, exact):
+    """Stage 3b (``resummed=True``): the Krylov subspace of the re-summable schedules."""
+    if rank is None:
+        raise ValueError("resummed=True needs rank=k, the dimension of the Krylov subspace")
+    usable = []
+    for s in schedules:
+        try:
+            check_resummable(s)
+        except ValueError:
+            continue
+        usable.append(s)
+    return krylov_subspace(
+        obj,
+        None,
+        rank=rank,
+        order=max(order, 1),
+        quantities=quantities,
+        schedules=usable or (Online(),),
+        probes=probes,
+        seed=seed,
+        chunk_size=chunk_size or 256,
+        per_sample_gradients=not exact,
     )
 
 

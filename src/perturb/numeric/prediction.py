@@ -15,7 +15,7 @@ import torch
 
 from perturb.checks import check_lr, check_order
 from perturb.numeric.population import Population
-from perturb.numeric.predictions import Prediction
+from perturb.numeric.predictions import UNSTABLE_GROWTH, Prediction, warn_if_unstable
 from perturb.numeric.resummation import resummed_by_quantity
 from perturb.symbolic.schedules import Schedule
 from perturb.symbolic.series import QUANTITIES, series
@@ -69,7 +69,11 @@ def predict(
         seed: seed of the probes (Lanczos).
 
     Returns:
-        A :class:`Prediction`; ``by_order[d]`` is the ``η^d`` contribution.
+        A :class:`Prediction`; ``by_order[d]`` is the ``η^d`` contribution.  A re-summed
+        one along directions where ``|1 − ηh| > 1`` (a negative eigenvalue of ``H``, or
+        ``ηh > 2``) has :attr:`~Prediction.unstable` set, :attr:`~Prediction.growth` the
+        log of the factor by which ``K^T`` grows, and warns
+        (:class:`~perturb.numeric.predictions.UnstableDirectionWarning`).
 
     Example:
         >>> import torch
@@ -127,10 +131,20 @@ def predict(
         return subspace.predict(schedule, lr=lr, quantity=quantity, order=order, integral=integral)
     derivs = population.derivatives(theta0, max(order, 2))
     if resummed:
+        eigh = torch.linalg.eigh(derivs[2].mean(0))
+        growth = warn_if_unstable(eigh[0], lr, int(schedule.steps), integral=integral, stacklevel=3)
         values = resummed_by_quantity(
-            derivs, schedule, quantity, order=order, lr=lr, integral=integral
+            derivs, schedule, quantity, order=order, lr=lr, integral=integral, eigh=eigh,
+            warn=False,
+        )  # fmt: skip
+        return Prediction(
+            quantity=quantity,
+            lr=lr,
+            values=tuple(values),
+            resummed=True,
+            unstable=growth > UNSTABLE_GROWTH,
+            growth=growth,
         )
-        return Prediction(quantity=quantity, lr=lr, values=tuple(values), resummed=True)
     s = series(order, schedule, quantity)
     coefficients = tuple(s.evaluate(derivs, lr=1))
     values = tuple(c * lr**d for d, c in enumerate(coefficients))

@@ -12,6 +12,21 @@ exactly unbiased for the variance of the mean because the group estimates are ii
 prediction is linear in the values, so :meth:`Statistics.predict` evaluates a schedule's
 series on every group and gets the error bar of any ``η`` and ``T`` from the spread of the
 per-group predictions (:class:`MeasuredPrediction`).
+
+**Re-summed predictions** (``measure(..., resummed=True, rank=k)``) are not linear in the
+values: they come from the Krylov subspace kept in :attr:`Statistics.subspace`
+(:mod:`perturb.numeric.krylov`), evaluated for a whole grid of learning rates in one
+batched call.  Their standard error is a delete-a-group jackknife over ``K`` groups of the
+rows,
+
+.. math::  \operatorname{SE}^2 = \frac{K-1}{K}\sum_g (\hat v_{(-g)} − \bar v)^2,
+
+``\hat v_{(-g)}`` the prediction from the per-sample projected tensors (gradients, and
+per-sample Hessians or third derivatives where the diagrams need them) of all rows but
+group ``g``, with the Galerkin matrix ``T = QᵀHQ`` and the projected mean third
+derivative held at the whole sample's: the error bar covers the sampling noise of ``G``,
+``C`` and the per-sample tensors, not that of ``H``.  The Krylov error
+``|value(k) − value(k/2)|`` is :attr:`MeasuredPrediction.error`.
 """
 
 from __future__ import annotations
@@ -21,16 +36,20 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import sympy as sp
 import torch
 
 from perturb.checks import check_int
+from perturb.numeric.predictions import UNSTABLE_GROWTH, warn_if_unstable
 from perturb.symbolic.contractions import Contraction
 from perturb.symbolic.schedules import Schedule
 from perturb.symbolic.series import QUANTITIES, series
+
+if TYPE_CHECKING:
+    from perturb.numeric.krylov import KrylovSubspace
 
 __all__ = ["HostCopy", "MeasuredPrediction", "Statistics"]
 
@@ -44,12 +63,22 @@ class MeasuredPrediction:
         quantity: ``"test"``, ``"train"``, ``"gap"`` or ``"displacement"``.
         lr: the learning rates, shape ``(L,)``.
         coefficients: the numeric coefficient of ``η^d``, shape ``(order+1,)`` (``(order+1,
-            P)`` for the displacement).
-        coefficient_se: standard errors of :attr:`coefficients`.
-        by_order: the ``η^d`` contributions, ``(L, order+1[, P])``.
+            P)`` for the displacement); ``None`` when re-summed.
+        coefficient_se: standard errors of :attr:`coefficients` (``None`` when re-summed).
+        by_order: the ``η^d`` contributions, ``(L, order+1[, P])`` (re-summed: by number
+            of edges).
         total: the truncated series at each ``lr``, ``(L[, P])``.
         se: standard error of :attr:`total` (the spread of the per-group predictions over
-            ``√K``; zero for exact statistics).
+            ``√K``; re-summed: the jackknife of the module notes; zero for exact
+            statistics).
+        resummed: whether edges carry ``η(I − ηH)^{Δt−1}`` (Krylov path).
+        rank: the Krylov rank ``k`` of a re-summed prediction.
+        error: ``|total(k) − total(k/2)|`` at each ``lr`` (re-summed), else ``None``.
+        unstable: a re-summed prediction along directions where ``|1 − ηh| > 1``
+            (Ritz values), warned about
+            (:class:`~perturb.numeric.predictions.UnstableDirectionWarning`).
+        growth: ``log`` of the largest growth factor of ``K^T`` over the grid
+            (:func:`~perturb.numeric.predictions.growth`).
 
     Example:
         >>> import torch
@@ -70,6 +99,11 @@ class MeasuredPrediction:
     by_order: np.ndarray
     total: np.ndarray
     se: np.ndarray
+    resummed: bool = False
+    rank: int | None = None
+    error: np.ndarray | None = None
+    unstable: bool = False
+    growth: float = 0.0
 
 
 @dataclass
@@ -89,6 +123,9 @@ class Statistics:
             of ``meta["vector_batch_size"]`` tuples each (``R`` per-tuple vectors when
             measured with ``vector_batches=None``).
         meta: free-form JSON-able metadata (dtype, seed, schedules, quantities, …).
+        subspace: the Krylov subspace of ``H`` with the projected tensors, for re-summed
+            predictions (``measure(..., resummed=True, rank=k)``), else ``None``; kept in
+            memory only (:meth:`save` leaves it out).
 
     Example:
         >>> import torch
@@ -109,6 +146,7 @@ class Statistics:
     contractions: dict[str, Contraction]
     group_values: dict[str, np.ndarray]
     meta: dict[str, Any] = field(default_factory=dict)
+    subspace: KrylovSubspace | None = None
 
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:
@@ -214,6 +252,9 @@ class Statistics:
         lr: float | Sequence[float] | np.ndarray,
         quantity: str = "test",
         order: int | None = None,
+        resummed: bool = False,
+        rank: int | None = None,
+        integral: bool = False,
     ) -> MeasuredPrediction:
         r"""Predict ``quantity`` after ``schedule`` for every learning rate in ``lr``.
 
@@ -225,11 +266,25 @@ class Statistics:
             schedule: a numeric schedule.
             lr: one learning rate or a grid.
             quantity: ``"test"``, ``"train"``, ``"gap"`` or ``"displacement"``.
-            order: highest power of η (default: :attr:`order`).
+            order: highest power of η (default: :attr:`order`); re-summed: highest
+                number of edges.
+            resummed: the re-summed diagrams through :attr:`subspace` (online SGD and
+                GD; all learning rates in one batched evaluation, ``T = 10⁵`` costing what
+                ``T = 10²`` does), with the jackknife standard error of the module notes
+                and the Krylov error :attr:`MeasuredPrediction.error`.
+            rank: re-summed: use the first ``rank`` basis vectors (default all).
+            integral: re-summed: Remark 2's integrals of exponentials.
 
         Returns:
             A :class:`MeasuredPrediction`.
+
+        Warns:
+            UnstableDirectionWarning: re-summed, where some ``|1 − ηh| > 1``.
         """
+        if resummed:
+            return self._resummed(schedule, lr, quantity, order, rank, integral)
+        if integral or rank is not None:
+            raise ValueError("integral and rank apply to re-summed predictions (resummed=True)")
         order = check_int("order", self.order if order is None else order, maximum=self.order)
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
@@ -276,9 +331,66 @@ class Statistics:
             se=_se(np.moveaxis(group_totals, 1, 0), self.exact),
         )
 
+    def _resummed(self, schedule, lr, quantity, order, rank, integral) -> MeasuredPrediction:
+        """:meth:`predict` with ``resummed=True``."""
+        sub = self.subspace
+        if sub is None:
+            raise ValueError(
+                "these statistics hold no Krylov subspace: measure them with resummed=True, "
+                "rank=k (a loaded file does not keep it)"
+            )
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+        lrs = np.atleast_1d(np.asarray(lr, dtype=float))
+        if lrs.ndim != 1 or not np.all(np.isfinite(lrs)) or not np.all(lrs > 0):
+            raise ValueError(f"lr must be a positive number or a 1-D grid of them, got {lr!r}")
+        rank = check_int("rank", sub.rank if rank is None else rank, minimum=1, maximum=sub.rank)
+        order = check_int("order", sub.order if order is None else order, maximum=sub.order)
+        sub.check(schedule, quantity, order)
+        growth = warn_if_unstable(
+            sub.ritz_values(rank), lrs, int(schedule.steps), integral=integral, stacklevel=3
+        )
+        kw = {"lr": lrs, "quantity": quantity, "order": order, "integral": integral}
+        by_order = sub.values(schedule, rank=rank, **kw)
+        coarse = sub.values(schedule, rank=max(rank // 2, 1), **kw)
+        total = by_order.sum(axis=1)
+        k = int(self.meta.get("resummed_groups", 1))
+        if self.exact or k < 2:
+            se = np.zeros_like(total) if self.exact else np.full_like(total, np.nan)
+        else:
+            n = int(sub.derivs[0].shape[0])
+            order_rows = np.random.default_rng(int(self.meta.get("seed", 0))).permutation(n)
+            reps = []
+            for group in np.array_split(order_rows, k):
+                keep = np.setdiff1d(order_rows, group)
+                reps.append(sub.values(schedule, rank=rank, rows=keep, **kw).sum(axis=1))
+            reps = np.stack(reps)
+            se = np.sqrt((k - 1) / k * ((reps - reps.mean(axis=0)) ** 2).sum(axis=0))
+        with np.errstate(invalid="ignore"):  # inf − inf where K^T overflows (warned)
+            error = np.abs(total - coarse.sum(axis=1))
+        return MeasuredPrediction(
+            schedule=schedule,
+            quantity=quantity,
+            lr=lrs,
+            coefficients=None,
+            coefficient_se=None,
+            by_order=by_order,
+            total=total,
+            se=se,
+            resummed=True,
+            rank=rank,
+            error=error,
+            unstable=growth > UNSTABLE_GROWTH,
+            growth=growth,
+        )
+
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write to one ``.npz`` file: JSON metadata and float64 arrays (no pickle).
+
+        The Krylov :attr:`subspace` is not written (its basis is ``P·k`` numbers); the
+        header's ``meta["subspace"]`` says so, and a loaded file makes re-summed
+        predictions only after measuring again with ``resummed=True``.
 
         Example:
             >>> import tempfile, pathlib, torch
@@ -312,7 +424,9 @@ class Statistics:
             "rows": self.rows,
             "groups": self.groups,
             "parameters": self.parameters,
-            "meta": self.meta,
+            "meta": self.meta
+            if self.subspace is None
+            else {**self.meta, "subspace": "not saved: measure with resummed=True again"},
             "entries": entries,
         }
         with open(os.fspath(path), "wb") as fh:

@@ -28,12 +28,15 @@ matrix with diagonal ``z`` and unit sub-diagonal (Opitz), computed by repeated
 squaring: ``O(log T)`` products, stable when the ``z`` nearly coincide, and the
 same cost for ``T = 10^5`` as for ``T = 10^2``.
 
-Supported schedules: online SGD (any batch size) and full-batch GD.
+Several epochs of several batches (fixed order or reshuffled): the groups and their sums
+are in :mod:`perturb.symbolic.embeddings`.
+
+Supported schedules: online SGD (any batch size), full-batch GD, and epochs in a fixed
+order or reshuffled.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import string
 from dataclasses import dataclass
@@ -43,11 +46,23 @@ import sympy as sp
 from perturb.checks import check_order
 from perturb.symbolic.contractions import Contraction
 from perturb.symbolic.diagrams import Diagram, labelled_partitions, rooted_trees
+from perturb.symbolic.embeddings import (
+    EpochGroup,
+    EpochOrders,
+    epoch_time_sum_exact,
+    epoch_time_sum_expr,
+    is_multi_epoch,
+    multi_epoch_orders,
+    strict_weak_orders,
+)
 from perturb.symbolic.schedules import Schedule
 
 __all__ = [
+    "EpochGroup",
+    "EpochOrders",
     "ResummedTerm",
     "check_resummable",
+    "is_multi_epoch",
     "resummed_report",
     "resummed_terms",
     "time_sum_exact",
@@ -64,7 +79,8 @@ class ResummedTerm:
             times ``N`` for a train-root part that holds the root alone), a sympy number.
         edges: the edges as ``(child, parent)`` pairs, in the order of the eigen-indices.
         orders: one entry per weak order of the time units: ``(j, spans)`` where
-            ``spans[e] = (a_e, b_e)`` are the levels of edge ``e``'s child and parent.
+            ``spans[e] = (a_e, b_e)`` are the levels of edge ``e``'s child and parent;
+            under several epochs of several batches an :class:`EpochOrders`.
         open_root: the root is a free index (displacement).
 
     Example:
@@ -78,7 +94,7 @@ class ResummedTerm:
     diagram: Diagram
     prefactor: sp.Expr
     edges: tuple[tuple[int, int], ...]
-    orders: tuple[tuple[int, tuple[tuple[int, int], ...]], ...]
+    orders: tuple[tuple[int, tuple[tuple[int, int], ...]], ...] | EpochOrders
     open_root: bool = False
 
     @property
@@ -103,7 +119,13 @@ class ResummedTerm:
             ...         if t.contraction.text == "J:S"][0]
             >>> skew.time_integral_expr(sp.Symbol("T"))
             (1 - exp(T*(-r_a - r_b - r_c)))/(r_a + r_b + r_c)
+
+        Raises:
+            ValueError: several epochs of several batches, which have no integral form
+                here.
         """
+        if isinstance(self.orders, EpochOrders):
+            raise ValueError(_NO_EPOCH_INTEGRAL)
         rs = [sp.Symbol(f"r_{string.ascii_lowercase[i]}") for i in range(len(self.edges))]
         total = sp.Integer(0)
         for j, spans in self.orders:
@@ -130,8 +152,21 @@ class ResummedTerm:
             ...         if t.contraction.text == "J:S"][0]
             >>> sp.simplify(skew.time_sum_expr(sp.Symbol("T")))
             ((x_a*x_b*x_c)**T - 1)/(x_a*x_b*x_c - 1)
+
+        Under several epochs (``T = M·E``) each group is
+        ``Π x^{c} (x^M)^{β−α−1} h_{M−j}(y) h_{E−k}(w)``, each ``h`` a confluent divided
+        difference (exact for coinciding ``y`` too):
+
+            >>> from perturb.symbolic.schedules import Epochs
+            >>> s = Epochs(train_size=4, batch_size=2, epochs=3)  # M = 2
+            >>> leaf = [t for t in resummed_terms(1, s) if t.diagram.edges == 1][0]
+            >>> sp.factor(leaf.time_sum_expr(6))
+            (x_a + 1)*(x_a**2 - x_a + 1)*(x_a**2 + x_a + 1)
         """
         xs = [sp.Symbol(f"x_{string.ascii_lowercase[i]}") for i in range(len(self.edges))]
+        if isinstance(self.orders, EpochOrders):
+            m = self.orders.batches_per_epoch
+            return epoch_time_sum_expr(self.orders, xs, m, sp.simplify(steps / m))
         total = sp.Integer(0)
         for j, spans in self.orders:
             factor = sp.Mul(*(x ** (b - a - 1) for x, (a, b) in zip(xs, spans, strict=True)))
@@ -146,12 +181,16 @@ class ResummedTerm:
 def time_sum_exact(orders, xs: list[sp.Expr], steps: int) -> sp.Expr:
     """:func:`time_sum` in exact sympy arithmetic, for any values (equal ones too).
 
+    For :class:`EpochOrders` this is :func:`epoch_time_sum_exact` (``steps = M·E``).
+
     Example:
         >>> import sympy as sp
         >>> x = sp.Symbol("x")
         >>> sp.expand(time_sum_exact(((1, ((1, 2),)),), [x], 3))
         x**2 + x + 1
     """
+    if isinstance(orders, EpochOrders):
+        return epoch_time_sum_exact(orders, xs, steps)
     total = sp.Integer(0)
     for j, spans in orders:
         factor = sp.Mul(*(x ** (b - a - 1) for x, (a, b) in zip(xs, spans, strict=True)))
@@ -168,6 +207,12 @@ def time_sum_exact(orders, xs: list[sp.Expr], steps: int) -> sp.Expr:
                 z[i, i - 1] = 1
         total += factor * (z ** (steps))[j, 0]
     return total
+
+
+_NO_EPOCH_INTEGRAL = (
+    "Remark 2's integral form is implemented for online SGD and full-batch GD; for "
+    "several epochs of several batches use the exact sums (integral=False)"
+)
 
 
 def _divided_difference_exp(lams: list[sp.Expr], steps: sp.Expr) -> sp.Expr:
@@ -203,51 +248,27 @@ def _time_units(schedule: Schedule, diagram: Diagram, train: bool) -> tuple[list
     return units, unit_of
 
 
-def _level_assignments(units: list, below: dict) -> list[dict]:
-    """Every weak order of ``units`` with ``below[u]`` strictly lower than ``u``."""
-    out: list[dict] = []
-
-    def rec(remaining: frozenset, level: int, acc: dict) -> None:
-        if not remaining:
-            out.append(dict(acc))
-            return
-        minimal = [u for u in sorted(remaining) if not (below.get(u, set()) & remaining)]
-        for r in range(1, len(minimal) + 1):
-            for chosen in itertools.combinations(minimal, r):
-                for u in chosen:
-                    acc[u] = level
-                rec(remaining - frozenset(chosen), level + 1, acc)
-                for u in chosen:
-                    del acc[u]
-
-    rec(frozenset(units), 1, {})
-    return out
-
-
 def check_resummable(schedule: Schedule) -> None:
-    """Raise unless ``schedule`` is one re-summation supports (online SGD or full-batch GD).
+    """Raise unless ``schedule`` is a :class:`~perturb.symbolic.schedules.Schedule`.
+
+    Re-summation supports every schedule perturb knows: online SGD (one epoch, any batch
+    size), full-batch GD, and several epochs of several batches in a fixed order or
+    reshuffled each epoch (any ``N``, ``B``, ``E``).
 
     Raises:
         TypeError: not a :class:`~perturb.symbolic.schedules.Schedule`.
-        ValueError: several epochs of several batches.
 
     Example:
         >>> from perturb.symbolic.schedules import GD, Epochs
         >>> check_resummable(GD())
-        >>> check_resummable(Epochs(train_size=4, batch_size=2, epochs=2))  # doctest: +ELLIPSIS
+        >>> check_resummable(Epochs(train_size=4, batch_size=2, epochs=2, shuffle=True))
+        >>> check_resummable("online")
         Traceback (most recent call last):
         ...
-        ValueError: re-summation supports online SGD (one epoch) and full-batch GD; got epochs ...
+        TypeError: schedule must be a Schedule, got str
     """
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
-    if not (schedule.single_epoch or schedule.batches == 1):
-        raise ValueError(
-            "re-summation supports online SGD (one epoch) and full-batch GD; got "
-            f"{schedule.name} with {schedule.epochs} epochs of {schedule.batches} batches"
-        )
-    if schedule.shuffle and not schedule.single_epoch:
-        raise ValueError("re-summation of reshuffled multi-epoch schedules is not supported")
 
 
 def resummed_terms(order: int, schedule: Schedule, quantity: str = "test") -> list[ResummedTerm]:
@@ -255,11 +276,13 @@ def resummed_terms(order: int, schedule: Schedule, quantity: str = "test") -> li
 
     Args:
         order: highest number of edges.
-        schedule: :func:`perturb.Online` or :func:`perturb.GD` (sizes may be symbolic).
+        schedule: :func:`perturb.Online`, :func:`perturb.GD` or
+            :func:`perturb.Epochs`, fixed order or reshuffled (sizes may be symbolic).
         quantity: ``"test"``, ``"train"`` or ``"displacement"``.
 
     Returns:
-        One :class:`ResummedTerm` per labelled partition of each tree.
+        One :class:`ResummedTerm` per labelled partition of each tree; under several
+        epochs of several batches its ``orders`` is an :class:`EpochOrders`.
 
     Example:
         >>> from perturb.symbolic.schedules import Online
@@ -296,7 +319,18 @@ def resummed_terms(order: int, schedule: Schedule, quantity: str = "test") -> li
 
 
 def _term(schedule, diagram, aut, train, open_root) -> ResummedTerm | None:
-    d = diagram.edges
+    edges = tuple((v, diagram.parents[v]) for v in range(1, diagram.nodes))
+    if is_multi_epoch(schedule):
+        orders = multi_epoch_orders(schedule, diagram)
+        if orders is None:
+            return None
+        return ResummedTerm(
+            diagram=diagram,
+            prefactor=_prefactor(schedule, diagram, aut, train),
+            edges=edges,
+            orders=orders,
+            open_root=open_root,
+        )
     units, unit_of = _time_units(schedule, diagram, train)
     below: dict = {}
     for v in range(1, diagram.nodes):
@@ -305,9 +339,8 @@ def _term(schedule, diagram, aut, train, open_root) -> ResummedTerm | None:
             if unit_of[v] == unit_of[p]:
                 return None
             below.setdefault(unit_of[p], set()).add(unit_of[v])
-    edges = tuple((v, diagram.parents[v]) for v in range(1, diagram.nodes))
     orders = []
-    for levels in _level_assignments(units, below):
+    for levels in strict_weak_orders(units, below):
         j = max(levels.values(), default=0)
         spans = tuple(
             (levels[unit_of[v]], j + 1 if p == 0 else levels[unit_of[p]]) for v, p in edges
@@ -315,20 +348,25 @@ def _term(schedule, diagram, aut, train, open_root) -> ResummedTerm | None:
         orders.append((j, spans))
     if not orders:  # the part constraints are cyclic: no embedding
         return None
-    b = schedule.batch_size
-    prefactor = sp.Integer(-1) ** d / b**d / aut
-    data_parts = [p for p in diagram.parts if train or 0 not in p]
-    for part in data_parts:
-        prefactor *= schedule.train_size if part == (0,) else b
-    if train:
-        prefactor /= schedule.train_size
     return ResummedTerm(
         diagram=diagram,
-        prefactor=sp.nsimplify(prefactor),
+        prefactor=_prefactor(schedule, diagram, aut, train),
         edges=edges,
         orders=tuple(orders),
         open_root=open_root,
     )
+
+
+def _prefactor(schedule: Schedule, diagram: Diagram, aut: int, train: bool) -> sp.Expr:
+    """``(−1/B)^d B^{#parts} / |Aut|``, ``N`` for a train root alone, ``/N`` for the train loss."""
+    b = schedule.batch_size
+    prefactor = sp.Integer(-1) ** diagram.edges / b**diagram.edges / aut
+    for part in diagram.parts:
+        if train or 0 not in part:
+            prefactor *= schedule.train_size if part == (0,) else b
+    if train:
+        prefactor /= schedule.train_size
+    return sp.nsimplify(prefactor)
 
 
 def resummed_report(
@@ -363,7 +401,8 @@ def resummed_report(
     if fmt not in ("text", "latex", "json"):
         raise ValueError(f"fmt must be one of 'text', 'latex', 'json', got {fmt!r}")
     steps = schedule.steps
-    steps = sp.Symbol("T", positive=True, integer=True) if not steps.is_number else steps
+    if not (steps.is_number or is_multi_epoch(schedule)):  # several epochs: T = M·E as given
+        steps = sp.Symbol("T", positive=True, integer=True)
     records = []
     for term in resummed_terms(order, schedule, quantity):
         network = term.contraction
