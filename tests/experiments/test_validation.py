@@ -394,11 +394,10 @@ def test_hessian_predictors_skipped_for_large_models(tiny):
         max_hessian_parameters=100,
     )
     why = result.config["unavailable"]
-    assert (
-        set(why) == {"SDE", "resummed 2"}
-        and "259 parameters > max_hessian_parameters" in (why["SDE"])
-    )
-    assert result.predictors == ["order 0", "noiseless"] and not result.gap
+    # the SDE needs the materialized Hessian; the re-summed series moves to a Krylov subspace
+    assert set(why) == {"SDE"} and "259 parameters > max_hessian_parameters" in why["SDE"]
+    assert result.config["resummed_krylov"]["rank"] == 128
+    assert result.predictors == ["order 0", "noiseless", "resummed 2"] and not result.gap
     result = validate(dataset=tiny, model="mlp", schedule="gd", train_size=4, steps=2,
                       lrs=(0.01,), trials=4, records=1, progress=False, orders=(0,),
                       gap=False, max_per_sample_hessians=1000)  # fmt: skip
@@ -560,7 +559,8 @@ def test_unstable_predictions_in_results_json_carry_value_and_flag(blown_up):
 
 
 def test_mnist1d_runs_end_to_end_and_says_what_it_skips():
-    """Sequences (1, 40), the 1-D convnet (34,202 parameters): SDE and re-summed skipped."""
+    """Sequences (1, 40), the 1-D convnet (34,202 parameters): the SDE skipped, re-summed
+    in a Krylov subspace."""
     result = validate(
         dataset="mnist1d",
         lrs=(0.01,),
@@ -573,12 +573,12 @@ def test_mnist1d_runs_end_to_end_and_says_what_it_skips():
         progress=False,
     )
     assert result.config["parameters"] == 34202 and result.config["population"] == 64
-    assert result.predictors == ["order 0", "order 1", "noiseless"]
+    assert result.predictors == ["order 0", "order 1", "noiseless", "resummed 2"]
     why = "needs the materialized Hessian: 34202 parameters > max_hessian_parameters = 4000"
-    assert result.config["unavailable"] == {"SDE": why, "resummed 2": why}
+    assert result.config["unavailable"] == {"SDE": why}
     table = result.table()
     assert f"         SDE: not available ({why})" in table
-    assert f"  resummed 2: not available ({why})" in table
+    assert "  resummed 2: in a Krylov subspace of H of rank 128 (P = 34202)" in table
     for r in result.rows:
         assert r["ci_low"] < r["actual"] < r["ci_high"] and not r["divergent"]
         assert all(math.isfinite(p["value"]) for p in r["predictions"].values())
@@ -602,3 +602,30 @@ def test_outputs_written_when_every_trial_diverged(tmp_path, tiny):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result.table().count("divergent 4/4") == 3
     assert "   order 1: not compared (trials diverged at every learning rate)" in result.table()
+
+
+@pytest.mark.parametrize("schedule", ["online", "gd"])
+def test_resummed_above_the_hessian_limit_uses_a_krylov_subspace(schedule):
+    """Above max_hessian_parameters "resummed 2" comes from a Krylov subspace of H (HVPs
+    only); at full rank it equals the materialized-Hessian path."""
+    from perturb.experiments.models import mlp
+
+    sizes = dict(steps=6) if schedule == "online" else dict(train_size=8, steps=6)
+    common = dict(
+        model=mlp((1, 8, 8), 10, hidden=()), lrs=(0.01, 0.05), schedule=schedule, trials=4,
+        population=16, records=2, orders=(0,), gap=False, progress=False, seed=2, **sizes,
+    )  # fmt: skip
+    exact = validate(**common)
+    p = exact.config["parameters"] if "parameters" in exact.config else None
+    krylov = validate(**common, max_hessian_parameters=10, krylov_rank=10**6)
+    assert "resummed 2" not in krylov.config["unavailable"]
+    info = krylov.config["resummed_krylov"]
+    assert info["rank"] == info["parameters"] and (p is None or p == info["parameters"])
+    for a, b in zip(exact.rows, krylov.rows, strict=True):
+        got, want = b["predictions"]["resummed 2"], a["predictions"]["resummed 2"]
+        # full-rank block Lanczos (P = 650, float64) against eigh: rounding at ~1e-9
+        assert got["value"] == pytest.approx(want["value"], rel=1e-7)
+    assert "in a Krylov subspace of H of rank" in krylov.table()
+    low = validate(**common, max_hessian_parameters=10, krylov_rank=8)
+    assert low.config["resummed_krylov"]["rank"] == 8
+    assert low.config["resummed_krylov"]["error"] > 0
