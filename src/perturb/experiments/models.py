@@ -22,7 +22,13 @@ import torch
 from torch import nn
 
 from perturb.errors import ModelSpecError
-from perturb.numeric.adapters import NonSmoothWarning, check_model, cross_entropy_per_sample
+from perturb.numeric.adapters import (
+    BATCHNORM_LAYERS,
+    DROPOUT_LAYERS,
+    NonSmoothWarning,
+    check_model,
+    cross_entropy_per_sample,
+)
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -305,29 +311,6 @@ def _import_from_cwd(module_name: str) -> Any:
                 sys.path.remove(cwd)
 
 
-#: Layers that couple the samples of a batch in training mode (batch statistics).
-_BATCH_STATISTICS: tuple[type[nn.Module], ...] = tuple(
-    cls
-    for cls in (
-        getattr(nn.modules.batchnorm, "_BatchNorm", None),
-        nn.BatchNorm1d,
-        nn.BatchNorm2d,
-        nn.BatchNorm3d,
-        nn.SyncBatchNorm,
-    )
-    if cls is not None
-)
-#: Layers that draw random numbers in training mode.
-_RANDOM_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-)
-
-
 def _check_factory_model(
     model: nn.Module, spec: str, input_shape: tuple[int, ...], num_classes: int
 ) -> None:
@@ -341,13 +324,13 @@ def _check_factory_model(
     for name, module in model.named_modules():
         kind = type(module).__name__
         where = f"submodule {name!r} ({kind})" if name else f"the model ({kind})"
-        if isinstance(module, _BATCH_STATISTICS) and module.training:
+        if isinstance(module, BATCHNORM_LAYERS) and module.training:
             raise ModelSpecError(
                 f"{label}: {where} is a BatchNorm layer in training mode, which couples the "
                 "samples of a batch; expected per-sample layers: remove it, or return "
                 "model.eval() from the factory"
             )
-        if isinstance(module, _RANDOM_LAYERS) and module.training and module.p > 0:
+        if isinstance(module, DROPOUT_LAYERS) and module.training and module.p > 0:
             raise ModelSpecError(
                 f"{label}: {where} is dropout in training mode, a random operation the "
                 "vectorized trials cannot run; expected a deterministic model: remove it, or "
