@@ -161,20 +161,20 @@ class VariadicOption(click.Option):
 # ---------------------------------------------------------------- checked values
 
 
-def _check_lrs(ctx: click.Context, param: click.Parameter, value: Sequence[float]) -> Any:
-    for lr in value:
+def _callback(check: Callable[[Any], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback running ``check`` on the value: its ``ValueError`` is a usage error."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
         try:
-            check_lr(lr)
+            return check(value)
         except ValueError as err:
             raise click.BadParameter(str(err), ctx=ctx, param=param) from None
-    return value
+
+    return callback
 
 
-def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    try:
-        return check_device(value)
-    except ValueError as err:
-        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
+def _each_lr(values: Sequence[float]) -> tuple[float, ...]:
+    return tuple(check_lr(lr) for lr in values)
 
 
 def lr_option(*, required: bool = False, default: str | None = None) -> Decorator:
@@ -207,7 +207,7 @@ def lr_option(*, required: bool = False, default: str | None = None) -> Decorato
         type=float,
         metavar="ETA...",
         required=required,
-        callback=_check_lrs,
+        callback=_callback(_each_lr),
         help=text,
     )
 
@@ -228,7 +228,7 @@ def device_option(command: Callable[..., Any]) -> Callable[..., Any]:
         type=click.Choice(DEVICES),
         default="cpu",
         show_default=True,
-        callback=_check_device,
+        callback=_callback(check_device),
         help="Where to compute (cuda needs a GPU torch can see).",
     )(command)
 
@@ -373,13 +373,6 @@ def checkpoint_option(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
-def _check_pretrain_lr(ctx: click.Context, param: click.Parameter, value: float) -> float:
-    try:
-        return check_lr(value)
-    except ValueError as err:
-        raise click.BadParameter(str(err), ctx=ctx, param=param) from None
-
-
 def start_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """``--checkpoint``, ``--pretrain STEPS`` and ``--pretrain-lr LR``: where runs start.
 
@@ -410,7 +403,7 @@ def start_options(command: Callable[..., Any]) -> Callable[..., Any]:
             default=DEFAULT_PRETRAIN_LR,
             show_default=True,
             metavar="LR",
-            callback=_check_pretrain_lr,
+            callback=_callback(check_lr),
             help="Learning rate of --pretrain.",
         ),
     )(command)
