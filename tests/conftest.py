@@ -39,3 +39,13 @@ def torch_landscape():
     data = torch.eye(len(losses), dtype=torch.float64)
     theta = torch.tensor([float(v) for v in theta0], dtype=torch.float64)
     return loss_fn, data, theta
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors: faster, and robust to a busy
+    machine (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

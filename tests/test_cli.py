@@ -376,6 +376,54 @@ def test_predict_takes_a_list_of_learning_rates():
     assert a["lr"] == [0.01, 0.02, 0.05] and a["total"] == b["total"]
 
 
+def test_predict_resummed_at_full_rank_is_the_eigendecomposition():
+    """``perturb predict --resummed`` on softmax regression pooled to 2×2 digits (P = 50,
+    ``--krylov-rank 64`` ≥ P: the subspace spans everything) equals perturb.predict's
+    eigendecomposition of materialized float64 tensors on the same 12 points; the
+    error estimate is the last edge's contribution continued geometrically, not zero."""
+    import torch
+
+    import perturb
+    from perturb.experiments.data import load_dataset
+    from perturb.experiments.models import build_model
+    from perturb.experiments.simulation import model_loss
+
+    args = ["predict", "--model", "mlp", "--steps", "20", "--order", "3", "--samples", "12"]
+    args += ["--exact", "--format", "json", "--resummed", "--krylov-rank", "4096"]
+    args += ["--krylov-higher-rank", "4096", "--lr", "0.05", "0.2"]
+    result = run(*args[:2], "tests.test_cli:pooled_softmax", *args[3:])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout[result.stdout.index("{") :])
+    assert got["resummed"] and got["krylov_rank"] == 50
+    data = load_dataset("digits", split="train").subset(12, seed=0)
+    net = build_model("tests.test_cli:pooled_softmax", data.input_shape, data.num_classes, seed=0)
+    loss_fn, theta = model_loss(net)
+    x, y = data.x.double(), data.y
+    rows = torch.cat([x.reshape(len(y), -1), y[:, None].double()], 1)
+
+    def row_loss(p, row):
+        return loss_fn(p, row[None, :-1].reshape(1, *x.shape[1:]), row[None, -1].long())[0]
+
+    pop = perturb.Population(row_loss, rows)
+    for lr, total, estimate in zip(got["lr"], got["total"], got["error_estimate"], strict=True):
+        want = perturb.predict(
+            pop, theta.detach().double(), perturb.Online(steps=20, batch_size=1), lr=lr,
+            order=3, resummed=True,
+        )  # fmt: skip
+        assert total == pytest.approx(want.total, rel=1e-5)
+        assert 0 < estimate <= abs(want.by_order[3]) + 1e-6
+
+
+def pooled_softmax(input_shape, num_classes, seed):
+    """A 50-parameter model for the CLI tests: 8×8 digits pooled to 2×2, then softmax."""
+    import torch
+
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.AvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(4, num_classes)
+    )
+
+
 # ----------------------------------------------------------- shared option groups
 
 

@@ -130,7 +130,7 @@ def check_lrs(lrs: object, *, name: str = "lrs") -> tuple[float, ...]:
     return tuple(float(v) for v in lrs)
 
 
-def check_order(order: object, *, maximum: int | None = None) -> int:
+def check_order(order: object, *, maximum: int | None = None, name: str = "order") -> int:
     """A perturbative order: a non-negative integer (at most ``maximum``).
 
     Example:
@@ -139,7 +139,7 @@ def check_order(order: object, *, maximum: int | None = None) -> int:
     """
     if not _is_int(order) or order < 0 or (maximum is not None and order > maximum):
         top = f" at most {maximum}" if maximum is not None else ""
-        raise ValueError(f"order must be a non-negative integer{top}, got {order!r}")
+        raise ValueError(f"{name} must be a non-negative integer{top}, got {order!r}")
     return int(order)
 
 

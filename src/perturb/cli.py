@@ -503,6 +503,31 @@ def diagrams_command(
             click.echo(f"wrote {path}")
 
 
+_krylov_options = [
+    click.option(
+        "--krylov-rank",
+        type=click.IntRange(min=2),
+        default=128,
+        show_default=True,
+        help="Dimension k of the Krylov subspace of H for the re-summed series.",
+    ),
+    click.option(
+        "--krylov-higher-rank",
+        type=click.IntRange(min=1),
+        default=32,
+        show_default=True,
+        help="Basis vectors for J and the per-sample Hessians (3 edges, GD's 2).",
+    ),
+]
+
+
+def krylov_options(command: Any) -> Any:
+    """``--krylov-rank`` and ``--krylov-higher-rank`` (validate, compare)."""
+    for option in reversed(_krylov_options):
+        command = option(command)
+    return command
+
+
 @cli.command("predict")
 @data_options(model_default=None, alias=True)
 @checkpoint_option
@@ -522,6 +547,13 @@ def diagrams_command(
     is_flag=True,
     help="Treat the points as the population (exact averages, no error bars).",
 )
+@click.option(
+    "--resummed",
+    is_flag=True,
+    help="Re-summed diagrams (edges carry η(I − ηH)^{Δt−1}, --order counts edges, at most "
+    "3), in a Krylov subspace of H built from Hessian-vector products.",
+)
+@krylov_options
 @seed_option
 @device_option
 @click.option(
@@ -539,77 +571,23 @@ def predict_command(
     quantity: str,
     samples: int | None,
     exact: bool,
+    resummed: bool,
+    krylov_rank: int,
+    krylov_higher_rank: int,
     seed: int,
     device: str,
     fmt: str,
 ) -> None:
-    """Predict SGD's test loss, train loss or gap from a checkpoint, with error bars."""
-    import json
+    """Predict SGD's test loss, train loss or gap from a checkpoint, with error bars.
 
-    import torch
+    Every prediction comes with an error estimate of its truncation, from the theory
+    (the terms left out, the last continued geometrically; re-summed, plus the Krylov
+    subspace's k vs k/2 difference).
+    """
+    options = dict(locals())
+    from perturb.cli_predict import run_predict
 
-    from perturb.experiments.data import load_dataset
-    from perturb.experiments.models import build_model, load_checkpoint
-    from perturb.numeric.measuring import measure
-    from perturb.symbolic.schedules import Online
-
-    data = load_dataset(dataset, data_dir=data_dir, split="train")
-    if samples is not None and samples > len(data):
-        raise click.BadParameter(
-            f"{samples} is more than the {len(data)} points of {dataset!r}",
-            param_hint="'--samples'",
-        )
-    model = build_model(model_spec, data.input_shape, data.num_classes, seed=seed)
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
-    if exact and samples is not None and samples < len(data):
-        data, samples = data.subset(samples, seed=seed), None
-    model = model.to(device)
-    schedule = Online(steps=steps, batch_size=batch_size)
-    stats = measure(
-        model,
-        (data.x.to(device), data.y.to(device)),
-        order=order,
-        schedules=[schedule],
-        quantities=(quantity,),
-        exact=exact,
-        samples=samples,
-        seed=seed,
-        dtype=torch.float32,
-    )
-    pred = stats.predict(schedule, lr=list(lrs), quantity=quantity, order=order)
-    asked = len(data) if samples is None else samples
-    if stats.rows != asked:
-        size = stats.meta.get("tuple_size")
-        why = f"disjoint tuples of {size} rows" if size else "the estimator's layout"
-        click.echo(f"note: {stats.rows} of the {asked} points are used ({why})", err=True)
-    if fmt == "json":
-        click.echo(
-            json.dumps(
-                {
-                    "quantity": quantity,
-                    "steps": steps,
-                    "batch_size": batch_size,
-                    "exact": exact,
-                    "rows": stats.rows,
-                    "lr": pred.lr.tolist(),
-                    "by_order": pred.by_order.tolist(),
-                    "total": pred.total.tolist(),
-                    "se": pred.se.tolist(),
-                },
-                indent=2,
-            )
-        )
-        return
-    head = f"{'lr':>8} " + " ".join(f"{'η^' + str(d):>12}" for d in range(order + 1))
-    click.echo(
-        f"E[{quantity}] after {steps} steps of online SGD (batch {batch_size}), "
-        f"order {order}, from {stats.rows} points ({'exact' if exact else 'estimated'}):"
-    )
-    click.echo(head + f" {'total':>12} {'± s.e.':>10}")
-    for i, lr in enumerate(pred.lr):
-        cells = " ".join(f"{v:12.6f}" for v in pred.by_order[i])
-        click.echo(f"{lr:8.4g} {cells} {pred.total[i]:12.6f} {pred.se[i]:10.6f}")
+    run_predict(**options)
 
 
 def _orders_option(default: str) -> Any:
@@ -647,8 +625,9 @@ _population_option = click.option(
     "--resummed/--no-resummed",
     default=True,
     show_default=True,
-    help="Also report the re-summed prediction (up to two edges).",
+    help="Also report the re-summed predictions (up to two and three edges).",
 )
+@krylov_options
 @seeds_option
 @_population_option
 @click.option(
@@ -717,6 +696,7 @@ def validate_command(model_spec: str, **options: Any) -> None:
 @click.option("--trials", type=click.IntRange(min=2), default=128, show_default=True)
 @_orders_option("1 2 3")
 @click.option("--resummed/--no-resummed", default=True, show_default=True)
+@krylov_options
 @seed_option
 @_population_option
 @start_options

@@ -37,6 +37,7 @@ def test_rows_and_predictors(small):
         "noiseless",
         "SDE",
         "resummed 2",
+        "resummed 3",
     ]
     assert [(r["lr"], r["steps"]) for r in small.rows] == [
         (0.002, 5),
@@ -53,11 +54,11 @@ def test_small_eta_t_predictions_lie_in_the_interval(small):
     """At ηt ≤ 0.1 the order-3 truncation error is far below the CI (≈ (ηt)⁴ of the
     loss scale), so a standardized error z = (prediction − mean)/s.e. beyond the 99.9%
     t-quantile (3.39 with 63 degrees of freedom) has probability 1e-3 per row from
-    sampling alone; 4 rows and 2 predictors: false-failure rate < 0.8%."""
+    sampling alone; 4 rows and 3 predictors: false-failure rate < 1.2%."""
     limit = float(stats.t.ppf(0.9995, 63))
     for r in small.rows:
         if r["eta_t"] <= 0.1:
-            for name in ("order 3", "resummed 2"):
+            for name in ("order 3", "resummed 2", "resummed 3"):
                 assert abs(_z(r["predictions"][name]["error_ci"], 64)) < limit, (name, r)
 
 
@@ -230,7 +231,8 @@ def test_every_schedule_runs_and_says_which(scheduled):
     expected = {"online": set(), "epochs": set(), "gd": {"SDE"}}[name]
     assert set(unavailable) == expected
     assert set(result.predictors) == (
-        {"order 0", "order 1", "order 2", "order 3", "noiseless", "SDE", "resummed 2"} - expected
+        {"order 0", "order 1", "order 2", "order 3", "noiseless", "SDE", "resummed 2", "resummed 3"}
+        - expected
     )
     for n, why in unavailable.items():
         assert f"{n}: not available ({why})" in result.table()
@@ -258,7 +260,7 @@ def test_every_schedule_order_2_lies_in_the_interval(scheduled):
         p = r["predictions"]
         half = (r["ci_high"] - r["ci_low"]) / 2
         assert abs(p["order 2"]["value"] - p["order 3"]["value"]) < 0.1 * half
-        for name in ("order 2", "order 3", "resummed 2"):
+        for name in ("order 2", "order 3", "resummed 2", "resummed 3"):
             if name in p:
                 assert abs(_z(p[name]["error_ci"], 256)) < Z_9999, (name, r)
         assert abs(_z(p["order 0"]["error_ci"], 256)) > Z_9999, r
@@ -380,28 +382,25 @@ def test_gap_prediction_equals_the_engines_gap_series(tiny):
     )
 
 
-def test_hessian_predictors_skipped_for_large_models(tiny):
-    result = validate(
-        dataset=tiny,
-        model="mlp",
-        lrs=(0.01,),
-        steps=2,
-        trials=4,
-        records=1,
-        progress=False,
-        orders=(0,),
-        gap=False,
-        max_hessian_parameters=100,
+def test_large_models_run_the_sde_on_the_krylov_subspace(tiny):
+    """Re-summed, the SDE runs on the quadratic model projected on the Krylov subspace
+    whatever the size; without re-summation it needs the materialized Hessian and is
+    skipped above max_hessian_parameters, with the reason."""
+    common = dict(dataset=tiny, model="mlp", lrs=(0.01,), steps=2, trials=4, records=1,
+                  progress=False, orders=(0,), gap=False, max_hessian_parameters=100)  # fmt: skip
+    result = validate(**common, krylov_rank=16, krylov_higher_rank=4)
+    assert result.config["unavailable"] == {} and result.config["sde_krylov_rank"] == 16
+    assert result.predictors == ["order 0", "noiseless", "SDE", "resummed 2", "resummed 3"]
+    assert result.config["resummed_krylov"]["rank"] == 16
+    assert result.config["resummed_ranks"]["resummed 3"] == [16, 16, 16, 4]
+    assert "SDE: on the quadratic model projected on the Krylov subspace (rank 16)" in (
+        result.table()
     )
-    why = result.config["unavailable"]
-    # the SDE needs the materialized Hessian; the re-summed series moves to a Krylov subspace
+    assert "(3-edge diagrams on 4)" in result.table()
+    bare = validate(**common, resummed=False)
+    why = bare.config["unavailable"]
     assert set(why) == {"SDE"} and "259 parameters > max_hessian_parameters" in why["SDE"]
-    assert result.config["resummed_krylov"]["rank"] == 128
-    assert result.predictors == ["order 0", "noiseless", "resummed 2"] and not result.gap
-    result = validate(dataset=tiny, model="mlp", schedule="gd", train_size=4, steps=2,
-                      lrs=(0.01,), trials=4, records=1, progress=False, orders=(0,),
-                      gap=False, max_per_sample_hessians=1000)  # fmt: skip
-    assert "needs per-sample Hessians" in result.config["unavailable"]["resummed 2"]
+    assert bare.predictors == ["order 0", "noiseless"] and not bare.gap
 
 
 # ------------------------------------------------------------------ where the runs start
@@ -501,6 +500,7 @@ def blown_up(tmp_path_factory):
         orders=(0, 1, 2),
         progress=False,
         out=out,
+        resummed=False,
         max_hessian_parameters=1000,  # keeps it fast: SDE and re-summed are skipped
     )
     return result, out
@@ -558,27 +558,29 @@ def test_unstable_predictions_in_results_json_carry_value_and_flag(blown_up):
 # ------------------------------------------------------------------ MNIST-1D
 
 
-def test_mnist1d_runs_end_to_end_and_says_what_it_skips():
-    """Sequences (1, 40), the 1-D convnet (34,202 parameters): the SDE skipped, re-summed
-    in a Krylov subspace."""
+def test_mnist1d_runs_end_to_end_with_every_predictor():
+    """Sequences (1, 40), the 1-D convnet (34,202 parameters): the SDE and the re-summed
+    series in a Krylov subspace, the table saying so."""
     result = validate(
         dataset="mnist1d",
         lrs=(0.01,),
         steps=4,
         trials=4,
-        population=64,
+        population=16,
         records=2,
         orders=(0, 1),
         gap=False,
         progress=False,
+        krylov_rank=16,
+        krylov_higher_rank=4,
     )
-    assert result.config["parameters"] == 34202 and result.config["population"] == 64
-    assert result.predictors == ["order 0", "order 1", "noiseless", "resummed 2"]
-    why = "needs the materialized Hessian: 34202 parameters > max_hessian_parameters = 4000"
-    assert result.config["unavailable"] == {"SDE": why}
+    assert result.config["parameters"] == 34202 and result.config["population"] == 16
+    assert result.predictors == [
+        "order 0", "order 1", "noiseless", "SDE", "resummed 2", "resummed 3"
+    ]  # fmt: skip
+    assert result.config["unavailable"] == {}
     table = result.table()
-    assert f"         SDE: not available ({why})" in table
-    assert "  resummed 2: in a Krylov subspace of H of rank 128 (P = 34202)" in table
+    assert "  resummed 2: in a Krylov subspace of H of rank 16 (P = 34202)" in table
     for r in result.rows:
         assert r["ci_low"] < r["actual"] < r["ci_high"] and not r["divergent"]
         assert all(math.isfinite(p["value"]) for p in r["predictions"].values())
@@ -605,27 +607,68 @@ def test_outputs_written_when_every_trial_diverged(tmp_path, tiny):
 
 
 @pytest.mark.parametrize("schedule", ["online", "gd"])
-def test_resummed_above_the_hessian_limit_uses_a_krylov_subspace(schedule):
-    """Above max_hessian_parameters "resummed 2" comes from a Krylov subspace of H (HVPs
-    only); at full rank it equals the materialized-Hessian path."""
-    from perturb.experiments.models import mlp
+def test_full_rank_krylov_equals_the_materialized_quadratic_model(schedule):
+    """At ``krylov_rank ≥ P`` the subspace spans everything: "resummed 2" and "resummed 3"
+    equal perturb.predict's eigendecomposition of materialized tensors (float64, same
+    population and θ_0), and the SDE on the projected model equals the SDE on the
+    materialized one (validate evaluates the network in float32: 1e-5 relative)."""
+    import torch
 
+    import perturb
+    from perturb.experiments.pipeline import build, cut, load_population
+    from perturb.experiments.simulation import model_loss
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(  # 8×8 digits pooled to 2×2, softmax regression: P = 50
+        torch.nn.AvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(4, 10)
+    )
     sizes = dict(steps=6) if schedule == "online" else dict(train_size=8, steps=6)
     common = dict(
-        model=mlp((1, 8, 8), 10, hidden=()), lrs=(0.01, 0.05), schedule=schedule, trials=4,
-        population=16, records=2, orders=(0,), gap=False, progress=False, seed=2, **sizes,
+        model=model, lrs=(0.05, 0.2), schedule=schedule, trials=4, population=12,
+        records=2, orders=(0,), gap=False, progress=False, seed=2, **sizes,
     )  # fmt: skip
-    exact = validate(**common)
-    p = exact.config["parameters"] if "parameters" in exact.config else None
-    krylov = validate(**common, max_hessian_parameters=10, krylov_rank=10**6)
-    assert "resummed 2" not in krylov.config["unavailable"]
+    krylov = validate(**common, krylov_rank=10**6, krylov_higher_rank=10**6)
     info = krylov.config["resummed_krylov"]
-    assert info["rank"] == info["parameters"] and (p is None or p == info["parameters"])
-    for a, b in zip(exact.rows, krylov.rows, strict=True):
-        got, want = b["predictions"]["resummed 2"], a["predictions"]["resummed 2"]
-        # full-rank block Lanczos (P = 650, float64) against eigh: rounding at ~1e-9
-        assert got["value"] == pytest.approx(want["value"], rel=1e-7)
-    assert "in a Krylov subspace of H of rank" in krylov.table()
-    low = validate(**common, max_hessian_parameters=10, krylov_rank=8)
-    assert low.config["resummed_krylov"]["rank"] == 8
-    assert low.config["resummed_krylov"]["error"] > 0
+    assert info["rank"] == info["higher_rank"] == info["parameters"] == 50
+    setup = build(model, load_population("digits", population=12, seed=2), seed=2)
+    loss_fn, theta = model_loss(setup.net)
+    x, y = setup.x.double(), setup.y
+    rows = torch.cat([x.reshape(len(y), -1), y[:, None].double()], 1)
+
+    def row_loss(p, row):
+        return loss_fn(p, row[None, :-1].reshape(1, *x.shape[1:]), row[None, -1].long())[0]
+
+    pop = perturb.Population(row_loss, rows)
+    theta = theta.detach().double()
+    full = perturb.Online(**sizes, batch_size=1) if schedule == "online" else perturb.GD(**sizes)
+    for r in krylov.rows:
+        for d in (2, 3):
+            want = perturb.predict(
+                pop, theta, cut(full, r["steps"]), lr=r["lr"], order=d, resummed=True
+            )
+            got = r["predictions"][f"resummed {d}"]["value"]
+            assert got == pytest.approx(want.total, rel=1e-5), (d, r)
+    if schedule == "online":
+        bare = validate(**common, resummed=False)
+        for a, b in zip(bare.rows, krylov.rows, strict=True):
+            want, got = a["predictions"]["SDE"]["value"], b["predictions"]["SDE"]["value"]
+            assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_every_prediction_carries_a_validity_estimate(small):
+    """``error_estimate`` (finite or ``inf``, never negative) and ``trusted`` on every
+    prediction, the summary per predictor, and its lines in the table; a trusted row is
+    never one the table shows as unstable."""
+    for r in small.rows:
+        assert set(r["validity"]) == {
+            "rms_displacement", "displacement_over_radius", "mean_square_excess"
+        }  # fmt: skip
+        for p in r["predictions"].values():
+            assert p["error_estimate"] >= 0 and isinstance(p["trusted"], bool)
+            assert not (p["trusted"] and p["unstable"])
+    assert set(small.validity) == set(small.predictors)
+    for v in small.validity.values():
+        assert v["calibration"] is None or 0 <= v["calibration"] <= 1
+    assert "validity estimate (from the statistics at θ_0, before any run):" in small.table()
+    payload = json.loads(small.to_json())
+    assert payload["validity"] == json.loads(json.dumps(small.validity))

@@ -234,6 +234,66 @@ def test_krylov_full_rank_order3_equals_eigendecomposition(schedule, quantity, i
         np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        perturb.Online(steps=40, batch_size=1),
+        perturb.Epochs(train_size=3, batch_size=1, epochs=2, shuffle=True),
+        perturb.GD(train_size=3, steps=40),
+    ],
+    ids=["online", "epochs-shuffled", "gd"],
+)
+def test_higher_rank_evaluates_each_order_on_its_own_leading_block(schedule):
+    """With ``higher_rank = k_3 < k`` the diagrams that need per-sample Hessians or ``J``
+    are those of a rank-``k_3`` subspace (the basis is nested), the others those of rank
+    ``k``; at ``k_3 = k = P`` everything is the exact eigendecomposition."""
+    from perturb.numeric.krylov import krylov_subspace
+
+    pop, theta = tanh_net(4, weight_decay=0.05)  # P = 13
+    kw = {"order": 3, "quantities": ("test", "train"), "schedules": schedule, "probes": 2}
+    full = krylov_subspace(pop, None, theta, rank=12, **kw)
+    split = krylov_subspace(pop, None, theta, rank=12, higher_rank=5, **kw)
+    small = krylov_subspace(pop, None, theta, rank=5, **kw)
+    assert split.higher_rank == 5 and full.higher_rank == 12
+    assert (
+        split.cost["per_sample_hvps"]
+        == small.cost["per_sample_hvps"]
+        < full.cost["per_sample_hvps"]
+    )
+    for quantity in ("test", "gap"):
+        levels = split.ranks(schedule, quantity, 3)
+        assert levels[-1] == 5 and levels[0] == 12
+        got = split.values(schedule, lr=[0.02, 0.05], quantity=quantity)
+        wide = full.values(schedule, lr=[0.02, 0.05], quantity=quantity)
+        narrow = small.values(schedule, lr=[0.02, 0.05], quantity=quantity)
+        for d, level in enumerate(levels):
+            ref = wide if level == 12 else narrow
+            np.testing.assert_allclose(got[:, d], ref[:, d], rtol=1e-10, atol=1e-13)
+        half = split.ranks(schedule, quantity, 3, rank=6)  # the k/2 estimate halves both
+        assert half[0] == 6 and half[-1] == 2
+    exact = krylov_subspace(pop, None, theta, rank=13, higher_rank=13, **kw)
+    ref = perturb.predict(pop, theta, schedule, lr=0.05, order=3, resummed=True)
+    np.testing.assert_allclose(
+        exact.values(schedule, lr=[0.05])[0], ref.by_order, rtol=1e-9, atol=1e-12
+    )
+    with pytest.raises(ValueError, match=r"higher_rank must be an integer in 1\.\.12, got 13"):
+        krylov_subspace(pop, None, theta, rank=12, higher_rank=13, **kw)
+
+
+def test_open_networks_are_reused_across_steps():
+    """A subspace that has evaluated one schedule gives a second schedule with the same
+    diagrams (other ``T``, other time structure) the values of a fresh subspace."""
+    from perturb.numeric.krylov import krylov_subspace
+
+    pop, theta = tanh_net(4, weight_decay=0.05)
+    kw = {"rank": 8, "order": 3, "probes": 2, "schedules": [perturb.Online(), perturb.GD()]}
+    warm = krylov_subspace(pop, None, theta, **kw)
+    warm.values(perturb.Online(steps=10, batch_size=1), lr=[0.05])
+    for schedule in (perturb.Online(steps=30, batch_size=1), perturb.GD(train_size=3, steps=7)):
+        fresh = krylov_subspace(pop, None, theta, **kw).values(schedule, lr=[0.05])
+        np.testing.assert_allclose(warm.values(schedule, lr=[0.05]), fresh, rtol=1e-12)
+
+
 def test_krylov_long_runs_cost_no_more_than_short_ones():
     import time
 

@@ -258,3 +258,38 @@ def test_tuple_range_evaluates_a_slice_of_the_same_tuples():
         assert none.group_values[key].shape == want and not none.group_values[key].any()
     with pytest.raises(ValueError, match="tuple_range applies to estimator='tuples'"):
         measure(f, x, theta, order=2, progress=False, exact=True, tuple_range=lambda k: range(1))
+
+
+def test_an_order_per_quantity_measures_each_series_to_its_own_order():
+    """``order={"test": 3, "gap": 2}``: the test loss through η³ and the gap through η²
+    exactly as two separate measurements give them; the re-summed subspace then holds no
+    per-sample third derivatives (only the train loss at order 3 needs them)."""
+    import perturb
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    gen = torch.Generator().manual_seed(0)
+    data = (torch.randn(12, 3, generator=gen), torch.randint(0, 2, (12,), generator=gen))
+    online = perturb.Online(steps=5, batch_size=1)
+    kw = {"schedules": [online], "exact": True, "progress": False}
+    both = perturb.measure(net, data, order={"test": 3, "gap": 2}, **kw)
+    test = perturb.measure(net, data, order=3, quantities="test", **kw)
+    gap = perturb.measure(net, data, order=2, quantities="gap", **kw)
+    assert both.order == 3 and both.meta["orders"] == {"test": 3, "gap": 2}
+    for quantity, ref, d in (("test", test, 3), ("gap", gap, 2)):
+        got = both.predict(online, lr=[0.05], quantity=quantity, order=d)
+        want = ref.predict(online, lr=[0.05], quantity=quantity, order=d)
+        np.testing.assert_allclose(got.by_order, want.by_order, rtol=1e-12, atol=1e-15)
+    with pytest.raises(KeyError, match="statistics lack"):
+        both.predict(online, lr=[0.05], quantity="gap", order=3)
+    sub = perturb.measure(net, data, order={"test": 3, "gap": 2}, resummed=True, rank=8, **kw)
+    assert 3 in sub.subspace.means and 3 not in sub.subspace.derivs
+    assert sub.subspace.cost["per_sample_higher_derivatives"] == 0
+    sub.predict(online, lr=[0.05], quantity="gap", order=2, resummed=True)
+    with pytest.raises(ValueError, match="need projected derivatives of orders \\[3\\]"):
+        sub.predict(online, lr=[0.05], quantity="gap", order=3, resummed=True)
+    with pytest.raises(ValueError, match="not both"):
+        perturb.measure(net, data, order={"test": 1}, quantities=("test",), **kw)
+    with pytest.raises(ValueError, match="order of 'gap' must be a non-negative integer"):
+        perturb.measure(net, data, order={"test": 1, "gap": -1}, **kw)
+    with pytest.raises(ValueError, match="needs at least one quantity"):
+        perturb.measure(net, data, order={}, **kw)

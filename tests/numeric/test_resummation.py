@@ -317,3 +317,37 @@ def test_epochs_integral_form_is_refused():
     schedule = perturb.Epochs(train_size=4, batch_size=2, epochs=3)
     with pytest.raises(ValueError, match="integral form is implemented for online SGD"):
         perturb.predict(pop, theta0, schedule, lr=0.1, order=2, resummed=True, integral=True)
+
+
+def test_complete_homogeneous_on_batches_of_every_width():
+    """Batched ``h_n(z_0..z_j)`` for j = 0..3 (one lower-triangular product structure per
+    width) at degrees around powers of two (every branch of the repeated squaring),
+    against the sum of all monomials of degree ``n``."""
+    gen = torch.Generator().manual_seed(0)
+    for j in range(4):
+        zs = 1.5 * torch.rand(5, j + 1, generator=gen, dtype=torch.float64) - 0.5
+        for n in (0, 1, 2, 3, 7, 8, 9):
+            ref = torch.zeros(5, dtype=torch.float64)
+            for powers in itertools.product(range(n + 1), repeat=j + 1):
+                if sum(powers) == n:
+                    ref = ref + torch.prod(zs ** torch.tensor(powers, dtype=torch.float64), -1)
+            np.testing.assert_allclose(complete_homogeneous(zs, n), ref, rtol=1e-12, atol=1e-15)
+    assert float(complete_homogeneous(torch.ones(3, dtype=torch.float64), -1)) == 0.0
+
+
+def test_cached_networks_give_the_uncached_values():
+    """``resummed_values(..., networks=cache)``: one network per diagram, filled on the first
+    call and reused for other steps, equal to fresh evaluations."""
+    from perturb.numeric.resummation import resummed_values
+
+    pop, theta = tanh_net(3)
+    derivs = pop.derivatives(theta, 3)
+    cache: dict = {}
+    for steps in (5, 40):
+        schedule = perturb.Online(steps=steps, batch_size=1)
+        terms = resummed_terms(3, schedule)
+        kw = {"lr": [0.01, 0.03], "steps": steps, "schedule": schedule, "warn": False}
+        cached = resummed_values(terms, derivs, networks=cache, **kw)
+        assert len(cache) == len({(t.diagram.parents, t.diagram.parts) for t in terms})
+        for a, b in zip(cached, resummed_values(terms, derivs, **kw), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-16)

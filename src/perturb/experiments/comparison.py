@@ -8,7 +8,11 @@ the actual value is the mean of ``K`` vectorized SGD trials with a 95% t-interva
 and the predictors are
 
 * ``order d``: perturb's un-resummed series through ``η^d``;
-* ``resummed 2``: perturb's re-summed diagrams with up to two edges;
+* ``resummed 2``, ``resummed 3``: perturb's re-summed diagrams with up to two and three
+  edges, evaluated in a Krylov subspace of ``H`` of rank ``k`` built from
+  Hessian-vector products while measuring (any model size; the notes give the rank
+  and the largest ``k`` vs ``k/2`` difference over the grid, and warn where ``K^T``
+  grows along an unstable direction);
 * ``gradient flow``: the ODE ``dθ/dt = −∇l`` on the quadratic model at ``θ_0``, at
   time ``ηT`` (:func:`perturb.experiments.baselines.ode_test_loss`; not
   :func:`perturb.validate`'s ``noiseless``, the noise-free diagrams of discrete SGD);
@@ -22,13 +26,21 @@ and the predictors are
   positive definite and ``ηh_i < 2`` (near a minimum), and is reported as ``nan``
   otherwise, e.g. at a random initialization where ``H`` has negative eigenvalues.
 
+The last four run on the quadratic model ``l + G·Δ + ½ΔᵀHΔ`` with gradient noise
+``C``: materialized (:func:`perturb.experiments.pipeline.quadratic_model`) for models
+with at most ``max_hessian_parameters`` parameters, and above that projected on the
+same Krylov subspace (:func:`perturb.experiments.predictors.subspace_quadratic`:
+``QᵀG``, ``QᵀHQ``, ``QᵀCQ``; exact at ``k = P``), with a note; without the subspace
+(``resummed=False``) they are not available there.  On the projection the eigenvalues
+are Ritz values, which lie inside ``H``'s spectrum: a negative one proves ``H``
+indefinite, but positive ones do not prove it positive definite, so ``stationary`` is
+then the stationary law of SGD restricted to the subspace.
+
 Each prediction's error is given in units of the interval's half-width; a prediction
 that blew up (not finite, or far outside what the loss can be,
 :func:`perturb.experiments.pipeline.is_unstable`) is shown as ``unstable``.  The runs
 start at the model's seeded initialization, or at a checkpoint, optionally after
-full-batch gradient descent on the population (``checkpoint``, ``pretrain``).  The
-theories on the quadratic model need the materialized Hessian and are skipped, with a
-note, for models over ``max_hessian_parameters``.
+full-batch gradient descent on the population (``checkpoint``, ``pretrain``).
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -54,7 +67,7 @@ from perturb.experiments.baselines import (
 )
 from perturb.experiments.pipeline import (
     DEFAULT_PRETRAIN_LR,
-    Quadratic,
+    Setup,
     Start,
     curve_intervals,
     json_ready,
@@ -62,12 +75,18 @@ from perturb.experiments.pipeline import (
     measure_at_start,
     prediction_entry,
     quadratic_model,
-    resummed_prediction,
     run_trials,
-    series_predictions,
     start_point,
     timed,
 )
+from perturb.experiments.predictors import (
+    RESUMMED_ORDERS,
+    resummed_predictions,
+    series_predictions,
+    subspace_quadratic,
+)
+from perturb.numeric.predictions import UNSTABLE_GROWTH
+from perturb.numeric.statistics import Statistics
 from perturb.symbolic.schedules import Online
 
 __all__ = ["Comparison", "compare"]
@@ -78,7 +97,9 @@ DEFAULT_STEPS = (25, 50, 100)
 GRADIENT_FLOW = "gradient flow"
 """The gradient-flow predictor's name: the ODE ``dθ/dt = −∇l`` on the quadratic model."""
 QUADRATIC = (GRADIENT_FLOW, "SDE", "Lyapunov", "stationary")
-"""The theories on the quadratic model at ``θ_0`` (they need the materialized Hessian)."""
+"""The theories on the quadratic model at ``θ_0`` (materialized, or projected on the subspace)."""
+RESUMMED = tuple(f"resummed {d}" for d in RESUMMED_ORDERS)
+"""The re-summed predictors' names, in table order."""
 
 
 @dataclass
@@ -87,15 +108,22 @@ class Comparison:
 
     Attributes:
         config: the settings of the run (``start``: the loss ``l(θ_0)``, gradient norm
-            ``‖G‖``, checkpoint and pretraining of the start).
+            ``‖G‖``, checkpoint and pretraining of the start; ``quadratic_model``:
+            ``"materialized"``, ``"projected"`` or ``None``; ``resummed_krylov``: the
+            extreme Ritz values and, per re-summed predictor, its ranks, largest ``k``
+            vs ``k/2`` difference and growth).
         predictors: names of the predictors, in table order.
         rows: one record per ``(η, B, T)``: ``lr``, ``batch_size``, ``steps``, ``eta_t``,
             ``actual`` (SGD mean), ``ci_half`` (95% half-width), ``trials`` (finite
             trials), ``divergent``, and ``predictions[name] = {"value", "error_ci",
             "unstable"}`` with ``error_ci = (value − actual)/ci_half`` and ``unstable``
             whether the value blew up (shown as ``unstable``).
-        notes: why a predictor is ``nan`` where it is, or not available at all.
-        timings: seconds spent measuring, simulating and predicting.
+        notes: per predictor, how it was evaluated (the Krylov rank, the largest ``k`` vs
+            ``k/2`` difference, the projected quadratic model), warnings (unstable
+            directions), and why it is ``nan`` where it is, or not available at all.
+        timings: seconds spent starting, measuring (the diagrams and the Krylov
+            subspace), simulating, building the quadratic model (``hessian_s``) and
+            predicting.
     """
 
     config: dict[str, Any]
@@ -249,14 +277,16 @@ def compare(
     device: str = "cpu",
     out: str | Path | None = None,
     progress: bool = False,
-    max_resummed_parameters: int = 4000,
     max_hessian_parameters: int = 4000,
+    krylov_rank: int = 128,
+    krylov_higher_rank: int = 32,
 ) -> Comparison:
     """Run SGD on a grid of ``(η, B, T)`` and put every theory's prediction beside it.
 
     The statistics at ``θ_0`` are exact over the population (:func:`perturb.measure`
-    with ``exact=True`` for the diagrams; the loss, per-sample gradients and the
-    Hessian for the quadratic model ``l + G·Δ + ½ΔᵀHΔ`` with gradient noise of
+    with ``exact=True`` for the diagrams and, with ``resummed``, the Krylov subspace of
+    ``H``; the loss, per-sample gradients and the Hessian, or their projections on the
+    subspace, for the quadratic model ``l + G·Δ + ½ΔᵀHΔ`` with gradient noise of
     covariance ``C``); the actual values are means of ``trials`` vectorized online-SGD
     runs per ``(η, B)`` (:func:`perturb.simulate`), recorded at every ``T``.  See the
     module docstring for the predictors.
@@ -272,8 +302,10 @@ def compare(
         steps: step counts ``T`` (one run per ``(η, B)`` is recorded at each).
         trials: SGD runs per ``(η, B)`` (at least 2).
         orders: orders of perturb's un-resummed series to report (0..4).
-        resummed: also report the re-summed diagrams with up to two edges (models with
-            at most ``max_resummed_parameters`` parameters).
+        resummed: also report the re-summed diagrams with up to two and three edges
+            (``"resummed 2"``, ``"resummed 3"``), evaluated in a Krylov subspace of
+            ``H`` (any model size); above ``max_hessian_parameters`` the theories on the
+            quadratic model run on the same subspace.
         seed: seed of the initialization, the population subset and the trials.
         population: number of images in the population.
         checkpoint: start from this weights-only ``state_dict`` of ``model`` instead
@@ -284,16 +316,22 @@ def compare(
         device: ``"cpu"`` or ``"cuda"``.
         out: folder for ``compare.json``, ``compare.csv`` and ``compare.png``.
         progress: show progress bars.
-        max_resummed_parameters: largest model for the re-summed predictor.
-        max_hessian_parameters: largest model for the theories on the quadratic model
-            (gradient flow, SDE, Lyapunov, stationary), which materialize ``H``.
+        max_hessian_parameters: largest model whose quadratic model (for gradient flow,
+            SDE, Lyapunov, stationary) is materialized (``P×P`` matrices); larger ones
+            use its projection on the Krylov subspace (needs ``resummed``).
+        krylov_rank: ``k``, the dimension of the Krylov subspace of ``H`` (``k``
+            Hessian-vector products; at most ``P``, exact at ``P``); the notes give the
+            largest difference between the predictions of rank ``k`` and ``k/2``.
+        krylov_higher_rank: ``k_3 ≤ k``, the basis vectors the per-sample Hessians and
+            third derivatives of the three-edge diagrams are projected on.
 
     Returns:
         A :class:`Comparison`.
 
     Raises:
         ValueError: on an empty or malformed grid, ``trials < 2``, orders outside 0..4,
-            or pretraining that diverged.
+            a Krylov rank below 2 (or a higher rank below 1), or pretraining that
+            diverged.
         FileNotFoundError: a ``checkpoint`` that does not exist.
         perturb.errors.ModelSpecError: a checkpoint that is no state dict of ``model``.
 
@@ -301,11 +339,13 @@ def compare(
         >>> from perturb.experiments.models import mlp
         >>> softmax = mlp((1, 8, 8), 10, hidden=())  # softmax regression, 650 parameters
         >>> r = compare(model=softmax, lrs=(0.01,), batch_sizes=(2,), steps=(3,), trials=4,
-        ...             orders=(1,), population=16)
+        ...             orders=(1,), population=16, krylov_rank=16, krylov_higher_rank=4)
         >>> r.predictors
-        ['order 1', 'resummed 2', 'gradient flow', 'SDE', 'Lyapunov', 'stationary']
+        ['order 1', 'resummed 2', 'resummed 3', 'gradient flow', 'SDE', 'Lyapunov', 'stationary']
         >>> len(r.rows), r.rows[0]["batch_size"]
         (1, 2)
+        >>> r.notes["resummed 3"].startswith("in a Krylov subspace of H of rank 16 (3-edge")
+        True
     """
     lrs = check_lrs(lrs)
     batch_sizes = tuple(sorted(set(check_ints("batch_sizes", batch_sizes, minimum=1))))
@@ -313,6 +353,9 @@ def compare(
     trials = check_int("trials", trials, minimum=2)
     orders = check_orders(orders)
     population = check_int("population", population, minimum=1)
+    max_hessian_parameters = check_int("max_hessian_parameters", max_hessian_parameters)
+    krylov_rank = check_int("krylov rank", krylov_rank, minimum=2)
+    krylov_higher_rank = check_int("krylov higher rank", krylov_higher_rank, minimum=1)
     config = {
         "dataset": dataset,
         "model": model if isinstance(model, str) else type(model).__name__,
@@ -326,6 +369,9 @@ def compare(
         "population": population,
         "device": device,
         "schedule": "online",
+        "max_hessian_parameters": max_hessian_parameters,
+        "krylov_rank": krylov_rank,
+        "krylov_higher_rank": krylov_higher_rank,
     }
     timings: dict[str, float] = {}
     data = load_population(dataset, data_dir=data_dir, population=population, seed=seed)
@@ -341,13 +387,18 @@ def compare(
             progress=progress,
         )
     config["start"] = start.to_dict()
-    config["parameters"] = p = setup.parameters
+    config["parameters"] = setup.parameters
     schedules = {(b, s): Online(steps=s, batch_size=b) for b in batch_sizes for s in steps}
 
-    top = max(orders)
     with timed(timings, "measure_s"):
         stats = measure_at_start(
-            setup, order=top, schedules=list(schedules.values()), progress=progress
+            setup,
+            order=max(orders),
+            schedules=list(schedules.values()),
+            resummed=resummed,
+            rank=krylov_rank,
+            higher_rank=krylov_higher_rank,
+            progress=progress,
         )
 
     with timed(timings, "simulate_s"):
@@ -365,37 +416,31 @@ def compare(
             for i, b in enumerate(batch_sizes)
         }
 
+    notes: dict[str, str] = {}
+    with timed(timings, "hessian_s"):
+        quad, kind = _quadratic(setup, stats, max_hessian_parameters, notes, progress)
+    config["quadratic_model"] = kind
+
     with timed(timings, "predict_s"):
-        notes: dict[str, str] = {}
-        quadratic = p <= max_hessian_parameters
-        do_resum = resummed and quadratic and p <= max_resummed_parameters
-        if not quadratic:
-            why = f"needs the materialized Hessian: {p} parameters > max_hessian_parameters"
-            for name in (["resummed 2"] if resummed else []) + list(QUADRATIC):
-                notes[name] = f"not available ({why} = {max_hessian_parameters})"
-        elif resummed and not do_resum:
-            notes["resummed 2"] = (
-                f"not available ({p} parameters > max_resummed_parameters = "
-                f"{max_resummed_parameters})"
-            )
-        quad = quadratic_model(setup, progress=progress) if quadratic else None
-        predictors = [f"order {d}" for d in orders] + (["resummed 2"] if do_resum else [])
-        predictors += list(QUADRATIC) if quadratic else []
+        do_resum = stats.subspace is not None
+        predictors = [f"order {d}" for d in orders] + (list(RESUMMED) if do_resum else [])
+        predictors += list(QUADRATIC) if quad is not None else []
         result = Comparison(config=config, predictors=predictors, notes=notes, timings=timings)
-        h_min, h_max = _spectrum(quad, result.notes)
+        h_min, h_max = _spectrum(quad, kind == "projected", result.notes)
+        krylov: dict[str, dict[str, Any]] = {}
         grid = [(b, s) for b in batch_sizes for s in steps]
         for b, s in tqdm(grid, desc="predict", unit="(B, T)", disable=not progress):
             means, halves, column = curve_intervals(runs[b])
             sched = schedules[(b, s)]
             columns = series_predictions(stats, sched, lrs, orders=orders)
             if do_resum:
-                columns["resummed 2"] = resummed_prediction(quad, sched, lrs)
+                columns.update(_resummed_columns(stats, sched, lrs, krylov))
             for li, lr in enumerate(lrs):
                 values = {name: float(v[li]) for name, v in columns.items()}
                 if quad is not None:
-                    values.update(_baselines(quad.model, lr=lr, steps=s, batch_size=b))
+                    values.update(_baselines(quad, lr=lr, steps=s, batch_size=b))
                     values["stationary"] = _stationary(
-                        quad.model, lr=lr, batch_size=b, h_min=h_min, h_max=h_max
+                        quad, lr=lr, batch_size=b, h_min=h_min, h_max=h_max
                     )
                 mean, half = float(means[li, column[s]]), float(halves[li, column[s]])
                 result.rows.append(
@@ -414,26 +459,110 @@ def compare(
                         },
                     }
                 )
+        if do_resum:
+            config["resummed_krylov"] = _resummed_notes(result.notes, stats, krylov, lrs)
         if quad is not None and math.isfinite(h_min) and h_min > 0:
             bad = [lr for lr in lrs if lr * h_max >= 2]
             if bad:
-                result.notes["stationary"] = f"n/a at η = {bad}: ηh_max ≥ 2, no stationary law"
+                why = f"n/a at η = {bad}: ηh_max ≥ 2, no stationary law"
+                _note(result.notes, "stationary", why)
         result.rows.sort(key=lambda r: (r["lr"], r["batch_size"], r["steps"]))
+        place = {name: i for i, name in enumerate([*RESUMMED, *QUADRATIC])}  # table order
+        result.notes = dict(sorted(notes.items(), key=lambda item: place[item[0]]))
     if out is not None:
         result.write(out)
     return result
 
 
-def _spectrum(quad: Quadratic | None, notes: dict[str, str]) -> tuple[float, float]:
-    """The extreme eigenvalues of ``H`` (``nan`` without it); notes a ``H`` not positive."""
+def _note(notes: dict[str, str], name: str, text: str) -> None:
+    """Add ``text`` to the note of ``name`` (after what is there, with ``; ``)."""
+    notes[name] = f"{notes[name]}; {text}" if name in notes else text
+
+
+def _quadratic(
+    setup: Setup, stats: Statistics, limit: int, notes: dict[str, str], progress: bool
+) -> tuple[QuadraticModel | None, str | None]:
+    """The quadratic model at ``θ_0`` and how it was built: ``"materialized"`` (at most
+    ``limit`` parameters), ``"projected"`` on the measured Krylov subspace, or ``None``
+    (the theories on it are not available; the notes say why)."""
+    p = setup.parameters
+    if p <= limit:
+        return quadratic_model(setup, progress=progress).model, "materialized"
+    too_big = f"{p} parameters > max_hessian_parameters = {limit}"
+    if stats.subspace is not None:
+        for name in QUADRATIC:
+            notes[name] = (
+                "on the quadratic model projected on the Krylov subspace of H of rank "
+                f"{stats.subspace.rank} ({too_big})"
+            )
+        return subspace_quadratic(stats.subspace), "projected"
+    for name in QUADRATIC:
+        notes[name] = (
+            f"not available (needs the materialized Hessian ({too_big}) or the Krylov "
+            "subspace (resummed=True))"
+        )
+    return None, None
+
+
+def _resummed_columns(stats: Statistics, sched: Online, lrs, krylov: dict) -> dict:
+    """The re-summed predictions of ``sched``; their Krylov error, growth and ranks are
+    accumulated over the grid in ``krylov[name]``."""
+    columns = {}
+    for name, r in resummed_predictions(stats, sched, lrs).items():
+        columns[name] = r.values
+        info = krylov.setdefault(name, {"error": 0.0, "growth": 0.0, "ranks": list(r.ranks)})
+        finite = r.error[np.isfinite(r.error)]
+        info["error"] = max([info["error"], *finite.tolist()])
+        info["growth"] = max(info["growth"], r.growth)
+    return columns
+
+
+def _resummed_notes(notes: dict[str, str], stats: Statistics, krylov: dict, lrs) -> dict:
+    """Note each re-summed predictor's Krylov rank(s), its largest ``k`` vs ``k/2``
+    difference over the grid and, where ``K^T`` grows, a warning; returns the record for
+    ``config["resummed_krylov"]``."""
+    ritz = stats.subspace.ritz_values()
+    h_min, h_max = float(ritz.min()), float(ritz.max())
+    for name, info in krylov.items():
+        ranks = info["ranks"]
+        text = f"in a Krylov subspace of H of rank {ranks[0]}"
+        if ranks[-1] != ranks[0]:
+            text += f" ({len(ranks) - 1}-edge diagrams on {ranks[-1]})"
+        text += f" (P = {stats.parameters}); rank k vs k/2 differ by up to {info['error']:.3g}"
+        if info["growth"] > UNSTABLE_GROWTH:
+            why = [f"H has a negative eigenvalue (h_min = {h_min:.3g})"] if h_min < 0 else []
+            if max(lrs) * h_max > 2:
+                why.append(f"ηh_max > 2 at η = {max(lrs):g} (largest Ritz value {h_max:.3g})")
+            why = " and ".join(why) or "|1 − ηh| > 1 for a Ritz value h"
+            text += (
+                f"; warning: {why}, so K^T = (I − ηH)^T grows by up to "
+                f"e^{info['growth']:.3g}: not a long-run prediction"
+            )
+        notes[name] = text
+    return {"h_min": h_min, "h_max": h_max, **krylov}
+
+
+def _spectrum(quad: QuadraticModel | None, projected: bool, notes: dict) -> tuple[float, float]:
+    """The extreme eigenvalues of ``H`` (Ritz values on a projection; ``nan`` without a
+    model); notes an ``H`` that is not positive definite, and what a projection can say."""
     if quad is None:
         return math.nan, math.nan
-    eig = quad.model.eig[0]
+    eig = quad.eig[0]
     h_min, h_max = float(eig.min()), float(eig.max())
-    if h_min <= 0:
-        notes["stationary"] = (
-            f"n/a: H at θ_0 is not positive definite (smallest eigenvalue {h_min:.3g}), "
-            "θ_0 is not near a minimum"
+    what = "Ritz value" if projected else "eigenvalue"
+    if h_min <= 0:  # Ritz values lie inside H's spectrum: a negative one proves it
+        _note(
+            notes,
+            "stationary",
+            f"n/a: H at θ_0 is not positive definite (smallest {what} {h_min:.3g}), "
+            "θ_0 is not near a minimum",
+        )
+    elif projected:
+        _note(
+            notes,
+            "stationary",
+            "its eigenvalues are Ritz values, inside H's spectrum, so H may have eigenvalues "
+            "≤ 0 or above 2/η outside the subspace: SGD's stationary law restricted to it",
         )
     return h_min, h_max
 

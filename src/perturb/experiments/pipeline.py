@@ -10,13 +10,15 @@ once here:
    every run: its seeded initialization or a checkpoint (:func:`build`), optionally
    after full-batch gradient descent on the population (:func:`pretrain`), with the
    loss and gradient norm there (:class:`Start`);
-3. :func:`measure_at_start`: the diagram values at ``θ_0``, exact over the population;
+3. :func:`measure_at_start`: the diagram values at ``θ_0``, exact over the population,
+   and the Krylov subspace of ``H`` the re-summed predictors need;
 4. :func:`run_trials`: ``K`` vectorized SGD runs per learning rate, with
    :func:`curve_intervals` for the mean and 95% t-interval at each recorded step;
 5. :func:`quadratic_model`: per-sample derivatives, the mean Hessian and the quadratic
    model ``l + G·Δ + ½ΔᵀHΔ`` with gradient noise ``C`` (float64, on the CPU), for the
-   predictors that need the materialized Hessian (:func:`resummed_prediction`, the
-   SDE and the other baselines).
+   SDE and the other baselines on models small enough to materialize ``H``.
+
+The predictors themselves are in :mod:`perturb.experiments.predictors`.
 
 Schedules come from the command line's options through
 :func:`perturb.symbolic.options.make_schedule` (:func:`experiment_schedule`), and a
@@ -55,12 +57,8 @@ from perturb.experiments.models import build_model, load_checkpoint
 from perturb.experiments.simulation import Trials, model_loss, simulate
 from perturb.numeric.intervals import t_half_width
 from perturb.numeric.measuring import Statistics, measure
-from perturb.numeric.predictions import growth
-from perturb.numeric.resummation import resummed_values
 from perturb.symbolic.options import make_schedule
-from perturb.symbolic.resummed import resummed_terms
 from perturb.symbolic.schedules import GD, Epochs, Online, Schedule
-from perturb.symbolic.series import series
 
 __all__ = [
     "DEFAULT_PRETRAIN_LR",
@@ -76,20 +74,14 @@ __all__ = [
     "json_ready",
     "load_population",
     "measure_at_start",
-    "noiseless_prediction",
-    "per_sample_hessians",
-    "per_sample_orders",
     "prediction_entry",
     "pretrain",
     "quadratic_model",
     "record_every",
     "recorded_steps",
-    "resummed_prediction",
     "run_trials",
-    "series_predictions",
     "start_point",
     "timed",
-    "unstable_growth",
 ]
 
 DEFAULT_PRETRAIN_LR = 1.0
@@ -431,9 +423,23 @@ def start_point(
 
 
 def measure_at_start(
-    setup: Setup, *, order: int, schedules: Sequence[Schedule], progress: bool = False
+    setup: Setup,
+    *,
+    order: int,
+    schedules: Sequence[Schedule],
+    gap: bool = False,
+    resummed: bool = False,
+    rank: int = 128,
+    higher_rank: int = 32,
+    progress: bool = False,
 ) -> Statistics:
-    """The test-loss diagrams through ``η^order`` at ``θ_0``, exact over the population.
+    """The diagrams at ``θ_0``, exact over the population, for every predictor.
+
+    The test-loss series through ``η^order``; with ``gap`` the generalization gap's
+    through ``η²``; with ``resummed`` also the Krylov subspace of ``H`` of dimension
+    ``rank`` (at most ``P``) with the tensors of the re-summed diagrams with up to three
+    edges (test) and two (gap), third-order ones on ``higher_rank`` vectors
+    (:func:`perturb.measure`); the test series is then measured through ``η³`` at least.
 
     Example:
         >>> setup = build("mlp", load_population("digits", population=4, seed=0), seed=0)
@@ -441,15 +447,22 @@ def measure_at_start(
         >>> len(stats.predict(Online(steps=2, batch_size=1), lr=[0.1], order=1).by_order[0])
         2
     """
+    test = max(order, 3) if resummed else order
+    orders = {"test": test, "gap": 2} if gap else {"test": test}
+    kw = {}
+    if resummed:
+        rank = min(check_int("krylov rank", rank, minimum=2), setup.parameters)
+        higher = min(check_int("krylov higher rank", higher_rank, minimum=1), rank)
+        kw = {"resummed": True, "rank": rank, "higher_rank": higher}
     return measure(
         setup.net,
         (setup.x, setup.y),
-        order=order,
+        order=orders,
         schedules=list(schedules),
-        quantities=("test",),
         exact=True,
         dtype=torch.float32,
         progress=progress,
+        **kw,
     )
 
 
@@ -518,48 +531,7 @@ def curve_intervals(trials: Trials) -> tuple[np.ndarray, np.ndarray, dict[int, i
     return means, half, {int(s): k for k, s in enumerate(trials.steps)}
 
 
-# ----------------------------------------------------------------------------- predictions
-
-
-def series_predictions(
-    stats: Statistics, schedule: Schedule, lrs: Sequence[float], *, orders: Sequence[int]
-) -> dict[str, np.ndarray]:
-    """``"order d"``: the un-resummed test-loss series through ``η^d``, one value per ``η``.
-
-    Example:
-        >>> setup = build("mlp", load_population("digits", population=4, seed=0), seed=0)
-        >>> sched = Online(steps=2, batch_size=1)
-        >>> stats = measure_at_start(setup, order=1, schedules=[sched])
-        >>> sorted(series_predictions(stats, sched, [0.1], orders=(0, 1)))
-        ['order 0', 'order 1']
-    """
-    pred = stats.predict(schedule, lr=list(lrs), quantity="test", order=max(orders))
-    cumulative = np.cumsum(pred.by_order, axis=1)
-    return {f"order {d}": cumulative[:, d] for d in orders}
-
-
-def noiseless_prediction(
-    stats: Statistics, schedule: Schedule, lrs: Sequence[float], *, order: int
-) -> np.ndarray:
-    """The noiseless diagrams through ``η^order``: those with every part a single node.
-
-    These are the terms of the series without the gradient noise (no ``C`` or higher
-    cumulant), i.e. the η-series of noiseless, GD-like SGD on the mean loss.
-
-    Example:
-        >>> setup = build("mlp", load_population("digits", population=4, seed=0), seed=0)
-        >>> sched = Online(steps=2, batch_size=1)
-        >>> stats = measure_at_start(setup, order=2, schedules=[sched])
-        >>> noiseless_prediction(stats, sched, [0.1], order=2).shape
-        (1,)
-    """
-    eta = np.asarray(lrs, dtype=float)
-    total = np.zeros(len(lrs))
-    for term in series(order, schedule, "test").terms:
-        if all(len(p) == 1 for p in term.contraction.tensors):
-            value = stats.value(term.contraction)
-            total += float(term.coefficient) * value * eta**term.power
-    return total
+# ----------------------------------------------------------------------------- quadratic model
 
 
 @dataclass
@@ -621,83 +593,6 @@ def quadratic_model(setup: Setup, *, progress: bool = False) -> Quadratic:
         model = QuadraticModel.from_derivatives(derivs, hess)
         bar.update()
     return Quadratic(loss_fn, theta64, x64, y, derivs, hess, model)
-
-
-def resummed_prediction(
-    quad: Quadratic, schedule: Schedule, lrs: Sequence[float], *, terms: list | None = None
-) -> np.ndarray:
-    """The re-summed diagrams with up to two edges, exact through the eigenbasis of ``H``.
-
-    Example:
-        >>> from perturb.experiments.models import mlp
-        >>> setup = build(mlp((1, 8, 8), 10, hidden=()),
-        ...               load_population("digits", population=4, seed=0), seed=0)
-        >>> quad = quadratic_model(setup)
-        >>> resummed_prediction(quad, Online(steps=2, batch_size=1), [0.1]).shape
-        (1,)
-    """
-    terms = resummed_terms(2, schedule) if terms is None else terms
-    values = resummed_values(
-        terms,
-        quad.derivs,
-        lr=[float(lr) for lr in lrs],
-        steps=int(schedule.steps),
-        schedule=schedule,
-        means={2: quad.hess},
-        eigh=quad.model.eig,
-        warn=False,
-    )
-    return np.asarray(sum(values), dtype=float).reshape(len(lrs))
-
-
-def unstable_growth(quad: Quadratic, lrs: Sequence[float], steps: int) -> float:
-    """How much ``K^T = (I − ηH)^T`` grows along unstable directions of ``H`` (``0`` if none).
-
-    The log of the largest growth factor over ``lrs`` (≈ ``ηT·|h_min|`` for a small negative
-    eigenvalue); above :data:`~perturb.numeric.predictions.UNSTABLE_GROWTH` the re-summed
-    values are not long-run predictions.
-
-    Example:
-        >>> from perturb.experiments.models import mlp
-        >>> setup = build(mlp((1, 8, 8), 10, hidden=()),
-        ...               load_population("digits", population=4, seed=0), seed=0)
-        >>> unstable_growth(quadratic_model(setup), [0.1], 10) >= 0.0
-        True
-    """
-    return growth(quad.model.eig[0], list(lrs), int(steps))
-
-
-def per_sample_orders(terms: list) -> set[int]:
-    """Derivative orders needed per sample: those of nodes sharing a part with another.
-
-    Example:
-        >>> sorted(per_sample_orders(resummed_terms(2, GD(train_size=4, steps=2))))
-        [1, 2]
-    """
-    need = set()
-    for term in terms:
-        d = term.diagram
-        for part in d.parts:
-            if len(part) > 1:
-                need.update(len(d.children[v]) + (v != 0) for v in part)
-    return need
-
-
-def per_sample_hessians(quad: Quadratic) -> torch.Tensor:
-    """``∇²l_i`` at ``θ_0`` for every row, shape ``(n, P, P)`` (float64).
-
-    Example:
-        >>> from perturb.experiments.models import mlp
-        >>> setup = build(mlp((1, 8, 8), 10, hidden=()),
-        ...               load_population("digits", population=2, seed=0), seed=0)
-        >>> per_sample_hessians(quadratic_model(setup)).shape
-        torch.Size([2, 650, 650])
-    """
-
-    def one(xi, yi):
-        return torch.func.hessian(lambda p: quad.loss_fn(p, xi[None], yi[None]).sum())(quad.theta)
-
-    return torch.stack([one(quad.x[i], quad.y[i]) for i in range(quad.x.shape[0])])
 
 
 # ----------------------------------------------------------------------------- reports

@@ -15,19 +15,20 @@ predicted through ``η²`` and compared with the mean of the trials' own gaps.
 Predictors, all from statistics at ``θ_0``:
 
 * ``order d``: the un-resummed series through ``η^d``;
-* ``resummed 2``: the re-summed diagrams with up to two edges (edges carry
-  ``η(I − ηH)^{Δt−1}``), exact through a full eigendecomposition of ``H``
-  (models with a few thousand parameters);
+* ``resummed 2``, ``resummed 3``: the re-summed diagrams with up to two and three
+  edges (edges carry ``η(I − ηH)^{Δt−1}``), in a Krylov subspace of ``H`` built from
+  Hessian-vector products while measuring (any model size; the table reports the
+  subspace's rank and its ``k`` vs ``k/2`` difference);
 * ``noiseless``: the noiseless diagrams (every part a single node, so no ``C`` or
   higher cumulant of the gradient noise) through the highest order: the η-series of
   GD-like SGD without noise (not gradient flow, :func:`perturb.compare`'s
   ``gradient flow``, which is the continuous-time limit on the quadratic model);
 * ``SDE``: the diffusion with statistics frozen at ``θ_0``, integrated from its
-  moment equations (:mod:`perturb.experiments.baselines`; not for GD, which has no per-step
-  noise).
+  moment equations (:mod:`perturb.experiments.baselines`; not for GD, which has no
+  per-step noise).
 
-Predictors that need the materialized Hessian (SDE, re-summed) are skipped, with the
-reason in the result, for models with more than a few thousand parameters.
+The SDE runs on the quadratic model projected on the same Krylov subspace (or, without
+re-summation, materialized, for models with a few thousand parameters).
 
 Every run starts at the same ``θ_0``: the model's seeded initialization, or a
 checkpoint, optionally after full-batch gradient descent on the population
@@ -43,20 +44,17 @@ from __future__ import annotations
 import csv
 import json
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
 from perturb.checks import check_int, check_lrs, check_orders
 from perturb.experiments.baselines import sde_test_loss
+from perturb.experiments.judging import judge, validity_lines
 from perturb.experiments.pipeline import (
     DEFAULT_PRETRAIN_LR,
-    Quadratic,
     Setup,
     Start,
     ci_error,
@@ -67,28 +65,30 @@ from perturb.experiments.pipeline import (
     json_ready,
     load_population,
     measure_at_start,
-    noiseless_prediction,
-    per_sample_hessians,
-    per_sample_orders,
     prediction_entry,
     quadratic_model,
     recorded_steps,
-    resummed_prediction,
     run_trials,
-    series_predictions,
     start_point,
     timed,
-    unstable_growth,
+)
+from perturb.experiments.predictors import (
+    noiseless_prediction,
+    resummed_predictions,
+    series_predictions,
+    subspace_quadratic,
 )
 from perturb.numeric.distributed import is_main
 from perturb.numeric.intervals import mean_interval
-from perturb.numeric.krylov import krylov_subspace
-from perturb.numeric.measuring import contraction_value
-from perturb.numeric.predictions import UNSTABLE_GROWTH, UnstableDirectionWarning
+from perturb.numeric.predictions import UNSTABLE_GROWTH
+from perturb.numeric.validity import (
+    curvature_radius,
+    mean_square_excess,
+    rms_displacement,
+    truncation_estimates,
+)
 from perturb.symbolic.options import describe
-from perturb.symbolic.resummed import resummed_terms
 from perturb.symbolic.schedules import Schedule
-from perturb.symbolic.series import series
 
 __all__ = ["ValidationResult", "validate"]
 
@@ -110,21 +110,30 @@ class ValidationResult:
             ``eta_t``, ``actual``, ``ci_low``, ``ci_high``, ``divergent`` (whether any
             trial of this learning rate diverged), ``divergent_trials``, and for each
             predictor its ``value``, ``error_ci`` (error over the interval's
-            half-width) and ``unstable`` (the value blew up: shown as ``unstable``,
-            counted as outside).  ``actual`` and the interval are over the finite trials only;
-            rows of a divergent learning rate are reported as divergent and left out
-            of :attr:`breakdown`.
+            half-width), ``unstable`` (the value blew up: shown as ``unstable``,
+            counted as outside), ``error_estimate`` (its truncation error estimated
+            from the theory, same units as ``value``) and ``trusted``
+            (:mod:`perturb.experiments.judging`); and ``validity``: the root-mean-square
+            displacement, its ratio to ``ρ = ‖H‖/‖J‖`` and the mean-square excess.
+            ``actual`` and the interval are over the finite trials only; rows of a
+            divergent learning rate are reported as divergent and left out of
+            :attr:`breakdown`.
         breakdown: per predictor, the smallest ``ηt`` from which on it stays outside
             the interval at every later recorded step of that learning rate (``None``
             if never): a single excursion, expected for 5% of the rows from sampling
             alone, does not count.
         gap: one record per learning rate for the generalization gap ``test − train``
             after ``T`` steps: ``actual`` with ``ci_low``/``ci_high`` (paired
-            t-interval over the finite trials), the ``order 1`` and ``order 2``
-            predictions, ``error_ci`` of order 2, ``divergent``, ``divergent_trials``,
-            ``order 1 unstable`` and ``order 2 unstable`` (empty when the gap was not
-            requested).
-        timings: seconds spent measuring, simulating and predicting.
+            t-interval over the finite trials), the ``order 1``, ``order 2`` and (when
+            re-summed) ``resummed 2`` predictions, ``error_ci`` of order 2 and
+            ``resummed 2 error_ci``, ``divergent``, ``divergent_trials``, and
+            ``<name> unstable`` per prediction (empty when the gap was not requested).
+        validity: per predictor ``trusted_up_to`` (ηT), ``trusted_rows``,
+            ``calibration`` (the fraction of trusted rows within ``error_estimate``
+            plus the half-width), ``far_off_rows`` and ``far_off_untrusted``.
+        timings: seconds spent starting, measuring (the diagrams and the Krylov
+            subspace), simulating, materializing ``H`` for the SDE (``hessian_s``) and
+            evaluating every predictor (``predict_s``).
     """
 
     config: dict[str, Any]
@@ -132,6 +141,7 @@ class ValidationResult:
     breakdown: dict[str, float | None] = field(default_factory=dict)
     gap: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    validity: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def predictors(self) -> list[str]:
@@ -170,12 +180,26 @@ class ValidationResult:
             lines.append(f"{n:>12}: {verdict}")
         for n, why in self.config.get("unavailable", {}).items():
             lines.append(f"{n:>12}: not available ({why})")
+        if self.validity:
+            lines += ["", "validity estimate (from the statistics at θ_0, before any run):"]
+            lines += validity_lines(self.validity)
         if "resummed_krylov" in self.config:
             info = self.config["resummed_krylov"]
+            for n, err in info["error"].items():
+                ranks = self.config.get("resummed_ranks", {}).get(n, [info["rank"]])
+                lines.append(
+                    f"{n:>12}: in a Krylov subspace of H of rank {ranks[0]}"
+                    + (
+                        f" ({len(ranks) - 1}-edge diagrams on {ranks[-1]})"
+                        if ranks[-1] != ranks[0]
+                        else ""
+                    )
+                    + f" (P = {info['parameters']}); rank k vs k/2 differ by up to {err:.3g}"
+                )
+        if "sde_krylov_rank" in self.config:
             lines.append(
-                f"{'resummed 2':>12}: in a Krylov subspace of H of rank {info['rank']} "
-                f"(P = {info['parameters']}); rank k vs k/2 differ by up to "
-                f"{info.get('error', math.nan):.3g}"
+                f"{'SDE':>12}: on the quadratic model projected on the Krylov subspace "
+                f"(rank {self.config['sde_krylov_rank']})"
             )
         for n, info in self.config.get("unstable_directions", {}).items():
             lines.append(
@@ -187,14 +211,23 @@ class ValidationResult:
             lines += [
                 "",
                 f"generalization gap (test − train loss) after T = {self.gap[0]['steps']} steps:",
-                f"{'η':>7} {'ηT':>6} {'SGD mean ± 95% CI':>22} {'order 1':>10} {'order 2':>16}",
+                f"{'η':>7} {'ηT':>6} {'SGD mean ± 95% CI':>22} {'order 1':>10} {'order 2':>16}"
+                + (f" {'resummed 2':>16}" if "resummed 2" in self.gap[0] else ""),
             ]
             for g in self.gap:
                 first = "unstable" if g["order 1 unstable"] else f"{g['order 1']:10.5f}"
                 second = _cell(g["order 2"], g["error_ci"], g["divergent"], g["order 2 unstable"])
+                third = ""
+                if "resummed 2" in g:
+                    third = " " + _cell(
+                        g["resummed 2"],
+                        g["resummed 2 error_ci"],
+                        g["divergent"],
+                        g["resummed 2 unstable"],
+                    )
                 lines.append(
                     f"{g['lr']:7.4f} {_eta_t(g['eta_t'])} {_actual(g, self.config):>22} "
-                    f"{first:>10} {second}"
+                    f"{first:>10} {second}{third}"
                 )
         return "\n".join(lines)
 
@@ -208,6 +241,7 @@ class ValidationResult:
                     "breakdown": self.breakdown,
                     "gap": self.gap,
                     "timings": self.timings,
+                    "validity": self.validity,
                 }
             ),
             indent=2,
@@ -262,8 +296,8 @@ def validate(
     out: str | Path | None = None,
     progress: bool = True,
     max_hessian_parameters: int = 4000,
-    max_per_sample_hessians: float = 5e7,
     krylov_rank: int = 128,
+    krylov_higher_rank: int = 32,
 ) -> ValidationResult:
     """Predict SGD's test loss and generalization gap; compare with ``trials`` real runs.
 
@@ -302,7 +336,8 @@ def validate(
         shuffle: reshuffle the training set before each epoch (epochs).
         trials: ``K`` SGD runs per learning rate.
         orders: orders of the un-resummed series to report.
-        resummed: also report the re-summed prediction with up to two edges.
+        resummed: also report the re-summed predictions with up to two and three
+            edges ("resummed 2", "resummed 3"; the gap's with two).
         gap: also predict and simulate the generalization gap (order 2).
         seed: seed of the model's initialization, the population subset and the trials.
         population: number of images in the population (a deterministic subset).
@@ -318,15 +353,17 @@ def validate(
         device: ``"cpu"`` or ``"cuda"``.
         out: folder for ``results.json``, ``results.csv``, ``gap.csv`` and PNG plots.
         progress: show progress bars.
-        max_hessian_parameters: largest model for the predictors that materialize
-            the Hessian (SDE and re-summed; it takes ``P`` Hessian-vector products
-            and ``P²`` numbers).
-        max_per_sample_hessians: largest ``n·P²`` for which the re-summed GD series
-            (whose parts pair a Hessian node with a gradient node on the same training
-            point) materializes the per-sample Hessians.
-        krylov_rank: above ``max_hessian_parameters`` the re-summed series is computed
-            in a Krylov subspace of ``H`` of this dimension (Hessian-vector products
-            only, :func:`perturb.krylov_subspace`); its k vs k/2 difference is reported.
+        max_hessian_parameters: without ``resummed`` (no Krylov subspace), largest
+            model for which the SDE's quadratic model materializes ``H`` (``P``
+            Hessian-vector products, ``P²`` numbers); with it the SDE runs on the
+            quadratic model projected on the subspace.
+        krylov_rank: ``k``, the dimension of the Krylov subspace of ``H`` in which the
+            re-summed series are computed (Hessian-vector products only,
+            :func:`perturb.measure` with ``resummed=True``; at most ``P``); its k vs k/2
+            difference is reported.
+        krylov_higher_rank: ``k_3``: the third-order tensors (``J``, per-sample
+            Hessians) of "resummed 3" and of GD's "resummed 2" are projected on the
+            first ``k_3`` basis vectors (``n·k_3`` per-sample Hessian-vector products).
 
     Returns:
         A :class:`ValidationResult`.
@@ -397,12 +434,18 @@ def validate(
     config["parameters"] = setup.parameters
     config["population"] = int(setup.x.shape[0])
 
-    top = max(orders)
+    cuts = [cut(full, s) for s in record_steps]
     with timed(timings, "measure_s"):
         stats = measure_at_start(
-            setup, order=top, schedules=[cut(full, s) for s in record_steps], progress=progress
+            setup,
+            order=max(orders),
+            schedules=cuts,
+            gap=gap,
+            resummed=resummed,
+            rank=krylov_rank,
+            higher_rank=krylov_higher_rank,
+            progress=progress,
         )
-        gap_by_order = _gap_by_order(stats, setup, full, lrs, progress=progress) if gap else None
 
     with timed(timings, "simulate_s"):
         trials_out = run_trials(
@@ -416,203 +459,146 @@ def validate(
             progress=progress,
         )
 
+    with timed(timings, "hessian_s"):
+        sde_model = _sde_model(setup, stats, full, config, max_hessian_parameters, progress)
     with timed(timings, "predict_s"):
-        quad = _hessian_stage(
-            setup,
-            full,
-            config["unavailable"],
-            resummed=resummed,
-            max_hessian_parameters=max_hessian_parameters,
-            max_per_sample_hessians=max_per_sample_hessians,
-            progress=progress,
+        predictions, estimates, motion = _predict(
+            stats, sde_model, full, record_steps, lrs, orders, config
         )
-        subspace = None
-        if resummed and quad is None and "resummed 2" in config["unavailable"]:
-            subspace = _krylov_stage(setup, full, krylov_rank, config, progress=progress)
-        predictions = _predict(
-            stats,
-            quad,
-            full,
-            record_steps,
-            lrs,
-            orders,
-            config["unavailable"],
-            resummed=resummed,
-            progress=progress,
-        )
-        if subspace is not None:
-            _krylov_predictions(subspace, full, record_steps, lrs, predictions, config)
-        if "resummed 2" in predictions and quad is not None:
-            grows = unstable_growth(quad, lrs, int(full.steps))
-            if grows > UNSTABLE_GROWTH:
-                config["unstable_directions"] = {
-                    "resummed 2": {"h_min": float(quad.model.eig[0].min()), "growth": grows}
-                }
 
     result = ValidationResult(config=config, timings=timings)
     _compare(result, trials_out, predictions, lrs, record_steps, start_loss=start.loss)
-    if gap_by_order is not None:
-        result.gap = _gap_rows(trials_out, gap_by_order, int(full.steps), start_loss=start.loss)
+    judge(result, estimates, motion, start_loss=start.loss)
+    if gap:
+        result.gap = _gap_rows(trials_out, stats, full, lrs, resummed, start_loss=start.loss)
     if out is not None and is_main():  # under torchrun only rank 0 writes
         write_outputs(result, Path(out))
     return result
 
 
-def _hessian_stage(
-    setup: Setup,
-    full: Schedule,
-    unavailable: dict[str, str],
-    *,
-    resummed: bool,
-    max_hessian_parameters: int,
-    max_per_sample_hessians: float,
-    progress: bool = False,
-) -> Quadratic | None:
-    """The quadratic model for SDE and re-summed, or ``None``; records what cannot run."""
-    p = setup.parameters
-    too_big = p > max_hessian_parameters
-    if too_big:
-        why = (
-            f"needs the materialized Hessian: {p} parameters > "
-            f"max_hessian_parameters = {max_hessian_parameters}"
-        )
-        unavailable["SDE"] = why
-        if resummed:
-            unavailable["resummed 2"] = why
+def _sde_model(setup: Setup, stats, full: Schedule, config: dict, limit: int, progress: bool):
+    """The quadratic model for the SDE: projected on the measured Krylov subspace, else
+    materialized up to ``limit`` parameters; ``None`` (reason recorded) where it cannot run.
+
+    On the default run the projection (``k = 128`` of ``P = 1418``) moves the SDE's
+    values by at most 2e-5, a hundredth of the smallest interval half-width.
+    """
+    p, unavailable = setup.parameters, config["unavailable"]
     if full.name == "gd":
         unavailable["SDE"] = (
             "the SDE models fresh samples every step; GD's only noise is the draw of "
             "its training set"
         )
-    if too_big:
         return None
-    quad = quadratic_model(setup, progress=progress)
-    if resummed:
-        try:
-            needs = per_sample_orders(resummed_terms(2, full))
-        except ValueError as err:
-            unavailable["resummed 2"] = str(err)
-        else:
-            if 2 in needs:  # GD: a part {H-node, G-node} shares a training point
-                size = setup.x.shape[0] * p**2
-                if size > max_per_sample_hessians:
-                    unavailable["resummed 2"] = (
-                        f"needs per-sample Hessians (n·P² = {size:.3g} numbers > "
-                        f"max_per_sample_hessians = {max_per_sample_hessians:.3g})"
-                    )
-                else:
-                    quad.derivs[2] = per_sample_hessians(quad)
-    return quad
+    if stats.subspace is not None:
+        config["sde_krylov_rank"] = stats.subspace.rank
+        return subspace_quadratic(stats.subspace)
+    if p <= limit:
+        return quadratic_model(setup, progress=progress).model
+    unavailable["SDE"] = (
+        f"needs the materialized Hessian ({p} parameters > max_hessian_parameters = "
+        f"{limit}) or the Krylov subspace (resummed=True)"
+    )
+    return None
 
 
-def _krylov_stage(setup: Setup, full: Schedule, rank: int, config: dict, *, progress: bool):
-    """The Krylov subspace for "resummed 2" on a model too big for the materialized Hessian."""
-    rank = check_int("krylov_rank", rank, minimum=2)
-    rank = min(rank, setup.parameters)
-    try:
-        with tqdm(total=1, desc="krylov", unit="subspace", disable=not progress) as bar:
-            subspace = krylov_subspace(
-                setup.net, (setup.x, setup.y), rank=rank, order=2, schedules=[full]
-            )
-            bar.update()
-    except ValueError as err:
-        config["unavailable"]["resummed 2"] = f"Krylov subspace failed: {err}"
-        return None
-    del config["unavailable"]["resummed 2"]
-    config["resummed_krylov"] = {"rank": rank, "parameters": setup.parameters}
-    return subspace
+def _predict(stats, sde_model, full, record_steps, lrs, orders, config) -> tuple:
+    """Every available predictor at every recorded step, and the validity estimates.
 
-
-def _krylov_predictions(subspace, full, record_steps, lrs, predictions, config) -> None:
-    """ "resummed 2" from the Krylov subspace at every recorded step, with its k vs k/2 error."""
-    error = grows = 0.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UnstableDirectionWarning)
-        for s in record_steps:
-            sched = cut(full, s)
-            preds = [subspace.predict(sched, lr=lr, order=2) for lr in lrs]
-            predictions.setdefault("resummed 2", {})[s] = np.array([p.total for p in preds])
-            error = max([error, *(abs(float(p.total_error or 0.0)) for p in preds)])
-            grows = max([grows, *(p.growth for p in preds)])
-    config["resummed_krylov"]["error"] = error
-    if grows > UNSTABLE_GROWTH:
-        h_min = float(subspace.ritz_values().min())
-        config["unstable_directions"] = {"resummed 2": {"h_min": h_min, "growth": grows}}
-
-
-def _predict(
-    stats,
-    quad: Quadratic | None,
-    full: Schedule,
-    record_steps: list[int],
-    lrs: tuple[float, ...],
-    orders: tuple[int, ...],
-    unavailable: dict[str, str],
-    *,
-    resummed: bool,
-    progress: bool = False,
-) -> dict[str, dict[int, np.ndarray]]:
-    """Every available predictor at every recorded step: ``{name: {step: (L,) values}}``."""
-    predictions: dict[str, dict[int, np.ndarray]] = {}
-    for s in tqdm(record_steps, desc="predict", unit="step", disable=not progress):
-        sched = cut(full, s)
-        for name, values in series_predictions(stats, sched, lrs, orders=orders).items():
-            predictions.setdefault(name, {})[s] = values
-        predictions.setdefault(NOISELESS, {})[s] = noiseless_prediction(
-            stats, sched, lrs, order=max(orders)
-        )
-        if "SDE" not in unavailable:
-            predictions.setdefault("SDE", {})[s] = np.array(
-                [
-                    float(
-                        sde_test_loss(quad.model, lr=lr, steps=s, batch_size=int(sched.batch_size))
-                    )
-                    for lr in lrs
-                ]
-            )
-        if resummed and quad is not None and "resummed 2" not in unavailable:
-            predictions.setdefault("resummed 2", {})[s] = resummed_prediction(quad, sched, lrs)
-    return predictions
-
-
-def _gap_by_order(
-    stats, setup: Setup, schedule: Schedule, lrs, *, progress: bool = False
-) -> np.ndarray:
-    """The ``η^0, η^1, η^2`` terms of ``E[test − train]``, shape ``(L, 3)``.
-
-    Contractions the test-loss statistics hold are reused (``tr(C H)`` is the costly
-    one); the others (train-rooted joint cumulants) are measured exactly here.
+    Returns ``({name: {step: (L,) values}}, {name: {step: (L,) error estimates}},
+    {step: {"rms_displacement", "mean_square_excess": (L,)}})``; the re-summed
+    predictors' Krylov errors, unstable growth and ``ρ = ‖H‖/‖J‖`` go into ``config``.
     """
-    by_order = np.zeros((len(lrs), 3))
-    eta = np.asarray(lrs, dtype=float)
-    terms = series(2, schedule, "gap").terms
-    for term in tqdm(terms, desc="gap", unit="term", disable=not progress):
-        if term.contraction in stats:
-            value = float(stats.value(term.contraction))
-        else:
-            value = float(
-                contraction_value(
-                    term.contraction, setup.net, (setup.x, setup.y), dtype=torch.float32
-                )
+    predictions: dict[str, dict[int, np.ndarray]] = {}
+    estimates: dict[str, dict[int, np.ndarray]] = {}
+    motion: dict[int, dict[str, np.ndarray]] = {}
+    errors: dict[str, float] = {}
+    growths: dict[str, float] = {}
+    sub = stats.subspace
+    quad = subspace_quadratic(sub) if sub is not None else sde_model
+    top = f"order {max(orders)}"
+
+    def put(name, s, values, estimate):
+        predictions.setdefault(name, {})[s] = values
+        estimates.setdefault(name, {})[s] = estimate
+
+    for s in record_steps:
+        sched = cut(full, s)
+        by_order = stats.predict(sched, lr=list(lrs), order=max(orders)).by_order
+        series_estimates = truncation_estimates(by_order)
+        for name, values in series_predictions(stats, sched, lrs, orders=orders).items():
+            put(name, s, values, series_estimates[:, int(name.split()[1])])
+        noiseless = noiseless_prediction(stats, sched, lrs, order=max(orders))
+        put(NOISELESS, s, noiseless, np.abs(predictions[top][s] - noiseless) + estimates[top][s])
+        resummed = resummed_predictions(stats, sched, lrs) if sub is not None else {}
+        if sde_model is not None:
+            b = int(sched.batch_size)
+            sde = np.array(
+                [float(sde_test_loss(sde_model, lr=lr, steps=s, batch_size=b)) for lr in lrs]
             )
-        by_order[:, term.power] += float(term.coefficient) * value * eta**term.power
-    return by_order
+            if "resummed 2" in resummed:  # its discretization gap + the quadratic model's
+                two = resummed["resummed 2"]
+                put("SDE", s, sde, np.abs(sde - two.values) + two.estimate)
+            else:
+                put("SDE", s, sde, np.full(len(lrs), np.inf))
+        for name, r in resummed.items():
+            put(name, s, r.values, r.estimate)
+            finite = r.error[np.isfinite(r.error)]
+            errors[name] = max([errors.get(name, 0.0), *finite.tolist()])
+            growths[name] = max(growths.get(name, 0.0), r.growth)
+            config.setdefault("resummed_ranks", {})[name] = list(r.ranks)
+        if quad is not None:
+            n = int(sched.train_size) if full.name == "gd" else None
+            motion[s] = {
+                "rms_displacement": rms_displacement(
+                    quad.hess,
+                    quad.grad,
+                    quad.cov,
+                    lr=lrs,
+                    steps=s,
+                    batch_size=int(sched.batch_size),
+                    train_size=n,
+                ),
+                "mean_square_excess": np.zeros(len(lrs))
+                if sub is None or full.name == "gd"
+                else mean_square_excess(sub, lr=lrs, steps=s, batch_size=int(sched.batch_size)),
+            }
+    if sub is not None:
+        config["resummed_krylov"] = {
+            "rank": sub.rank,
+            "higher_rank": sub.higher_rank,
+            "parameters": stats.parameters,
+            "error": errors,
+        }
+        config["curvature_radius"] = curvature_radius(sub)
+        h_min = float(sub.ritz_values().min())
+        for name, grows in growths.items():
+            if grows > UNSTABLE_GROWTH:
+                info = {"h_min": h_min, "growth": grows}
+                config.setdefault("unstable_directions", {})[name] = info
+    return predictions, estimates, motion
 
 
-def _gap_rows(
-    trials, by_order_all: np.ndarray, steps: int, *, start_loss: float
-) -> list[dict[str, Any]]:
-    """Simulated gap (paired t-interval of test − train) against the order-2 prediction."""
+def _gap_rows(trials, stats, full, lrs, resummed: bool, *, start_loss: float) -> list[dict]:
+    """Simulated gap (paired t-interval of test − train) against the order-1, order-2 and
+    (with ``resummed``) re-summed order-2 predictions after the last step."""
+    by_order = np.cumsum(stats.predict(full, lr=list(lrs), quantity="gap", order=2).by_order, 1)
+    resum = {}
+    if resummed:
+        resum = resummed_predictions(stats, full, lrs, orders=(2,), quantity="gap")
     rows = []
     for li in range(len(trials.lrs)):
         mean, half = mean_interval(trials.test_loss[li] - trials.train_loss[li])
-        by_order = np.cumsum(by_order_all[li])
-        value = float(by_order[2])
-        row = _row(trials, li, steps, mean, half)
-        row["order 1"], row["order 2"] = float(by_order[1]), value
-        row["error_ci"] = ci_error(value, mean, half)
-        for name in ("order 1", "order 2"):
-            row[f"{name} unstable"] = is_unstable(row[name], start_loss)
+        row = _row(trials, li, int(full.steps), mean, half)
+        row["order 1"], row["order 2"] = float(by_order[li, 1]), float(by_order[li, 2])
+        row["error_ci"] = ci_error(row["order 2"], mean, half)
+        if "resummed 2" in resum:
+            value = float(resum["resummed 2"].values[li])
+            row["resummed 2"] = value
+            row["resummed 2 error_ci"] = ci_error(value, mean, half)
+        for name in ("order 1", "order 2", "resummed 2"):
+            if name in row:
+                row[f"{name} unstable"] = is_unstable(row[name], start_loss)
         rows.append(row)
     return rows
 
@@ -763,6 +749,8 @@ def _write_gap(result: ValidationResult, out: Path, plt) -> list[Path]:
     keys = ["lr", "steps", "eta_t", "actual", "ci_low", "ci_high", "divergent"]
     keys += ["divergent_trials", "order 1", "order 2", "error_ci"]
     keys += ["order 1 unstable", "order 2 unstable"]
+    if "resummed 2" in result.gap[0]:
+        keys += ["resummed 2", "resummed 2 error_ci", "resummed 2 unstable"]
     with (out / "gap.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(keys)
@@ -778,7 +766,9 @@ def _write_gap(result: ValidationResult, out: Path, plt) -> list[Path]:
         capsize=3,
         label=f"SGD mean, {result.config['trials']} trials (95% CI)",
     )
-    for name in ("order 1", "order 2"):
+    for name in ("order 1", "order 2", "resummed 2"):
+        if rows and name not in rows[0]:
+            continue
         values = [math.nan if g[f"{name} unstable"] else g[name] for g in rows]
         ax.plot([g["lr"] for g in rows], values, "-", marker=".", label=name)
     ax.axhline(0.0, color="k", lw=0.5)

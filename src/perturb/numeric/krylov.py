@@ -91,8 +91,10 @@ class KrylovSubspace:
         basis: ``Q``, shape ``(P, k)``, orthonormal columns (device and dtype of the
             computation).
         hessian: ``T = QᵀHQ``, ``(k, k)``, float64 on the CPU.
-        derivs: projected per-sample tensors ``{m: (n, k, …, k)}`` (float64, CPU).
-        means: projected mean tensors ``{m: (k, …, k)}`` (float64, CPU).
+        derivs: projected per-sample tensors ``{m: (n, k_m, …, k_m)}`` (float64, CPU),
+            ``k_1 = k`` and ``k_m`` = :attr:`higher_rank` for ``m ≥ 2``.
+        means: projected mean tensors ``{m: (k_m, …, k_m)}`` (float64, CPU),
+            ``k_m = k`` for ``m ≤ 2`` and :attr:`higher_rank` for ``m ≥ 3``.
         order: highest number of edges the projected tensors support.
         quantities: quantities the projected tensors support.
         block_size: columns of the starting block (``1 + probes``).
@@ -110,11 +112,51 @@ class KrylovSubspace:
     residual: float
     cost: Mapping[str, float]
     _eigen: dict = field(default_factory=dict, repr=False, compare=False)
+    _networks: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def rank(self) -> int:
         """``k``, the dimension of the subspace."""
         return int(self.hessian.shape[0])
+
+    @property
+    def higher_rank(self) -> int:
+        """``k_3 ≤ k``: the basis vectors the higher-order tensors are projected on."""
+        sizes = [t.shape[1] for m, t in self.derivs.items() if m >= 2]
+        sizes += [t.shape[0] for m, t in self.means.items() if m >= 3]
+        return int(min(sizes, default=self.rank))
+
+    def ranks(
+        self, schedule: Schedule, quantity: str, order: int, rank: int | None = None
+    ) -> tuple[int, ...]:
+        """The rank at which the diagrams with ``0..order`` edges are evaluated.
+
+        The diagrams with ``d`` edges use the first ``r_d`` basis vectors, ``r_d`` the
+        smallest dimension among the projected tensors that the diagrams with at most ``d``
+        edges contract (:attr:`higher_rank` once they need per-sample Hessians or ``J``),
+        scaled by ``rank/k`` when fewer than ``k`` vectors are asked for (so the ``k/2``
+        error estimate halves every dimension).
+
+        Example:
+            >>> import torch, perturb
+            >>> pop = perturb.Population(
+            ...     lambda p, x: 0.5 * (p * p).sum() + x @ p, torch.eye(4, dtype=torch.float64))
+            >>> sub = krylov_subspace(pop, None, torch.ones(4), rank=4, order=3, higher_rank=2)
+            >>> sub.ranks(perturb.Online(steps=3, batch_size=1), "test", 3)
+            (4, 4, 4, 2)
+        """
+        rank = self.rank if rank is None else rank
+        key = (str(schedule), quantity, order, rank)
+        if key not in self._eigen:
+            levels = []
+            for d in range(order + 1):
+                per_sample, means = _needed_orders(d, (quantity,), (schedule,))
+                sizes = [self.derivs[m].shape[1] for m in per_sample if m >= 1 and m in self.derivs]
+                sizes += [self.means[m].shape[0] for m in means if m >= 1 and m in self.means]
+                size = min(sizes, default=self.rank)
+                levels.append(min(rank, max(1, rank * size // self.rank)))
+            self._eigen[key] = tuple(levels)
+        return self._eigen[key]
 
     def ritz_values(self, rank: int | None = None) -> torch.Tensor:
         """Eigenvalues of the leading ``rank × rank`` block of ``T`` (the Ritz values).
@@ -260,8 +302,26 @@ class KrylovSubspace:
         order = self.order if order is None else order
         rank = self.rank if rank is None else rank
         lrs = torch.as_tensor(np.asarray(lr, dtype=float).reshape(-1), dtype=torch.float64)
+        levels = self.ranks(schedule, quantity, order, rank)
+        parts = {}
+        for r in sorted(set(levels), reverse=True):
+            top = max(d for d, level in enumerate(levels) if level == r)
+            parts[r] = self._values_at(schedule, quantity, top, lrs, r, integral, rows)
+        width = max(part.shape[1] for part in parts.values())  # orders that have diagrams
+        first = next(iter(parts.values()))
+        out = np.zeros((first.shape[0], width, *first.shape[2:]))
+        for d, level in enumerate(levels[:width]):
+            if d < parts[level].shape[1]:
+                out[:, d] = parts[level][:, d]
+        return out
+
+    def _values_at(self, schedule, quantity, order, lrs, rank, integral, rows) -> np.ndarray:
+        """:meth:`values` with every tensor on the first ``rank`` basis vectors."""
         evals, evecs, derivs, means = self._eigenbasis(rank)
-        if rows is not None:
+        networks = None
+        if rows is None:  # open networks are reused across steps and schedules
+            networks = self._networks.setdefault(rank, {})
+        else:
             rows = torch.as_tensor(rows, dtype=torch.long)
             derivs = {m: t[rows] for m, t in derivs.items()}
             means = dict(means)
@@ -270,7 +330,7 @@ class KrylovSubspace:
                     means[m] = t.mean(0)
         values = resummed_by_quantity(
             derivs, schedule, quantity, order=order, lr=lrs, integral=integral, means=means,
-            eigh=(evals, evecs), rotated=True, warn=False,
+            eigh=(evals, evecs), rotated=True, warn=False, networks=networks,
         )  # fmt: skip
         out = torch.stack(values, dim=1)  # (L, order+1[, k])
         if quantity == "displacement":
@@ -288,17 +348,22 @@ class KrylovSubspace:
         return [torch.as_tensor(v, dtype=q.dtype, device=q.device) for v in out]
 
     def _eigenbasis(self, rank: int) -> tuple:
-        """Ritz values and vectors of the leading block, the tensors rotated (cached)."""
+        """Ritz values and vectors of the leading block, the tensors rotated (cached).
+
+        Tensors projected on fewer than ``rank`` vectors are left out (:meth:`ranks`
+        never asks them at this rank).
+        """
         if rank not in self._eigen:
             evals, evecs = torch.linalg.eigh(self.hessian[:rank, :rank])
             derivs = {
                 m: _rotate(_leading(t, rank, first=1), evecs, first=1)
                 for m, t in self.derivs.items()
+                if t.ndim == 1 or t.shape[1] >= rank
             }
             means = {
                 m: _rotate(_leading(t, rank, first=0), evecs, first=0)
                 for m, t in self.means.items()
-                if m != 2
+                if m != 2 and (t.ndim == 0 or t.shape[0] >= rank)
             }
             means[2] = torch.diag(evals)
             self._eigen[rank] = (evals, evecs, derivs, means)
@@ -430,7 +495,7 @@ def krylov_subspace(
     theta0: torch.Tensor | None = None,
     *,
     rank: int,
-    order: int = 2,
+    order: int | Mapping[str, int] = 2,
     quantities: Sequence[str] | str = ("test",),
     schedules: Sequence[Schedule] | Schedule | None = None,
     probes: int = 8,
@@ -440,6 +505,7 @@ def krylov_subspace(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float64,
     per_sample_gradients: bool = False,
+    higher_rank: int | None = None,
 ) -> KrylovSubspace:
     r"""Build a Krylov subspace of the mean Hessian and project the diagrams' tensors on it.
 
@@ -455,7 +521,9 @@ def krylov_subspace(
         data: the rows.
         theta0: the point (a model's own parameters by default).
         rank: ``k``, the dimension of the subspace (at most ``P``).
-        order: highest number of edges of the re-summed diagrams to support.
+        order: highest number of edges of the re-summed diagrams to support, or one per
+            quantity (``{quantity: order}``, every quantity of ``quantities`` named):
+            ``{"test": 3, "gap": 2}`` needs no per-sample third derivatives.
         quantities: any of ``"test"``, ``"train"``, ``"gap"``, ``"displacement"``.
         schedules: the schedules (sizes may be symbolic) whose diagrams to support;
             default online SGD.  GD's diagrams (no path condition) need per-sample
@@ -470,6 +538,12 @@ def krylov_subspace(
             problem is solved in float64.
         per_sample_gradients: project the per-sample gradients even where the diagrams
             do not need them (for error bars from row subsets, :meth:`KrylovSubspace.values`).
+        higher_rank: ``k_3 ≤ k``: project the per-sample tensors of order ≥ 2 and the
+            mean tensors of order ≥ 3 on the first ``k_3`` basis vectors only (default
+            ``k``).  They cost ``n·k_3`` per-sample Hessian-vector products and
+            ``k_3(k_3+1)/2`` third-derivative products instead of ``n·k`` and
+            ``k(k+1)/2``; the diagrams that need them are evaluated at rank ``k_3``
+            (:meth:`KrylovSubspace.ranks`), the others at ``k``.
 
     Returns:
         A :class:`KrylovSubspace`.
@@ -489,15 +563,26 @@ def krylov_subspace(
         obj = objective(loss_fn_or_model, data, theta0, loss=loss, dtype=dtype, device=device)
     p, n = obj.size, obj.n
     rank = check_int("rank", rank, minimum=1, maximum=p)
-    order = check_int("order", order, minimum=1)
     probes = check_int("probes", probes)
     chunk_size = check_int("chunk_size", chunk_size, minimum=1)
+    higher_rank = check_int(
+        "higher_rank", rank if higher_rank is None else higher_rank, minimum=1, maximum=rank
+    )
     if isinstance(quantities, str):
         quantities = (quantities,)
     quantities = tuple(quantities)
     bad = [q for q in quantities if q not in QUANTITIES]
     if bad or not quantities:
         raise ValueError(f"quantities must be a non-empty subset of {QUANTITIES}, got {quantities}")
+    if isinstance(order, Mapping):
+        if set(order) != set(quantities):
+            raise ValueError(
+                f"order by quantity must name exactly the quantities {quantities}, "
+                f"got {dict(order)!r}"
+            )
+        orders = {q: check_int(f"order of {q!r}", order[q], minimum=1) for q in quantities}
+    else:
+        orders = dict.fromkeys(quantities, check_int("order", order, minimum=1))
     if schedules is None:
         schedules = (Online(),)
     elif isinstance(schedules, Schedule):
@@ -507,9 +592,14 @@ def krylov_subspace(
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedules must hold Schedules, got {type(schedule).__name__}")
         check_resummable(schedule)
-    per_sample, mean_orders = _needed_orders(order, quantities, schedules)
+    per_sample, mean_orders = set(), set()
+    for q, d in orders.items():
+        more_per_sample, more_means = _needed_orders(d, (q,), schedules)
+        per_sample |= more_per_sample
+        mean_orders |= more_means
     cost: dict[str, float] = {
         "rank": rank,
+        "higher_rank": higher_rank,
         "rows": n,
         "parameters": p,
         "hvps": 0,
@@ -558,21 +648,22 @@ def krylov_subspace(
         derivs[1] = cpu(_per_sample_projected(obj, basis, (), chunk_size))
         cost["per_sample_gradients"] += n
     batch = max(1, chunk_size // min(n, chunk_size))  # directions per vectorized call
+    high = basis[:, :higher_rank]
     for m in sorted(k for k in per_sample if k >= 2):
         derivs[m] = _symmetric_projection(
-            lambda us: _per_sample_projected(obj, basis, us, chunk_size),
-            basis,
+            lambda us: _per_sample_projected(obj, high, us, chunk_size),
+            high,
             m,
             leading=(n,),
             batch=batch,
         )
-        calls = math.comb(rank + m - 2, m - 1) * n
+        calls = math.comb(higher_rank + m - 2, m - 1) * n
         cost["per_sample_hvps" if m == 2 else "per_sample_higher_derivatives"] += calls
     for m in sorted(k for k in mean_orders if k >= 3):
         means[m] = _symmetric_projection(
-            lambda us: basis.T @ meanderivative(us), basis, m, leading=(), batch=batch
+            lambda us: high.T @ meanderivative(us), high, m, leading=(), batch=batch
         )
-        cost["mean_higher_derivatives"] += math.comb(rank + m - 2, m - 1)
+        cost["mean_higher_derivatives"] += math.comb(higher_rank + m - 2, m - 1)
     cost["lanczos_seconds"] = lanczos_seconds
     cost["seconds"] = time.perf_counter() - start_time
     return KrylovSubspace(
@@ -580,7 +671,7 @@ def krylov_subspace(
         hessian=hessian,
         derivs=derivs,
         means=means,
-        order=order,
+        order=max(orders.values()),
         quantities=quantities,
         block_size=1 + probes,
         residual=residual,

@@ -51,7 +51,7 @@ whole grid of learning rates at no further cost.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -99,20 +99,24 @@ __all__ = [  # FlatLoss .. moment_network: re-exported from the modules that def
 
 
 def requested_contractions(
-    order: int, schedules: Sequence[Schedule], quantities: Sequence[str]
+    order: int | Mapping[str, int], schedules: Sequence[Schedule], quantities: Sequence[str]
 ) -> dict[str, Contraction]:
     """Every contraction of the requested series, by :attr:`Contraction.key`, in order.
 
-    These are the statistics :func:`measure` computes.
+    These are the statistics :func:`measure` computes; ``order`` is one order for every
+    quantity or ``{quantity: order}``.
 
     Example:
         >>> [c.text for c in requested_contractions(1, (Online(),), ("test",)).values()]
         ['l', 'G·G']
+        >>> len(requested_contractions({"test": 2, "gap": 1}, (Online(),), ("test", "gap")))
+        5
     """
     out: dict[str, Contraction] = {}
     for schedule in schedules:
         for quantity in quantities:
-            for term in series(order, schedule, quantity).terms:
+            d = order[quantity] if isinstance(order, Mapping) else order
+            for term in series(d, schedule, quantity).terms:
                 out.setdefault(term.contraction.key, term.contraction)
     return out
 
@@ -120,15 +124,28 @@ def requested_contractions(
 def _requested(
     order: Any,
     schedules: Sequence[Schedule] | Schedule | None,
-    quantities: Sequence[str] | str,
+    quantities: Sequence[str] | str | None,
     *,
     exact: bool,
     samples: int | None,
     estimator: str,
     vector_batches: int | None,
-) -> tuple[int, tuple[Schedule, ...], tuple[str, ...]]:
-    """Stage 1: the checked order, schedules and quantities."""
-    order = check_order(order)
+) -> tuple[int | dict[str, int], tuple[Schedule, ...], tuple[str, ...]]:
+    """Stage 1: the checked order (or orders by quantity), schedules and quantities."""
+    if isinstance(order, Mapping):
+        if quantities is not None:
+            raise ValueError(
+                "pass quantities=... or one order per quantity (order={quantity: order}), "
+                f"not both; got quantities={quantities!r} and order={dict(order)!r}"
+            )
+        if not order:
+            raise ValueError("order={quantity: order} needs at least one quantity, got {}")
+        quantities = tuple(order)
+        order = {q: check_order(d, name=f"order of {q!r}") for q, d in order.items()}
+    else:
+        order = check_order(order)
+    if quantities is None:
+        quantities = ("test",)
     if schedules is None:
         schedules = (Online(), Epochs())
     elif isinstance(schedules, Schedule):
@@ -258,9 +275,9 @@ def measure(
     data: Any,
     theta0: torch.Tensor | None = None,
     *,
-    order: int,
+    order: int | Mapping[str, int],
     schedules: Sequence[Schedule] | Schedule | None = None,
-    quantities: Sequence[str] | str = ("test",),
+    quantities: Sequence[str] | str | None = None,
     samples: int | None = None,
     exact: bool = False,
     seed: int = 0,
@@ -278,6 +295,7 @@ def measure(
     resummed: bool = False,
     rank: int | None = None,
     probes: int = 8,
+    higher_rank: int | None = None,
 ) -> Statistics:
     r"""Measure every contraction of the requested series once at ``θ_0``.
 
@@ -313,7 +331,9 @@ def measure(
             ``loss_fn(params, *row) -> scalar``.
         data: the rows (a tensor, or a tuple of tensors with a common first axis).
         theta0: the point; default a model's parameters.
-        order: highest power of η.
+        order: highest power of η (and number of edges of the re-summed diagrams), or
+            one per quantity, ``{quantity: order}``, which then also names the
+            quantities (e.g. ``{"test": 3, "gap": 2}``).
         schedules: schedules whose series are needed; default ``(Online(), Epochs())`` with
             symbolic sizes, which covers every contraction of every schedule.
         quantities: any of ``"test"``, ``"train"``, ``"gap"``, ``"displacement"``.
@@ -345,13 +365,16 @@ def measure(
             subspace of ``H`` by Hessian-vector products on the device, every tensor the
             diagrams contract projected on it (:func:`perturb.krylov_subspace`; no
             ``P×P`` array unless ``rank = P``), for the re-summable ``schedules`` (online
-            SGD and GD; default online) and ``quantities``, kept in
+            SGD, epochs and GD; default online) and ``quantities``, kept in
             :attr:`Statistics.subspace` for ``predict(..., resummed=True)``.  The rows
             (the ``samples`` subset) are its population; with ``exact=False`` it also
             keeps their projected gradients, split into ``min(groups, n)`` groups for
             jackknife error bars.
         rank: ``k``, the subspace dimension (required with ``resummed``).
         probes: random centred-gradient combinations in the Krylov starting block.
+        higher_rank: ``k_3 ≤ k``: the per-sample Hessians and third derivatives (order 3,
+            and GD's order 2) are projected on the first ``k_3`` basis vectors only
+            (default ``k``; :func:`perturb.krylov_subspace`).
 
     Returns:
         :class:`Statistics`.
@@ -372,7 +395,7 @@ def measure(
                 chunk_size=chunk_size, device=device, dtype=dtype, groups=groups,
                 progress=progress, loss=loss, max_message_elements=max_message_elements,
                 estimator=estimator, vector_batches=vector_batches, resummed=resummed,
-                rank=rank, probes=probes,
+                rank=rank, probes=probes, higher_rank=higher_rank,
             )  # fmt: skip
     order, schedules, quantities = _requested(
         order,
@@ -410,7 +433,7 @@ def measure(
     if resummed:
         subspace = _subspace(
             plan.obj, order, schedules, quantities, rank=rank, probes=probes, seed=seed,
-            chunk_size=chunk_size, exact=exact,
+            chunk_size=chunk_size, exact=exact, higher_rank=higher_rank,
         )  # fmt: skip
         meta["resummed_groups"] = 1 if exact else min(int(groups), plan.obj.n)
         meta["resummed_rank"] = subspace.rank
@@ -419,7 +442,7 @@ def measure(
         if plan.tuples is not None:
             meta["tuple_size"] = int(plan.tuples.shape[1])
     return Statistics(
-        order=order,
+        order=max(order.values()) if isinstance(order, dict) else order,
         exact=bool(exact),
         rows=int(plan.layout.numel()),
         groups=plan.groups,
@@ -430,6 +453,7 @@ def measure(
             "dtype": str(dtype).replace("torch.", ""),
             "seed": int(seed),
             "quantities": list(quantities),
+            **({"orders": dict(order)} if isinstance(order, dict) else {}),
             "schedules": [str(s) for s in schedules],
             "evaluations": engine.evaluations,
             "networks": sum(len(b) for b in engine.cache.values())
@@ -440,7 +464,9 @@ def measure(
     )
 
 
-def _subspace(obj, order, schedules, quantities, *, rank, probes, seed, chunk_size, exact):
+def _subspace(
+    obj, order, schedules, quantities, *, rank, probes, seed, chunk_size, exact, higher_rank
+):
     """Stage 3b (``resummed=True``): the Krylov subspace of the re-summable schedules."""
     if rank is None:
         raise ValueError("resummed=True needs rank=k, the dimension of the Krylov subspace")
@@ -455,13 +481,14 @@ def _subspace(obj, order, schedules, quantities, *, rank, probes, seed, chunk_si
         obj,
         None,
         rank=rank,
-        order=max(order, 1),
+        order={q: max(order[q] if isinstance(order, dict) else order, 1) for q in quantities},
         quantities=quantities,
         schedules=usable or (Online(),),
         probes=probes,
         seed=seed,
         chunk_size=chunk_size or 256,
         per_sample_gradients=not exact,
+        higher_rank=higher_rank,
     )
 
 

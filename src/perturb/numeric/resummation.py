@@ -38,6 +38,11 @@ __all__ = [
 def complete_homogeneous(zs: torch.Tensor, n: int) -> torch.Tensor:
     """``h_n(z_0, …, z_j)`` along the last axis, by powers of a bidiagonal matrix.
 
+    ``h_n(z_0..z_j)`` is the corner entry ``(B^{n+j})_{j,0}`` of the lower bidiagonal
+    ``B = diag(z) + (unit sub-diagonal)``; the power is taken by repeated squaring
+    (``O(log n)`` products) on the lower-triangular entries held as separate tensors, so
+    every product is ``O(j³)`` elementwise operations over the batch.
+
     Args:
         zs: values, shape ``(..., j+1)``.
         n: the degree (``h_n = 0`` for ``n < 0``).
@@ -51,15 +56,59 @@ def complete_homogeneous(zs: torch.Tensor, n: int) -> torch.Tensor:
         >>> float(complete_homogeneous(z, 3))  # 1 + 0.5 + 0.25 + 0.125
         1.875
     """
-    j = zs.shape[-1] - 1
+    return _complete_homogeneous_list(list(zs.unbind(-1)), n)
+
+
+def _complete_homogeneous_list(zs: list, n: int) -> torch.Tensor:
+    """:func:`complete_homogeneous` of ``z_0..z_j`` given one by one (tensors that
+    broadcast together, or the number ``1.0``), broadcast to their common shape."""
+    j = len(zs) - 1
+    tensors = [z for z in zs if isinstance(z, torch.Tensor)]
+    shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+    ref = tensors[0] if tensors else torch.ones((), dtype=torch.float64)
+    full = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
     if n < 0:
-        return torch.zeros(zs.shape[:-1], dtype=zs.dtype, device=zs.device)
+        return full
     if j == 0:
-        return zs[..., 0] ** n
-    z = torch.diag_embed(zs) + torch.diag_embed(
-        torch.ones((*zs.shape[:-1], j), dtype=zs.dtype, device=zs.device), offset=-1
-    )
-    return torch.linalg.matrix_power(z, n + j)[..., j, 0]
+        return full + zs[0] ** n
+    size = j + 1
+    base: dict[tuple[int, int], torch.Tensor | float] = {(i, i): z for i, z in enumerate(zs)}
+    base.update({(i + 1, i): 1.0 for i in range(j)})
+    result = None
+    power = n + j
+    while power:
+        if power & 1:
+            result = base if result is None else _lower_product(result, base, size)
+        power >>= 1
+        if power:
+            base = _lower_product(base, base, size)
+    return full + result[j, 0]
+
+
+def _times(x, y):
+    """``x·y`` where either may be the number ``1.0`` (no tensor operation then)."""
+    if isinstance(x, float) and x == 1.0:
+        return y
+    if isinstance(y, float) and y == 1.0:
+        return x
+    return x * y
+
+
+def _lower_product(a: dict, b: dict, size: int) -> dict:
+    """The product of two lower-triangular matrices held as ``{(row, column): entry}``
+    (entries broadcast; the number ``1.0`` costs nothing)."""
+    out = {}
+    for r in range(size):
+        for c in range(r + 1):
+            acc = None
+            for m in range(c, r + 1):
+                x, y = a.get((r, m)), b.get((m, c))
+                if x is not None and y is not None:
+                    term = _times(x, y)
+                    acc = term if acc is None else acc + term
+            if acc is not None:
+                out[r, c] = acc
+    return out
 
 
 def time_sum(orders, xs: list[torch.Tensor], steps: int) -> torch.Tensor:
@@ -81,22 +130,24 @@ def time_sum(orders, xs: list[torch.Tensor], steps: int) -> torch.Tensor:
     """
     if isinstance(orders, EpochOrders):
         return epoch_time_sum(orders, xs, steps)
-    total = None
+    shape = torch.broadcast_shapes(*(x.shape for x in xs)) if xs else ()
+    ref = xs[0] if xs else torch.ones((), dtype=torch.float64)
+    total = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
     for j, spans in orders:
-        shape = torch.broadcast_shapes(*(x.shape for x in xs)) if xs else ()
-        ref = xs[0] if xs else torch.ones((), dtype=torch.float64)
-        factor = torch.ones(shape, dtype=ref.dtype, device=ref.device)
+        factor = 1.0  # each factor keeps only the axes of the edges it involves
         for x, (a, b) in zip(xs, spans, strict=True):
-            factor = factor * x ** (b - a - 1)
-        zs = [torch.ones(shape, dtype=ref.dtype, device=ref.device)]
+            if b - a - 1:
+                factor = _times(factor, x ** (b - a - 1))
+        zs = [1.0]
         for i in range(1, j + 1):
-            y = torch.ones(shape, dtype=ref.dtype, device=ref.device)
+            y = 1.0
             for x, (a, b) in zip(xs, spans, strict=True):
                 if a <= i < b:
-                    y = y * x
+                    y = _times(y, x)
             zs.append(y)
-        value = factor * complete_homogeneous(torch.stack(zs, dim=-1), steps - j)
-        total = value if total is None else total + value
+        if not any(isinstance(z, torch.Tensor) for z in zs):
+            zs[0] = torch.ones((), dtype=ref.dtype, device=ref.device)
+        total = total + _times(factor, _complete_homogeneous_list(zs, steps - j))
     return total
 
 
@@ -173,7 +224,7 @@ def _complete_homogeneous_any(zs: list[torch.Tensor], n: int) -> torch.Tensor:
     if n < 0:
         return torch.zeros_like(zs[0])
     if n > _SMALL_DEGREE:
-        return complete_homogeneous(torch.stack(zs, dim=-1), n)
+        return _complete_homogeneous_list(zs, n)
     row = [torch.ones_like(zs[0])] + [torch.zeros_like(zs[0])] * n
     for z in zs:
         for i in range(1, n + 1):
@@ -255,6 +306,7 @@ def resummed_values(
     integral: bool = False,
     rotated: bool = False,
     warn: bool = True,
+    networks: dict | None = None,
 ) -> list[torch.Tensor]:
     r"""Exact re-summed contributions by number of edges, via a full eigendecomposition.
 
@@ -286,6 +338,11 @@ def resummed_values(
             ``eigh[1]`` (which then only rotates a displacement back).
         warn: issue an :class:`~perturb.numeric.predictions.UnstableDirectionWarning`
             where some ``|1 − ηh| > 1`` (:func:`~perturb.numeric.predictions.growth`).
+        networks: a dict in which to keep each term's open network between calls with
+            the same tensors (the network depends on the diagram, not on ``η``, ``T`` or
+            the schedule's time structure): later calls, for other steps or schedules,
+            skip the contractions.  The caller owns it and must not share it between
+            different tensors.
 
     Returns:
         One value per number of edges ``0..order``, each of shape ``lr.shape +
@@ -333,7 +390,12 @@ def resummed_values(
     base = rate if integral else 1 - rate
     for term in terms:
         d = term.diagram.edges
-        network, axes = inputs.network(term)
+        key = (term.diagram.parents, term.diagram.parts, term.open_root)
+        if networks is None or key not in networks:
+            built = inputs.network(term)
+            if networks is not None:
+                networks[key] = built
+        network, axes = built if networks is None else networks[key]
         value = _contract_over_time(term, network, axes, base, step_list, integral=integral)
         if term.open_root:
             value = value @ evecs.T  # back from the eigenbasis, (L, S, P)
@@ -468,6 +530,7 @@ def resummed_by_quantity(
     eigh: tuple[torch.Tensor, torch.Tensor] | None = None,
     rotated: bool = False,
     warn: bool = True,
+    networks: dict | None = None,
 ) -> list[torch.Tensor]:
     """:func:`resummed_values` of ``quantity``, the gap as test minus train.
 
@@ -482,6 +545,8 @@ def resummed_by_quantity(
         eigh: ``torch.linalg.eigh(H)``, computed here when not given.
         rotated: the tensors are already in the eigenbasis ``eigh[1]``.
         warn: warn about unstable directions (:func:`resummed_values`).
+        networks: a cache of open networks (:func:`resummed_values`); the gap's two
+            halves share it.
 
     Returns:
         One value per number of edges ``0..order``, each of shape ``lr.shape`` (then
@@ -505,7 +570,8 @@ def resummed_by_quantity(
         if not rotated:  # rotate once for both halves
             derivs = {k: _rotate(t, eigh[1], first=1) for k, t in derivs.items()}
             means = {k: _rotate(t, eigh[1], first=0) for k, t in (means or {}).items() if k != 2}
-        kw = {"order": order, "lr": lr, "integral": integral, "means": means, "eigh": eigh}
+        kw = {"order": order, "lr": lr, "integral": integral, "means": means, "eigh": eigh,
+              "networks": networks}  # fmt: skip
         test = resummed_by_quantity(derivs, schedule, "test", rotated=True, warn=warn, **kw)
         train = resummed_by_quantity(derivs, schedule, "train", rotated=True, warn=False, **kw)
         return [a - b for a, b in zip(test, train, strict=True)]
@@ -521,6 +587,7 @@ def resummed_by_quantity(
         integral=integral,
         rotated=rotated,
         warn=warn,
+        networks=networks,
     )
 
 

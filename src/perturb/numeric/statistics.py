@@ -74,6 +74,9 @@ class MeasuredPrediction:
         resummed: whether edges carry ``η(I − ηH)^{Δt−1}`` (Krylov path).
         rank: the Krylov rank ``k`` of a re-summed prediction.
         error: ``|total(k) − total(k/2)|`` at each ``lr`` (re-summed), else ``None``.
+        cumulative_error: the same through each number of edges, ``(L, order+1)``:
+            column ``d`` is the ``k`` vs ``k/2`` difference of the prediction with up
+            to ``d`` edges (re-summed scalars), else ``None``.
         unstable: a re-summed prediction along directions where ``|1 − ηh| > 1``
             (Ritz values), warned about
             (:class:`~perturb.numeric.predictions.UnstableDirectionWarning`).
@@ -104,6 +107,7 @@ class MeasuredPrediction:
     error: np.ndarray | None = None
     unstable: bool = False
     growth: float = 0.0
+    cumulative_error: np.ndarray | None = None
 
 
 @dataclass
@@ -368,6 +372,9 @@ class Statistics:
             se = np.sqrt((k - 1) / k * ((reps - reps.mean(axis=0)) ** 2).sum(axis=0))
         with np.errstate(invalid="ignore"):  # inf − inf where K^T overflows (warned)
             error = np.abs(total - coarse.sum(axis=1))
+            cumulative = None
+            if quantity != "displacement":
+                cumulative = np.abs(np.cumsum(by_order, axis=1) - np.cumsum(coarse, axis=1))
         return MeasuredPrediction(
             schedule=schedule,
             quantity=quantity,
@@ -382,6 +389,7 @@ class Statistics:
             error=error,
             unstable=growth > UNSTABLE_GROWTH,
             growth=growth,
+            cumulative_error=cumulative,
         )
 
     # ------------------------------------------------------------------ files

@@ -37,6 +37,7 @@ order or reshuffled.
 
 from __future__ import annotations
 
+import functools
 import json
 import string
 from dataclasses import dataclass
@@ -295,6 +296,12 @@ def resummed_terms(order: int, schedule: Schedule, quantity: str = "test") -> li
         raise ValueError(
             f"quantity must be one of 'test', 'train', 'displacement', got {quantity!r}"
         )
+    return list(_resummed_terms(int(order), schedule, quantity))
+
+
+@functools.lru_cache(maxsize=256)
+def _resummed_terms(order: int, schedule: Schedule, quantity: str) -> tuple[ResummedTerm, ...]:
+    """:func:`resummed_terms` once per argument set (the terms are frozen)."""
     train = quantity == "train"
     open_root = quantity == "displacement"
     out: list[ResummedTerm] = []
@@ -315,7 +322,7 @@ def resummed_terms(order: int, schedule: Schedule, quantity: str = "test") -> li
                 term = _term(schedule, diagram, tree.tree_automorphisms, train, open_root)
                 if term is not None:
                     out.append(term)
-    return out
+    return tuple(out)
 
 
 def _term(schedule, diagram, aut, train, open_root) -> ResummedTerm | None:

@@ -1,0 +1,208 @@
+"""The predictors that :func:`perturb.validate` and :func:`perturb.compare` put beside SGD.
+
+Every predictor is evaluated from statistics measured once at ``θ_0``
+(:func:`perturb.experiments.pipeline.measure_at_start`), for any schedule, learning
+rate and number of steps, without touching the network again:
+
+* ``order d`` (:func:`series_predictions`): the un-resummed series through ``η^d``;
+* ``noiseless`` (:func:`noiseless_prediction`): its diagrams without gradient noise;
+* ``resummed 2``, ``resummed 3`` (:func:`resummed_predictions`): the re-summed diagrams
+  with up to two or three edges (edges carry ``η(I − ηH)^{Δt−1}``), evaluated in the
+  Krylov subspace of ``H`` that the measurement built
+  (:meth:`perturb.Statistics.predict` with ``resummed=True``), with the subspace's
+  ``k`` vs ``k/2`` difference and the growth of ``K^T`` along unstable directions;
+* the theories on the quadratic model (SDE and the others of
+  :mod:`perturb.experiments.baselines`), on the materialized quadratic model
+  (:func:`perturb.experiments.pipeline.quadratic_model`) for small models or on its
+  projection on the same subspace (:func:`subspace_quadratic`) for large ones.
+
+Example:
+    >>> from perturb.experiments.pipeline import build, load_population, measure_at_start
+    >>> from perturb.symbolic.schedules import Online
+    >>> setup = build("mlp", load_population("digits", population=8, seed=0), seed=0)
+    >>> sched = Online(steps=4, batch_size=1)
+    >>> stats = measure_at_start(setup, order=1, schedules=[sched], resummed=True, rank=16)
+    >>> sorted(resummed_predictions(stats, sched, [0.01]))
+    ['resummed 2', 'resummed 3']
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from perturb.experiments.baselines import QuadraticModel
+from perturb.numeric.krylov import KrylovSubspace
+from perturb.numeric.predictions import UnstableDirectionWarning, growth
+from perturb.numeric.statistics import Statistics
+from perturb.numeric.validity import truncation_estimates
+from perturb.symbolic.schedules import Schedule
+from perturb.symbolic.series import series
+
+__all__ = [
+    "RESUMMED_ORDERS",
+    "Resummed",
+    "noiseless_prediction",
+    "resummed_predictions",
+    "series_predictions",
+    "subspace_quadratic",
+]
+
+RESUMMED_ORDERS = (2, 3)
+"""The numbers of edges of the re-summed predictors the experiments report."""
+
+
+def series_predictions(
+    stats: Statistics,
+    schedule: Schedule,
+    lrs: Sequence[float],
+    *,
+    orders: Sequence[int],
+    quantity: str = "test",
+) -> dict[str, np.ndarray]:
+    """``"order d"``: the un-resummed series of ``quantity`` through ``η^d``, one per ``η``.
+
+    Example:
+        >>> from perturb.experiments.pipeline import build, load_population, measure_at_start
+        >>> from perturb.symbolic.schedules import Online
+        >>> setup = build("mlp", load_population("digits", population=4, seed=0), seed=0)
+        >>> sched = Online(steps=2, batch_size=1)
+        >>> stats = measure_at_start(setup, order=1, schedules=[sched])
+        >>> sorted(series_predictions(stats, sched, [0.1], orders=(0, 1)))
+        ['order 0', 'order 1']
+    """
+    pred = stats.predict(schedule, lr=list(lrs), quantity=quantity, order=max(orders))
+    cumulative = np.cumsum(pred.by_order, axis=1)
+    return {f"order {d}": cumulative[:, d] for d in orders}
+
+
+def noiseless_prediction(
+    stats: Statistics, schedule: Schedule, lrs: Sequence[float], *, order: int
+) -> np.ndarray:
+    """The noiseless diagrams through ``η^order``: those with every part a single node.
+
+    These are the terms of the series without the gradient noise (no ``C`` or higher
+    cumulant), i.e. the η-series of noiseless, GD-like SGD on the mean loss.
+
+    Example:
+        >>> from perturb.experiments.pipeline import build, load_population, measure_at_start
+        >>> from perturb.symbolic.schedules import Online
+        >>> setup = build("mlp", load_population("digits", population=4, seed=0), seed=0)
+        >>> sched = Online(steps=2, batch_size=1)
+        >>> stats = measure_at_start(setup, order=2, schedules=[sched])
+        >>> noiseless_prediction(stats, sched, [0.1], order=2).shape
+        (1,)
+    """
+    eta = np.asarray(lrs, dtype=float)
+    total = np.zeros(len(lrs))
+    for term in series(order, schedule, "test").terms:
+        if all(len(p) == 1 for p in term.contraction.tensors):
+            value = stats.value(term.contraction)
+            total += float(term.coefficient) * value * eta**term.power
+    return total
+
+
+@dataclass(frozen=True)
+class Resummed:
+    """A re-summed predictor on a grid of learning rates.
+
+    Attributes:
+        values: the prediction per learning rate.
+        error: ``|value(k) − value(k/2)|``, the Krylov truncation estimate, per rate.
+        growth: the largest ``T·log|1 − ηh|`` over the Ritz values and rates (``0`` when
+            every direction is stable).
+        ranks: the subspace dimension each number of edges was evaluated at.
+        estimate: the truncation error estimate per rate
+            (:func:`perturb.numeric.validity.truncation_estimates` of the contributions
+            by number of edges, plus the Krylov error).
+    """
+
+    values: np.ndarray
+    error: np.ndarray
+    growth: float
+    ranks: tuple[int, ...]
+    estimate: np.ndarray
+
+
+def resummed_predictions(
+    stats: Statistics,
+    schedule: Schedule,
+    lrs: Sequence[float],
+    *,
+    orders: Sequence[int] = RESUMMED_ORDERS,
+    quantity: str = "test",
+) -> dict[str, Resummed]:
+    """``"resummed d"`` for each ``d`` in ``orders``, from the measured Krylov subspace.
+
+    Unstable directions are reported in :attr:`Resummed.growth`, not warned about.
+
+    Raises:
+        ValueError: statistics measured without ``resummed=True``, or a subspace that
+            lacks the tensors the order needs (:meth:`perturb.Statistics.predict`).
+
+    Example:
+        >>> from perturb.experiments.pipeline import build, load_population, measure_at_start
+        >>> from perturb.symbolic.schedules import Online
+        >>> setup = build("mlp", load_population("digits", population=8, seed=0), seed=0)
+        >>> sched = Online(steps=4, batch_size=1)
+        >>> stats = measure_at_start(setup, order=1, schedules=[sched], resummed=True, rank=16)
+        >>> r = resummed_predictions(stats, sched, [0.01, 0.02], orders=(2,))["resummed 2"]
+        >>> r.values.shape, r.ranks
+        ((2,), (16, 16, 16))
+    """
+    top = max(orders)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnstableDirectionWarning)
+        pred = stats.predict(schedule, lr=list(lrs), quantity=quantity, order=top, resummed=True)
+    cumulative = np.cumsum(pred.by_order, axis=1)
+    estimates = truncation_estimates(pred.by_order, extra=pred.cumulative_error)
+    ranks = stats.subspace.ranks(schedule, quantity, top)
+    sub = stats.subspace
+    out = {}
+    for d in orders:
+        growth_d = pred.growth if ranks[d] == ranks[top] else _growth(sub, lrs, schedule, ranks[d])
+        out[f"resummed {d}"] = Resummed(
+            values=cumulative[:, d],
+            error=pred.cumulative_error[:, d],
+            growth=float(growth_d),
+            ranks=ranks[: d + 1],
+            estimate=estimates[:, d],
+        )
+    return out
+
+
+def _growth(sub: KrylovSubspace, lrs: Sequence[float], schedule: Schedule, rank: int) -> float:
+    """The unstable growth of ``K^T`` along the Ritz values of the leading block."""
+    return growth(sub.ritz_values(rank), list(lrs), int(schedule.steps))
+
+
+def subspace_quadratic(subspace: KrylovSubspace) -> QuadraticModel:
+    """The quadratic model at ``θ_0`` projected on the Krylov subspace: ``k×k`` matrices.
+
+    ``G → QᵀG``, ``H → QᵀHQ`` and ``C`` from the projected per-sample gradients: the
+    Galerkin version of :func:`perturb.experiments.pipeline.quadratic_model`, exact when
+    the subspace spans everything (``k = P``).  The theories on the quadratic model run
+    on it unchanged for models whose ``H`` cannot be materialized.
+
+    Raises:
+        ValueError: a subspace without projected per-sample gradients.
+
+    Example:
+        >>> import torch, perturb
+        >>> from perturb.numeric.krylov import krylov_subspace
+        >>> pop = perturb.Population(
+        ...     lambda p, x: 0.5 * (p * p).sum() + x @ p, torch.eye(3, dtype=torch.float64))
+        >>> sub = krylov_subspace(pop, None, torch.ones(3), rank=3)
+        >>> subspace_quadratic(sub).hess.shape
+        torch.Size([3, 3])
+    """
+    if 1 not in subspace.derivs:
+        raise ValueError(
+            "the subspace holds no projected per-sample gradients; build it with "
+            "per_sample_gradients=True (or for an order ≥ 2 of a noisy schedule)"
+        )
+    derivs = {0: subspace.derivs[0], 1: subspace.derivs[1]}
+    return QuadraticModel.from_derivatives(derivs, subspace.hessian)

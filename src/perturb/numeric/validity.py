@@ -1,0 +1,225 @@
+r"""How far a prediction from statistics at ``θ_0`` can be trusted, before any SGD is run.
+
+Three estimates, each from the theory and the measured statistics, none fitted to runs:
+
+**Truncation.**  A series ``Σ_d c_d`` cut after ``c_D`` errs by the terms left out.
+Where the next term was measured, the error of the sum through ``d < D`` is estimated
+by what follows, ``e_d = |c_{d+1}| + e_{d+1}``; the error of the last sum, whose next
+term is unknown, by the geometric continuation of the last two,
+``e_D = |c_D| · min(1, |c_D / c_{D−1}|)`` (a series whose terms stop shrinking gets an
+estimate as large as its last term).  The same rule serves the un-resummed series (by
+powers of ``η``) and the re-summed one (by number of edges), to which the Krylov
+subspace's ``k`` vs ``k/2`` difference is added (:func:`truncation_estimates`).
+
+**Displacement.**  Every predictor freezes the statistics at ``θ_0``; they fail once
+the weights move over the distance in which ``H`` changes by itself, ``ρ = ‖H‖/‖J‖``
+(:func:`curvature_radius`, in the Krylov subspace).  The quadratic model gives the
+root-mean-square displacement in closed form (:func:`rms_displacement`): per
+eigen-direction ``a`` of ``H`` (``x_a = 1 − ηh_a``), online SGD with batches of ``B``
+moves the mean by ``−η g_a (1 − x_a^T)/(1 − x_a)`` and adds the variance
+``(η²/B) C_aa (1 − x_a^{2T})/(1 − x_a²)``; full-batch GD on ``N`` iid points has the
+mean ``−(1 − x_a^T)/h_a · g_a`` and, from the draw of its training set, the variance
+``(1 − x_a^T)²/h_a² · C_aa/N``.
+
+**Mean-square instability.**  Where the per-sample Hessians fluctuate, SGD's second
+moment can grow although ``|1 − ηh| < 1`` for every ``h`` (GD stable):
+:func:`perturb.numeric.stability.mean_square_growth` on the projected Hessians
+``QᵀH_iQ`` bounds that growth from below; :func:`mean_square_excess` is its excess over
+the mean dynamics' own growth, in e-folds of the root-mean-square deviation.
+
+Example:
+    >>> import numpy as np
+    >>> truncation_estimates(np.array([[1.0, -0.1, 0.01]]))  # the next term ≈ 0.001
+    array([[0.111, 0.011, 0.001]])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from perturb.numeric.krylov import KrylovSubspace
+from perturb.numeric.predictions import growth
+from perturb.numeric.stability import mean_square_growth
+
+__all__ = [
+    "MEAN_SQUARE_EXCESS",
+    "TRUST_FRACTION",
+    "curvature_radius",
+    "mean_square_excess",
+    "rms_displacement",
+    "truncation_estimates",
+]
+
+TRUST_FRACTION = 0.1
+"""A prediction is trusted when its error estimate is at most this fraction of the change
+it predicts, ``|value − l(θ_0)|`` (and neither displacement nor instability rules it out)."""
+MEAN_SQUARE_EXCESS = 1.0
+"""Mean-square instability is flagged when the second moment grows by more than this many
+e-folds (of the root-mean-square deviation) beyond the mean dynamics over the run."""
+
+
+def truncation_estimates(contributions: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
+    """Error estimates of the partial sums ``Σ_{d' ≤ d} c_{d'}`` for every ``d``.
+
+    Args:
+        contributions: ``c_d`` along the last axis, shape ``(..., D+1)``.
+        extra: errors to add to each partial sum (e.g. the Krylov ``k`` vs ``k/2``
+            differences of the cumulative re-summed values), same shape.
+
+    Returns:
+        Shape ``(..., D+1)``; ``inf`` for a lone ``c_0`` (nothing to continue from), for
+        every sum that holds a non-finite contribution and for every sum before it.
+
+    Example:
+        >>> import numpy as np
+        >>> truncation_estimates(np.array([[2.0, 0.5, 0.5]]))  # terms stop shrinking
+        array([[1.5, 1. , 0.5]])
+    """
+    c = np.abs(np.asarray(contributions, dtype=float))
+    if c.shape[-1] < 1:
+        raise ValueError(f"contributions need at least one order, got shape {c.shape}")
+    out = np.empty_like(c)
+    if c.shape[-1] == 1:
+        out[...] = np.inf
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(c[..., -2] > 0, c[..., -1] / c[..., -2], 1.0)
+        out[..., -1] = c[..., -1] * np.minimum(1.0, ratio)
+        for d in range(c.shape[-1] - 2, -1, -1):
+            out[..., d] = c[..., d + 1] + out[..., d + 1]
+    broken = np.cumsum(~np.isfinite(c), axis=-1) > 0  # a sum holding a non-finite term
+    out[~np.isfinite(out) | broken] = np.inf
+    if extra is not None:
+        out = out + np.abs(np.asarray(extra, dtype=float))
+    return out
+
+
+def curvature_radius(subspace: KrylovSubspace, *, iterations: int = 50) -> float:
+    """``ρ = ‖H‖ / ‖J‖``: the distance over which ``H`` changes by its own size.
+
+    ``‖H‖`` is the largest Ritz value in absolute value; ``‖J‖ = max_{|u|=1} |J[u,u,u]|``
+    over the subspace the third derivative was projected on (a lower bound of the full
+    norm, so ``ρ`` is an upper bound), by the higher-order power iteration
+    ``u ← J[u,u,·]/‖J[u,u,·]‖`` from the extreme Ritz vectors and four seeded random
+    vectors, the best of them kept.
+
+    Returns:
+        ``inf`` when the subspace holds no projected ``J`` (build it for order 3).
+
+    Example:
+        >>> import torch, perturb
+        >>> from perturb.numeric.krylov import krylov_subspace
+        >>> pop = perturb.Population(lambda p, x: (p ** 2).sum() / 2 + (p ** 3).sum() / 6 + x @ p,
+        ...                          torch.eye(2, dtype=torch.float64))
+        >>> sub = krylov_subspace(pop, None, torch.zeros(2, dtype=torch.float64), rank=2, order=3)
+        >>> round(curvature_radius(sub), 6)  # H = I, J = diag 1: ρ = 1
+        1.0
+    """
+    if 3 not in subspace.means:
+        return float("inf")
+    j = subspace.means[3]
+    m = j.shape[0]
+    h = subspace.hessian[:m, :m]
+    evecs = torch.linalg.eigh((h + h.T) / 2)[1]
+    h_norm = float(torch.abs(subspace.ritz_values()).max())
+    gen = torch.Generator().manual_seed(0)
+    starts = [evecs[:, -1], evecs[:, 0]]
+    starts += [torch.randn(m, generator=gen, dtype=j.dtype) for _ in range(4)]
+    best = 0.0
+    for u in starts:
+        u = u / torch.linalg.vector_norm(u)
+        for _ in range(iterations):
+            v = torch.einsum("abc,a,b->c", j, u, u)
+            norm = float(torch.linalg.vector_norm(v))
+            if norm == 0.0:
+                break
+            u = v / norm
+        best = max(best, abs(float(torch.einsum("abc,a,b,c->", j, u, u, u))))
+    return h_norm / best if best > 0 else float("inf")
+
+
+def rms_displacement(
+    hess: torch.Tensor,
+    grad: torch.Tensor,
+    cov: torch.Tensor,
+    *,
+    lr: Sequence[float],
+    steps: int,
+    batch_size: int = 1,
+    train_size: int | None = None,
+) -> np.ndarray:
+    r"""``sqrt(E‖θ_T − θ_0‖²)`` on the quadratic model, per learning rate (module notes).
+
+    Args:
+        hess: ``H`` (``(P, P)``, or projected ``(k, k)``).
+        grad: ``G`` in the same basis.
+        cov: ``C`` in the same basis.
+        lr: learning rates.
+        steps: ``T``.
+        batch_size: ``B`` of online SGD (each step a fresh batch).
+        train_size: ``N`` for full-batch GD on ``N`` iid points (then ``batch_size``
+            is ignored).
+
+    Example:
+        >>> import torch
+        >>> one = torch.ones(1, 1, dtype=torch.float64)
+        >>> rms_displacement(one, torch.ones(1, dtype=torch.float64), 0 * one, lr=[0.5], steps=1)
+        array([0.5])
+    """
+    evals, evecs = torch.linalg.eigh((hess + hess.T) / 2)
+    g = (evecs.T @ grad).numpy()
+    c = torch.diagonal(evecs.T @ cov @ evecs).numpy()
+    h = evals.numpy()
+    out = []
+    for eta in np.asarray(lr, dtype=float).reshape(-1):
+        x = 1.0 - eta * h
+        xt = x ** float(steps)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            reach = np.where(np.abs(h) > 1e-12, (1.0 - xt) / h, eta * steps)  # Σ_t η x^t
+            if train_size is None:
+                x2 = x * x
+                spread = np.where(
+                    np.abs(1.0 - x2) > 1e-12, (1.0 - x2**steps) / (1.0 - x2), float(steps)
+                )
+                var = eta**2 / batch_size * c * spread
+            else:
+                var = reach**2 * c / train_size
+        total = float(np.sum((reach * g) ** 2 + var))
+        out.append(np.sqrt(total) if np.isfinite(total) else np.inf)
+    return np.array(out)
+
+
+def mean_square_excess(
+    subspace: KrylovSubspace, *, lr: Sequence[float], steps: int, batch_size: int = 1
+) -> np.ndarray:
+    """E-folds by which SGD's RMS deviation outgrows the mean dynamics, per learning rate.
+
+    :func:`~perturb.numeric.stability.mean_square_growth` of the projected per-sample
+    Hessians (the first :attr:`~KrylovSubspace.higher_rank` basis vectors) minus the
+    mean dynamics' :func:`~perturb.numeric.predictions.growth` on the same block; a
+    rigorous lower bound of the excess of the full linearized dynamics over those
+    directions.  ``nan`` where the subspace holds no per-sample Hessians.
+
+    Example:
+        >>> import torch, perturb
+        >>> from perturb.numeric.krylov import krylov_subspace
+        >>> pop = perturb.Population(lambda p, x: (x * p * p).sum() / 2,  # H_i = diag(x_i)
+        ...                          torch.tensor([[0.2], [1.8]], dtype=torch.float64))
+        >>> sub = krylov_subspace(pop, None, torch.ones(1, dtype=torch.float64), rank=1,
+        ...                       order=2, schedules=[perturb.GD()])
+        >>> mean_square_excess(sub, lr=[0.1, 1.5], steps=10).round(2)  # GD stable below 2
+        array([0.  , 2.62])
+    """
+    lrs = np.asarray(lr, dtype=float).reshape(-1)
+    if 2 not in subspace.derivs:
+        return np.full(lrs.shape, np.nan)
+    per_sample = subspace.derivs[2]
+    m = per_sample.shape[1]
+    hess = subspace.hessian[:m, :m]
+    ms = mean_square_growth(hess, per_sample, lr=list(lrs), steps=int(steps), batch_size=batch_size)
+    evals = torch.linalg.eigvalsh((hess + hess.T) / 2)
+    mean = np.array([growth(evals, [eta], int(steps)) for eta in lrs])
+    return np.maximum(np.asarray(ms, dtype=float) - mean, 0.0)

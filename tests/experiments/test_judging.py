@@ -1,0 +1,60 @@
+"""The verdicts and the calibration summary of perturb.experiments.judging."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+
+from perturb.experiments.judging import judge, validity_lines
+
+
+def _row(lr, steps, value, actual=1.0, half=0.1, unstable=False):
+    return {
+        "lr": lr, "steps": steps, "eta_t": lr * steps, "actual": actual,
+        "ci_low": actual - half, "ci_high": actual + half, "divergent": False,
+        "predictions": {
+            "p": {"value": value, "error_ci": (value - actual) / half, "unstable": unstable}
+        },
+    }  # fmt: skip
+
+
+def test_each_reason_for_distrust_and_the_summary():
+    """Start loss 2: a change of 1.  Trusted needs estimate ≤ 0.1 (a tenth of it),
+    displacement within ρ = 1, mean-square excess ≤ 1, a stable value."""
+    rows = [_row(0.1, s, 1.05) for s in (1, 2, 3, 4, 5)]
+    rows.append(_row(0.2, 5, 40.0, unstable=True))
+    result = SimpleNamespace(rows=rows, config={"lrs": [0.1, 0.2], "curvature_radius": 1.0})
+    est = {"p": {1: [0.01, 0.0], 2: [0.2, 0.0], 3: [0.01, 0.0], 4: [0.01, 0.0], 5: [0.01, 0.5]}}
+    motion = {
+        s: {"rms_displacement": np.array([d, 0.0]), "mean_square_excess": np.array([e, 0.0])}
+        for s, d, e in ((1, 0.1, 0.0), (2, 0.1, 0.0), (3, 2.0, 0.0), (4, 0.1, 3.0), (5, 0.1, 0))
+    }
+    judge(result, est, motion, start_loss=2.0)
+    verdicts = [r["predictions"]["p"]["trusted"] for r in rows]
+    assert verdicts == [True, False, False, False, True, False]
+    assert rows[2]["validity"]["displacement_over_radius"] == 2.0
+    assert rows[0]["predictions"]["p"]["error_estimate"] == 0.01
+    summary = result.validity["p"]
+    assert summary["trusted_up_to"] == 0.1  # the first untrusted row is at ηt = 0.2
+    assert summary["trusted_rows"] == 2 and summary["calibration"] == 1.0  # 0.05 ≤ 0.01 + 0.1
+    assert summary["far_off_rows"] == 1 and summary["far_off_untrusted"] == 1.0
+    assert summary["within_2ci_up_to"] == 0.5  # |error| = 0.5 until the unstable row at 1.0
+    line = validity_lines(result.validity)[0]
+    assert line == (
+        "           p: trusted up to ηT ≈ 0.1 (actually within 2 CI up to ηT ≈ 0.5); "
+        "2/2 trusted rows within estimate + CI; 1/1 rows off by > 10 CI untrusted"
+    )
+
+
+def test_a_missing_estimate_is_never_trusted():
+    rows = [_row(0.1, 1, 1.05)]
+    result = SimpleNamespace(rows=rows, config={"lrs": [0.1]})
+    judge(result, {}, {}, start_loss=2.0)
+    entry = rows[0]["predictions"]["p"]
+    assert math.isinf(entry["error_estimate"]) and not entry["trusted"]
+    assert result.validity["p"]["trusted_up_to"] is None
+    assert validity_lines(result.validity) == [
+        "           p: never trusted (actually within 2 CI up to ηT ≈ 0.1)"
+    ]
