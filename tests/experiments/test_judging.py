@@ -48,6 +48,21 @@ def test_each_reason_for_distrust_and_the_summary():
     )
 
 
+def test_a_sample_that_overshoots_is_distrusted_once_it_is_drawn():
+    """ηλ_max(H_i)/B = 3 > 2: untrusted from the row where the sample is expected to be
+    drawn (draws ≥ 1), trusted before."""
+    rows = [_row(0.1, s, 1.05) for s in (1, 2)]
+    result = SimpleNamespace(rows=rows, config={"lrs": [0.1]})
+    motion = {
+        s: {"rms_displacement": np.zeros(1), "mean_square_excess": np.zeros(1),
+            "overshoot": np.array([3.0]), "overshoot_draws": np.array([d])}
+        for s, d in ((1, 0.5), (2, 1.0))
+    }  # fmt: skip
+    judge(result, {"p": {1: [0.01], 2: [0.01]}}, motion, start_loss=2.0)
+    assert [r["predictions"]["p"]["trusted"] for r in rows] == [True, False]
+    assert rows[1]["validity"]["overshoot"] == 3.0
+
+
 def test_a_missing_estimate_is_never_trusted():
     rows = [_row(0.1, 1, 1.05)]
     result = SimpleNamespace(rows=rows, config={"lrs": [0.1]})

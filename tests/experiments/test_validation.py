@@ -661,7 +661,8 @@ def test_every_prediction_carries_a_validity_estimate(small):
     never one the table shows as unstable."""
     for r in small.rows:
         assert set(r["validity"]) == {
-            "rms_displacement", "displacement_over_radius", "mean_square_excess"
+            "rms_displacement", "displacement_over_radius", "mean_square_excess",
+            "overshoot", "overshoot_draws",
         }  # fmt: skip
         for p in r["predictions"].values():
             assert p["error_estimate"] >= 0 and isinstance(p["trusted"], bool)

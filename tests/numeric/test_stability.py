@@ -379,3 +379,23 @@ def test_bad_chunk_size_and_objective_errors():
         per_sample_curvatures(loss_fn, rows, torch.zeros(3), basis=torch.eye(3), chunk_size=0)
     with pytest.raises(ValueError, match="theta0 is required with a loss function"):
         per_sample_curvatures(loss_fn, rows, basis=torch.eye(3))
+
+
+def test_per_sample_top_curvatures_by_power_iteration():
+    """``H_i = x_i x_iᵀ`` has ``λ_max = |x_i|²``; by default the rows of largest loss are
+    examined; bad arguments are refused."""
+    from perturb.numeric.stability import per_sample_top_curvatures
+
+    x = torch.tensor([[1.0, 2.0], [0.5, 0.0], [3.0, -1.0]], dtype=torch.float64)
+
+    def loss_fn(p, row):
+        return 0.5 * (row @ p) ** 2
+
+    theta = torch.ones(2, dtype=torch.float64)
+    rows, lam = per_sample_top_curvatures(loss_fn, x, theta, count=2)
+    assert rows.tolist() == [0, 2]  # losses 4.5, 0.125, 2.0
+    np.testing.assert_allclose(lam, [5.0, 10.0], rtol=1e-10)
+    with pytest.raises(ValueError, match="row must be an integer"):
+        per_sample_top_curvatures(loss_fn, x, theta, rows=[3])
+    with pytest.raises(ValueError, match="iterations must be an integer"):
+        per_sample_top_curvatures(loss_fn, x, theta, iterations=0)

@@ -101,5 +101,19 @@ def test_mean_square_excess_in_one_dimension():
         want = max(0.0, 10 * math.log(rate) - mean) if rate > 1 else 0.0
         got = mean_square_excess(sub, lr=[lr], steps=20, batch_size=batch)[0]
         assert got == pytest.approx(want, rel=1e-9, abs=1e-12), (lr, batch)
+    grid = mean_square_excess(sub, lr=[0.5, 1.5, 2.2], steps=[1, 20, 300])
+    for j, steps in enumerate((1, 20, 300)):
+        one = mean_square_excess(sub, lr=[0.5, 1.5, 2.2], steps=steps)
+        np.testing.assert_allclose(grid[:, j], one, rtol=1e-12)
     online = krylov_subspace(pop, None, torch.ones(1, dtype=torch.float64), rank=1, order=1)
     assert np.isnan(mean_square_excess(online, lr=[0.1], steps=5)).all()
+
+
+def test_overshoot_counts_expected_draws_of_the_samples_that_overshoot():
+    """``ηλ/B``: with B = 2 a sample's curvature counts half; the expected number of
+    draws of the overshooting samples after T steps is ``T·B·count/n``."""
+    from perturb.numeric.validity import overshoot
+
+    out = overshoot([10.0, 6.0, 1.0], lr=[0.1, 0.5, 1.0], steps=50, batch_size=2, population=100)
+    np.testing.assert_allclose(out["overshoot"], [0.5, 2.5, 5.0])
+    np.testing.assert_allclose(out["overshoot_draws"], [0.0, 1.0, 2.0])  # 0, 1, 2 samples > 2

@@ -5,7 +5,9 @@ Each prediction gets an ``error_estimate`` (same units as its value, from the th
 an estimate at most :data:`~perturb.numeric.validity.TRUST_FRACTION` of the change it
 predicts, the root-mean-square displacement of the quadratic model within the radius
 ``ρ = ‖H‖/‖J‖`` over which the frozen statistics hold, and no mean-square instability
-(:data:`~perturb.numeric.validity.MEAN_SQUARE_EXCESS`).  None of it looks at the SGD
+(:data:`~perturb.numeric.validity.MEAN_SQUARE_EXCESS`), nor a single sample whose step
+overshoots (``ηλ_max(H_i)/B >`` :data:`OVERSHOOT`, the sample expected to be drawn:
+:func:`perturb.numeric.stability.per_sample_top_curvatures`).  None of it looks at the SGD
 runs; :func:`judge` then compares with them: per predictor the fraction of trusted
 rows within ``error_estimate`` plus the interval's half-width (the calibration), the
 fraction of rows off by more than 10 half-widths that it called untrusted,
@@ -32,8 +34,12 @@ import numpy as np
 
 from perturb.numeric.validity import MEAN_SQUARE_EXCESS, TRUST_FRACTION
 
-__all__ = ["FAR_OFF", "WITHIN", "judge", "validity_lines"]
+__all__ = ["FAR_OFF", "OVERSHOOT", "WITHIN", "judge", "validity_lines"]
 
+OVERSHOOT = 2.0
+"""A single sample's step amplifies a deviation along its top curvature once
+``ηλ_max(H_i)/B`` exceeds this (``|1 − ηλ/B| > 1``); such a row is untrusted once the
+overshooting samples are expected to be drawn at least once."""
 FAR_OFF = 10.0
 """Rows off by more than this many interval half-widths must be called untrusted."""
 WITHIN = 2.0
@@ -48,8 +54,9 @@ def judge(result: Any, estimates: dict, motion: dict, *, start_loss: float) -> N
         result: a :class:`~perturb.experiments.validation.ValidationResult` (``rows``,
             ``config`` with ``lrs`` and optionally ``curvature_radius``, ``validity``).
         estimates: ``{name: {step: (L,) error estimates}}``.
-        motion: ``{step: {"rms_displacement": (L,), "mean_square_excess": (L,)}}``
-            (empty: no displacement or instability check).
+        motion: ``{step: {"rms_displacement": (L,), "mean_square_excess": (L,)}}``,
+            optionally with ``"overshoot"`` and ``"overshoot_draws"`` (L,) (empty: no
+            displacement or instability check).
         start_loss: ``l(θ_0)``.
     """
     lrs = [float(lr) for lr in result.config["lrs"]]
@@ -59,12 +66,21 @@ def judge(result: Any, estimates: dict, motion: dict, *, start_loss: float) -> N
         where = motion.get(s)
         moved = math.nan if where is None else float(where["rms_displacement"][li])
         excess = math.nan if where is None else float(where["mean_square_excess"][li])
+        has = where is not None and "overshoot" in where
+        kick = float(where["overshoot"][li]) if has else math.nan
+        draws = float(where["overshoot_draws"][li]) if has else 0.0
         row["validity"] = {
             "rms_displacement": moved,
             "displacement_over_radius": moved / radius if math.isfinite(moved) else math.nan,
             "mean_square_excess": excess,
+            "overshoot": kick,
+            "overshoot_draws": draws,
         }
-        frozen_ok = not moved > radius and not excess > MEAN_SQUARE_EXCESS
+        frozen_ok = (
+            not moved > radius
+            and not excess > MEAN_SQUARE_EXCESS
+            and not (kick > OVERSHOOT and draws >= 1.0)
+        )
         for name, entry in row["predictions"].items():
             by_step = estimates.get(name, {})
             est = float(np.asarray(by_step[s])[li]) if s in by_step else math.inf

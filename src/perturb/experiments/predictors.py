@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from perturb.experiments.baselines import QuadraticModel
+from perturb.experiments.pipeline import Setup, quadratic_model
 from perturb.numeric.krylov import KrylovSubspace
 from perturb.numeric.predictions import UnstableDirectionWarning, growth
 from perturb.numeric.statistics import Statistics
@@ -47,6 +48,7 @@ __all__ = [
     "Resummed",
     "noiseless_prediction",
     "resummed_predictions",
+    "sde_model_for",
     "series_predictions",
     "subspace_quadratic",
 ]
@@ -177,6 +179,52 @@ def resummed_predictions(
 def _growth(sub: KrylovSubspace, lrs: Sequence[float], schedule: Schedule, rank: int) -> float:
     """The unstable growth of ``K^T`` along the Ritz values of the leading block."""
     return growth(sub.ritz_values(rank), list(lrs), int(schedule.steps))
+
+
+def sde_model_for(
+    setup: Setup,
+    stats: Statistics,
+    full: Schedule,
+    config: dict,
+    limit: int,
+    progress: bool = False,
+) -> QuadraticModel | None:
+    """The quadratic model for the SDE: projected on the measured Krylov subspace, else
+    materialized up to ``limit`` parameters; ``None`` where it cannot run, the reason in
+    ``config["unavailable"]["SDE"]`` (``config["sde_krylov_rank"]`` when projected).
+
+    On the default run the projection (``k = 128`` of ``P = 1418``) moves the SDE's
+    values by at most 2e-5, a hundredth of the smallest interval half-width.
+
+    Example:
+        >>> from perturb.experiments.pipeline import build, load_population, measure_at_start
+        >>> from perturb.symbolic.schedules import GD, Online
+        >>> setup = build("mlp", load_population("digits", population=8, seed=0), seed=0)
+        >>> sched = Online(steps=4, batch_size=1)
+        >>> stats = measure_at_start(setup, order=1, schedules=[sched], resummed=True, rank=16)
+        >>> config = {"unavailable": {}}
+        >>> sde_model_for(setup, stats, sched, config, 4000).hess.shape, config["sde_krylov_rank"]
+        (torch.Size([16, 16]), 16)
+        >>> sde_model_for(setup, stats, GD(train_size=4, steps=2), config, 4000) is None
+        True
+    """
+    p, unavailable = setup.parameters, config["unavailable"]
+    if full.name == "gd":
+        unavailable["SDE"] = (
+            "the SDE models fresh samples every step; GD's only noise is the draw of "
+            "its training set"
+        )
+        return None
+    if stats.subspace is not None:
+        config["sde_krylov_rank"] = stats.subspace.rank
+        return subspace_quadratic(stats.subspace)
+    if p <= limit:
+        return quadratic_model(setup, progress=progress).model
+    unavailable["SDE"] = (
+        f"needs the materialized Hessian ({p} parameters > max_hessian_parameters = "
+        f"{limit}) or the Krylov subspace (resummed=True)"
+    )
+    return None
 
 
 def subspace_quadratic(subspace: KrylovSubspace) -> QuadraticModel:

@@ -55,7 +55,6 @@ from perturb.experiments.baselines import sde_test_loss
 from perturb.experiments.judging import judge, validity_lines
 from perturb.experiments.pipeline import (
     DEFAULT_PRETRAIN_LR,
-    Setup,
     Start,
     ci_error,
     curve_intervals,
@@ -66,7 +65,6 @@ from perturb.experiments.pipeline import (
     load_population,
     measure_at_start,
     prediction_entry,
-    quadratic_model,
     recorded_steps,
     run_trials,
     start_point,
@@ -75,20 +73,22 @@ from perturb.experiments.pipeline import (
 from perturb.experiments.predictors import (
     noiseless_prediction,
     resummed_predictions,
+    sde_model_for,
     series_predictions,
     subspace_quadratic,
 )
 from perturb.numeric.distributed import is_main
 from perturb.numeric.intervals import mean_interval
 from perturb.numeric.predictions import UNSTABLE_GROWTH
+from perturb.numeric.stability import per_sample_top_curvatures
 from perturb.numeric.validity import (
     curvature_radius,
     mean_square_excess,
+    overshoot,
     rms_displacement,
     truncation_estimates,
 )
 from perturb.symbolic.options import describe
-from perturb.symbolic.schedules import Schedule
 
 __all__ = ["ValidationResult", "validate"]
 
@@ -459,8 +459,12 @@ def validate(
             progress=progress,
         )
 
+        if full.name != "gd":  # one-step overshoot of single samples (validity estimate)
+            rows, lams = per_sample_top_curvatures(setup.net, (setup.x, setup.y))
+            config["sample_curvature"] = {"rows": rows.tolist(), "lambda_max": lams.tolist()}
+
     with timed(timings, "hessian_s"):
-        sde_model = _sde_model(setup, stats, full, config, max_hessian_parameters, progress)
+        sde_model = sde_model_for(setup, stats, full, config, max_hessian_parameters, progress)
     with timed(timings, "predict_s"):
         predictions, estimates, motion = _predict(
             stats, sde_model, full, record_steps, lrs, orders, config
@@ -474,32 +478,6 @@ def validate(
     if out is not None and is_main():  # under torchrun only rank 0 writes
         write_outputs(result, Path(out))
     return result
-
-
-def _sde_model(setup: Setup, stats, full: Schedule, config: dict, limit: int, progress: bool):
-    """The quadratic model for the SDE: projected on the measured Krylov subspace, else
-    materialized up to ``limit`` parameters; ``None`` (reason recorded) where it cannot run.
-
-    On the default run the projection (``k = 128`` of ``P = 1418``) moves the SDE's
-    values by at most 2e-5, a hundredth of the smallest interval half-width.
-    """
-    p, unavailable = setup.parameters, config["unavailable"]
-    if full.name == "gd":
-        unavailable["SDE"] = (
-            "the SDE models fresh samples every step; GD's only noise is the draw of "
-            "its training set"
-        )
-        return None
-    if stats.subspace is not None:
-        config["sde_krylov_rank"] = stats.subspace.rank
-        return subspace_quadratic(stats.subspace)
-    if p <= limit:
-        return quadratic_model(setup, progress=progress).model
-    unavailable["SDE"] = (
-        f"needs the materialized Hessian ({p} parameters > max_hessian_parameters = "
-        f"{limit}) or the Krylov subspace (resummed=True)"
-    )
-    return None
 
 
 def _predict(stats, sde_model, full, record_steps, lrs, orders, config) -> tuple:
@@ -517,6 +495,12 @@ def _predict(stats, sde_model, full, record_steps, lrs, orders, config) -> tuple
     sub = stats.subspace
     quad = subspace_quadratic(sub) if sub is not None else sde_model
     top = f"order {max(orders)}"
+    sharp = config.get("sample_curvature")
+    kicks = {"batch_size": int(full.batch_size), "population": config["population"]}
+    excess = np.zeros((len(lrs), len(record_steps)))  # SGD's RMS growth beyond GD's, per step
+    if sub is not None and full.name != "gd":
+        b = int(full.batch_size)
+        excess = mean_square_excess(sub, lr=lrs, steps=list(record_steps), batch_size=b)
 
     def put(name, s, values, estimate):
         predictions.setdefault(name, {})[s] = values
@@ -559,9 +543,8 @@ def _predict(stats, sde_model, full, record_steps, lrs, orders, config) -> tuple
                     batch_size=int(sched.batch_size),
                     train_size=n,
                 ),
-                "mean_square_excess": np.zeros(len(lrs))
-                if sub is None or full.name == "gd"
-                else mean_square_excess(sub, lr=lrs, steps=s, batch_size=int(sched.batch_size)),
+                "mean_square_excess": excess[:, record_steps.index(s)],
+                **(overshoot(sharp["lambda_max"], lr=lrs, steps=s, **kicks) if sharp else {}),
             }
     if sub is not None:
         config["resummed_krylov"] = {

@@ -113,6 +113,7 @@ class KrylovSubspace:
     cost: Mapping[str, float]
     _eigen: dict = field(default_factory=dict, repr=False, compare=False)
     _networks: dict = field(default_factory=dict, repr=False, compare=False)
+    _ranks: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def rank(self) -> int:
@@ -147,7 +148,7 @@ class KrylovSubspace:
         """
         rank = self.rank if rank is None else rank
         key = (str(schedule), quantity, order, rank)
-        if key not in self._eigen:
+        if key not in self._ranks:
             levels = []
             for d in range(order + 1):
                 per_sample, means = _needed_orders(d, (quantity,), (schedule,))
@@ -155,8 +156,8 @@ class KrylovSubspace:
                 sizes += [self.means[m].shape[0] for m in means if m >= 1 and m in self.means]
                 size = min(sizes, default=self.rank)
                 levels.append(min(rank, max(1, rank * size // self.rank)))
-            self._eigen[key] = tuple(levels)
-        return self._eigen[key]
+            self._ranks[key] = tuple(levels)
+        return self._ranks[key]
 
     def ritz_values(self, rank: int | None = None) -> torch.Tensor:
         """Eigenvalues of the leading ``rank × rank`` block of ``T`` (the Ritz values).

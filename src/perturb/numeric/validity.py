@@ -41,14 +41,14 @@ import numpy as np
 import torch
 
 from perturb.numeric.krylov import KrylovSubspace
-from perturb.numeric.predictions import growth
-from perturb.numeric.stability import mean_square_growth
+from perturb.numeric.stability import mean_square_rate
 
 __all__ = [
     "MEAN_SQUARE_EXCESS",
     "TRUST_FRACTION",
     "curvature_radius",
     "mean_square_excess",
+    "overshoot",
     "rms_displacement",
     "truncation_estimates",
 ]
@@ -193,7 +193,11 @@ def rms_displacement(
 
 
 def mean_square_excess(
-    subspace: KrylovSubspace, *, lr: Sequence[float], steps: int, batch_size: int = 1
+    subspace: KrylovSubspace,
+    *,
+    lr: Sequence[float],
+    steps: int | Sequence[int],
+    batch_size: int = 1,
 ) -> np.ndarray:
     """E-folds by which SGD's RMS deviation outgrows the mean dynamics, per learning rate.
 
@@ -201,7 +205,11 @@ def mean_square_excess(
     Hessians (the first :attr:`~KrylovSubspace.higher_rank` basis vectors) minus the
     mean dynamics' :func:`~perturb.numeric.predictions.growth` on the same block; a
     rigorous lower bound of the excess of the full linearized dynamics over those
-    directions.  ``nan`` where the subspace holds no per-sample Hessians.
+    directions.  ``nan`` where the subspace holds no per-sample Hessians.  The
+    second-moment rate is computed once per learning rate for every ``T`` in ``steps``.
+
+    Returns:
+        Shape ``(L,)`` for one ``T``, ``(L, S)`` for a sequence of ``S`` of them.
 
     Example:
         >>> import torch, perturb
@@ -214,12 +222,44 @@ def mean_square_excess(
         array([0.  , 2.62])
     """
     lrs = np.asarray(lr, dtype=float).reshape(-1)
+    many = not isinstance(steps, int | np.integer)
+    ts = np.asarray(steps if many else [steps], dtype=float).reshape(-1)
     if 2 not in subspace.derivs:
-        return np.full(lrs.shape, np.nan)
+        out = np.full((len(lrs), len(ts)), np.nan)
+        return out if many else out[:, 0]
     per_sample = subspace.derivs[2]
     m = per_sample.shape[1]
     hess = subspace.hessian[:m, :m]
-    ms = mean_square_growth(hess, per_sample, lr=list(lrs), steps=int(steps), batch_size=batch_size)
-    evals = torch.linalg.eigvalsh((hess + hess.T) / 2)
-    mean = np.array([growth(evals, [eta], int(steps)) for eta in lrs])
-    return np.maximum(np.asarray(ms, dtype=float) - mean, 0.0)
+    rates = mean_square_rate(hess, per_sample, lr=list(lrs), batch_size=batch_size)
+    evals = torch.linalg.eigvalsh((hess + hess.T) / 2).numpy()
+    mean = np.log(np.maximum(np.abs(1 - lrs[:, None] * evals[None, :]).max(axis=1), 1.0))
+    excess = ts[None, :] * (0.5 * np.log(np.maximum(rates, 1.0)) - mean)[:, None]
+    out = np.maximum(excess, 0.0)
+    return out if many else out[:, 0]
+
+
+def overshoot(
+    lambda_max: Sequence[float],
+    *,
+    lr: Sequence[float],
+    steps: int,
+    batch_size: int,
+    population: int,
+) -> dict[str, np.ndarray]:
+    """The largest single-sample step factor ``ηλ_max(H_i)/B`` and the expected draws of
+    the overshooting samples (``ηλ_max(H_i)/B > 2``) in ``steps`` steps, per rate.
+
+    ``lambda_max`` are the samples' top curvatures
+    (:func:`perturb.numeric.stability.per_sample_top_curvatures`); each step draws ``B``
+    of the ``population`` rows uniformly, so a given row is drawn ``steps·B/population``
+    times on average.
+
+    Example:
+        >>> out = overshoot([14.0, 5.0], lr=[0.1, 0.3], steps=72, batch_size=1, population=256)
+        >>> out["overshoot"].round(2).tolist(), out["overshoot_draws"].round(3).tolist()
+        ([1.4, 4.2], [0.0, 0.281])
+    """
+    lam = np.asarray(lambda_max, dtype=float).reshape(-1)
+    kick = np.asarray(lr, dtype=float).reshape(-1, 1) * lam[None, :] / batch_size
+    draws = steps * batch_size * (kick > 2).sum(axis=1) / population
+    return {"overshoot": kick.max(axis=1), "overshoot_draws": draws}
