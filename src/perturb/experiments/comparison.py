@@ -53,7 +53,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -81,9 +80,11 @@ from perturb.experiments.pipeline import (
 )
 from perturb.experiments.predictors import (
     RESUMMED_ORDERS,
+    krylov_description,
     resummed_predictions,
     series_predictions,
     subspace_quadratic,
+    track_resummed,
 )
 from perturb.numeric.predictions import UNSTABLE_GROWTH
 from perturb.numeric.statistics import Statistics
@@ -507,14 +508,9 @@ def _quadratic(
 def _resummed_columns(stats: Statistics, sched: Online, lrs, krylov: dict) -> dict:
     """The re-summed predictions of ``sched``; their Krylov error, growth and ranks are
     accumulated over the grid in ``krylov[name]``."""
-    columns = {}
-    for name, r in resummed_predictions(stats, sched, lrs).items():
-        columns[name] = r.values
-        info = krylov.setdefault(name, {"error": 0.0, "growth": 0.0, "ranks": list(r.ranks)})
-        finite = r.error[np.isfinite(r.error)]
-        info["error"] = max([info["error"], *finite.tolist()])
-        info["growth"] = max(info["growth"], r.growth)
-    return columns
+    resummed = resummed_predictions(stats, sched, lrs)
+    track_resummed(krylov, resummed)
+    return {name: r.values for name, r in resummed.items()}
 
 
 def _resummed_notes(notes: dict[str, str], stats: Statistics, krylov: dict, lrs) -> dict:
@@ -524,11 +520,7 @@ def _resummed_notes(notes: dict[str, str], stats: Statistics, krylov: dict, lrs)
     ritz = stats.subspace.ritz_values()
     h_min, h_max = float(ritz.min()), float(ritz.max())
     for name, info in krylov.items():
-        ranks = info["ranks"]
-        text = f"in a Krylov subspace of H of rank {ranks[0]}"
-        if ranks[-1] != ranks[0]:
-            text += f" ({len(ranks) - 1}-edge diagrams on {ranks[-1]})"
-        text += f" (P = {stats.parameters}); rank k vs k/2 differ by up to {info['error']:.3g}"
+        text = krylov_description(info["ranks"], stats.parameters, info["error"])
         if info["growth"] > UNSTABLE_GROWTH:
             why = [f"H has a negative eigenvalue (h_min = {h_min:.3g})"] if h_min < 0 else []
             if max(lrs) * h_max > 2:

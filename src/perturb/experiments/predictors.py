@@ -31,13 +31,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from perturb.experiments.baselines import QuadraticModel
 from perturb.experiments.pipeline import Setup, quadratic_model
 from perturb.numeric.krylov import KrylovSubspace
-from perturb.numeric.predictions import UnstableDirectionWarning, growth
+from perturb.numeric.predictions import UnstableDirectionWarning
 from perturb.numeric.statistics import Statistics
 from perturb.numeric.validity import truncation_estimates
 from perturb.symbolic.schedules import Schedule
@@ -46,11 +47,14 @@ from perturb.symbolic.series import series
 __all__ = [
     "RESUMMED_ORDERS",
     "Resummed",
+    "krylov_description",
     "noiseless_prediction",
     "resummed_predictions",
     "sde_model_for",
     "series_predictions",
+    "series_with_estimates",
     "subspace_quadratic",
+    "track_resummed",
 ]
 
 RESUMMED_ORDERS = (2, 3)
@@ -76,9 +80,36 @@ def series_predictions(
         >>> sorted(series_predictions(stats, sched, [0.1], orders=(0, 1)))
         ['order 0', 'order 1']
     """
+    values, _ = series_with_estimates(stats, schedule, lrs, orders=orders, quantity=quantity)
+    return values
+
+
+def series_with_estimates(
+    stats: Statistics,
+    schedule: Schedule,
+    lrs: Sequence[float],
+    *,
+    orders: Sequence[int],
+    quantity: str = "test",
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """:func:`series_predictions` and each one's truncation error estimate
+    (:func:`perturb.numeric.validity.truncation_estimates`), from one prediction.
+
+    Example:
+        >>> from perturb.experiments.pipeline import build, load_population, measure_at_start
+        >>> from perturb.symbolic.schedules import Online
+        >>> setup = build("mlp", load_population("digits", population=4, seed=0), seed=0)
+        >>> sched = Online(steps=2, batch_size=1)
+        >>> stats = measure_at_start(setup, order=1, schedules=[sched])
+        >>> values, estimates = series_with_estimates(stats, sched, [0.1], orders=(0, 1))
+        >>> bool(estimates["order 1"][0] > 0), bool(estimates["order 0"][0] > 0)
+        (True, True)
+    """
     pred = stats.predict(schedule, lr=list(lrs), quantity=quantity, order=max(orders))
     cumulative = np.cumsum(pred.by_order, axis=1)
-    return {f"order {d}": cumulative[:, d] for d in orders}
+    estimates = truncation_estimates(pred.by_order)
+    values = {f"order {d}": cumulative[:, d] for d in orders}
+    return values, {f"order {d}": estimates[:, d] for d in orders}
 
 
 def noiseless_prediction(
@@ -162,23 +193,49 @@ def resummed_predictions(
     cumulative = np.cumsum(pred.by_order, axis=1)
     estimates = truncation_estimates(pred.by_order, extra=pred.cumulative_error)
     ranks = stats.subspace.ranks(schedule, quantity, top)
-    sub = stats.subspace
     out = {}
-    for d in orders:
-        growth_d = pred.growth if ranks[d] == ranks[top] else _growth(sub, lrs, schedule, ranks[d])
+    for d in orders:  # the growth is that of the full rank's Ritz values for every d
         out[f"resummed {d}"] = Resummed(
             values=cumulative[:, d],
             error=pred.cumulative_error[:, d],
-            growth=float(growth_d),
+            growth=float(pred.growth),
             ranks=ranks[: d + 1],
             estimate=estimates[:, d],
         )
     return out
 
 
-def _growth(sub: KrylovSubspace, lrs: Sequence[float], schedule: Schedule, rank: int) -> float:
-    """The unstable growth of ``K^T`` along the Ritz values of the leading block."""
-    return growth(sub.ritz_values(rank), list(lrs), int(schedule.steps))
+def track_resummed(record: dict[str, dict[str, Any]], resummed: dict[str, Resummed]) -> None:
+    """Fold each re-summed predictor of one evaluation into ``record[name]``: the largest
+    finite ``k`` vs ``k/2`` difference, the largest growth, and its ranks.
+
+    Example:
+        >>> record = {}
+        >>> r = Resummed(np.ones(2), np.array([0.1, np.inf]), 0.5, (8, 8, 4), np.zeros(2))
+        >>> track_resummed(record, {"resummed 2": r})
+        >>> record
+        {'resummed 2': {'error': 0.1, 'growth': 0.5, 'ranks': [8, 8, 4]}}
+    """
+    for name, r in resummed.items():
+        info = record.setdefault(name, {"error": 0.0, "growth": 0.0, "ranks": list(r.ranks)})
+        finite = r.error[np.isfinite(r.error)]
+        info["error"] = max([info["error"], *finite.tolist()])
+        info["growth"] = max(info["growth"], r.growth)
+
+
+def krylov_description(ranks: Sequence[int], parameters: int, error: float) -> str:
+    """How a re-summed predictor was evaluated, as the tables print it.
+
+    Example:
+        >>> for part in krylov_description([128, 128, 128, 32], 1418, 0.663).split("; "):
+        ...     print(part)
+        in a Krylov subspace of H of rank 128 (3-edge diagrams on 32) (P = 1418)
+        rank k vs k/2 differ by up to 0.663
+    """
+    text = f"in a Krylov subspace of H of rank {ranks[0]}"
+    if ranks[-1] != ranks[0]:
+        text += f" ({len(ranks) - 1}-edge diagrams on {ranks[-1]})"
+    return text + f" (P = {parameters}); rank k vs k/2 differ by up to {error:.3g}"
 
 
 def sde_model_for(

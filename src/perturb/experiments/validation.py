@@ -71,11 +71,13 @@ from perturb.experiments.pipeline import (
     timed,
 )
 from perturb.experiments.predictors import (
+    krylov_description,
     noiseless_prediction,
     resummed_predictions,
     sde_model_for,
-    series_predictions,
+    series_with_estimates,
     subspace_quadratic,
+    track_resummed,
 )
 from perturb.numeric.distributed import is_main
 from perturb.numeric.intervals import mean_interval
@@ -86,7 +88,6 @@ from perturb.numeric.validity import (
     mean_square_excess,
     overshoot,
     rms_displacement,
-    truncation_estimates,
 )
 from perturb.symbolic.options import describe
 
@@ -187,15 +188,7 @@ class ValidationResult:
             info = self.config["resummed_krylov"]
             for n, err in info["error"].items():
                 ranks = self.config.get("resummed_ranks", {}).get(n, [info["rank"]])
-                lines.append(
-                    f"{n:>12}: in a Krylov subspace of H of rank {ranks[0]}"
-                    + (
-                        f" ({len(ranks) - 1}-edge diagrams on {ranks[-1]})"
-                        if ranks[-1] != ranks[0]
-                        else ""
-                    )
-                    + f" (P = {info['parameters']}); rank k vs k/2 differ by up to {err:.3g}"
-                )
+                lines.append(f"{n:>12}: {krylov_description(ranks, info['parameters'], err)}")
         if "sde_krylov_rank" in self.config:
             lines.append(
                 f"{'SDE':>12}: on the quadratic model projected on the Krylov subspace "
@@ -446,6 +439,9 @@ def validate(
             higher_rank=krylov_higher_rank,
             progress=progress,
         )
+        if full.name != "gd":  # one-step overshoot of single samples (validity estimate)
+            rows, lams = per_sample_top_curvatures(setup.net, (setup.x, setup.y))
+            config["sample_curvature"] = {"rows": rows.tolist(), "lambda_max": lams.tolist()}
 
     with timed(timings, "simulate_s"):
         trials_out = run_trials(
@@ -458,10 +454,6 @@ def validate(
             device=device,
             progress=progress,
         )
-
-        if full.name != "gd":  # one-step overshoot of single samples (validity estimate)
-            rows, lams = per_sample_top_curvatures(setup.net, (setup.x, setup.y))
-            config["sample_curvature"] = {"rows": rows.tolist(), "lambda_max": lams.tolist()}
 
     with timed(timings, "hessian_s"):
         sde_model = sde_model_for(setup, stats, full, config, max_hessian_parameters, progress)
@@ -490,10 +482,11 @@ def _predict(stats, sde_model, full, record_steps, lrs, orders, config) -> tuple
     predictions: dict[str, dict[int, np.ndarray]] = {}
     estimates: dict[str, dict[int, np.ndarray]] = {}
     motion: dict[int, dict[str, np.ndarray]] = {}
-    errors: dict[str, float] = {}
-    growths: dict[str, float] = {}
+    krylov: dict[str, dict] = {}  # per re-summed predictor: largest error, growth, ranks
     sub = stats.subspace
-    quad = subspace_quadratic(sub) if sub is not None else sde_model
+    quad = sde_model  # the projection when there is a subspace (GD has no SDE: project here)
+    if quad is None and sub is not None:
+        quad = subspace_quadratic(sub)
     top = f"order {max(orders)}"
     sharp = config.get("sample_curvature")
     kicks = {"batch_size": int(full.batch_size), "population": config["population"]}
@@ -508,10 +501,9 @@ def _predict(stats, sde_model, full, record_steps, lrs, orders, config) -> tuple
 
     for s in record_steps:
         sched = cut(full, s)
-        by_order = stats.predict(sched, lr=list(lrs), order=max(orders)).by_order
-        series_estimates = truncation_estimates(by_order)
-        for name, values in series_predictions(stats, sched, lrs, orders=orders).items():
-            put(name, s, values, series_estimates[:, int(name.split()[1])])
+        values, series_estimates = series_with_estimates(stats, sched, lrs, orders=orders)
+        for name, value in values.items():
+            put(name, s, value, series_estimates[name])
         noiseless = noiseless_prediction(stats, sched, lrs, order=max(orders))
         put(NOISELESS, s, noiseless, np.abs(predictions[top][s] - noiseless) + estimates[top][s])
         resummed = resummed_predictions(stats, sched, lrs) if sub is not None else {}
@@ -527,10 +519,7 @@ def _predict(stats, sde_model, full, record_steps, lrs, orders, config) -> tuple
                 put("SDE", s, sde, np.full(len(lrs), np.inf))
         for name, r in resummed.items():
             put(name, s, r.values, r.estimate)
-            finite = r.error[np.isfinite(r.error)]
-            errors[name] = max([errors.get(name, 0.0), *finite.tolist()])
-            growths[name] = max(growths.get(name, 0.0), r.growth)
-            config.setdefault("resummed_ranks", {})[name] = list(r.ranks)
+        track_resummed(krylov, resummed)
         if quad is not None:
             n = int(sched.train_size) if full.name == "gd" else None
             motion[s] = {
@@ -551,14 +540,15 @@ def _predict(stats, sde_model, full, record_steps, lrs, orders, config) -> tuple
             "rank": sub.rank,
             "higher_rank": sub.higher_rank,
             "parameters": stats.parameters,
-            "error": errors,
+            "error": {name: info["error"] for name, info in krylov.items()},
         }
+        config["resummed_ranks"] = {name: info["ranks"] for name, info in krylov.items()}
         config["curvature_radius"] = curvature_radius(sub)
         h_min = float(sub.ritz_values().min())
-        for name, grows in growths.items():
-            if grows > UNSTABLE_GROWTH:
-                info = {"h_min": h_min, "growth": grows}
-                config.setdefault("unstable_directions", {})[name] = info
+        for name, info in krylov.items():
+            if info["growth"] > UNSTABLE_GROWTH:
+                unstable = {"h_min": h_min, "growth": info["growth"]}
+                config.setdefault("unstable_directions", {})[name] = unstable
     return predictions, estimates, motion
 
 

@@ -390,12 +390,13 @@ def resummed_values(
     base = rate if integral else 1 - rate
     for term in terms:
         d = term.diagram.edges
-        key = (term.diagram.parents, term.diagram.parts, term.open_root)
-        if networks is None or key not in networks:
-            built = inputs.network(term)
-            if networks is not None:
-                networks[key] = built
-        network, axes = built if networks is None else networks[key]
+        if networks is None:
+            network, axes = inputs.network(term)
+        else:
+            key = (term.diagram.parents, term.diagram.parts, term.open_root)
+            if key not in networks:
+                networks[key] = inputs.network(term)
+            network, axes = networks[key]
         value = _contract_over_time(term, network, axes, base, step_list, integral=integral)
         if term.open_root:
             value = value @ evecs.T  # back from the eigenbasis, (L, S, P)

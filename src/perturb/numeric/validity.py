@@ -41,7 +41,8 @@ import numpy as np
 import torch
 
 from perturb.numeric.krylov import KrylovSubspace
-from perturb.numeric.stability import mean_square_rate
+from perturb.numeric.predictions import growth
+from perturb.numeric.stability import mean_square_growth
 
 __all__ = [
     "MEAN_SQUARE_EXCESS",
@@ -230,10 +231,11 @@ def mean_square_excess(
     per_sample = subspace.derivs[2]
     m = per_sample.shape[1]
     hess = subspace.hessian[:m, :m]
-    rates = mean_square_rate(hess, per_sample, lr=list(lrs), batch_size=batch_size)
-    evals = torch.linalg.eigvalsh((hess + hess.T) / 2).numpy()
-    mean = np.log(np.maximum(np.abs(1 - lrs[:, None] * evals[None, :]).max(axis=1), 1.0))
-    excess = ts[None, :] * (0.5 * np.log(np.maximum(rates, 1.0)) - mean)[:, None]
+    # growth per step (T = 1), scaled to every T: the rates are computed once per η
+    square = mean_square_growth(hess, per_sample, lr=list(lrs), steps=1, batch_size=batch_size)
+    evals = torch.linalg.eigvalsh((hess + hess.T) / 2)
+    mean = np.array([growth(evals, [eta], 1) for eta in lrs])
+    excess = ts[None, :] * (square - mean)[:, None]
     out = np.maximum(excess, 0.0)
     return out if many else out[:, 0]
 
