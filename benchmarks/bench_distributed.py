@@ -133,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         dtype=torch.float32,
         progress=False,
         chunk_size=args.chunk_size,
+        estimator="tuples",  # the estimator split across ranks
     )
     # tuple size m: measure once on a few rows to learn it (also the warm-up)
     probe = measure(model, _data(64, args.side, device), distributed=False, **common)

@@ -5,7 +5,8 @@ GPU, so this script is where the CUDA paths are checked, in float64 against the 
 
 * ``measure(..., exact=True)``: every order-3 contraction of every schedule and quantity
   on 32 digits rows and the digits ``smooth_convnet``;
-* ``measure(...)`` with the tuple estimator on the same rows (same seed, same tuples):
+* ``measure(...)`` with the tuple estimator and with the sketches (4 groups) on the same
+  rows (same seed, same tuples, same splits and signs):
   values and standard errors;
 * ``simulate``: 16 online SGD trials of 20 steps, test and train losses of every trial;
   and on the GPU, the CUDA-graph replay of the vectorized step against the eager step
@@ -45,7 +46,8 @@ def main() -> int:
     x, y = data.x[:32], data.y[:32]
     model = smooth_convnet((1, 8, 8), 10)
     worst: dict[str, float] = {}
-    for exact in (True, False):
+    for exact, estimator in ((True, {}), (False, {"estimator": "tuples"}),
+                             (False, {"estimator": "sketch", "groups": 4})):  # fmt: skip
         stats = {
             dev: measure(
                 model.to(dev),
@@ -56,10 +58,11 @@ def main() -> int:
                 dtype=torch.float64,
                 device=dev,
                 progress=False,
+                **estimator,
             )
             for dev in ("cpu", "cuda")
         }
-        name = "measure exact" if exact else "measure tuples"
+        name = "measure exact" if exact else f"measure {estimator['estimator']}"
         keys = list(stats["cpu"].contractions)
         worst[name + " values"] = max(
             _rel(stats["cuda"].value(k), stats["cpu"].value(k)) for k in keys

@@ -376,6 +376,29 @@ def test_predict_takes_a_list_of_learning_rates():
     assert a["lr"] == [0.01, 0.02, 0.05] and a["total"] == b["total"]
 
 
+def test_predict_verbose_prints_the_plan_and_target_se_uses_fewer_points():
+    """``--verbose`` prints the pilot's choice per statistic (stderr); a loose
+    ``--target-se`` measures on fewer points than the default plan."""
+    args = ["predict", "--model", "mlp", "--steps", "10", "--order", "2", "--lr", "0.01"]
+    args += ["--samples", "900", "--format", "json"]
+    runner = CliRunner()
+    plain = runner.invoke(cli, [*args, "--verbose"], catch_exceptions=False)
+    assert plain.exit_code == 0, plain.output
+    lines = plain.stderr.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("estimator: auto"))
+    assert "pilot on 112 points" in lines[head]
+    assert lines[head + 1].startswith("  measured on 784 points, 1 replicate")
+    chosen = [line.split(": ")[1].split()[0] for line in lines[head + 2 : head + 6]]
+    assert [line.split(":")[0].strip() for line in lines[head + 2 : head + 6]] == [
+        "l", "G·G", "G·H·G", "tr(C H)",
+    ]  # fmt: skip
+    assert set(chosen) <= {"sketch", "tuples"}
+    full = json.loads(plain.stdout)
+    loose = runner.invoke(cli, [*args, "--target-se", str(4 * full["se"][0])])
+    assert loose.exit_code == 0, loose.output
+    assert json.loads(loose.stdout)["rows"] < full["rows"] == 784
+
+
 def test_predict_resummed_at_full_rank_is_the_eigendecomposition():
     """``perturb predict --resummed`` on softmax regression pooled to 2×2 digits (P = 50,
     ``--krylov-rank 64`` ≥ P: the subspace spans everything) equals perturb.predict's

@@ -69,6 +69,27 @@ BAD_INPUTS = [
     pytest.param([*PREDICT, "--lr", "inf"], "got inf", id="lr=inf"),
     pytest.param([*PREDICT, "--lr", "0.01", "0.02", "-1"], "got -1", id="lr-list"),
     pytest.param([*PREDICT, "--lr", "0.01", "--device", "cuda"], "no CUDA GPU", id="cuda"),
+    pytest.param(
+        [*PREDICT, "--lr", "0.01", "--exact", "--estimator", "sketch"],
+        "apply to estimates",
+        id="exact-estimator",
+    ),
+    pytest.param(
+        [*PREDICT, "--lr", "0.01", "--estimator", "tuples", "--target-se", "0.01"],
+        "plan the auto estimator, got --estimator tuples",
+        id="target-needs-auto",
+    ),
+    pytest.param(
+        [*PREDICT, "--lr", "0.01", "--target-se", "0.01", "--budget", "10"],
+        "--target-se or --budget, not both",
+        id="target-and-budget",
+    ),
+    pytest.param([*PREDICT, "--lr", "0.01", "--budget", "0"], "budget", id="budget=0"),
+    pytest.param(
+        [*PREDICT, "--lr", "0.01", "--estimator", "best"],
+        "'best' is not one of",
+        id="estimator-name",
+    ),
     pytest.param(["series", "--order", "-1"], "-1 is not in the range", id="order<0"),
     pytest.param(["series", "--order", "20"], None, id="order-20"),
     pytest.param(["diagrams", "--order", "20"], None, id="diagrams-order-20"),

@@ -554,6 +554,26 @@ def krylov_options(command: Any) -> Any:
     "3), in a Krylov subspace of H built from Hessian-vector products.",
 )
 @krylov_options
+@click.option(
+    "--estimator",
+    type=click.Choice(["auto", "sketch", "tuples"]),
+    default="auto",
+    show_default=True,
+    help="auto: a pilot picks sketches or tuples per statistic; see perturb.measure.",
+)
+@click.option(
+    "--target-se",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Plan rows and replicates for this standard error (auto; largest over --lr).",
+)
+@click.option(
+    "--budget",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Plan for the least variance within this many full-batch gradients (auto).",
+)
+@click.option("--verbose", is_flag=True, help="Print the estimator chosen per statistic.")
 @seed_option
 @device_option
 @click.option(
@@ -574,6 +594,10 @@ def predict_command(
     resummed: bool,
     krylov_rank: int,
     krylov_higher_rank: int,
+    estimator: str,
+    target_se: float | None,
+    budget: float | None,
+    verbose: bool,
     seed: int,
     device: str,
     fmt: str,

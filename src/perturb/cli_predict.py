@@ -11,7 +11,63 @@ import warnings
 
 import click
 
-__all__ = ["run_predict"]
+__all__ = ["estimator_lines", "run_predict"]
+
+
+def _estimation(exact, estimator, target_se, budget, lrs) -> dict:
+    """The estimator options of ``measure`` (none with ``--exact``)."""
+    if exact:
+        if target_se is not None or budget is not None or estimator != "auto":
+            raise click.BadParameter(
+                "--exact averages over every point; --estimator, --target-se and --budget "
+                "apply to estimates",
+                param_hint="'--exact'",
+            )
+        return {}
+    if (target_se is not None or budget is not None) and estimator != "auto":
+        raise click.BadParameter(
+            f"--target-se and --budget plan the auto estimator, got --estimator {estimator}",
+            param_hint="'--estimator'",
+        )
+    if target_se is not None and budget is not None:
+        raise click.BadParameter("pass --target-se or --budget, not both")
+    planned = {"lr": list(lrs)} if estimator == "auto" else {}
+    return {"estimator": estimator, "target_se": target_se, "budget": budget, **planned}
+
+
+def estimator_lines(meta: dict) -> list[str]:
+    """What ``--verbose`` prints: the estimator per statistic and the plan.
+
+    Example:
+        >>> estimator_lines({"estimator": "tuples"})
+        ['estimator: tuples']
+        >>> plan = {"pilot_rows": 64, "rows": 448, "replicates": 1, "predicted_se": 0.01,
+        ...         "contractions": {"k": {"text": "G·G", "estimator": "sketch",
+        ...         "sketch": {"variance": 1e-4, "seconds": 0.1},
+        ...         "tuples": {"variance": 9e-4, "seconds": 0.2}}}}
+        >>> for line in estimator_lines({"estimator": "auto", "plan": plan}):
+        ...     print(line)
+        estimator: auto (pilot on 64 points)
+          measured on 448 points, 1 replicate, predicted s.e. 0.01
+          G·G: sketch (pilot variance × seconds: sketch 1e-05, tuples 0.00018)
+    """
+    kind = meta.get("estimator", "exact")
+    plan = meta.get("plan")
+    if not plan or "contractions" not in plan:
+        note = f" ({plan['note']})" if plan and "note" in plan else ""
+        return [f"estimator: {kind}{note}"]
+    plural = "s" if plan["replicates"] != 1 else ""
+    second = f"  measured on {plan['rows']} points, {plan['replicates']} replicate{plural}"
+    if "predicted_se" in plan:
+        second += f", predicted s.e. {plan['predicted_se']:.3g}"
+    lines = [f"estimator: {kind} (pilot on {plan['pilot_rows']} points)", second]
+    for entry in plan["contractions"].values():
+        wnv = {e: entry[e]["variance"] * entry[e]["seconds"] for e in ("sketch", "tuples")}
+        lines.append(
+            f"  {entry['text']}: {entry['estimator']} (pilot variance × seconds: "
+            f"sketch {wnv['sketch']:.3g}, tuples {wnv['tuples']:.3g})"
+        )
+    return lines
 
 
 def run_predict(
@@ -30,6 +86,10 @@ def run_predict(
     resummed: bool,
     krylov_rank: int,
     krylov_higher_rank: int,
+    estimator: str = "auto",
+    target_se: float | None = None,
+    budget: float | None = None,
+    verbose: bool = False,
     seed: int,
     device: str,
     fmt: str,
@@ -91,7 +151,11 @@ def run_predict(
         seed=seed,
         dtype=torch.float32,
         **krylov,
+        **_estimation(exact, estimator, target_se, budget, lrs),
     )
+    if verbose:
+        for line in estimator_lines(stats.meta):
+            click.echo(line, err=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pred = stats.predict(
@@ -104,7 +168,10 @@ def run_predict(
     asked = len(data) if samples is None else samples
     if stats.rows != asked:
         size = stats.meta.get("tuple_size")
-        why = f"disjoint tuples of {size} rows" if size else "the estimator's layout"
+        held = stats.meta.get("plan", {}).get("pilot_rows", 0)
+        why = f"disjoint tuples of {size} rows" if size else "the estimator's groups"
+        if held:
+            why = f"{held} held out for the pilot; the rest in {stats.groups} groups"
         click.echo(f"note: {stats.rows} of the {asked} points are used ({why})", err=True)
     if fmt == "json":
         click.echo(

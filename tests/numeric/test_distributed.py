@@ -56,7 +56,8 @@ def problem():
 
 SCHEDULE = Epochs(train_size=4, batch_size=2, epochs=2)
 MEASURE = dict(order=2, schedules=(Online(), Epochs()), quantities=("test", "displacement"),
-               seed=5, progress=False, vector_batches=2)  # 7 tuples: batch 1 spans both ranks
+               seed=5, progress=False, vector_batches=2,  # 7 tuples: batch 1 spans both ranks
+               estimator="tuples")
 SIMULATE = dict(lr=[0.05, 0.2], trials=7, seed=11, record_every=2)
 """
 
@@ -106,7 +107,8 @@ with D.session(timeout_s=60) as (rank, size):
     disagree = []
     for call in (  # ranks that disagree fail together, with a message
         lambda: simulate(loss_fn, theta0, (x, y), SCHEDULE, lr=0.1, trials=4, seed=rank),
-        lambda: measure(row_loss, (x, y), theta0, order=1, seed=rank, progress=False),
+        lambda: measure(row_loss, (x, y), theta0, order=1, seed=rank, estimator="tuples",
+                        progress=False),
     ):
         try:
             call()

@@ -136,7 +136,7 @@ def test_unbiased_and_calibrated():
 
 
 def test_tuples_unbiased_and_calibrated():
-    # The default estimator (disjoint tuples of m = 4 rows, one row per block of every
+    # The tuple estimator (disjoint tuples of m = 4 rows, one row per block of every
     # refinement).  Population: 40 rows of the polynomial landscape, uniform noise; truth
     # from materialized tensors.  reps = 300 replicates of R = 6 tuples (24 iid rows drawn
     # with replacement); they are measured in one call as 1800 tuples (a shuffle of iid rows
@@ -159,6 +159,7 @@ def test_tuples_unbiased_and_calibrated():
         chunk_size=4096,
         progress=False,
         vector_batches=None,  # every tuple's displacement vector, for the replicates
+        estimator="tuples",
     )
     assert stats.meta["estimator"] == "tuples" and stats.meta["tuple_size"] == 4
     assert stats.groups == reps * per and stats.rows == reps * per * 4

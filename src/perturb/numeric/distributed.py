@@ -19,7 +19,8 @@ What is split, and why the results do not depend on the number of processes:
   evaluates only the contiguous block :func:`shard` ``(R, r, W)`` of tuples, and the
   per-tuple values ``Z_r`` (float64) are all-gathered in tuple order.  Every rank ends
   with the same :class:`~perturb.numeric.measuring.Statistics` as a single process.
-  ``exact=True`` and ``estimator="groups"`` are not split: every rank computes them whole.
+  ``exact=True`` and the ``"groups"``, ``"sketch"`` and ``"auto"`` estimators are not
+  split: every rank computes them whole (``"auto"`` with rank 0's plan).
 * **simulation**: rank ``r`` runs the trials :func:`shard` ``(K, r, W)``
   (``simulate(trials=range(a, b))``), each with its own per-trial seed ``(seed, k)``
   (:func:`perturb.experiments.simulation.trial_indices`), and the per-trial losses are
