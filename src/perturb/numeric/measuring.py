@@ -28,14 +28,15 @@ of every network, i.e. group axes on every message, multiplying the cost by up t
 
 **Sketches and the automatic choice (the default, ``estimator="auto"``).**  The rows are
 split into ``K`` disjoint groups and each contraction is estimated in every group either
-by a *sketch* (:mod:`perturb.numeric.sketches`: split means and random-sign probes, every
-node one batched derivative over many rows, at full-batch speed) or by disjoint tuples
-inside the group; a pilot on rows of its own picks, per contraction, the one with the
-smaller time × variance, and with ``lr``, ``target_se`` or ``budget`` plans the rows and
-sketch replicates (:mod:`perturb.numeric.allocation`).  Every group value is unbiased, so
-the batch-means error bar above holds; it has ``K − 1`` degrees of freedom (the 95%
-interval is ``± t_{0.975, K−1}·SE``).  On the order-3 online test loss of a 25k-parameter
-convnet this buys 20–40× the certainty per unit of work of the tuples below
+by a *sketch* (:mod:`perturb.numeric.sketches`: split means, every node one batched
+derivative over many rows, at full-batch speed; networks with blocks of two or more
+nodes on tuples, or opt-in random-sign probes) or by disjoint tuples inside the group;
+a pilot on rows of its own picks, per contraction, the one with the smaller time ×
+variance, and with ``lr``, ``target_se`` or ``budget`` plans the rows and sketch
+replicates (:mod:`perturb.numeric.allocation`).  Every group value is unbiased, so the
+batch-means error bar above holds; it has ``K − 1`` degrees of freedom (the 95% interval
+is ``± t_{0.975, K−1}·SE``).  On the order-3 online test loss of a 25k-parameter convnet
+this buys 44× the certainty per unit of work of the tuples below, 103× at 98k parameters
 (docs/benchmarks.md): the statistics that dominate a prediction (``l``, ``G·G``,
 ``G·H·G``) are products of means, which a split estimates with every row while a tuple
 uses one row per factor.
@@ -404,11 +405,13 @@ def measure(
       of the rows are split into ``groups`` groups; ``meta["plan"]`` records the pilot
       and the choice.  Without a pilot every contraction is sketched; with fewer than
       ``2mK`` rows (or ``groups < 2``) the tuples below are used.
-    * ``"sketch"``: the rows are split at random into ``groups`` disjoint groups and every
-      contraction is estimated in each group by split means and random-sign probes, every
-      node one batched derivative over the group's rows (:mod:`perturb.numeric.sketches`),
-      averaged over ``replicates`` draws; value and standard error are batch means over
-      the ``K`` groups, as for ``"groups"``.  Cost linear in ``n`` at full-batch speed.
+    * ``"sketch"``: the rows are split at random into ``groups`` disjoint groups; in each
+      group every moment network of single-node blocks is a product of means over
+      disjoint parts of the group's rows, every node one batched derivative
+      (:mod:`perturb.numeric.sketches`), networks with blocks of up to ``probe_blocks``
+      nodes are probed with random signs, the rest averaged over tuples inside the
+      group; averaged over ``replicates`` draws; value and standard error are batch
+      means over the ``K`` groups, as for ``"groups"``.  Cost linear in ``n``.
     * ``"tuples"`` (cost linear in ``n``): the rows are shuffled (``seed``) and cut
       into ``R = ⌊n/m⌋`` disjoint tuples of ``m`` rows, ``m`` the most independent blocks of
       any refinement of any requested contraction (the same tuples serve every contraction,

@@ -32,7 +32,7 @@ such term has a row of multiplicity one).  ``q = 2``: Rademacher signs over ``�
 ``q = 3``: a skewed two-point variable with ``E ε = 0``, ``E ε³ = 1`` (:data:`SKEWED`) over
 ``s^{1/3}``.  Blocks of four or more nodes would pick up products of pairs
 (``E[ε²]² ≠ 0`` for real ``ε``); their networks are evaluated on tuples inside each group
-instead (:meth:`Sketcher.network`).
+instead (:meth:`Sketcher.tuples_in_groups`).
 
 **What probes cost in variance.**  A probe's own variance does not fall with the rows:
 for ``q = 2`` it is about ``E[(T_{v,i}·T_{w,j})²]`` per draw, whatever ``s`` (a tuple
@@ -45,10 +45,11 @@ predictions covered 0.94–0.95; ``tests/numeric/test_sketches.py``).  So
 block of two or more nodes are measured on tuples inside the groups, and only the
 products of means are split.
 
-**Cumulants** are Möbius sums of moment networks (:func:`perturb.numeric.networks.tuple_networks`);
-all networks of one contraction use the same split of each group into ``m`` parts and
-the same weights per row (block ``j`` of a network with ``b`` blocks takes the parts
-``j, j + b, …``), so the moments they difference share rows and the cancellation is kept.
+**Cumulants** are Möbius sums of moment networks
+(:func:`perturb.numeric.networks.tuple_networks`); every network of every contraction
+uses the same split of each group into ``m`` parts and the same weights per row in a
+replicate (block ``j`` of a network with ``b`` blocks takes the parts ``j, j + b, …``), so
+the moments a cumulant differences share rows and part of the cancellation is kept.
 
 **Replicates.**  ``r`` independent splits and probe draws per group, averaged: the
 variance from the split and the probes falls as ``1/r``; that from the rows does not.
