@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -183,7 +183,6 @@ def pilot_plan(
     target_se: float | None = None,
     budget: float | None = None,
     chunk_size: int | None = None,
-    progress: Callable[[str], None] | None = None,
     probed: int = 1,
 ) -> Plan:
     """Measure every contraction both ways on the pilot ``layout`` and plan the measurement.
@@ -199,7 +198,6 @@ def pilot_plan(
         target_se: largest standard error wanted of any prediction.
         budget: full-batch gradients (over ``available`` rows) the measurement may cost.
         chunk_size: rows per batched call.
-        progress: called with each contraction's name as it is piloted.
         probed: the sketches' largest probed block (:class:`~perturb.numeric.sketches.Sketcher`).
 
     Returns:
@@ -214,8 +212,6 @@ def pilot_plan(
     report: dict[str, Any] = {"pilot_rows": k * size, "pilot_groups": k, "contractions": {}}
     estimators: dict[str, str] = {}
     for key, c in contractions.items():
-        if progress is not None:
-            progress(c.text)
         start = time.perf_counter()
         values["tuples"][key] = sketcher.tuple_values(c).double().cpu().numpy()
         seconds["tuples"][key] = time.perf_counter() - start

@@ -63,7 +63,7 @@ from perturb.numeric.adapters import Objective
 from perturb.numeric.derivatives import auto_chunk, derivative, free_bytes, summed
 from perturb.symbolic.contractions import Contraction
 
-__all__ = ["MESSAGE_CACHE", "Engine", "Net", "canonical_blocks"]
+__all__ = ["MESSAGE_CACHE", "Engine", "Net", "canonical_blocks", "tree_order"]
 
 _GROUP = -1  # the axis of the disjoint groups (batch means); present on every message
 _DEFAULT_BUDGET = 2**25  # elements of one message (sample axes × P)
@@ -91,12 +91,18 @@ class Net:
         )
 
 
-def _tree_order(parents: Sequence[int], root: int = 0) -> tuple[list[list[int]], list[int]]:
+def tree_order(parents: Sequence[int], root: int = 0) -> tuple[list[list[int]], list[int]]:
     """Children of each node and a post-order (every child before its parent).
 
     With ``root ≠ 0`` the tree is hung from ``root`` instead: a contraction's tree is an
     undirected tree of symmetric tensors (node ``v`` is ``∇^{deg v} l``), so any node can
     be the one evaluated last.
+
+    Example:
+        >>> tree_order((-1, 0, 0))
+        ([[1, 2], [], []], [1, 2, 0])
+        >>> tree_order((-1, 0, 0), root=1)[0]
+        [[2], [0], []]
     """
     neighbours: list[list[int]] = [[] for _ in parents]
     for v, p in enumerate(parents):
@@ -227,7 +233,7 @@ class Engine:
     def _network_sums(self, net: Net, label: str) -> torch.Tensor:
         parents, open_root = net.parents, net.open_root
         count = len(parents)
-        children, postorder = _tree_order(parents)
+        children, postorder = tree_order(parents)
         sub: dict[int, frozenset[int]] = {}
         for v in postorder:
             sub[v] = frozenset({v}).union(*(sub[c] for c in children[v]))
@@ -444,7 +450,7 @@ class Engine:
         yet stored once, by :data:`_VECTOR_COST` and :data:`_SCALAR_COST`.
         """
         tag = (tuples.data_ptr(), tuple(tuples.shape))
-        children, postorder = _tree_order(net.parents, root)
+        children, postorder = tree_order(net.parents, root)
         keys: dict[int, tuple] = {}
         cost, fresh = 0.0, set()
         for v in postorder:

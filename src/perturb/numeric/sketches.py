@@ -66,7 +66,7 @@ from torch.func import vmap
 
 from perturb.numeric.adapters import Objective
 from perturb.numeric.derivatives import auto_chunk, derivative
-from perturb.numeric.engine import MESSAGE_CACHE, Engine, Net
+from perturb.numeric.engine import MESSAGE_CACHE, Engine, Net, tree_order
 from perturb.numeric.networks import tuple_networks, tuple_size
 from perturb.symbolic.contractions import Contraction
 
@@ -191,14 +191,9 @@ class Sketcher:
         (:meth:`tuples_in_groups`).
         """
         nets = tuple_networks(contraction)
-        m = tuple_size(contraction)
+        m = self._rows_needed(contraction)
         if self.parts is not None and self.parts < m:
             raise ValueError(f"{contraction.text!r} needs {m} parts, the sketch has {self.parts}")
-        if self.group_size < m:
-            raise ValueError(
-                f"{contraction.text!r} needs {m} distinct rows per group, got groups of "
-                f"{self.group_size} rows; use fewer groups or more samples"
-            )
         total = None
         label = contraction.text
         for r in range(start, start + replicates):
@@ -245,17 +240,22 @@ class Sketcher:
             >>> sk.tuple_values(Contraction(parents=(-1, 0), parts=((0,), (1,))))  # (2 + 12)/2
             tensor([7.], dtype=torch.float64)
         """
+        m = self._rows_needed(contraction)
+        total = None
+        for net, weight in tuple_networks(contraction):
+            term = self.tuples_in_groups(net, m, contraction.text) * weight
+            total = term if total is None else total + term
+        return total
+
+    def _rows_needed(self, contraction: Contraction) -> int:
+        """``m``, the distinct rows per group the contraction needs, checked."""
         m = tuple_size(contraction)
         if self.group_size < m:
             raise ValueError(
                 f"{contraction.text!r} needs {m} distinct rows per group, got groups of "
                 f"{self.group_size} rows; use fewer groups or more samples"
             )
-        total = None
-        for net, weight in tuple_networks(contraction):
-            term = self.tuples_in_groups(net, m, contraction.text) * weight
-            total = term if total is None else total + term
-        return total
+        return m
 
     # ------------------------------------------------------------------ one network
     def _cached(self, net: Net, split, signs, label: str, replicate: int | None) -> torch.Tensor:
@@ -321,19 +321,10 @@ class Sketcher:
                 w = signs[q][:, parts, :].reshape(k, -1) / s ** (1.0 / q)
             rows.append(idx)
             weights.append(w.to(dtype=dtype, device=device))
-        children: list[list[int]] = [[] for _ in net.parents]
-        for v, parent in enumerate(net.parents):
-            if parent >= 0:
-                children[parent].append(v)
-        order: list[int] = []
-        stack = [0]
-        while stack:
-            v = stack.pop()
-            order.append(v)
-            stack.extend(children[v])
+        children, postorder = tree_order(net.parents)
         msgs: dict[int, torch.Tensor] = {}
         keys: dict[int, tuple] = {}
-        for v in reversed(order):
+        for v in postorder:
             if v == 0 and net.open_root:
                 (child,) = children[0]
                 return msgs[child].to(torch.float64)
