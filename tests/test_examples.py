@@ -27,6 +27,7 @@ CASES = {
     "gdc.py": ["--trials", "4", "--lrs", "0.1", "--train-size", "3", "--population", "16"],
     "gaussian_fit.py": ["--etas", "0.1", "--chains", "2000", "--rows", "20", "--substeps", "2"],
     "eta_over_b.py": ["--trials", "8", "--population", "16", "--batch-sizes", "1", "2"],
+    "long_times.py": ["--runs", "200", "--eta-ts", "1", "--etas", "0.1"],
 }
 
 

@@ -19,6 +19,7 @@ from perturb.numeric.stability import (
     mean_square_rate,
     mean_square_threshold,
     per_sample_curvatures,
+    per_sample_top_curvatures,
 )
 
 
@@ -381,21 +382,130 @@ def test_bad_chunk_size_and_objective_errors():
         per_sample_curvatures(loss_fn, rows, basis=torch.eye(3))
 
 
-def test_per_sample_top_curvatures_by_power_iteration():
-    """``H_i = x_i x_iᵀ`` has ``λ_max = |x_i|²``; by default the rows of largest loss are
-    examined; bad arguments are refused."""
-    from perturb.numeric.stability import per_sample_top_curvatures
+# --- per-sample top curvatures: batched power iteration -------------------------------
 
-    x = torch.tensor([[1.0, 2.0], [0.5, 0.0], [3.0, -1.0]], dtype=torch.float64)
+
+def _tanh_mlp(p, x, y):
+    """Squared error of a 3-4-1 tanh network, 21 parameters ``p``, one row ``(x, y)``."""
+    w1, b1, w2, b2 = p[:12].reshape(4, 3), p[12:16], p[16:20], p[20]
+    return 0.5 * (torch.tanh(w1 @ x + b1) @ w2 + b2 - y) ** 2
+
+
+def _mlp_problem():
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.randn(21, generator=gen, dtype=torch.float64)
+    x = torch.randn(12, 3, generator=gen, dtype=torch.float64)
+    y = torch.randn(12, generator=gen, dtype=torch.float64)
+    return theta, x, y
+
+
+def _top_by_magnitude(hessians: list[torch.Tensor], max_ratio: float) -> np.ndarray:
+    """The eigenvalue of largest magnitude of each Hessian, after checking that the
+    second largest magnitude is at most ``max_ratio`` of it (power iteration converges
+    like that ratio to the power ``2T``)."""
+    out = []
+    for h in hessians:
+        evals = torch.linalg.eigvalsh(h)
+        order = torch.argsort(evals.abs(), descending=True)
+        assert float(evals[order[1]].abs() / evals[order[0]].abs()) < max_ratio
+        out.append(float(evals[order[0]]))
+    return np.array(out)
+
+
+def test_top_curvatures_of_every_row_match_dense_hessians():
+    """By default every row is examined; each estimate is the eigenvalue of largest
+    magnitude of the materialized per-sample Hessian (torch.func.hessian)."""
+    theta, x, y = _mlp_problem()
+    dense = [torch.func.hessian(_tanh_mlp)(theta, x[i], y[i]) for i in range(12)]
+    expected = _top_by_magnitude(dense, max_ratio=0.75)
+    rows, lam = per_sample_top_curvatures(_tanh_mlp, (x, y), theta, iterations=200)
+    assert rows.dtype.kind == "i" and lam.dtype == np.float64
+    assert rows.tolist() == list(range(12))
+    np.testing.assert_allclose(lam, expected, rtol=1e-6)
+    assert np.all(np.abs(lam) <= np.abs(expected) * (1 + 1e-12))  # a Rayleigh quotient
+
+
+def test_top_curvatures_do_not_depend_on_chunk_size():
+    """The starts are drawn for all rows up front: the same numbers in any chunking."""
+    theta, x, y = _mlp_problem()
+    _, ref = per_sample_top_curvatures(_tanh_mlp, (x, y), theta, iterations=40, seed=3)
+    for chunk in (1, 3, 12, 100):
+        _, lam = per_sample_top_curvatures(
+            _tanh_mlp, (x, y), theta, iterations=40, seed=3, chunk_size=chunk
+        )
+        np.testing.assert_allclose(lam, ref, rtol=1e-12, atol=1e-12)
+    _, other = per_sample_top_curvatures(_tanh_mlp, (x, y), theta, iterations=2, seed=4)
+    _, few = per_sample_top_curvatures(_tanh_mlp, (x, y), theta, iterations=2, seed=3)
+    assert not np.allclose(other, few)  # two iterations: the start still shows
+
+
+def test_top_curvatures_of_chosen_rows():
+    """``count=k``: the k rows of largest loss, largest first; ``rows``: those, in that
+    order; ``H_i = x_i x_iᵀ`` has ``λ_max = |x_i|²``; a row with ``H_i = 0`` gives 0."""
+    x = torch.tensor(
+        [[1.0, 2.0], [0.5, 0.0], [3.0, -1.0], [0.0, 0.0], [-2.0, -1.0]], dtype=torch.float64
+    )
 
     def loss_fn(p, row):
         return 0.5 * (row @ p) ** 2
 
     theta = torch.ones(2, dtype=torch.float64)
-    rows, lam = per_sample_top_curvatures(loss_fn, x, theta, count=2)
-    assert rows.tolist() == [0, 2]  # losses 4.5, 0.125, 2.0
-    np.testing.assert_allclose(lam, [5.0, 10.0], rtol=1e-10)
-    with pytest.raises(ValueError, match="row must be an integer"):
-        per_sample_top_curvatures(loss_fn, x, theta, rows=[3])
-    with pytest.raises(ValueError, match="iterations must be an integer"):
-        per_sample_top_curvatures(loss_fn, x, theta, iterations=0)
+    norms = (x**2).sum(dim=1).numpy()
+    rows, lam = per_sample_top_curvatures(loss_fn, x, theta, count=3)
+    assert rows.tolist() == [0, 4, 2]  # losses 4.5, 0.125, 2.0, 0, 4.5 (a tie: 0 first)
+    np.testing.assert_allclose(lam, norms[[0, 4, 2]], rtol=1e-12)
+    rows, lam = per_sample_top_curvatures(loss_fn, x, theta, count=99)
+    assert sorted(rows.tolist()) == list(range(5))
+    rows, lam = per_sample_top_curvatures(loss_fn, x, theta, rows=[3, 1, 1, 2])
+    assert rows.tolist() == [3, 1, 1, 2]
+    np.testing.assert_allclose(lam, norms[[3, 1, 1, 2]], rtol=1e-12)
+    assert lam[0] == 0.0  # H_3 = 0: stopped at the first product, no NaN
+    rows, lam = per_sample_top_curvatures(loss_fn, x, theta, rows=np.array([4]), chunk_size=1)
+    assert rows.tolist() == [4] and lam[0] == pytest.approx(5.0, rel=1e-12)
+    _, lam = per_sample_top_curvatures(loss_fn, x, theta, rows=torch.tensor([3, 0]))
+    np.testing.assert_allclose(lam, [0.0, 5.0], rtol=1e-12)
+    _, every = per_sample_top_curvatures(loss_fn, x, theta)
+    np.testing.assert_allclose(every, norms, rtol=1e-12)
+
+
+def test_top_curvatures_of_a_module():
+    """An ``nn.Module`` with ``data = (x, y)`` (cross-entropy): each row's estimate is the
+    eigenvalue of largest magnitude of its full Hessian."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    net = net.double()
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    fn, theta = flat_loss(net)
+    dense = [
+        torch.func.hessian(lambda p, i=i: fn(p, x[i : i + 1], y[i : i + 1])[0])(theta)
+        for i in range(10)
+    ]
+    expected = _top_by_magnitude(dense, max_ratio=0.9)
+    rows, lam = per_sample_top_curvatures(net, (x, y), iterations=100)
+    assert rows.tolist() == list(range(10))
+    np.testing.assert_allclose(lam, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"count": 0}, "count must be an integer ≥ 1, got 0"),
+        ({"count": -2}, "count must be an integer ≥ 1, got -2"),
+        ({"count": 2.0}, "count must be an integer ≥ 1, got 2.0"),
+        ({"count": True}, "count must be an integer ≥ 1, got True"),
+        ({"chunk_size": 0}, "chunk_size must be an integer ≥ 1, got 0"),
+        ({"chunk_size": 1.5}, "chunk_size must be an integer ≥ 1, got 1.5"),
+        ({"chunk_size": "4"}, "chunk_size must be an integer ≥ 1, got '4'"),
+        ({"iterations": 0}, "iterations must be an integer ≥ 1, got 0"),
+        ({"rows": [3]}, r"rows must be a non-empty sequence of integers in 0..2, got \(3,\)"),
+        ({"rows": [0, -1]}, r"integers in 0..2, got \(0, -1\)"),
+        ({"rows": [1.0]}, r"integers in 0..2, got \(1.0,\)"),
+        ({"rows": []}, r"non-empty sequence of integers in 0..2, got \(\)"),
+        ({"rows": 1}, "rows must be a sequence of integers, got 1"),
+        ({"rows": [0], "count": 1}, r"give rows or count, not both: got rows=\[0\] and count=1"),
+    ],
+)
+def test_bad_top_curvature_options(kwargs, match):
+    loss_fn, rows = _quadratic()
+    with pytest.raises(ValueError, match=match):
+        per_sample_top_curvatures(loss_fn, rows, torch.zeros(3), **kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -40,36 +41,85 @@ def test_truncation_estimates_edge_cases():
         truncation_estimates(np.zeros((2, 0)))
 
 
-def _moments(hess, grad, cov, lr, steps, batch_size=1, train_size=None):
-    """E‖Δθ_T‖² by the exact recursions of the quadratic model (independent of the
-    closed form): online, ``m ← m − η(G + Hm)``, ``S ← KSK + η²C/B``; GD, ``Δ_T = A G_N``
-    with ``A ← KA − ηI`` and ``Cov G_N = C/N``."""
+def _moments(hess, grad, cov, lr, schedule):
+    """E‖Δθ_T‖² of the quadratic model, exactly and independently of the closed form.
+
+    ``θ_T − θ_0`` is linear in the training points' gradient noises ``ζ_i`` (iid,
+    covariance ``C``): ``Δ_T = A G + Σ_i A_i ζ_i`` with ``A = −η Σ_t K^{T−1−t}`` and
+    ``A_i = −(η/B) Σ_{t: i ∈ b_t} K^{T−1−t}``, so ``E‖Δ_T‖² = |A G|² + Σ_i tr(A_i C A_iᵀ)``.
+    Online draws fresh points each step; epochs in a fixed order reuse batch ``t mod M``;
+    reshuffled epochs average that over every permutation of every epoch.
+    """
+    m, b, e = int(schedule.batches), int(schedule.batch_size), int(schedule.epochs)
+    n, steps = m * b, m * e
     p = hess.shape[0]
     eye = torch.eye(p, dtype=torch.float64)
     k = eye - lr * hess
-    if train_size is None:
-        m, s = torch.zeros(p, dtype=torch.float64), torch.zeros(p, p, dtype=torch.float64)
-        for _ in range(steps):
-            m, s = k @ m - lr * grad, k @ s @ k + lr**2 / batch_size * cov
-        return float(m @ m + torch.trace(s))
-    a = torch.zeros(p, p, dtype=torch.float64)
-    for _ in range(steps):
-        a = k @ a - lr * eye
-    return float((a @ grad) @ (a @ grad) + torch.trace(a @ cov @ a.T) / train_size)
+    powers = [torch.linalg.matrix_power(k, steps - 1 - t) for t in range(steps)]
+    mean = -lr * sum(powers) @ grad
+
+    def noise(orders):  # orders[e]: the points in epoch e's order
+        total = 0.0
+        for i in range(n):
+            a = sum(powers[ep * m + orders[ep].index(i) // b] for ep in range(e)) * (-lr / b)
+            total += float(torch.trace(a @ cov @ a.T))
+        return total
+
+    if schedule.name == "online":  # every step fresh points: its own batch, no reuse
+        var = sum(float(torch.trace(q @ cov @ q.T)) for q in powers) * lr**2 / b
+    elif schedule.shuffle:
+        perms = list(itertools.permutations(range(n)))
+        var = np.mean([noise(list(o)) for o in itertools.product(perms, repeat=e)])
+    else:
+        var = noise([list(range(n))] * e)
+    return float(mean @ mean) + var
 
 
-@pytest.mark.parametrize("kind", ["online-B1", "online-B3", "gd-N5"])
-def test_rms_displacement_equals_the_moment_recursion(kind):
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        perturb.Online(steps=7, batch_size=1),
+        perturb.Online(steps=40, batch_size=3),
+        perturb.GD(train_size=5, steps=7),
+        perturb.GD(train_size=5, steps=40),
+        perturb.Epochs(train_size=4, batch_size=2, epochs=3),
+        perturb.Epochs(train_size=4, batch_size=2, epochs=3, shuffle=True),
+        perturb.Epochs(train_size=3, batch_size=1, epochs=4, shuffle=True),
+        perturb.Epochs(train_size=6, batch_size=3, epochs=1, shuffle=True),
+    ],
+    ids=lambda s: f"{s.name}-M{s.batches}-B{s.batch_size}-E{s.epochs}{'-s' * s.shuffle}",
+)
+def test_rms_displacement_equals_the_exact_second_moment(schedule):
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(4, 4, generator=gen, dtype=torch.float64)
     hess = a @ a.T / 4 - 0.2 * torch.eye(4, dtype=torch.float64)  # one negative direction
     b = torch.randn(4, 6, generator=gen, dtype=torch.float64)
     cov, grad = b @ b.T / 6, torch.randn(4, generator=gen, dtype=torch.float64)
-    kw = {"batch_size": 3} if kind == "online-B3" else {}
-    kw |= {"train_size": 5} if kind == "gd-N5" else {}
-    for lr, steps in ((0.05, 7), (0.3, 40)):
-        got = rms_displacement(hess, grad, cov, lr=[lr], steps=steps, **kw)[0]
-        assert got**2 == pytest.approx(_moments(hess, grad, cov, lr, steps, **kw), rel=1e-10)
+    for lr in (0.05, 0.3):
+        got = rms_displacement(hess, grad, cov, lr=[lr], schedule=schedule)[0]
+        assert got**2 == pytest.approx(_moments(hess, grad, cov, lr, schedule), rel=1e-10)
+
+
+def test_reshuffling_changes_the_displacement():
+    """Shuffled and fixed epochs differ (the check above could not pass by one formula)."""
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+    hess, cov, grad = a @ a.T / 3, torch.eye(3, dtype=torch.float64), torch.zeros(3)
+    fixed, shuffled = (
+        rms_displacement(hess, grad.double(), cov, lr=[0.2],
+                         schedule=perturb.Epochs(train_size=4, batch_size=1, epochs=3,
+                                                 shuffle=s))[0]
+        for s in (False, True)
+    )  # fmt: skip
+    assert abs(fixed - shuffled) > 1e-3 * fixed
+
+
+def test_rms_displacement_rejects_a_symbolic_schedule():
+    one = torch.ones(1, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="numeric Schedule, got"):
+        rms_displacement(one, one[0], one, lr=[0.1], schedule=perturb.Online())
+    with pytest.raises(ValueError, match="numeric Schedule, got"):
+        rms_displacement(one, one[0], one, lr=[0.1], schedule=10)
 
 
 def test_curvature_radius_of_a_known_cubic():

@@ -521,16 +521,9 @@ def _predict(stats, sde_model, full, record_steps, lrs, orders, config) -> tuple
             put(name, s, r.values, r.estimate)
         track_resummed(krylov, resummed)
         if quad is not None:
-            n = int(sched.train_size) if full.name == "gd" else None
             motion[s] = {
                 "rms_displacement": rms_displacement(
-                    quad.hess,
-                    quad.grad,
-                    quad.cov,
-                    lr=lrs,
-                    steps=s,
-                    batch_size=int(sched.batch_size),
-                    train_size=n,
+                    quad.hess, quad.grad, quad.cov, lr=lrs, schedule=sched
                 ),
                 "mean_square_excess": excess[:, record_steps.index(s)],
                 **(overshoot(sharp["lambda_max"], lr=lrs, steps=s, **kicks) if sharp else {}),

@@ -105,7 +105,7 @@ import scipy.linalg
 import torch
 from torch.func import vmap
 
-from perturb.checks import check_int, check_lrs
+from perturb.checks import check_int, check_ints, check_lrs
 from perturb.numeric.adapters import Objective, objective
 from perturb.numeric.derivatives import derivative
 
@@ -469,72 +469,121 @@ def per_sample_top_curvatures(
     theta0: torch.Tensor | None = None,
     *,
     rows: Sequence[int] | None = None,
-    count: int = 8,
+    count: int | None = None,
     iterations: int = 30,
     seed: int = 0,
     loss: Any = None,
+    chunk_size: int | None = None,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    r"""``λ_max(H_i)``, the largest curvature of single samples, by power iteration.
+    r"""``λ_max(H_i)``, the largest curvature of each single sample, by batched power iteration.
 
     One SGD step on sample ``i`` maps a deviation along its top eigenvector by
     ``1 − ηλ_max(H_i)``: beyond ``η λ_max(H_i) > 2`` that step *amplifies* it, however rare
     the sample and whatever the mean-square rate (which averages over samples and can
     stay below one).  Near a minimum where a few samples carry curvature far above the
-    mean Hessian's, this is the first step SGD's loss jumps at.  Matrix-free:
-    ``iterations`` per-sample Hessian-vector products per row examined.
+    mean Hessian's, this is the first step SGD's loss jumps at.
+
+    Power iteration on every row examined at once: from a seeded random unit start
+    ``v_{i,0}`` (one per row, all drawn up front, so the result does not depend on
+    ``chunk_size``),
+
+    .. math::  w_{i,t} = H_i v_{i,t}, \qquad v_{i,t+1} = w_{i,t} / ‖w_{i,t}‖,
+               \qquad λ_i = v_{i,T−1}ᵀ H_i v_{i,T−1} \quad (T = \text{iterations}),
+
+    the Rayleigh quotient of the last iterate.  It converges to the eigenvalue of ``H_i``
+    of largest magnitude, its error shrinking like ``(|λ_2|/|λ_1|)^{2(T−1)}`` (no
+    convergence when the two largest magnitudes tie, e.g. ``±λ``), and is never larger
+    in magnitude.  A row whose product vanishes (``H_iv = 0``) stops there with
+    ``λ_i = 0``.  Matrix-free: each iteration is one ``vmap`` of the per-sample
+    Hessian-vector product (reverse-over-reverse ``∇(∇l_i·v)``,
+    :func:`perturb.numeric.derivatives.derivative` with ``reverse_first``: under ``vmap``
+    it is far faster than ``jvp`` of ``grad`` through convolutions) per chunk of rows, so
+    the cost is ``iterations`` batched passes over the rows, ``iterations·n`` products in
+    all.
 
     Args:
         loss_fn_or_model: as :func:`per_sample_curvatures`.
         data: the rows.
         theta0: the point.
-        rows: indices of the rows to examine (default: the ``count`` rows of largest loss,
-            where a near-minimum network's curvature concentrates).
-        count: rows examined when ``rows`` is not given.
-        iterations: power iterations per row (from a seeded random start).
-        seed: seed of the starts.
+        rows: indices of the rows to examine (default: every row, or the ``count`` of
+            largest loss).
+        count: examine only the ``count`` rows of largest loss (where a near-minimum
+            network's curvature concentrates), largest first; ``None`` (default): every
+            row.  Not together with ``rows``.
+        iterations: ``T``, power iterations per row.
+        seed: seed of the starts (one :class:`torch.Generator`, ``(n_rows, P)`` normals).
         loss: per-sample loss of a model's output (default cross-entropy).
+        chunk_size: rows per vectorized call (memory ``chunk_size·P`` per product, plus
+            the network's intermediates for that many rows); default about 16 MB of
+            products.
         dtype: float64 (default) or float32 for the network evaluations.
         device: where the network is evaluated.
 
     Returns:
-        ``(indices, curvatures)``: the rows examined and their ``λ_max(H_i)`` estimates
-        (the Rayleigh quotient of the last iterate, which converges to the eigenvalue of
-        largest magnitude; a lower bound of it in magnitude), float64.
+        ``(indices, curvatures)``: the rows examined (int, in the order of ``rows``, by
+        default ``0..n−1``) and their ``λ_max(H_i)`` estimates, float64.
+
+    Raises:
+        ValueError: for ``count`` or ``iterations`` below one, a bad ``chunk_size``, a row
+            index outside ``0..n−1``, both ``rows`` and ``count``, or anything
+            :func:`~perturb.numeric.adapters.objective` rejects.
 
     Example:
         >>> import torch
-        >>> x = torch.tensor([[1.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
-        >>> loss_fn = lambda p, row: 0.5 * (row @ p) ** 2  # H_i = x_i x_iᵀ
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 3.0], [2.0, 2.0]], dtype=torch.float64)
+        >>> loss_fn = lambda p, row: 0.5 * (row @ p) ** 2  # H_i = x_i x_iᵀ, λ = |x_i|²
         >>> idx, lam = per_sample_top_curvatures(loss_fn, x, torch.ones(2), rows=[0, 1])
         >>> idx.tolist(), lam.round(6).tolist()
         ([0, 1], [1.0, 9.0])
+        >>> per_sample_top_curvatures(loss_fn, x, torch.ones(2))[1].round(6).tolist()
+        [1.0, 9.0, 8.0]
+        >>> per_sample_top_curvatures(loss_fn, x, torch.ones(2), count=1)[0].tolist()
+        [2]
     """
     if isinstance(loss_fn_or_model, Objective):
         obj = loss_fn_or_model
     else:
         obj = objective(loss_fn_or_model, data, theta0, loss=loss, dtype=dtype, device=device)
+    n, p = obj.n, obj.size
     iterations = check_int("iterations", iterations, minimum=1)
-    if rows is None:
+    if rows is not None and count is not None:
+        raise ValueError(f"give rows or count, not both: got rows={rows!r} and count={count!r}")
+    if rows is not None:
+        if isinstance(rows, torch.Tensor | np.ndarray):
+            rows = rows.tolist()
+        picked = list(check_ints("rows", rows, minimum=0, maximum=n - 1))
+    elif count is not None:
         count = check_int("count", count, minimum=1)
         losses = obj.batch(obj.theta0, *obj.rows).detach()
-        rows = torch.argsort(losses, descending=True)[: min(count, obj.n)].tolist()
-    rows = [check_int("row", int(i), minimum=0, maximum=obj.n - 1) for i in rows]
-    hvp = derivative(obj.single, vector=True)
+        picked = torch.argsort(losses, descending=True)[: min(count, n)].tolist()
+    else:
+        picked = list(range(n))
+    k = len(picked)
+    if chunk_size is None:
+        chunk_size = max(1, min(k, 2**21 // p))
+    chunk_size = check_int("chunk_size", chunk_size, minimum=1)
     gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i in rows:
-        row = tuple(r[i] for r in obj.rows)
-        v = torch.randn(obj.size, generator=gen, dtype=torch.float64)
-        v = (v / torch.linalg.vector_norm(v)).to(obj.theta0)
-        lam = 0.0
+    starts = torch.randn(k, p, generator=gen, dtype=torch.float64)
+    starts = starts / torch.linalg.vector_norm(starts, dim=1, keepdim=True)
+    hvp = derivative(obj.single, vector=True, reverse_first=True)
+    batched = vmap(lambda v, *row: hvp(obj.theta0, row, (v,)))
+    index = torch.as_tensor(picked, dtype=torch.long, device=obj.rows[0].device)
+    out = torch.zeros(k, dtype=torch.float64)
+    for first in range(0, k, chunk_size):
+        sel = index[first : first + chunk_size]
+        v = starts[first : first + chunk_size].to(obj.theta0)
+        lam = torch.zeros(len(sel), dtype=torch.float64, device=v.device)
+        live = torch.arange(len(sel), device=v.device)  # rows still iterating
         for _ in range(iterations):
-            w = hvp(obj.theta0, row, (v,))
-            lam = float(v @ w)
-            norm = torch.linalg.vector_norm(w)
-            if not float(norm) > 0:
+            w = batched(v[live], *(r[sel[live]] for r in obj.rows)).detach()
+            lam[live] = (v[live] * w).sum(dim=1).to(torch.float64)
+            norm = torch.linalg.vector_norm(w, dim=1)
+            going = norm > 0  # a vanishing product: λ = 0 there, and that row stops
+            v[live[going]] = w[going] / norm[going, None]
+            live = live[going]
+            if live.numel() == 0:
                 break
-            v = w / norm
-        out.append(lam)
-    return np.asarray(rows, dtype=int), np.asarray(out, dtype=float)
+        out[first : first + len(sel)] = lam.cpu()
+    return np.asarray(picked, dtype=int), out.numpy()

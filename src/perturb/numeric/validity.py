@@ -14,12 +14,11 @@ subspace's ``k`` vs ``k/2`` difference is added (:func:`truncation_estimates`).
 **Displacement.**  Every predictor freezes the statistics at ``θ_0``; they fail once
 the weights move over the distance in which ``H`` changes by itself, ``ρ = ‖H‖/‖J‖``
 (:func:`curvature_radius`, in the Krylov subspace).  The quadratic model gives the
-root-mean-square displacement in closed form (:func:`rms_displacement`): per
-eigen-direction ``a`` of ``H`` (``x_a = 1 − ηh_a``), online SGD with batches of ``B``
-moves the mean by ``−η g_a (1 − x_a^T)/(1 − x_a)`` and adds the variance
-``(η²/B) C_aa (1 − x_a^{2T})/(1 − x_a²)``; full-batch GD on ``N`` iid points has the
-mean ``−(1 − x_a^T)/h_a · g_a`` and, from the draw of its training set, the variance
-``(1 − x_a^T)²/h_a² · C_aa/N``.
+root-mean-square displacement in closed form for every schedule
+(:func:`rms_displacement`): per eigen-direction ``a`` of ``H`` (``x_a = 1 − ηh_a``) the
+mean moves by ``−G_a (1 − x_a^T)/h_a``, and the batch noise adds a variance that depends
+on which steps share points (online: none; epochs: the same batch in every epoch, or on
+average ``B²/N`` points between epochs when reshuffled; GD: every step).
 
 **Mean-square instability.**  Where the per-sample Hessians fluctuate, SGD's second
 moment can grow although ``|1 − ηh| < 1`` for every ``h`` (GD stable):
@@ -43,6 +42,7 @@ import torch
 from perturb.numeric.krylov import KrylovSubspace
 from perturb.numeric.predictions import growth
 from perturb.numeric.stability import mean_square_growth
+from perturb.symbolic.schedules import Schedule
 
 __all__ = [
     "MEAN_SQUARE_EXCESS",
@@ -148,47 +148,70 @@ def rms_displacement(
     cov: torch.Tensor,
     *,
     lr: Sequence[float],
-    steps: int,
-    batch_size: int = 1,
-    train_size: int | None = None,
+    schedule: Schedule,
 ) -> np.ndarray:
-    r"""``sqrt(E‖θ_T − θ_0‖²)`` on the quadratic model, per learning rate (module notes).
+    r"""``sqrt(E‖θ_T − θ_0‖²)`` on the quadratic model, per learning rate, for any schedule.
+
+    On the quadratic model (Hessian ``H`` everywhere, per-sample gradients ``G + ζ_i``
+    with ``Cov ζ_i = C``, the training set drawn iid), every schedule is ``E`` epochs of
+    ``M`` batches of ``B`` (online: ``E = 1``, ``M = T``; GD: ``M = 1``, ``B = N``,
+    ``E = T``).  Along an eigen-direction ``a`` of ``H`` (``x_a = 1 − ηh_a``) step ``t``
+    enters ``θ_T`` with the weight ``w_t = x_a^{T−1−t}``, so the mean moves by
+    ``−η G_a Σ_t w_t = −G_a (1 − x_a^T)/h_a``, and the batch noises ``ξ_t`` have
+    ``Cov(ξ_s, ξ_t) = |b_s ∩ b_t| C/B²``.  In the same order every epoch the batches
+    repeat (``|b_s ∩ b_t| = B`` for ``s ≡ t mod M``)::
+
+        Var_a = (η²/B) C_aa Σ_j (Σ_e w_{eM+j})²;
+
+    reshuffled, two steps of one epoch share nothing and two steps of different epochs
+    share ``B²/N`` points on average, so with ``W_e = Σ_{t in epoch e} w_t``::
+
+        Var_a = η² C_aa [ Σ_t w_t² / B + ((Σ_e W_e)² − Σ_e W_e²) / N ].
+
+    Online (``E = 1``) both give ``(η²/B) C_aa (1 − x_a^{2T})/(1 − x_a²)`` and GD both
+    ``(1 − x_a^T)²/h_a² · C_aa/N``.
 
     Args:
         hess: ``H`` (``(P, P)``, or projected ``(k, k)``).
         grad: ``G`` in the same basis.
         cov: ``C`` in the same basis.
         lr: learning rates.
-        steps: ``T``.
-        batch_size: ``B`` of online SGD (each step a fresh batch).
-        train_size: ``N`` for full-batch GD on ``N`` iid points (then ``batch_size``
-            is ignored).
+        schedule: a numeric :func:`~perturb.Online`, :func:`~perturb.Epochs` or
+            :func:`~perturb.GD` schedule.
+
+    Returns:
+        Shape ``(L,)``; ``inf`` where the displacement overflows (``|x_a| > 1``).
+
+    Raises:
+        ValueError: for a schedule that is not numeric.
 
     Example:
-        >>> import torch
+        >>> import torch, perturb
         >>> one = torch.ones(1, 1, dtype=torch.float64)
-        >>> rms_displacement(one, torch.ones(1, dtype=torch.float64), 0 * one, lr=[0.5], steps=1)
+        >>> rms_displacement(one, torch.ones(1, dtype=torch.float64), 0 * one, lr=[0.5],
+        ...                  schedule=perturb.Online(steps=1, batch_size=1))
         array([0.5])
     """
+    if not isinstance(schedule, Schedule) or not schedule.is_numeric:
+        raise ValueError(f"schedule must be a numeric Schedule, got {schedule!r}")
+    m, b, e = int(schedule.batches), int(schedule.batch_size), int(schedule.epochs)
     evals, evecs = torch.linalg.eigh((hess + hess.T) / 2)
     g = (evecs.T @ grad).numpy()
     c = torch.diagonal(evecs.T @ cov @ evecs).numpy()
     h = evals.numpy()
+    age = np.arange(m * e - 1, -1, -1, dtype=float)  # T − 1 − t for t = 0 … T − 1
     out = []
     for eta in np.asarray(lr, dtype=float).reshape(-1):
-        x = 1.0 - eta * h
-        xt = x ** float(steps)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            reach = np.where(np.abs(h) > 1e-12, (1.0 - xt) / h, eta * steps)  # Σ_t η x^t
-            if train_size is None:
-                x2 = x * x
-                spread = np.where(
-                    np.abs(1.0 - x2) > 1e-12, (1.0 - x2**steps) / (1.0 - x2), float(steps)
-                )
-                var = eta**2 / batch_size * c * spread
+        with np.errstate(over="ignore", invalid="ignore"):
+            w = ((1.0 - eta * h)[:, None] ** age[None, :]).reshape(-1, e, m)  # (k, E, M)
+            reach = eta * w.sum(axis=(1, 2))
+            if schedule.shuffle:
+                per_epoch = w.sum(axis=2)
+                pairs = per_epoch.sum(axis=1) ** 2 - (per_epoch**2).sum(axis=1)
+                spread = (w**2).sum(axis=(1, 2)) / b + pairs / (m * b)
             else:
-                var = reach**2 * c / train_size
-        total = float(np.sum((reach * g) ** 2 + var))
+                spread = (w.sum(axis=1) ** 2).sum(axis=1) / b
+            total = float(np.sum((reach * g) ** 2 + eta**2 * c * spread))
         out.append(np.sqrt(total) if np.isfinite(total) else np.inf)
     return np.array(out)
 
