@@ -180,10 +180,12 @@ def rms_displacement(
             :func:`~perturb.GD` schedule.
 
     Returns:
-        Shape ``(L,)``; ``inf`` where the displacement overflows (``|x_a| > 1``).
+        Shape ``(L,)``; ``inf`` where it overflows (directions with ``|x_a| > 1`` grow
+        like ``|x_a|^T``).
 
     Raises:
-        ValueError: for a schedule that is not numeric.
+        ValueError: for anything but a :class:`~perturb.symbolic.schedules.Schedule`
+            with numeric sizes.
 
     Example:
         >>> import torch, perturb
