@@ -133,13 +133,7 @@ def _simulated_test_loss(lr: float, steps: tuple[int, ...], runs: int = 40_000):
     """Mean and standard error of the test loss of ``runs`` online SGD runs (batch 1) at
     each of ``steps``: a hand-written batched SGD, independent of perturb."""
     gen = torch.Generator().manual_seed(0)
-
-    def batched(p: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        w1, b1, w2, b2 = p[:, :4].reshape(-1, 2, 2), p[:, 4:6], p[:, 6:8], p[:, 8]
-        hidden = torch.tanh(torch.einsum("rij,rj->ri", w1, rows[:, :2]) + b1)
-        out = (w2 * hidden).sum(1) + b2
-        return 0.5 * (out - rows[:, 2]) ** 2 + 0.5 * DECAY * (p * p).sum(1)
-
+    batched = torch.vmap(loss_fn)  # (runs, 9) parameters, (runs, 3) rows -> (runs,)
     p, out = THETA0.expand(runs, -1).clone(), {}
     for t in range(1, max(steps) + 1):
         p.requires_grad_(True)
