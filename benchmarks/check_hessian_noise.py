@@ -4,10 +4,11 @@ The quadratic model with noise ("resummed 2", the SDE) drives the deviation's se
 moment with the gradient covariance only, ``M ← K M K + (η²/B) C``.  With per-sample
 Hessians ``H_i = H + A_i`` a step multiplies the deviation by ``I − ηH_i``, which adds
 ``(η²/B) E_i[A_i S A_i]`` (``S = M + m mᵀ``, ``m`` the mean path): a ladder of Hessian
-cumulants with four edges and more, absent from every predictor perturb prints.  This
-script evaluates ``½ tr(H (M − M₀))`` (with and without the ladder) on a few projected
-bases of a digits convnet checkpoint, for comparison with the misses of the validity
-estimate in docs/validation.md.
+cumulants with four edges and more, absent from every predictor perturb prints.  The
+validity estimate adds it (:func:`perturb.numeric.validity.ladder_loss`) on the first
+32 Krylov vectors; this script evaluates it on larger bases of a digits convnet
+checkpoint (the Krylov vectors, the sharpest samples' top eigenvectors, both), to show
+how much of it those 32 directions hold.
 
 Run: ``python benchmarks/check_hessian_noise.py --pretrain 200 --lr 0.05 0.02 --steps 20
 60 100`` (about a minute on the 2-core CPU).
@@ -26,6 +27,7 @@ from perturb.numeric.adapters import objective
 from perturb.numeric.derivatives import derivative
 from perturb.numeric.krylov import krylov_subspace
 from perturb.numeric.stability import per_sample_curvatures, per_sample_top_curvatures
+from perturb.numeric.validity import ladder_loss
 
 
 def sharp_directions(obj, count: int, iterations: int = 30) -> torch.Tensor:
@@ -40,23 +42,6 @@ def sharp_directions(obj, count: int, iterations: int = 30) -> torch.Tensor:
         w = vmap(lambda u, *row: hvp(obj.theta0, row, (u,)))(v, *picked).detach()
         v = w / torch.linalg.vector_norm(w, dim=1, keepdim=True)
     return torch.linalg.qr(v.T)[0]
-
-
-def ladder(h, per_sample, cov, mean_grad, *, lr: float, steps: list[int], batch_size: int):
-    """``½ tr(H (M_t − M₀_t))`` at each of ``steps``: the loss the Hessian ladder adds."""
-    k = h.shape[0]
-    a = per_sample - per_sample.mean(0)
-    q = np.einsum("iab,icd->acbd", a, a).reshape(k * k, k * k) / len(a)  # vec(E[A S A])
-    kk = np.eye(k) - lr * h
-    m, big, base, out = np.zeros(k), np.zeros((k, k)), np.zeros((k, k)), {}
-    for t in range(1, max(steps) + 1):
-        s = big + np.outer(m, m)
-        big = kk @ big @ kk + lr**2 / batch_size * (cov + (q @ s.reshape(-1)).reshape(k, k))
-        base = kk @ base @ kk + lr**2 / batch_size * cov
-        m = kk @ m - lr * mean_grad
-        if t in steps:
-            out[t] = (0.5 * np.trace(h @ (big - base)), 0.5 * np.trace(h @ base))
-    return out
 
 
 def main() -> None:
@@ -91,12 +76,12 @@ def main() -> None:
     print("| basis | η | " + " | ".join(f"t = {t}" for t in args.steps) + " |")
     print("|---|---|" + "---|" * len(args.steps))
     for name, u in bases.items():
-        h, per_sample = (x.numpy() for x in per_sample_curvatures(obj, None, basis=u))
-        zu = (centred @ u).numpy()
-        cov, g = zu.T @ zu / obj.n, (mean_grad @ u).numpy()
+        h, per_sample = per_sample_curvatures(obj, None, basis=u)
+        zu = centred @ u
+        cov, g = zu.T @ zu / obj.n, mean_grad @ u
         for lr in args.lr:
-            got = ladder(h, per_sample, cov, g, lr=lr, steps=args.steps, batch_size=1)
-            cells = " | ".join(f"+{got[t][0]:.5f} (of {got[t][1]:.4f})" for t in args.steps)
+            got = ladder_loss(h, per_sample, g, cov, lr=[lr], steps=args.steps)[0]
+            cells = " | ".join(f"{v:+.5f}" for v in got)
             print(f"| {name} | {lr:g} | {cells} |")
 
 

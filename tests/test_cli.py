@@ -7,10 +7,12 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import click
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from perturb.cli import cli, main
+from perturb.numeric.validity import ladder_loss
 from perturb.symbolic.schedules import Online
 from perturb.symbolic.series import series
 
@@ -403,7 +405,9 @@ def test_predict_resummed_at_full_rank_is_the_eigendecomposition():
     """``perturb predict --resummed`` on softmax regression pooled to 2×2 digits (P = 50,
     ``--krylov-rank 64`` ≥ P: the subspace spans everything) equals perturb.predict's
     eigendecomposition of materialized float64 tensors on the same 12 points; the
-    error estimate is the last edge's contribution continued geometrically, not zero."""
+    error estimate is the last edge's contribution continued geometrically, not zero, plus
+    the Hessian ladder, which equals ``ladder_loss`` of the materialized per-sample
+    Hessians and gradients."""
     import torch
 
     import perturb
@@ -428,13 +432,23 @@ def test_predict_resummed_at_full_rank_is_the_eigendecomposition():
         return loss_fn(p, row[None, :-1].reshape(1, *x.shape[1:]), row[None, -1].long())[0]
 
     pop = perturb.Population(row_loss, rows)
-    for lr, total, estimate in zip(got["lr"], got["total"], got["error_estimate"], strict=True):
+    t0 = theta.detach().double()
+    per_h = torch.func.vmap(lambda r: torch.func.hessian(row_loss)(t0, r))(rows)
+    per_g = torch.func.vmap(lambda r: torch.func.grad(row_loss)(t0, r))(rows)
+    centred = per_g - per_g.mean(0)
+    ladder = ladder_loss(
+        per_h.mean(0), per_h, per_g.mean(0), centred.T @ centred / len(rows), lr=got["lr"],
+        steps=20,
+    )  # fmt: skip
+    np.testing.assert_allclose(got["hessian_ladder"], ladder, rtol=1e-4)
+    for lr, total, estimate, rung in zip(
+        got["lr"], got["total"], got["error_estimate"], ladder, strict=True
+    ):
         want = perturb.predict(
-            pop, theta.detach().double(), perturb.Online(steps=20, batch_size=1), lr=lr,
-            order=3, resummed=True,
-        )  # fmt: skip
+            pop, t0, perturb.Online(steps=20, batch_size=1), lr=lr, order=3, resummed=True
+        )
         assert total == pytest.approx(want.total, rel=1e-5)
-        assert 0 < estimate <= abs(want.by_order[3]) + 1e-6
+        assert 0 < rung < estimate <= abs(want.by_order[3]) + rung + 1e-6
 
 
 def pooled_softmax(input_shape, num_classes, seed):

@@ -606,7 +606,8 @@ def predict_command(
 
     Every prediction comes with an error estimate of its truncation, from the theory
     (the terms left out, the last continued geometrically; re-summed, plus the Krylov
-    subspace's k vs k/2 difference).
+    subspace's k vs k/2 difference and, for the test loss, the Hessian ladder: the loss
+    the per-sample Hessians add, which no diagram with at most three edges holds).
     """
     options = dict(locals())
     from perturb.cli_predict import run_predict

@@ -114,7 +114,7 @@ def run_predict(
     from perturb.experiments.data import load_dataset
     from perturb.experiments.models import build_model, load_checkpoint
     from perturb.numeric.measuring import measure
-    from perturb.numeric.validity import truncation_estimates
+    from perturb.numeric.validity import hessian_ladder, truncation_estimates
     from perturb.symbolic.schedules import Online
 
     data = load_dataset(dataset, data_dir=data_dir, split="train")
@@ -165,6 +165,10 @@ def run_predict(
         click.echo(f"warning: {warning.message}", err=True)
     extra = pred.cumulative_error if resummed else None
     estimate = truncation_estimates(pred.by_order, extra=extra)[:, -1]
+    ladder = np.full(len(lrs), np.nan)  # the test loss the per-sample Hessians add
+    if resummed and quantity == "test":
+        ladder = hessian_ladder(stats.subspace, lr=lrs, steps=steps, batch_size=batch_size)
+        estimate = estimate + np.where(np.isnan(ladder), 0.0, np.abs(ladder))
     asked = len(data) if samples is None else samples
     if stats.rows != asked:
         size = stats.meta.get("tuple_size")
@@ -187,6 +191,7 @@ def run_predict(
                     "total": pred.total.tolist(),
                     "se": pred.se.tolist(),
                     "error_estimate": [float(e) if np.isfinite(e) else None for e in estimate],
+                    "hessian_ladder": [float(e) if np.isfinite(e) else None for e in ladder],
                     "resummed": resummed,
                     **({"krylov_rank": pred.rank} if resummed else {}),
                 },

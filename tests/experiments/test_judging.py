@@ -73,3 +73,26 @@ def test_a_missing_estimate_is_never_trusted():
     assert validity_lines(result.validity) == [
         "           p: never trusted (actually within 2 CI up to ηT ≈ 0.1)"
     ]
+
+
+def test_rows_keyed_by_batch_size_and_step_with_a_half_width():
+    """A comparison's rows: keyed by ``(B, T)``, the interval given as ``ci_half``; the
+    Hessian ladder is recorded in the row's validity."""
+    rows = []
+    for b, value in ((1, 1.05), (4, 1.3)):
+        row = _row(0.1, 2, value)
+        del row["ci_low"], row["ci_high"]
+        rows.append({**row, "batch_size": b, "ci_half": 0.1})
+    result = SimpleNamespace(rows=rows, config={"lrs": [0.1]})
+    est = {"p": {(1, 2): [0.01], (4, 2): [0.05]}}
+    motion = {
+        (b, 2): {"rms_displacement": np.zeros(1), "mean_square_excess": np.zeros(1),
+                 "hessian_ladder": np.array([ladder])}
+        for b, ladder in ((1, 0.002), (4, 0.0))
+    }  # fmt: skip
+    judge(result, est, motion, start_loss=2.0, key=lambda r: (r["batch_size"], r["steps"]))
+    assert [r["predictions"]["p"]["error_estimate"] for r in rows] == [0.01, 0.05]
+    assert rows[0]["validity"]["hessian_ladder"] == 0.002
+    # both trusted (0.01 ≤ 0.095, 0.05 ≤ 0.07); only the first within estimate + 0.1
+    assert result.validity["p"]["trusted_rows"] == 2
+    assert result.validity["p"]["calibration"] == 0.5

@@ -38,6 +38,7 @@ def test_rows_and_predictors(small):
         "SDE",
         "resummed 2",
         "resummed 3",
+        "resummed 3+ladder",
     ]
     assert [(r["lr"], r["steps"]) for r in small.rows] == [
         (0.002, 5),
@@ -228,12 +229,11 @@ def test_every_schedule_runs_and_says_which(scheduled):
         assert math.isfinite(g["order 2"]) and g["steps"] == result.config["steps"]
     # predictors that do not apply are named, with the reason, and nowhere else
     unavailable = result.config["unavailable"]
-    expected = {"online": set(), "epochs": set(), "gd": {"SDE"}}[name]
+    ladder = "resummed 3+ladder"  # online only: elsewhere batches repeat
+    expected = {"online": set(), "epochs": {ladder}, "gd": {"SDE", ladder}}[name]
     assert set(unavailable) == expected
-    assert set(result.predictors) == (
-        {"order 0", "order 1", "order 2", "order 3", "noiseless", "SDE", "resummed 2", "resummed 3"}
-        - expected
-    )
+    everything = {"order 0", "order 1", "order 2", "order 3", "noiseless", "SDE"}
+    assert set(result.predictors) == (everything | {"resummed 2", "resummed 3", ladder}) - expected
     for n, why in unavailable.items():
         assert f"{n}: not available ({why})" in result.table()
     # 3 records of 6 steps (for epochs: the ends of the 3 epochs of 2 steps)
@@ -390,7 +390,9 @@ def test_large_models_run_the_sde_on_the_krylov_subspace(tiny):
                   progress=False, orders=(0,), gap=False, max_hessian_parameters=100)  # fmt: skip
     result = validate(**common, krylov_rank=16, krylov_higher_rank=4)
     assert result.config["unavailable"] == {} and result.config["sde_krylov_rank"] == 16
-    assert result.predictors == ["order 0", "noiseless", "SDE", "resummed 2", "resummed 3"]
+    assert result.predictors == [
+        "order 0", "noiseless", "SDE", "resummed 2", "resummed 3", "resummed 3+ladder"
+    ]  # fmt: skip
     assert result.config["resummed_krylov"]["rank"] == 16
     assert result.config["resummed_ranks"]["resummed 3"] == [16, 16, 16, 4]
     assert "SDE: on the quadratic model projected on the Krylov subspace (rank 16)" in (
@@ -576,7 +578,7 @@ def test_mnist1d_runs_end_to_end_with_every_predictor():
     )
     assert result.config["parameters"] == 34202 and result.config["population"] == 16
     assert result.predictors == [
-        "order 0", "order 1", "noiseless", "SDE", "resummed 2", "resummed 3"
+        "order 0", "order 1", "noiseless", "SDE", "resummed 2", "resummed 3", "resummed 3+ladder"
     ]  # fmt: skip
     assert result.config["unavailable"] == {}
     table = result.table()
@@ -662,11 +664,16 @@ def test_every_prediction_carries_a_validity_estimate(small):
     for r in small.rows:
         assert set(r["validity"]) == {
             "rms_displacement", "displacement_over_radius", "mean_square_excess",
-            "overshoot", "overshoot_draws",
+            "overshoot", "overshoot_draws", "hessian_ladder",
         }  # fmt: skip
-        for p in r["predictions"].values():
+        ladder = r["validity"]["hessian_ladder"]
+        three = r["predictions"]["resummed 3"]["value"]
+        assert r["predictions"]["resummed 3+ladder"]["value"] == pytest.approx(three + ladder)
+        for name, p in r["predictions"].items():
             assert p["error_estimate"] >= 0 and isinstance(p["trusted"], bool)
             assert not (p["trusted"] and p["unstable"])
+            if name != "resummed 3+ladder":  # the others leave the ladder out
+                assert p["error_estimate"] >= abs(ladder)
     assert set(small.validity) == set(small.predictors)
     for v in small.validity.values():
         assert v["calibration"] is None or 0 <= v["calibration"] <= 1

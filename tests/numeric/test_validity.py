@@ -13,10 +13,13 @@ import perturb
 from perturb.numeric.krylov import krylov_subspace
 from perturb.numeric.validity import (
     curvature_radius,
+    hessian_ladder,
+    ladder_loss,
     mean_square_excess,
     rms_displacement,
     truncation_estimates,
 )
+from perturb.reference.enumeration import expected_loss
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.1, -0.3])
@@ -167,3 +170,79 @@ def test_overshoot_counts_expected_draws_of_the_samples_that_overshoot():
     out = overshoot([10.0, 6.0, 1.0], lr=[0.1, 0.5, 1.0], steps=50, batch_size=2, population=100)
     np.testing.assert_allclose(out["overshoot"], [0.5, 2.5, 5.0])
     np.testing.assert_allclose(out["overshoot_draws"], [0.0, 1.0, 2.0])  # 0, 1, 2 samples > 2
+
+
+def _quadratic_rows(hs, gs):
+    """Rows ``(vec H_i, g_i)`` of the population ``l_i(θ) = ½θᵀH_iθ + g_iᵀθ``, and its loss."""
+    p = gs.shape[1]
+
+    def loss(theta, row):
+        return 0.5 * theta @ row[: p * p].reshape(p, p) @ theta + row[p * p :] @ theta
+
+    return torch.cat([torch.as_tensor(hs).reshape(len(hs), -1), torch.as_tensor(gs)], 1), loss
+
+
+def _independent_population():
+    """Every pair of three per-sample Hessian fluctuations ``A_a`` (mean zero) and two
+    gradient noises ``±ζ``: ``A_i`` and ``ζ_i`` independent, so the 3-edge mixed term
+    ``E[A_i m ζ_iᵀ]`` is zero."""
+    h = np.array([[1.0, 0.3], [0.3, 0.5]])
+    a1, a2 = np.array([[0.6, -0.2], [-0.2, 0.1]]), np.array([[-0.1, 0.4], [0.4, -0.5]])
+    g, zeta = np.array([0.7, -0.4]), np.array([0.5, 0.8])
+    pairs = [(h + a, g + s * zeta) for a in (a1, a2, -a1 - a2) for s in (1.0, -1.0)]
+    return h, np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+
+
+@pytest.mark.parametrize(("batch_size", "steps"), [(1, 5), (2, 3)])
+def test_ladder_loss_is_the_exact_loss_the_per_sample_hessians_add(batch_size, steps):
+    """On a quadratic population whose per-sample Hessians and gradients are independent,
+    the exact expected loss (every sample sequence enumerated,
+    :func:`perturb.reference.enumeration.expected_loss`) minus that of the same population
+    with every ``H_i = H`` is the ladder, at every step; and :func:`hessian_ladder` on a
+    full-rank Krylov subspace of that population gives the same numbers."""
+    h, hs, gs = _independent_population()
+    lr, zero = 0.4, torch.zeros(2, dtype=torch.float64)
+    rows, loss = _quadratic_rows(hs, gs)
+    flat, _ = _quadratic_rows(np.repeat(h[None], len(hs), 0), gs)
+    exact = [0.0]
+    for t in range(1, steps + 1):
+        sched = perturb.Online(steps=t, batch_size=batch_size)
+        with_a = expected_loss(loss, rows, zero, sched, lr=lr)
+        exact.append(with_a - expected_loss(loss, flat, zero, sched, lr=lr))
+    assert exact[-1] > 1e-3  # the ladder is there to be found
+    cov = np.cov(gs.T, bias=True)
+    t = torch.as_tensor
+    got = ladder_loss(
+        t(h), t(hs), t(gs.mean(0)), t(cov), lr=[lr], steps=list(range(steps + 1)),
+        batch_size=batch_size,
+    )[0]  # fmt: skip
+    np.testing.assert_allclose(got, exact, rtol=1e-10, atol=1e-14)
+    sub = krylov_subspace(perturb.Population(loss, rows), None, zero, rank=2, order=3)
+    via = hessian_ladder(sub, lr=[lr], steps=steps, batch_size=batch_size)
+    assert via[0] == pytest.approx(exact[-1], rel=1e-10)
+    with pytest.raises(ValueError, match=r"rank must be an integer in 1\.\.2"):
+        hessian_ladder(sub, lr=[lr], steps=steps, rank=3)
+
+
+def test_ladder_loss_inputs_and_limits():
+    one = torch.ones(1, 1, dtype=torch.float64)
+    same = torch.ones(3, 1, 1, dtype=torch.float64)  # every H_i = H: no ladder
+    g = torch.ones(1, dtype=torch.float64)
+    assert ladder_loss(one, same, g, one, lr=[0.1, 0.5], steps=[0, 10]).tolist() == [[0, 0]] * 2
+    spread = torch.tensor([[[0.0]], [[2.0]]], dtype=torch.float64)
+    assert np.isinf(ladder_loss(one, spread, g, one, lr=[5.0], steps=2000)).all()
+    with pytest.raises(ValueError, match=r"per_sample_hessians \(n, m, m\), got \(1, 1\)"):
+        ladder_loss(one, one, g, one, lr=[0.1], steps=1)
+    with pytest.raises(ValueError, match=r"grad must be \(1,\)"):
+        ladder_loss(one, same, torch.ones(2, dtype=torch.float64), one, lr=[0.1], steps=1)
+    with pytest.raises(ValueError, match="steps must be non-negative"):
+        ladder_loss(one, same, g, one, lr=[0.1], steps=[-1])
+
+
+def test_hessian_ladder_is_nan_without_per_sample_hessians():
+    pop = perturb.Population(
+        lambda p, x: 0.5 * (p * p).sum() + x @ p, torch.eye(2, dtype=torch.float64)
+    )
+    sub = krylov_subspace(pop, None, torch.zeros(2, dtype=torch.float64), rank=2, order=2)
+    assert 2 not in sub.derivs
+    assert np.isnan(hessian_ladder(sub, lr=[0.1], steps=[1, 2])).all()

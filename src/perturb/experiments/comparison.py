@@ -13,6 +13,9 @@ and the predictors are
   Hessian-vector products while measuring (any model size; the notes give the rank
   and the largest ``k`` vs ``k/2`` difference over the grid, and warn where ``K^T``
   grows along an unstable direction);
+* ``resummed 3+ladder``: "resummed 3" plus the Hessian ladder, the loss the
+  per-sample Hessian fluctuations add (diagrams with four edges and more;
+  :func:`perturb.experiments.predictors.ladder_terms`), on the first ``k_3`` vectors;
 * ``gradient flow``: the ODE ``dθ/dt = −∇l`` on the quadratic model at ``θ_0``, at
   time ``ηT`` (:func:`perturb.experiments.baselines.ode_test_loss`; not
   :func:`perturb.validate`'s ``noiseless``, the noise-free diagrams of discrete SGD);
@@ -36,6 +39,13 @@ are Ritz values, which lie inside ``H``'s spectrum: a negative one proves ``H``
 indefinite, but positive ones do not prove it positive definite, so ``stationary`` is
 then the stationary law of SGD restricted to the subspace.
 
+Each prediction gets the validity estimate of :func:`perturb.validate`
+(:mod:`perturb.experiments.judging`): an ``error_estimate`` from the theory (the
+series' and re-summed diagrams' truncation estimates; for the theories on the quadratic
+model their distance to "resummed 2" plus its estimate; the Hessian ladder added to
+every one) and a verdict ``trusted``, with the calibration per predictor in
+:attr:`Comparison.validity`.
+
 Each prediction's error is given in units of the interval's half-width; a prediction
 that blew up (not finite, or far outside what the loss can be,
 :func:`perturb.experiments.pipeline.is_unstable`) is shown as ``unstable``.  The runs
@@ -53,6 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -64,6 +75,7 @@ from perturb.experiments.baselines import (
     sde_test_loss,
     stationary_excess_loss,
 )
+from perturb.experiments.judging import judge, validity_lines
 from perturb.experiments.pipeline import (
     DEFAULT_PRETRAIN_LR,
     Setup,
@@ -79,15 +91,26 @@ from perturb.experiments.pipeline import (
     timed,
 )
 from perturb.experiments.predictors import (
+    LADDER,
     RESUMMED_ORDERS,
     krylov_description,
+    ladder_description,
+    ladder_note,
+    ladder_terms,
     resummed_predictions,
-    series_predictions,
+    series_with_estimates,
     subspace_quadratic,
     track_resummed,
 )
 from perturb.numeric.predictions import UNSTABLE_GROWTH
+from perturb.numeric.stability import per_sample_top_curvatures
 from perturb.numeric.statistics import Statistics
+from perturb.numeric.validity import (
+    curvature_radius,
+    mean_square_excess,
+    overshoot,
+    rms_displacement,
+)
 from perturb.symbolic.schedules import Online
 
 __all__ = ["Comparison", "compare"]
@@ -116,15 +139,22 @@ class Comparison:
         predictors: names of the predictors, in table order.
         rows: one record per ``(η, B, T)``: ``lr``, ``batch_size``, ``steps``, ``eta_t``,
             ``actual`` (SGD mean), ``ci_half`` (95% half-width), ``trials`` (finite
-            trials), ``divergent``, and ``predictions[name] = {"value", "error_ci",
-            "unstable"}`` with ``error_ci = (value − actual)/ci_half`` and ``unstable``
-            whether the value blew up (shown as ``unstable``).
+            trials), ``divergent``, ``predictions[name] = {"value", "error_ci",
+            "unstable", "error_estimate", "trusted"}`` with ``error_ci = (value −
+            actual)/ci_half``, ``unstable`` whether the value blew up (shown as
+            ``unstable``), and the validity estimate; and ``validity`` (the
+            displacement, its ratio to ``ρ``, the mean-square excess, the single-sample
+            overshoot and the Hessian ladder).
         notes: per predictor, how it was evaluated (the Krylov rank, the largest ``k`` vs
             ``k/2`` difference, the projected quadratic model), warnings (unstable
             directions), and why it is ``nan`` where it is, or not available at all.
         timings: seconds spent starting, measuring (the diagrams and the Krylov
             subspace), simulating, building the quadratic model (``hessian_s``) and
             predicting.
+        validity: per predictor ``trusted_up_to`` (ηT), ``within_2ci_up_to``,
+            ``trusted_rows``, ``calibration`` (the fraction of trusted rows within
+            ``error_estimate`` plus the half-width), ``far_off_rows`` and
+            ``far_off_untrusted`` (:mod:`perturb.experiments.judging`).
     """
 
     config: dict[str, Any]
@@ -132,6 +162,7 @@ class Comparison:
     rows: list[dict[str, Any]] = field(default_factory=list)
     notes: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    validity: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def table(self) -> str:
         """One plain-text table: a line per ``(η, B, T)``, a column per predictor."""
@@ -150,11 +181,14 @@ class Comparison:
             )
         lines += ["", "(error) = (prediction − SGD mean) / CI half-width; |error| > 1: outside."]
         lines += [f"{name}: {why}" for name, why in self.notes.items()]
+        if self.validity:
+            lines += ["", "validity estimate (from the statistics at θ_0, before any run):"]
+            lines += validity_lines(self.validity)
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: config, predictors, rows, notes and timings (``nan`` → ``None``)."""
-
+        """JSON-ready: config, predictors, rows, notes, timings and validity (``nan`` →
+        ``None``)."""
         return json_ready(
             {
                 "config": self.config,
@@ -162,24 +196,23 @@ class Comparison:
                 "rows": self.rows,
                 "notes": self.notes,
                 "timings": self.timings,
+                "validity": self.validity,
             }
         )
 
     def to_csv(self) -> str:
-        """The rows as CSV text: one column per predictor value and per error."""
+        """The rows as CSV text: per predictor its value, error, blow-up, error estimate and
+        verdict."""
         buf = io.StringIO()
         writer = csv.writer(buf)
         base = ["lr", "batch_size", "steps", "eta_t", "actual", "ci_half", "trials", "divergent"]
         names = list(self.predictors)
-        writer.writerow(
-            base + names + [f"{n} error_ci" for n in names] + [f"{n} unstable" for n in names]
-        )
+        fields = ["value", "error_ci", "unstable", "error_estimate", "trusted"]
+        writer.writerow(base + [n if f == "value" else f"{n} {f}" for f in fields for n in names])
         for r in self.rows:
             writer.writerow(
                 [r[k] for k in base]
-                + [r["predictions"][n]["value"] for n in names]
-                + [r["predictions"][n]["error_ci"] for n in names]
-                + [r["predictions"][n]["unstable"] for n in names]
+                + [r["predictions"][n].get(f, "") for f in fields for n in names]
             )
         return buf.getvalue()
 
@@ -341,8 +374,10 @@ def compare(
         >>> softmax = mlp((1, 8, 8), 10, hidden=())  # softmax regression, 650 parameters
         >>> r = compare(model=softmax, lrs=(0.01,), batch_sizes=(2,), steps=(3,), trials=4,
         ...             orders=(1,), population=16, krylov_rank=16, krylov_higher_rank=4)
-        >>> r.predictors
-        ['order 1', 'resummed 2', 'resummed 3', 'gradient flow', 'SDE', 'Lyapunov', 'stationary']
+        >>> r.predictors[:4]
+        ['order 1', 'resummed 2', 'resummed 3', 'resummed 3+ladder']
+        >>> r.predictors[4:]
+        ['gradient flow', 'SDE', 'Lyapunov', 'stationary']
         >>> len(r.rows), r.rows[0]["batch_size"]
         (1, 2)
         >>> r.notes["resummed 3"].startswith("in a Krylov subspace of H of rank 16 (3-edge")
@@ -401,6 +436,7 @@ def compare(
             higher_rank=krylov_higher_rank,
             progress=progress,
         )
+        _, lams = per_sample_top_curvatures(setup.net, (setup.x, setup.y))
 
     with timed(timings, "simulate_s"):
         runs = {
@@ -424,18 +460,30 @@ def compare(
 
     with timed(timings, "predict_s"):
         do_resum = stats.subspace is not None
+        ladders = {b: ladder_terms(stats, lrs, steps, batch_size=b) for b in batch_sizes}
+        do_ladder = do_resum and not np.isnan(ladders[batch_sizes[0]][0]).all()
         predictors = [f"order {d}" for d in orders] + (list(RESUMMED) if do_resum else [])
+        predictors += [LADDER] if do_ladder else []
         predictors += list(QUADRATIC) if quad is not None else []
         result = Comparison(config=config, predictors=predictors, notes=notes, timings=timings)
         h_min, h_max = _spectrum(quad, kind == "projected", result.notes)
         krylov: dict[str, dict[str, Any]] = {}
+        estimates: dict[str, dict[tuple[int, int], np.ndarray]] = {}
+        motion = _motion(stats, quad, schedules, lrs, ladders, lams, int(setup.x.shape[0]))
         grid = [(b, s) for b in batch_sizes for s in steps]
         for b, s in tqdm(grid, desc="predict", unit="(B, T)", disable=not progress):
             means, halves, column = curve_intervals(runs[b])
             sched = schedules[(b, s)]
-            columns = series_predictions(stats, sched, lrs, orders=orders)
+            columns, errors = series_with_estimates(stats, sched, lrs, orders=orders)
             if do_resum:
-                columns.update(_resummed_columns(stats, sched, lrs, krylov))
+                for name, r in _resummed(stats, sched, lrs, krylov).items():
+                    columns[name], errors[name] = r.values, r.estimate
+            if do_ladder:
+                ladder, ladder_error = (x[:, steps.index(s)] for x in ladders[b])
+                columns[LADDER] = columns["resummed 3"] + ladder
+                errors[LADDER] = errors["resummed 3"] + ladder_error
+            anchor = "resummed 2" if do_resum else f"order {max(orders)}"
+            rows = []
             for li, lr in enumerate(lrs):
                 values = {name: float(v[li]) for name, v in columns.items()}
                 if quad is not None:
@@ -444,7 +492,7 @@ def compare(
                         quad, lr=lr, batch_size=b, h_min=h_min, h_max=h_max
                     )
                 mean, half = float(means[li, column[s]]), float(halves[li, column[s]])
-                result.rows.append(
+                rows.append(
                     {
                         "lr": float(lr),
                         "batch_size": int(b),
@@ -460,15 +508,34 @@ def compare(
                         },
                     }
                 )
+            for name in QUADRATIC if quad is not None else ():  # triangle: via the anchor
+                errors[name] = np.array(
+                    [
+                        abs(r["predictions"][name]["value"] - columns[anchor][li])
+                        + errors[anchor][li]
+                        for li, r in enumerate(rows)
+                    ]
+                )
+            rung = ladders[b][0][:, steps.index(s)]
+            for name, est in errors.items():  # every predictor but LADDER leaves it out
+                extra = 0.0 if name == LADDER else np.where(np.isnan(rung), 0.0, np.abs(rung))
+                estimates.setdefault(name, {})[(b, s)] = est + extra
+            result.rows += rows
         if do_resum:
             config["resummed_krylov"] = _resummed_notes(result.notes, stats, krylov, lrs)
+        if do_ladder:
+            error = np.concatenate([ladders[b][1] for b in batch_sizes], axis=1)
+            config["ladder"] = ladder_note(stats.subspace, error)
+            result.notes[LADDER] = ladder_description(**config["ladder"])
         if quad is not None and math.isfinite(h_min) and h_min > 0:
             bad = [lr for lr in lrs if lr * h_max >= 2]
             if bad:
                 why = f"n/a at η = {bad}: ηh_max ≥ 2, no stationary law"
                 _note(result.notes, "stationary", why)
         result.rows.sort(key=lambda r: (r["lr"], r["batch_size"], r["steps"]))
-        place = {name: i for i, name in enumerate([*RESUMMED, *QUADRATIC])}  # table order
+        config["curvature_radius"] = curvature_radius(stats.subspace) if do_resum else math.inf
+        judge(result, estimates, motion, start_loss=start.loss, key=_key)
+        place = {name: i for i, name in enumerate([*RESUMMED, LADDER, *QUADRATIC])}
         result.notes = dict(sorted(notes.items(), key=lambda item: place[item[0]]))
     if out is not None:
         result.write(out)
@@ -505,12 +572,43 @@ def _quadratic(
     return None, None
 
 
-def _resummed_columns(stats: Statistics, sched: Online, lrs, krylov: dict) -> dict:
+def _resummed(stats: Statistics, sched: Online, lrs, krylov: dict) -> dict:
     """The re-summed predictions of ``sched``; their Krylov error, growth and ranks are
     accumulated over the grid in ``krylov[name]``."""
     resummed = resummed_predictions(stats, sched, lrs)
     track_resummed(krylov, resummed)
-    return {name: r.values for name, r in resummed.items()}
+    return resummed
+
+
+def _key(row: dict) -> tuple[int, int]:
+    """A comparison row's key in the estimates and the motion: ``(B, T)``."""
+    return int(row["batch_size"]), int(row["steps"])
+
+
+def _motion(stats, quad, schedules: dict, lrs, ladders: dict, lams, population: int) -> dict:
+    """Per ``(B, T)``: the displacement of the quadratic model, the mean-square excess,
+    the Hessian ladder (``ladders[B]``) and the single-sample overshoot, per rate."""
+    if quad is None:
+        return {}
+    sub = stats.subspace
+    steps = sorted({s for _, s in schedules})
+    out = {}
+    for b in sorted({b for b, _ in schedules}):
+        excess = np.zeros((len(lrs), len(steps)))
+        if sub is not None:
+            excess = mean_square_excess(sub, lr=lrs, steps=steps, batch_size=b)
+        ladder = ladders[b][0]
+        for j, s in enumerate(steps):
+            kicks = overshoot(lams, lr=lrs, steps=s, batch_size=b, population=population)
+            out[(b, s)] = {
+                "rms_displacement": rms_displacement(
+                    quad.hess, quad.grad, quad.cov, lr=lrs, schedule=schedules[(b, s)]
+                ),
+                "mean_square_excess": excess[:, j],
+                **({} if np.isnan(ladder).all() else {"hessian_ladder": ladder[:, j]}),
+                **kicks,
+            }
+    return out
 
 
 def _resummed_notes(notes: dict[str, str], stats: Statistics, krylov: dict, lrs) -> dict:

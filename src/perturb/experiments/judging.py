@@ -28,13 +28,14 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import numpy as np
 
 from perturb.numeric.validity import MEAN_SQUARE_EXCESS, TRUST_FRACTION
 
-__all__ = ["FAR_OFF", "OVERSHOOT", "WITHIN", "judge", "validity_lines"]
+__all__ = ["FAR_OFF", "OVERSHOOT", "WITHIN", "by_steps", "half_width", "judge", "validity_lines"]
 
 OVERSHOOT = 2.0
 """A single sample's step amplifies a deviation along its top curvature once
@@ -47,25 +48,48 @@ WITHIN = 2.0
 half-widths of the SGD mean at every row (``within_2ci_up_to``)."""
 
 
-def judge(result: Any, estimates: dict, motion: dict, *, start_loss: float) -> None:
+def by_steps(row: dict) -> int:
+    """The key of a row of :func:`perturb.validate`: its step.
+
+    Example:
+        >>> by_steps({"lr": 0.1, "steps": 20})
+        20
+    """
+    return int(row["steps"])
+
+
+def judge(
+    result: Any,
+    estimates: dict,
+    motion: dict,
+    *,
+    start_loss: float,
+    key: Callable[[dict], Hashable] = by_steps,
+) -> None:
     """Add ``error_estimate`` and ``trusted`` to every prediction of ``result.rows``.
 
     Args:
-        result: a :class:`~perturb.experiments.validation.ValidationResult` (``rows``,
-            ``config`` with ``lrs`` and optionally ``curvature_radius``, ``validity``).
-        estimates: ``{name: {step: (L,) error estimates}}``.
-        motion: ``{step: {"rms_displacement": (L,), "mean_square_excess": (L,)}}``,
-            optionally with ``"overshoot"`` and ``"overshoot_draws"`` (L,) (empty: no
-            displacement or instability check).
+        result: a :class:`~perturb.experiments.validation.ValidationResult` or a
+            :class:`~perturb.experiments.comparison.Comparison` (``rows`` with ``lr``,
+            ``eta_t``, ``actual``, ``divergent``, the interval as ``ci_low``/``ci_high``
+            or ``ci_half``; ``config`` with ``lrs`` and optionally
+            ``curvature_radius``; ``validity``).
+        estimates: ``{name: {key: (L,) error estimates}}``.
+        motion: ``{key: {"rms_displacement": (L,), "mean_square_excess": (L,)}}``,
+            optionally with ``"overshoot"``, ``"overshoot_draws"`` and
+            ``"hessian_ladder"`` (L,) (empty: no displacement or instability check).
         start_loss: ``l(θ_0)``.
+        key: a row's key in ``estimates`` and ``motion`` (default its step; a
+            comparison's rows are keyed by ``(batch_size, steps)``).
     """
     lrs = [float(lr) for lr in result.config["lrs"]]
     radius = float(result.config.get("curvature_radius", math.inf))
     for row in result.rows:
-        li, s = lrs.index(float(row["lr"])), int(row["steps"])
+        li, s = lrs.index(float(row["lr"])), key(row)
         where = motion.get(s)
         moved = math.nan if where is None else float(where["rms_displacement"][li])
         excess = math.nan if where is None else float(where["mean_square_excess"][li])
+        rung = where.get("hessian_ladder") if where is not None else None
         has = where is not None and "overshoot" in where
         kick = float(where["overshoot"][li]) if has else math.nan
         draws = float(where["overshoot_draws"][li]) if has else 0.0
@@ -76,6 +100,8 @@ def judge(result: Any, estimates: dict, motion: dict, *, start_loss: float) -> N
             "overshoot": kick,
             "overshoot_draws": draws,
         }
+        if rung is not None:  # measured only with per-sample Hessians in the subspace
+            row["validity"]["hessian_ladder"] = float(rung[li])
         frozen_ok = (
             not moved > radius
             and not excess > MEAN_SQUARE_EXCESS
@@ -109,7 +135,7 @@ def _summary(rows: list[dict]) -> dict[str, dict[str, Any]]:
             r
             for r in trusted
             if abs(r["predictions"][name]["value"] - r["actual"])
-            <= r["predictions"][name]["error_estimate"] + (r["ci_high"] - r["ci_low"]) / 2
+            <= r["predictions"][name]["error_estimate"] + half_width(r)
         ]
         far = [
             r
@@ -129,6 +155,18 @@ def _summary(rows: list[dict]) -> dict[str, dict[str, Any]]:
             ),
         }
     return out
+
+
+def half_width(row: dict) -> float:
+    """The 95% interval's half-width of a row (``ci_half``, or from ``ci_low``/``ci_high``).
+
+    Example:
+        >>> half_width({"ci_low": 0.5, "ci_high": 1.5}), half_width({"ci_half": 0.1})
+        (0.5, 0.1)
+    """
+    if "ci_half" in row:
+        return float(row["ci_half"])
+    return (row["ci_high"] - row["ci_low"]) / 2
 
 
 def _within_up_to(rows: list[dict], name: str, width: float) -> float | None:

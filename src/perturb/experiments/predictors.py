@@ -11,6 +11,10 @@ rate and number of steps, without touching the network again:
   Krylov subspace of ``H`` that the measurement built
   (:meth:`perturb.Statistics.predict` with ``resummed=True``), with the subspace's
   ``k`` vs ``k/2`` difference and the growth of ``K^T`` along unstable directions;
+* ``resummed 3+ladder`` (:func:`ladder_terms`): "resummed 3" plus the Hessian ladder,
+  the loss the per-sample Hessian fluctuations add on the quadratic model
+  (:func:`perturb.numeric.validity.hessian_ladder`; diagrams with four edges and
+  more), on online schedules, with the ladder's ``k_3`` vs ``k_3/2`` difference;
 * the theories on the quadratic model (SDE and the others of
   :mod:`perturb.experiments.baselines`), on the materialized quadratic model
   (:func:`perturb.experiments.pipeline.quadratic_model`) for small models or on its
@@ -40,14 +44,18 @@ from perturb.experiments.pipeline import Setup, quadratic_model
 from perturb.numeric.krylov import KrylovSubspace
 from perturb.numeric.predictions import UnstableDirectionWarning
 from perturb.numeric.statistics import Statistics
-from perturb.numeric.validity import truncation_estimates
+from perturb.numeric.validity import hessian_ladder, truncation_estimates
 from perturb.symbolic.schedules import Schedule
 from perturb.symbolic.series import series
 
 __all__ = [
+    "LADDER",
     "RESUMMED_ORDERS",
     "Resummed",
     "krylov_description",
+    "ladder_description",
+    "ladder_note",
+    "ladder_terms",
     "noiseless_prediction",
     "resummed_predictions",
     "sde_model_for",
@@ -59,6 +67,8 @@ __all__ = [
 
 RESUMMED_ORDERS = (2, 3)
 """The numbers of edges of the re-summed predictors the experiments report."""
+LADDER = "resummed 3+ladder"
+"""The name of "resummed 3" plus the Hessian ladder (:func:`ladder_terms`)."""
 
 
 def series_predictions(
@@ -311,3 +321,66 @@ def subspace_quadratic(subspace: KrylovSubspace) -> QuadraticModel:
         )
     derivs = {0: subspace.derivs[0], 1: subspace.derivs[1]}
     return QuadraticModel.from_derivatives(derivs, subspace.hessian)
+
+
+def ladder_terms(
+    stats: Statistics, lrs: Sequence[float], steps: Sequence[int], *, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The Hessian ladder at each of ``steps`` and its truncation error estimate.
+
+    The ladder (:func:`perturb.numeric.validity.hessian_ladder`) is evaluated on the
+    first ``k_3`` basis vectors of the measured subspace, and again on ``k_3/2`` of them:
+    their difference is its error estimate, as for the re-summed diagrams.
+
+    Returns:
+        ``(ladder, error)``, each ``(L, S)``; ``nan`` without a subspace that holds the
+        per-sample Hessians and gradients.
+
+    Example:
+        >>> from perturb.experiments.pipeline import build, load_population, measure_at_start
+        >>> from perturb.symbolic.schedules import Online
+        >>> setup = build("mlp", load_population("digits", population=8, seed=0), seed=0)
+        >>> sched = Online(steps=4, batch_size=1)
+        >>> stats = measure_at_start(setup, order=3, schedules=[sched], resummed=True,
+        ...                          rank=16, higher_rank=8)
+        >>> ladder, error = ladder_terms(stats, [0.1], [2, 4], batch_size=1)
+        >>> ladder.shape, bool((ladder[:, 1] > ladder[:, 0]).all())
+        ((1, 2), True)
+    """
+    shape = (len(lrs), len(steps))
+    sub = stats.subspace
+    if sub is None or 2 not in sub.derivs or 1 not in sub.derivs:
+        return np.full(shape, np.nan), np.full(shape, np.nan)
+    kw = {"lr": list(lrs), "steps": list(steps), "batch_size": batch_size}
+    full = hessian_ladder(sub, **kw)
+    half = hessian_ladder(sub, **kw, rank=max(1, sub.higher_rank // 2))
+    with np.errstate(invalid="ignore"):
+        error = np.abs(full - half)
+    error[~np.isfinite(full)] = np.inf
+    return full, error
+
+
+def ladder_note(subspace: KrylovSubspace, error: np.ndarray) -> dict[str, Any]:
+    """The record of how the ladder was evaluated: its rank ``k_3`` and the largest
+    finite ``k_3`` vs ``k_3/2`` difference in ``error``.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> ladder_note(SimpleNamespace(higher_rank=32), np.array([[1e-4, np.inf]]))
+        {'rank': 32, 'error': 0.0001}
+    """
+    finite = error[np.isfinite(error)]
+    return {"rank": int(subspace.higher_rank), "error": float(finite.max(initial=0.0))}
+
+
+def ladder_description(*, rank: int, error: float) -> str:
+    """How "resummed 3+ladder" was evaluated, as the tables print it.
+
+    Example:
+        >>> ladder_description(rank=8, error=0.01)
+        'resummed 3 + Hessian ladder on 8 Krylov vectors; rank 8 vs 4 differ by up to 0.01'
+    """
+    return (
+        f"resummed 3 + Hessian ladder on {rank} Krylov vectors; rank {rank} vs "
+        f"{max(1, rank // 2)} differ by up to {error:.3g}"
+    )

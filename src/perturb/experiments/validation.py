@@ -71,7 +71,11 @@ from perturb.experiments.pipeline import (
     timed,
 )
 from perturb.experiments.predictors import (
+    LADDER,
     krylov_description,
+    ladder_description,
+    ladder_note,
+    ladder_terms,
     noiseless_prediction,
     resummed_predictions,
     sde_model_for,
@@ -115,7 +119,9 @@ class ValidationResult:
             counted as outside), ``error_estimate`` (its truncation error estimated
             from the theory, same units as ``value``) and ``trusted``
             (:mod:`perturb.experiments.judging`); and ``validity``: the root-mean-square
-            displacement, its ratio to ``ρ = ‖H‖/‖J‖`` and the mean-square excess.
+            displacement, its ratio to ``ρ = ‖H‖/‖J‖``, the mean-square excess and
+            the Hessian ladder (the loss the per-sample Hessians add, already in every
+            ``error_estimate``).
             ``actual`` and the interval are over the finite trials only; rows of a
             divergent learning rate are reported as divergent and left out of
             :attr:`breakdown`.
@@ -189,6 +195,8 @@ class ValidationResult:
             for n, err in info["error"].items():
                 ranks = self.config.get("resummed_ranks", {}).get(n, [info["rank"]])
                 lines.append(f"{n:>12}: {krylov_description(ranks, info['parameters'], err)}")
+        if "ladder" in self.config:
+            lines.append(f"{LADDER:>12}: {ladder_description(**self.config['ladder'])}")
         if "sde_krylov_rank" in self.config:
             lines.append(
                 f"{'SDE':>12}: on the quadratic model projected on the Krylov subspace "
@@ -306,7 +314,9 @@ def validate(
     (the first ``t`` steps of a run are a run of that shorter schedule).  The SDE
     models fresh samples every step (``dθ = −∇l dt + sqrt(η/B) C^{1/2} dW``), so it is
     not available for GD, whose only noise is the draw of the training set; the
-    re-summed series exists for the schedules :mod:`perturb.symbolic.resummed` supports.
+    re-summed series exists for the schedules :mod:`perturb.symbolic.resummed` supports;
+    "resummed 3+ladder" ("resummed 3" plus the loss the per-sample Hessians add,
+    :func:`perturb.experiments.predictors.ladder_terms`) is online only.
     Predictors that do not apply are listed in ``config["unavailable"]`` with the
     reason.
 
@@ -491,9 +501,16 @@ def _predict(stats, sde_model, full, record_steps, lrs, orders, config) -> tuple
     sharp = config.get("sample_curvature")
     kicks = {"batch_size": int(full.batch_size), "population": config["population"]}
     excess = np.zeros((len(lrs), len(record_steps)))  # SGD's RMS growth beyond GD's, per step
+    ladder = np.full((len(lrs), len(record_steps)), np.nan)  # not estimated for GD
+    ladder_error = ladder
     if sub is not None and full.name != "gd":
         b = int(full.batch_size)
         excess = mean_square_excess(sub, lr=lrs, steps=list(record_steps), batch_size=b)
+        ladder, ladder_error = ladder_terms(stats, lrs, record_steps, batch_size=b)
+    if sub is not None and full.name != "online":
+        config["unavailable"][LADDER] = (
+            "the ladder's recursion draws every step's batch afresh; here batches repeat"
+        )
 
     def put(name, s, values, estimate):
         predictions.setdefault(name, {})[s] = values
@@ -520,14 +537,26 @@ def _predict(stats, sde_model, full, record_steps, lrs, orders, config) -> tuple
         for name, r in resummed.items():
             put(name, s, r.values, r.estimate)
         track_resummed(krylov, resummed)
+        j = record_steps.index(s)
+        rung = ladder[:, j]
+        if not np.isnan(rung).all():  # every predictor leaves the ladder out
+            for name, by_step in estimates.items():
+                if name != LADDER:
+                    by_step[s] = by_step[s] + np.where(np.isnan(rung), 0.0, np.abs(rung))
+            if full.name == "online" and "resummed 3" in resummed:
+                three = resummed["resummed 3"]
+                put(LADDER, s, three.values + rung, three.estimate + ladder_error[:, j])
         if quad is not None:
             motion[s] = {
                 "rms_displacement": rms_displacement(
                     quad.hess, quad.grad, quad.cov, lr=lrs, schedule=sched
                 ),
-                "mean_square_excess": excess[:, record_steps.index(s)],
+                "mean_square_excess": excess[:, j],
+                **({} if np.isnan(rung).all() else {"hessian_ladder": rung}),
                 **(overshoot(sharp["lambda_max"], lr=lrs, steps=s, **kicks) if sharp else {}),
             }
+    if LADDER in predictions:
+        config["ladder"] = ladder_note(sub, ladder_error)
     if sub is not None:
         config["resummed_krylov"] = {
             "rank": sub.rank,

@@ -26,6 +26,12 @@ moment can grow although ``|1 − ηh| < 1`` for every ``h`` (GD stable):
 ``QᵀH_iQ`` bounds that growth from below; :func:`mean_square_excess` is its excess over
 the mean dynamics' own growth, in e-folds of the root-mean-square deviation.
 
+**Hessian ladder.**  A step multiplies the deviation by ``I − ηH_b``, not ``I − ηH``: the
+per-sample Hessians ``H_i = H + A_i`` add ``(η²/B) E_i[A_i S A_i]`` to its second moment
+(``S = E[δδᵀ]``), a ladder of Hessian cumulants with four edges and more that no
+predictor holds.  :func:`hessian_ladder` is the test loss it adds on the quadratic model
+with per-sample Hessians; the validity estimate adds its size to every predictor's.
+
 Example:
     >>> import numpy as np
     >>> truncation_estimates(np.array([[1.0, -0.1, 0.01]]))  # the next term ≈ 0.001
@@ -39,6 +45,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from perturb.checks import check_int
 from perturb.numeric.krylov import KrylovSubspace
 from perturb.numeric.predictions import growth
 from perturb.numeric.stability import mean_square_growth
@@ -48,6 +55,8 @@ __all__ = [
     "MEAN_SQUARE_EXCESS",
     "TRUST_FRACTION",
     "curvature_radius",
+    "hessian_ladder",
+    "ladder_loss",
     "mean_square_excess",
     "overshoot",
     "rms_displacement",
@@ -290,3 +299,145 @@ def overshoot(
     kick = np.asarray(lr, dtype=float).reshape(-1, 1) * lam[None, :] / batch_size
     draws = steps * batch_size * (kick > 2).sum(axis=1) / population
     return {"overshoot": kick.max(axis=1), "overshoot_draws": draws}
+
+
+def ladder_loss(
+    hess: torch.Tensor,
+    per_sample_hessians: torch.Tensor,
+    grad: torch.Tensor,
+    cov: torch.Tensor,
+    *,
+    lr: Sequence[float],
+    steps: int | Sequence[int],
+    batch_size: int = 1,
+) -> np.ndarray:
+    r"""The test loss the per-sample Hessian fluctuations add to the quadratic model.
+
+    On the quadratic model with per-sample Hessians ``H_i = H + A_i`` (``E A_i = 0``) and
+    gradients ``G + ζ_i`` (``Cov ζ_i = C``), online SGD with ``B`` iid draws per step moves
+    the deviation ``δ = θ − θ_0`` by ``δ ← (I − ηH_b)δ − ηg_b``.  With ``K = I − ηH`` its
+    mean ``m ← Km − ηG`` and covariance ``M`` follow ::
+
+        M ← K M K + (η²/B) C + (η²/B) E_i[A_i S A_i],    S = M + m mᵀ,
+
+    (plus the mixed term ``(η²/B) E_i[A_i m ζ_iᵀ + ζ_i mᵀ A_i]``, three edges, which the
+    re-summed predictions hold).  Without the last term (``A_i = 0``) this is the
+    quadratic model of "resummed 2" and the SDE; the ladder is what the last term adds,
+    ``X = M − M|_{A=0}`` with ``X ← K X K + (η²/B) E_i[A_i S A_i]``, to the test loss
+    ``½ tr(H X_T)``.
+
+    Args:
+        hess: ``H``, ``(m, m)``.
+        per_sample_hessians: ``H_i``, ``(n, m, m)`` (centred here).
+        grad: ``G``, ``(m,)``.
+        cov: ``C``, ``(m, m)``.
+        lr: learning rates.
+        steps: one ``T`` or several (every one is read off a single recursion).
+        batch_size: ``B``.
+
+    Returns:
+        Shape ``(L,)`` for one ``T``, ``(L, S)`` for a sequence of ``S``; ``inf`` where
+        the second moment overflows.
+
+    Raises:
+        ValueError: for shapes that do not match ``H``'s ``(m, m)``.
+
+    Example:
+        >>> import torch
+        >>> h = torch.ones(1, 1, dtype=torch.float64)
+        >>> hs = torch.tensor([[[0.0]], [[2.0]]], dtype=torch.float64)  # A_i = ∓1
+        >>> g = torch.ones(1, dtype=torch.float64)
+        >>> ladder_loss(h, hs, g, 0 * h, lr=[0.5], steps=2)  # ½ · ¼ · (½ G)²
+        array([0.03125])
+    """
+    h = torch.as_tensor(hess, dtype=torch.float64).cpu().numpy()
+    m = h.shape[0]
+    hs = torch.as_tensor(per_sample_hessians, dtype=torch.float64).cpu().numpy()
+    g = torch.as_tensor(grad, dtype=torch.float64).cpu().numpy().reshape(-1)
+    c = torch.as_tensor(cov, dtype=torch.float64).cpu().numpy()
+    if h.shape != (m, m) or hs.ndim != 3 or hs.shape[1:] != (m, m):
+        raise ValueError(
+            f"hess must be (m, m) and per_sample_hessians (n, m, m), got {h.shape} and {hs.shape}"
+        )
+    if g.shape != (m,) or c.shape != (m, m):
+        raise ValueError(f"grad must be ({m},) and cov ({m}, {m}), got {g.shape} and {c.shape}")
+    many = not isinstance(steps, int | np.integer)
+    ts = [int(t) for t in (steps if many else [steps])]
+    if not ts or min(ts) < 0:
+        raise ValueError(f"steps must be non-negative, got {steps!r}")
+    a = hs - hs.mean(axis=0)
+    # q[(a, c), (b, d)] = E[A_ab A_cd]: vec(E[A S A]) = q vec(S) for a symmetric A
+    q = np.einsum("iab,icd->acbd", a, a).reshape(m * m, m * m) / len(a)
+    eta = np.asarray(lr, dtype=float).reshape(-1, 1, 1)
+    k = np.eye(m)[None] - eta * h[None]  # (L, m, m)
+    noise = eta**2 / batch_size
+    mean = np.zeros((len(eta), m))
+    base = np.zeros((len(eta), m, m))
+    ladder = np.zeros((len(eta), m, m))
+    out = np.full((len(eta), len(ts)), np.nan)
+    wanted = {t: [j for j, s in enumerate(ts) if s == t] for t in set(ts)}
+    with np.errstate(over="ignore", invalid="ignore"):
+        for t in range(max(ts) + 1):
+            for j in wanted.get(t, []):
+                out[:, j] = 0.5 * np.einsum("ab,lba->l", h, ladder)
+            if t == max(ts):
+                break
+            full = base + ladder + mean[:, :, None] * mean[:, None, :]
+            kick = (full.reshape(len(eta), -1) @ q.T).reshape(full.shape)
+            ladder = k @ ladder @ k + noise * kick
+            base = k @ base @ k + noise * c[None]
+            mean = np.einsum("lab,lb->la", k, mean) - eta[:, :, 0] * g[None]
+    out[~np.isfinite(out)] = np.inf
+    return out if many else out[:, 0]
+
+
+def hessian_ladder(
+    subspace: KrylovSubspace,
+    *,
+    lr: Sequence[float],
+    steps: int | Sequence[int],
+    batch_size: int = 1,
+    rank: int | None = None,
+) -> np.ndarray:
+    """:func:`ladder_loss` on the subspace's first :attr:`~KrylovSubspace.higher_rank`
+    basis vectors (or the first ``rank`` of them), from its projected per-sample
+    Hessians and gradients.
+
+    Returns:
+        As :func:`ladder_loss`; ``nan`` where the subspace holds no per-sample Hessians
+        or gradients.
+
+    Raises:
+        ValueError: a ``rank`` outside ``1 … higher_rank``.
+
+    Example:
+        >>> import torch, perturb
+        >>> from perturb.numeric.krylov import krylov_subspace
+        >>> pop = perturb.Population(lambda p, x: (x[0] * p * p).sum() / 2 + x[1] * p.sum(),
+        ...                          torch.tensor([[0.0, 1.0], [2.0, 1.0]], dtype=torch.float64))
+        >>> sub = krylov_subspace(pop, None, torch.zeros(1, dtype=torch.float64), rank=1,
+        ...                       order=3)  # 3 edges: per-sample Hessians and gradients
+        >>> hessian_ladder(sub, lr=[0.5], steps=2)  # the example of ladder_loss
+        array([0.03125])
+    """
+    many = not isinstance(steps, int | np.integer)
+    shape = (len(np.asarray(lr).reshape(-1)), len(steps) if many else 1)
+    if 2 not in subspace.derivs or 1 not in subspace.derivs:
+        out = np.full(shape, np.nan)
+        return out if many else out[:, 0]
+    m = subspace.derivs[2].shape[1]
+    if rank is not None:
+        m = check_int("rank", rank, minimum=1, maximum=m)
+    per_sample = subspace.derivs[2][:, :m, :m]
+    grads = subspace.derivs[1][:, :m]
+    centred = grads - grads.mean(dim=0)
+    cov = centred.T @ centred / len(grads)
+    return ladder_loss(
+        subspace.hessian[:m, :m],
+        per_sample,
+        subspace.means[1][:m],
+        cov,
+        lr=lr,
+        steps=steps,
+        batch_size=batch_size,
+    )
