@@ -43,7 +43,7 @@ def test_each_reason_for_distrust_and_the_summary():
     assert summary["within_2ci_up_to"] == 0.5  # |error| = 0.5 until the unstable row at 1.0
     line = validity_lines(result.validity)[0]
     assert line == (
-        "           p: trusted up to ηT ≈ 0.1 (actually within 2 CI up to ηT ≈ 0.5); "
+        "                p: trusted up to ηT ≈ 0.1 (actually within 2 CI up to ηT ≈ 0.5); "
         "2/2 trusted rows within estimate + CI; 1/1 rows off by > 10 CI untrusted"
     )
 
@@ -71,7 +71,7 @@ def test_a_missing_estimate_is_never_trusted():
     assert math.isinf(entry["error_estimate"]) and not entry["trusted"]
     assert result.validity["p"]["trusted_up_to"] is None
     assert validity_lines(result.validity) == [
-        "           p: never trusted (actually within 2 CI up to ηT ≈ 0.1)"
+        "                p: never trusted (actually within 2 CI up to ηT ≈ 0.1)"
     ]
 
 

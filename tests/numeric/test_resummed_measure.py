@@ -239,10 +239,14 @@ def test_long_grids_cost_what_short_ones_do():
     times, values = {}, {}
     with warnings.catch_warnings():
         warnings.simplefilter("error", perturb.UnstableDirectionWarning)
-        for steps in (100, 100, 100_000):  # the first call fills the eigenbasis cache
+        stats.predict(perturb.Online(steps=100, batch_size=1), lr=lrs, resummed=True)
+        for steps in (100, 100_000):  # the call above filled the eigenbasis cache
             sched = perturb.Online(steps=steps, batch_size=1)
-            start = time.perf_counter()
-            values[steps] = stats.predict(sched, lr=lrs, resummed=True)
-            times[steps] = time.perf_counter() - start
+            times[steps] = float("inf")
+            for _ in range(3):  # the fastest of three: the machine is shared
+                start = time.perf_counter()
+                values[steps] = stats.predict(sched, lr=lrs, resummed=True)
+                times[steps] = min(times[steps], time.perf_counter() - start)
     assert np.all(np.isfinite(values[100_000].total)) and np.all(values[100_000].se > 0)
-    assert times[100_000] < 3 * times[100] + 0.05
+    # closed forms cost log T; a loop over steps would cost 1000×
+    assert times[100_000] < 5 * times[100] + 0.05

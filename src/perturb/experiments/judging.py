@@ -188,7 +188,7 @@ def validity_lines(validity: dict[str, dict[str, Any]]) -> list[str]:
     Example:
         >>> validity_lines({"order 1": {"trusted_up_to": 0.2, "trusted_rows": 4,
         ...                 "calibration": 0.75, "far_off_rows": 0, "far_off_untrusted": None}})
-        ['     order 1: trusted up to ηT ≈ 0.2; 3/4 trusted rows within estimate + CI']
+        ['          order 1: trusted up to ηT ≈ 0.2; 3/4 trusted rows within estimate + CI']
     """
     lines = []
     for name, v in validity.items():
@@ -204,5 +204,5 @@ def validity_lines(validity: dict[str, dict[str, Any]]) -> list[str]:
             far = f"; {called}/{v['far_off_rows']} rows off by > {FAR_OFF:g} CI untrusted"
         stays = v.get("within_2ci_up_to")
         actual = "" if stays is None else f" (actually within {WITHIN:g} CI up to ηT ≈ {stays:g})"
-        lines.append(f"{name:>12}: {where}{actual}{calib}{far}")
+        lines.append(f"{name:>17}: {where}{actual}{calib}{far}")
     return lines

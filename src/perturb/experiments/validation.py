@@ -163,7 +163,7 @@ class ValidationResult:
         if start is not None and not start.is_default:
             lines.append(start.describe())
         head = f"{'η':>7} {'t':>5} {'ηt':>6} {'SGD mean ± 95% CI':>22} " + " ".join(
-            f"{n:>16}" for n in names
+            f"{n:>17}" for n in names
         )
         lines += [head, "-" * len(head)]
         for r in self.rows:
@@ -184,9 +184,9 @@ class ValidationResult:
                 verdict = "never leaves the interval for good"
             else:
                 verdict = f"leaves the interval for good at ηt = {where:g}"
-            lines.append(f"{n:>12}: {verdict}")
+            lines.append(f"{n:>17}: {verdict}")
         for n, why in self.config.get("unavailable", {}).items():
-            lines.append(f"{n:>12}: not available ({why})")
+            lines.append(f"{n:>17}: not available ({why})")
         if self.validity:
             lines += ["", "validity estimate (from the statistics at θ_0, before any run):"]
             lines += validity_lines(self.validity)
@@ -194,17 +194,17 @@ class ValidationResult:
             info = self.config["resummed_krylov"]
             for n, err in info["error"].items():
                 ranks = self.config.get("resummed_ranks", {}).get(n, [info["rank"]])
-                lines.append(f"{n:>12}: {krylov_description(ranks, info['parameters'], err)}")
+                lines.append(f"{n:>17}: {krylov_description(ranks, info['parameters'], err)}")
         if "ladder" in self.config:
-            lines.append(f"{LADDER:>12}: {ladder_description(**self.config['ladder'])}")
+            lines.append(f"{LADDER:>17}: {ladder_description(**self.config['ladder'])}")
         if "sde_krylov_rank" in self.config:
             lines.append(
-                f"{'SDE':>12}: on the quadratic model projected on the Krylov subspace "
+                f"{'SDE':>17}: on the quadratic model projected on the Krylov subspace "
                 f"(rank {self.config['sde_krylov_rank']})"
             )
         for n, info in self.config.get("unstable_directions", {}).items():
             lines.append(
-                f"{n:>12}: warning: H has a negative eigenvalue (h_min = {info['h_min']:.3g}), "
+                f"{n:>17}: warning: H has a negative eigenvalue (h_min = {info['h_min']:.3g}), "
                 f"so K^T = (I − ηH)^T grows by up to e^{info['growth']:.3g} (max ηT·|h_min|): "
                 "not a long-run prediction"
             )
@@ -212,8 +212,8 @@ class ValidationResult:
             lines += [
                 "",
                 f"generalization gap (test − train loss) after T = {self.gap[0]['steps']} steps:",
-                f"{'η':>7} {'ηT':>6} {'SGD mean ± 95% CI':>22} {'order 1':>10} {'order 2':>16}"
-                + (f" {'resummed 2':>16}" if "resummed 2" in self.gap[0] else ""),
+                f"{'η':>7} {'ηT':>6} {'SGD mean ± 95% CI':>22} {'order 1':>10} {'order 2':>17}"
+                + (f" {'resummed 2':>17}" if "resummed 2" in self.gap[0] else ""),
             ]
             for g in self.gap:
                 first = "unstable" if g["order 1 unstable"] else f"{g['order 1']:10.5f}"
@@ -257,9 +257,9 @@ def _eta_t(value: float) -> str:
 
 def _cell(value: float, error: float, divergent: bool, unstable: bool = False) -> str:
     if unstable or not math.isfinite(value):
-        return f"{'unstable':>16}"
+        return f"{'unstable':>17}"
     if divergent or not math.isfinite(error):
-        return f"{value:9.5f} ( n/a)"
+        return f"{value:9.5f} (  n/a)"
     return f"{value:9.5f} ({error:+5.1f})"
 
 
