@@ -114,7 +114,7 @@ def run_predict(
     from perturb.experiments.data import load_dataset
     from perturb.experiments.models import build_model, load_checkpoint
     from perturb.numeric.measuring import measure
-    from perturb.numeric.validity import hessian_ladder, truncation_estimates
+    from perturb.numeric.validity import hessian_ladder, truncation_estimates, with_ladder
     from perturb.symbolic.schedules import Online
 
     data = load_dataset(dataset, data_dir=data_dir, split="train")
@@ -168,7 +168,7 @@ def run_predict(
     ladder = np.full(len(lrs), np.nan)  # the test loss the per-sample Hessians add
     if resummed and quantity == "test":
         ladder = hessian_ladder(stats.subspace, lr=lrs, steps=steps, batch_size=batch_size)
-        estimate = estimate + np.where(np.isnan(ladder), 0.0, np.abs(ladder))
+        estimate = with_ladder(estimate, ladder)
     asked = len(data) if samples is None else samples
     if stats.rows != asked:
         size = stats.meta.get("tuple_size")

@@ -110,6 +110,7 @@ from perturb.numeric.validity import (
     mean_square_excess,
     overshoot,
     rms_displacement,
+    with_ladder,
 )
 from perturb.symbolic.schedules import Online
 
@@ -518,8 +519,8 @@ def compare(
                 )
             rung = ladders[b][0][:, steps.index(s)]
             for name, est in errors.items():  # every predictor but LADDER leaves it out
-                extra = 0.0 if name == LADDER else np.where(np.isnan(rung), 0.0, np.abs(rung))
-                estimates.setdefault(name, {})[(b, s)] = est + extra
+                wide = est if name == LADDER else with_ladder(est, rung)
+                estimates.setdefault(name, {})[(b, s)] = wide
             result.rows += rows
         if do_resum:
             config["resummed_krylov"] = _resummed_notes(result.notes, stats, krylov, lrs)

@@ -92,6 +92,7 @@ from perturb.numeric.validity import (
     mean_square_excess,
     overshoot,
     rms_displacement,
+    with_ladder,
 )
 from perturb.symbolic.options import describe
 
@@ -542,7 +543,7 @@ def _predict(stats, sde_model, full, record_steps, lrs, orders, config) -> tuple
         if not np.isnan(rung).all():  # every predictor leaves the ladder out
             for name, by_step in estimates.items():
                 if name != LADDER:
-                    by_step[s] = by_step[s] + np.where(np.isnan(rung), 0.0, np.abs(rung))
+                    by_step[s] = with_ladder(by_step[s], rung)
             if full.name == "online" and "resummed 3" in resummed:
                 three = resummed["resummed 3"]
                 put(LADDER, s, three.values + rung, three.estimate + ladder_error[:, j])

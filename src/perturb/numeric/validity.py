@@ -61,6 +61,7 @@ __all__ = [
     "overshoot",
     "rms_displacement",
     "truncation_estimates",
+    "with_ladder",
 ]
 
 TRUST_FRACTION = 0.1
@@ -389,6 +390,17 @@ def ladder_loss(
             mean = np.einsum("lab,lb->la", k, mean) - eta[:, :, 0] * g[None]
     out[~np.isfinite(out)] = np.inf
     return out if many else out[:, 0]
+
+
+def with_ladder(estimate: np.ndarray, ladder: np.ndarray) -> np.ndarray:
+    """An error estimate widened by the Hessian ladder its prediction leaves out:
+    ``estimate + |ladder|``, nothing where the ladder was not measured (``nan``).
+
+    Example:
+        >>> with_ladder(np.array([0.1, 0.1]), np.array([-0.05, np.nan]))
+        array([0.15, 0.1 ])
+    """
+    return estimate + np.where(np.isnan(ladder), 0.0, np.abs(ladder))
 
 
 def hessian_ladder(
