@@ -23,6 +23,12 @@ Two modes:
 * **K > 1 processes** (``torchrun --nproc-per-node K``): a real strong-scaling run: the
   full ``measure`` and ``simulate`` split across the ranks (as every perturb call does
   under ``torchrun``); rank 0 prints the wall time between barriers.
+* **the default path** (``--default-path``, any number of processes): ``measure`` with
+  its defaults (estimator ``"auto"``: pilot and sketches; float64; online and epoch
+  schedules) and ``resummed=True`` (rank ``--rank``, ``--higher-rank``) on ``--rows``
+  random images, split across the ranks, then the re-summed online prediction; rank 0
+  prints the wall time between barriers (slowest rank) and the prediction, so runs on
+  different numbers of processes can be compared side by side.
 
 Usage::
 
@@ -30,6 +36,8 @@ Usage::
     torchrun --nproc-per-node 1 benchmarks/bench_distributed.py --device cuda --backend nccl
     OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 benchmarks/bench_distributed.py \\
         --side 8 --width 4 --tuples 512 --trials 64 --steps 10       # CPU, Gloo
+    for k in 1 2; do OMP_NUM_THREADS=1 torchrun --nproc-per-node $k \\
+        benchmarks/bench_distributed.py --default-path --threads 1; done  # 98k, default path
 """
 
 from __future__ import annotations
@@ -113,6 +121,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--test-rows", type=int, default=1024, help="rows of simulate's test-loss set"
     )
+    parser.add_argument("--default-path", action="store_true", help="measure(resummed=True)")
+    parser.add_argument("--rows", type=int, default=1024, help="--default-path: rows")
+    parser.add_argument("--rank", type=int, default=32, help="--default-path: Krylov k")
+    parser.add_argument("--higher-rank", type=int, default=8, help="--default-path: k_3")
     args = parser.parse_args(argv)
 
     rank, world = D.init_from_env(backend=args.backend, timeout_s=600)
@@ -125,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     model = smooth_convnet((1, args.side, args.side), 10, width=args.width).to(device)
     params = sum(p.numel() for p in model.parameters())
+    if args.default_path:
+        _default_path(args, model, params, device, say)
+        D.shutdown()
+        return
     schedule = Online(steps=args.steps, batch_size=1)
     lrs = [0.01, 0.02]
     common = dict(
@@ -163,6 +179,42 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         _projection(args, model, (x, y), loss_fn, theta0, schedule, common, sim, device, say)
     D.shutdown()
+
+
+def _default_path(args, model, params, device, say) -> None:
+    """``measure(order, resummed=True)`` with its defaults, split over this job's ranks."""
+    _, world = D.world()
+    data = _data(args.rows, args.side, device)
+    kw = dict(order=args.order, resummed=True, rank=args.rank, higher_rank=args.higher_rank)
+    cpu = time.process_time()
+    t, st = _timed(
+        lambda: measure(model, data, progress=False, chunk_size=args.chunk_size, **kw),
+        device,
+        args.repeat,
+    )
+    cpu = time.process_time() - cpu  # this process's CPU seconds: the work, whatever the load
+    if world > 1:
+        cpus = torch.tensor([cpu], dtype=torch.float64, device=_collective_device(device))
+        dist.all_reduce(cpus, op=dist.ReduceOp.MAX)
+        cpu = float(cpus.item())
+    pred = st.predict(Online(steps=args.steps, batch_size=1), lr=0.01, resummed=True)
+    cost = st.subspace.cost
+    say(
+        f"device {_device_name(device)}, {world} process(es), torch threads "
+        f"{torch.get_num_threads()}; convnet {args.side}×{args.side} width {args.width}: "
+        f"P = {params}; measure(order={args.order}, resummed=True, rank={args.rank}, "
+        f"higher_rank={args.higher_rank}) on {args.rows} rows, defaults otherwise\n"
+    )
+    say(
+        "| processes | measure s | CPU s (slowest rank) | evaluations | Krylov rows per rank | "
+        f"Krylov build s (rank 0) | resummed test loss, T = {args.steps}, η = 0.01 |"
+    )
+    say("|---|---|---|---|---|---|---|")
+    say(
+        f"| {world} | {t:.1f} | {cpu:.1f} | {st.meta['evaluations']:,} | "
+        f"{int(cost['local_rows'])} | "
+        f"{cost['seconds']:.1f} | {float(pred.total[0]):.12f} ± {float(pred.se[0]):.2g} |\n"
+    )
 
 
 def _data(rows: int, side: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from perturb.cli import cli, main
+from perturb.cli_options import DEFAULT_PRETRAIN_LR
 from perturb.numeric.validity import ladder_loss
 from perturb.symbolic.schedules import Online
 from perturb.symbolic.series import series
@@ -435,12 +436,13 @@ def test_predict_resummed_at_full_rank_is_the_eigendecomposition():
     t0 = theta.detach().double()
     per_h = torch.func.vmap(lambda r: torch.func.hessian(row_loss)(t0, r))(rows)
     per_g = torch.func.vmap(lambda r: torch.func.grad(row_loss)(t0, r))(rows)
-    centred = per_g - per_g.mean(0)
-    ladder = ladder_loss(
-        per_h.mean(0), per_h, per_g.mean(0), centred.T @ centred / len(rows), lr=got["lr"],
-        steps=20,
-    )  # fmt: skip
+    ladder = ladder_loss(per_h.mean(0), per_h, per_g.mean(0), per_g, lr=got["lr"], steps=20)
     np.testing.assert_allclose(got["hessian_ladder"], ladder, rtol=1e-4)
+    # the verdict of perturb.numeric.trust on the same prediction, with its horizon
+    assert len(got["trusted"]) == 2 and all(0 <= t <= 20 for t in got["trusted_steps"])
+    assert got["trusted_eta_t"] == pytest.approx([lr * t for lr, t in zip(got["lr"],
+                                                 got["trusted_steps"], strict=True)])
+    assert set(got["validity"]) >= {"resolution", "loss_spread", "rms_displacement"}
     for lr, total, estimate, rung in zip(
         got["lr"], got["total"], got["error_estimate"], ladder, strict=True
     ):
@@ -526,7 +528,7 @@ def test_compare_after_pretraining(tmp_path):
     result = run(*args, "--population", "8", "--pretrain", "5", "--out", str(tmp_path / "o"))
     assert result.exit_code == 0, result.output
     start = json.loads((tmp_path / "o" / "compare.json").read_text())["config"]["start"]
-    assert start["pretrain_steps"] == 5 and start["pretrain_lr"] == 1.0
+    assert start["pretrain_steps"] == 5 and start["pretrain_lr"] == DEFAULT_PRETRAIN_LR
     assert result.stdout.splitlines()[0].startswith(f"start: l(θ0) = {start['loss']:.5f}")
 
 
@@ -584,3 +586,30 @@ def test_the_package_loads_its_names_lazily():
 
     with pytest.raises(AttributeError, match="no attribute 'frobnicate'"):
         perturb.frobnicate  # noqa: B018
+
+
+def test_predict_marks_a_blown_up_series_unstable_and_writes_strict_json():
+    """validate's rule in predict: a total outside [−10·l(θ_0), 20·l(θ_0)] is printed as
+    ``unstable`` (JSON: ``null`` and ``"unstable": true``), never as a loss; l(θ_0) is the
+    order-0 term of the exact series; NaN (one group: no standard error) is ``null``."""
+    from perturb.experiments.pipeline import is_unstable
+
+    args = ["predict", "--model", "mlp", "--samples", "8", "--exact", "--order", "2"]
+    args += ["--lr", "0.01", "--steps"]
+    strict = {"parse_constant": lambda name: pytest.fail(f"{name} in the JSON")}
+    text = run(*args, "1000000")
+    data = json.loads(run(*args, "1000000", "--format", "json").stdout, **strict)
+    assert text.exit_code == 0, text.output
+    assert data["start_loss"] == pytest.approx(data["by_order"][0][0], rel=1e-6)
+    blown = sum(data["by_order"][0])  # the truncated series, as the table would print it
+    assert blown > 20 * data["start_loss"] and is_unstable(blown, data["start_loss"])
+    assert data["total"] == [None] and data["unstable"] == [True]
+    row = text.stdout.splitlines()[-1].split()
+    assert row[0] == "0.01" and row[4:6] == ["unstable", "–"]
+    assert f"{blown:.6f}" not in text.stdout and "unstable, no prediction" in text.stderr
+    short = json.loads(run(*args, "3", "--format", "json").stdout, **strict)
+    assert short["unstable"] == [False] and short["total"] == [sum(short["by_order"][0])]
+    sampled = run("predict", "--model", "mlp", "--samples", "3", "--order", "1", "--lr", "0.01",
+                  "--steps", "3", "--format", "json")  # fmt: skip
+    assert sampled.exit_code == 0, sampled.output
+    assert "NaN" not in sampled.stdout and json.loads(sampled.stdout, **strict)["se"] == [None]

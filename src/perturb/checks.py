@@ -108,8 +108,10 @@ def check_lr(lr: object) -> float:
     return check_positive("lr", lr)
 
 
-def check_lrs(lrs: object, *, name: str = "lrs") -> tuple[float, ...]:
+def check_lrs(lrs: object, *, name: str = "lrs", zero: bool = False) -> tuple[float, ...]:
     """One learning rate or a non-empty sequence of them, as a tuple of floats.
+
+    ``zero=True`` also takes ``0`` (a series at ``η = 0``: the loss at ``θ_0``).
 
     Example:
         >>> check_lrs(0.1)
@@ -122,11 +124,13 @@ def check_lrs(lrs: object, *, name: str = "lrs") -> tuple[float, ...]:
     """
     if _is_real(lrs):
         lrs = (lrs,)
+    kind = "non-negative" if zero else "positive"
     if isinstance(lrs, str | bytes) or not isinstance(lrs, Iterable):
-        raise ValueError(f"{name} must be positive finite numbers, got {lrs!r}")
+        raise ValueError(f"{name} must be {kind} finite numbers, got {lrs!r}")
     lrs = tuple(lrs)
-    if not lrs or any(not _is_real(v) or not math.isfinite(float(v)) or float(v) <= 0 for v in lrs):
-        raise ValueError(f"{name} must be positive finite numbers, got {lrs!r}")
+    least = 0.0 if zero else math.ulp(0.0)
+    if not lrs or any(not _is_real(v) or not least <= float(v) < math.inf for v in lrs):
+        raise ValueError(f"{name} must be {kind} finite numbers, got {lrs!r}")
     return tuple(float(v) for v in lrs)
 
 

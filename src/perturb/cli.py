@@ -41,6 +41,7 @@ from perturb.cli_options import (
     QUANTITIES,
     SCHEDULES,
     VariadicOption,
+    budget_options,
     checkpoint_option,
     data_options,
     device_option,
@@ -632,6 +633,24 @@ _population_option = click.option(
     show_default=True,
     help="Images in the population SGD samples from (and the test loss averages).",
 )
+_threads_option = click.option(
+    "--threads",
+    type=POSITIVE,
+    default=1,
+    show_default=True,
+    help="Torch threads for this run. One thread fixes the order of every float sum, so a "
+    "seed gives the same results.json on any machine; more threads are faster and change "
+    "the last digits.",
+)
+
+
+def _pin_threads(options: dict[str, Any]) -> None:
+    """Take ``--threads`` out of the options and set torch's thread count to it."""
+    threads = options.pop("threads", None)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 @cli.command("validate")
@@ -676,8 +695,12 @@ _population_option = click.option(
     show_default=True,
     help="Folder for results.json, results.csv, gap.csv and plots.",
 )
+@budget_options
+@_threads_option
 def validate_command(model_spec: str, **options: Any) -> None:
     """Predict SGD's test loss and gap and compare with the mean of many real SGD runs."""
+    _pin_threads(options)
+    from perturb.experiments.outputs import VALIDATION_FILES, claimed_runs
     from perturb.experiments.validation import DEFAULT_LRS, validate
 
     options["model"] = model_spec
@@ -687,17 +710,14 @@ def validate_command(model_spec: str, **options: Any) -> None:
         given = options["epochs"] is not None or options["shuffle"]
         options["schedule"] = "epochs" if given else "online"
     seeds = tuple(dict.fromkeys(options.pop("seeds"))) or (0,)
-    out = Path(options.pop("out"))
-    for seed in seeds:
-        folder = out if len(seeds) == 1 else out / f"seed-{seed}"
-        result = validate(seed=seed, out=folder, **options)
-        if len(seeds) > 1:
-            click.echo(f"seed {seed}:")
-        click.echo(result.table())
-        written = (
-            "results.json, results.csv, gap.csv" if result.gap else "results.json, results.csv"
-        )
-        click.echo(f"wrote {folder}/{written} and plots")
+    with claimed_runs(options.pop("out"), seeds, known=VALIDATION_FILES, name="--out") as runs:
+        for seed, folder in runs.items():  # every folder checked and locked before any work
+            result = validate(seed=seed, out=folder, **options)
+            if len(seeds) > 1:
+                click.echo(f"seed {seed}:")
+            click.echo(result.table())
+            written = "results.json, results.csv" + (", gap.csv" if result.gap else "")
+            click.echo(f"wrote {folder}/{written} and plots")
 
 
 @cli.command("compare")
@@ -727,14 +747,18 @@ def validate_command(model_spec: str, **options: Any) -> None:
 @start_options
 @device_option
 @click.option("--out", type=click.Path(file_okay=False), default="compare-out", show_default=True)
+@budget_options
+@_threads_option
 def compare_command(model_spec: str, **options: Any) -> None:
     """Real SGD against every theory (orders, re-summed, gradient flow, SDE, Lyapunov)."""
+    _pin_threads(options)
     from perturb.experiments.comparison import (
         DEFAULT_BATCH_SIZES,
         DEFAULT_LRS,
         DEFAULT_STEPS,
         compare,
     )
+    from perturb.experiments.outputs import claimed
 
     options["model"] = model_spec
     for key, default in (
@@ -744,7 +768,8 @@ def compare_command(model_spec: str, **options: Any) -> None:
         ("orders", (1, 2, 3)),
     ):
         options[key] = tuple(options[key]) or default
-    result = compare(progress=True, **options)
+    with claimed(options["out"], name="--out"):  # checked and locked before any work
+        result = compare(progress=True, **options)
     click.echo(result.table())
     click.echo(f"wrote {options['out']}/compare.json, compare.csv, compare.png")
 

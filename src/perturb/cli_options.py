@@ -45,6 +45,7 @@ __all__ = [
     "QUANTITIES",
     "SCHEDULES",
     "VariadicOption",
+    "budget_options",
     "checkpoint_option",
     "data_options",
     "device_option",
@@ -71,7 +72,7 @@ OUTPUT_FORMATS = ("text", "latex", "json")
 """Output formats of ``perturb series``."""
 IMAGE_FORMATS = ("svg", "png")
 """Image formats of ``perturb diagrams --draw``."""
-DEFAULT_PRETRAIN_LR = 1.0
+DEFAULT_PRETRAIN_LR = 0.3
 """``--pretrain-lr``'s default (:data:`perturb.experiments.pipeline.DEFAULT_PRETRAIN_LR`)."""
 
 POSITIVE = click.IntRange(min=1)
@@ -294,10 +295,39 @@ def force_option(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
+def budget_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--max-memory GIB`` (passed on in bytes, as ``max_memory``) and ``--force``.
+
+    Example:
+        >>> @click.command()
+        ... @budget_options
+        ... def show(max_memory, force):
+        ...     click.echo((max_memory, force))
+        >>> show(["--max-memory", "0.5"], standalone_mode=False)
+        (536870912.0, False)
+    """
+    memory = click.option(
+        "--max-memory",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        metavar="GIB",
+        callback=lambda ctx, param, value: None if value is None else value * 2**30,
+        help="Memory the SGD trials may take, in GiB; their time and memory are estimated "
+        "before anything is measured (over one hour needs --force).  [default: 4]",
+    )
+    return memory(force_option(command))
+
+
 # ------------------------------------------------------------- dataset and model
 
-_DATASET_HELP = "digits (built in), mnist1d (generated), fashion-mnist, cifar10 or npz:PATH."
-_MODEL_HELP = "smooth-convnet, mlp or pkg.module:factory."
+_DATASET_HELP = (
+    "digits (built in), mnist1d (generated), fashion-mnist, cifar10 or npz:PATH (arrays x, y; "
+    "x images (n, C, H, W) or (n, H, W), or tabular rows (n, d))."
+)
+_MODEL_HELP = (
+    "smooth-convnet, mlp (tanh, one hidden layer of 32: any input, tabular included) or "
+    "pkg.module:factory."
+)
 
 
 def data_options(*, model_default: str | None = "smooth-convnet", alias: bool = False) -> Decorator:
@@ -384,7 +414,7 @@ def start_options(command: Callable[..., Any]) -> Callable[..., Any]:
         ... def show(checkpoint, pretrain, pretrain_lr):
         ...     click.echo(f"{checkpoint} {pretrain} {pretrain_lr}")
         >>> show(["--pretrain", "200"], standalone_mode=False)
-        None 200 1.0
+        None 200 0.3
     """
     return option_group(
         checkpoint_option,
@@ -394,8 +424,11 @@ def start_options(command: Callable[..., Any]) -> Callable[..., Any]:
             default=0,
             show_default=True,
             metavar="STEPS",
-            help="First take STEPS steps of full-batch gradient descent on the population "
-            "(deterministic), from the initialization or --checkpoint; runs start there.",
+            help="First take STEPS steps of full-batch gradient descent on the population, "
+            "from the initialization or --checkpoint; runs start there.  Computed in "
+            "float64 on one thread (a fixed summation order): the same start whatever "
+            "the thread count; a warning if a step raises the loss (GD past its edge of "
+            "stability, where rounding grows: lower --pretrain-lr).",
         ),
         click.option(
             "--pretrain-lr",

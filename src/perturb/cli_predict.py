@@ -43,13 +43,13 @@ def estimator_lines(meta: dict) -> list[str]:
         ['estimator: tuples']
         >>> plan = {"pilot_rows": 64, "rows": 448, "replicates": 1, "predicted_se": 0.01,
         ...         "contractions": {"k": {"text": "G·G", "estimator": "sketch",
-        ...         "sketch": {"variance": 1e-4, "seconds": 0.1},
-        ...         "tuples": {"variance": 9e-4, "seconds": 0.2}}}}
+        ...         "sketch": {"variance": 1e-4, "work": 1.5},
+        ...         "tuples": {"variance": 9e-4, "work": 1.0}}}}
         >>> for line in estimator_lines({"estimator": "auto", "plan": plan}):
         ...     print(line)
         estimator: auto (pilot on 64 points)
           measured on 448 points, 1 replicate, predicted s.e. 0.01
-          G·G: sketch (pilot variance × seconds: sketch 1e-05, tuples 0.00018)
+          G·G: sketch (pilot variance × evaluations per row: sketch 0.00015, tuples 0.0009)
     """
     kind = meta.get("estimator", "exact")
     plan = meta.get("plan")
@@ -62,9 +62,9 @@ def estimator_lines(meta: dict) -> list[str]:
         second += f", predicted s.e. {plan['predicted_se']:.3g}"
     lines = [f"estimator: {kind} (pilot on {plan['pilot_rows']} points)", second]
     for entry in plan["contractions"].values():
-        wnv = {e: entry[e]["variance"] * entry[e]["seconds"] for e in ("sketch", "tuples")}
+        wnv = {e: entry[e]["variance"] * entry[e]["work"] for e in ("sketch", "tuples")}
         lines.append(
-            f"  {entry['text']}: {entry['estimator']} (pilot variance × seconds: "
+            f"  {entry['text']}: {entry['estimator']} (pilot variance × evaluations per row: "
             f"sketch {wnv['sketch']:.3g}, tuples {wnv['tuples']:.3g})"
         )
     return lines
@@ -105,18 +105,21 @@ def run_predict(
         >>> out = CliRunner().invoke(cli, ["predict", "--model", "mlp", "--lr", "0.01",
         ...                                "--steps", "3", "--samples", "8", "--exact",
         ...                                "--order", "1"]).stdout
-        >>> [line for line in out.splitlines() if line.split()[:1] == ["lr"]][0].split()[-3:]
-        ['s.e.', 'error', 'est.']
+        >>> [line for line in out.splitlines() if line.split()[:1] == ["lr"]][0].split()[-4:]
+        ['trusted', 'trusted', 'up', 'to']
     """
-    import numpy as np
     import torch
 
     from perturb.experiments.data import load_dataset
     from perturb.experiments.models import build_model, load_checkpoint
+    from perturb.experiments.pipeline import is_unstable, json_ready
     from perturb.numeric.measuring import measure
-    from perturb.numeric.validity import hessian_ladder, truncation_estimates, with_ladder
+    from perturb.numeric.stability import per_sample_top_curvatures
+    from perturb.numeric.statistics import check_schedule_sizes
+    from perturb.numeric.trust import BLOW_UP
     from perturb.symbolic.schedules import Online
 
+    check_schedule_sizes(Online(steps=steps, batch_size=batch_size))  # before any work
     data = load_dataset(dataset, data_dir=data_dir, split="train")
     if samples is not None and samples > len(data):
         raise click.BadParameter(
@@ -135,7 +138,7 @@ def run_predict(
             param_hint="'--order'",
         )
     schedule = Online(steps=steps, batch_size=batch_size)
-    parameters = sum(p.numel() for p in model.parameters())
+    parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     krylov = {}
     if resummed:
         rank = min(krylov_rank, parameters)
@@ -163,12 +166,16 @@ def run_predict(
         )
     for warning in caught:
         click.echo(f"warning: {warning.message}", err=True)
-    extra = pred.cumulative_error if resummed else None
-    estimate = truncation_estimates(pred.by_order, extra=extra)[:, -1]
-    ladder = np.full(len(lrs), np.nan)  # the test loss the per-sample Hessians add
-    if resummed and quantity == "test":
-        ladder = hessian_ladder(stats.subspace, lr=lrs, steps=steps, batch_size=batch_size)
-        estimate = with_ladder(estimate, ladder)
+    curvatures = None  # one-step overshoot of single samples, as validate checks it
+    if resummed:
+        _, curvatures = per_sample_top_curvatures(
+            model, (data.x.to(device), data.y.to(device)), progress=True
+        )
+    trust = stats.trust(
+        schedule, lr=list(lrs), quantity=quantity, order=order, resummed=resummed,
+        sample_curvatures=curvatures,
+    )  # fmt: skip
+    estimate, ladder = trust.error_estimate, trust.checks["hessian_ladder"]
     asked = len(data) if samples is None else samples
     if stats.rows != asked:
         size = stats.meta.get("tuple_size")
@@ -177,27 +184,40 @@ def run_predict(
         if held:
             why = f"{held} held out for the pilot; the rest in {stats.groups} groups"
         click.echo(f"note: {stats.rows} of the {asked} points are used ({why})", err=True)
-    if fmt == "json":
+    start_loss = _mean_loss(model, data.x.to(device), data.y.to(device))
+    unstable = [is_unstable(float(v), start_loss) for v in pred.total]  # validate's rule
+    if any(unstable):
+        bad = ", ".join(f"{lr:g}" for lr, u in zip(lrs, unstable, strict=True) if u)
         click.echo(
-            json.dumps(
-                {
-                    "quantity": quantity,
-                    "steps": steps,
-                    "batch_size": batch_size,
-                    "exact": exact,
-                    "rows": stats.rows,
-                    "lr": pred.lr.tolist(),
-                    "by_order": pred.by_order.tolist(),
-                    "total": pred.total.tolist(),
-                    "se": pred.se.tolist(),
-                    "error_estimate": [float(e) if np.isfinite(e) else None for e in estimate],
-                    "hessian_ladder": [float(e) if np.isfinite(e) else None for e in ladder],
-                    "resummed": resummed,
-                    **({"krylov_rank": pred.rank} if resummed else {}),
-                },
-                indent=2,
-            )
+            f"note: at lr {bad} the series leaves [−{BLOW_UP:g}·l(θ_0), "
+            f"{10 + BLOW_UP:g}·l(θ_0)] (l(θ_0) = {start_loss:.4g}): unstable, no "
+            "prediction; use a smaller --lr or --steps, or --resummed",
+            err=True,
         )
+    if fmt == "json":
+        total = [None if u else float(v) for v, u in zip(pred.total, unstable, strict=True)]
+        report = {
+            "quantity": quantity,
+            "steps": steps,
+            "batch_size": batch_size,
+            "exact": exact,
+            "rows": stats.rows,
+            "start_loss": start_loss,
+            "lr": pred.lr.tolist(),
+            "by_order": pred.by_order.tolist(),
+            "total": total,
+            "unstable": unstable,
+            "se": pred.se.tolist(),
+            "error_estimate": estimate.tolist(),
+            "hessian_ladder": ladder.tolist(),
+            "trusted": [bool(t) for t in trust.trusted],
+            "trusted_steps": [int(t) for t in trust.trusted_steps],
+            "trusted_eta_t": trust.trusted_eta_t.tolist(),
+            "validity": {k: v.tolist() for k, v in trust.checks.items()},
+            "resummed": resummed,
+            **({"krylov_rank": pred.rank} if resummed else {}),
+        }
+        click.echo(json.dumps(json_ready(report), indent=2, allow_nan=False))  # NaN → null
         return
     label = "edges" if resummed else "η^"
     head = f"{'lr':>8} " + " ".join(
@@ -208,9 +228,36 @@ def run_predict(
         f"E[{quantity}] after {steps} steps of online SGD (batch {batch_size}), "
         f"{kind}, from {stats.rows} points ({'exact' if exact else 'estimated'}):"
     )
-    click.echo(head + f" {'total':>12} {'± s.e.':>10} {'error est.':>10}")
+    click.echo(
+        head + f" {'total':>12} {'± s.e.':>10} {'error est.':>10} {'trusted':>8}  trusted up to"
+    )
     for i, lr in enumerate(pred.lr):
         cells = " ".join(f"{v:12.6f}" for v in pred.by_order[i])
-        click.echo(
-            f"{lr:8.4g} {cells} {pred.total[i]:12.6f} {pred.se[i]:10.6f} {estimate[i]:10.3g}"
-        )
+        total = f"{'unstable':>12} {'–':>10}" if unstable[i] else f"{pred.total[i]:12.6f}"
+        if not unstable[i]:
+            total += f" {pred.se[i]:10.6f}"
+        reach = int(trust.trusted_steps[i])
+        upto = f"T = {reach} (ηT = {lr * reach:.3g})" if reach else "never"
+        verdict = "yes" if trust.trusted[i] else "no"
+        click.echo(f"{lr:8.4g} {cells} {total} {estimate[i]:10.3g} {verdict:>8}  {upto}")
+    click.echo(
+        "trusted: error estimate ≤ a tenth of the predicted change or ≤ one run's predicted "
+        "spread, and no instability check fired (perturb.numeric.trust)"
+        + ("" if resummed else "; --resummed adds the displacement, spread and stability"),
+        err=True,
+    )
+
+
+def _mean_loss(model, x, y, chunk: int = 1024) -> float:
+    """``l(θ_0)``: the model's mean cross-entropy over the points (the loss measured)."""
+    import torch
+
+    total = 0.0
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
+    x = x.to(dtype)  # a float64 model reads float64 inputs
+    with torch.no_grad():
+        for start in range(0, len(x), chunk):
+            rows = slice(start, start + chunk)
+            loss = torch.nn.functional.cross_entropy(model(x[rows]), y[rows], reduction="sum")
+            total += float(loss)
+    return total / len(x)

@@ -12,7 +12,15 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["DataError", "DeviceError", "ModelSpecError", "PerturbError"]
+__all__ = [
+    "BudgetError",
+    "DataError",
+    "DeviceError",
+    "ModelSpecError",
+    "OutputError",
+    "PerturbError",
+    "StatisticsFileError",
+]
 
 
 class PerturbError(ValueError):
@@ -60,4 +68,54 @@ class DeviceError(PerturbError):
         >>> from perturb.checks import check_device
         >>> check_device("cpu")
         'cpu'
+    """
+
+
+class BudgetError(PerturbError):
+    """A job whose estimated time or memory is over its bound, refused before it starts.
+
+    The message gives the estimate, the bound and the option that lifts it (``--force``,
+    ``--max-memory``; ``force=True``, ``max_memory=`` in Python).
+
+    Example:
+        >>> from perturb.symbolic.cost import check_work, estimate_work
+        >>> from perturb.symbolic.schedules import Online
+        >>> try:
+        ...     check_work(estimate_work(20, Online()), force=False)
+        ... except BudgetError as err:
+        ...     print("--force" in str(err))
+        True
+    """
+
+
+class OutputError(PerturbError):
+    """A results folder (``--out``) that cannot be used: a file, under a file, not
+    writable, or being written by another run.  Raised before any work starts.
+
+    Example:
+        >>> from perturb.experiments.outputs import check_out
+        >>> try:
+        ...     check_out("", name="--out")
+        ... except OutputError as err:
+        ...     print(err)
+        --out must be a folder path, got ''
+    """
+
+
+class StatisticsFileError(PerturbError):
+    """A statistics file (``Statistics.save``) that cannot be read or does not hold
+    consistent statistics: not a zip, truncated, fields missing or of the wrong type,
+    values not finite or of the wrong shape, flags that contradict the values.
+
+    Example:
+        >>> from perturb.numeric.statistics import Statistics
+        >>> import tempfile, pathlib
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = pathlib.Path(tmp) / "stats.npz"
+        ...     _ = path.write_bytes(b"not a zip")
+        ...     try:
+        ...         Statistics.load(path)
+        ...     except StatisticsFileError as err:
+        ...         print("not a perturb statistics file" in str(err))
+        True
     """

@@ -190,10 +190,11 @@ def test_outputs_agree_with_the_rows(small, tmp_path):
 def test_every_prediction_carries_a_validity_estimate_checked_against_the_exact_answer(small):
     """Each prediction's ``error_estimate`` (from the statistics at θ_0 only) against its
     error from the exact enumeration of SGD: it covers the error at every row for orders
-    1–2, both re-summed predictors and the quadratic model's theories.  Order 3's
-    estimate (its own term continued geometrically) is too small at T = 2 (errors
-    3.8e-5 and 1.7e-5 against estimates 1.2e-5 and 1.0e-6): the η⁴ term grows faster
-    than the series' last two terms shrink; docs/validation.md reports it."""
+    1–2, both re-summed predictors and the quadratic model's theories.  Order 3's (its own
+    term continued geometrically, never slower than ``d/ρ``) is too small at T = 2, B = 2
+    (error 1.7e-5 against 1.2e-5, 1.0e-6 without the floor: the η⁴ term grows faster than
+    the series' last two terms shrink); at T = 2, B = 1 (error 3.8e-5, estimate 1.2e-5
+    without the floor) the floor covers it.  docs/validation.md reports it."""
     covered = ["order 1", "order 2", *RESUMMED, LADDER, "gradient flow", "SDE", "Lyapunov"]
     for r in small.rows:
         exact = _exact_sgd(r["batch_size"], r["steps"])
@@ -202,7 +203,7 @@ def test_every_prediction_carries_a_validity_estimate_checked_against_the_exact_
         for name in covered:
             assert abs(pred[name]["value"] - exact) <= pred[name]["error_estimate"], (name, r)
         miss = abs(pred["order 3"]["value"] - exact) > pred["order 3"]["error_estimate"]
-        assert miss == (r["steps"] == 2), r
+        assert miss == (r["steps"] == 2 and r["batch_size"] == 2), r
         assert not pred["stationary"]["trusted"]  # no stationary law: no estimate
         ladder = r["validity"]["hessian_ladder"]
         assert 0.0 <= ladder < 1e-6  # T ≤ 2 at η = 0.02: the ladder barely starts
@@ -340,7 +341,17 @@ def anchored():
 
 def test_quadratic_theories_above_max_hessian_parameters_run_on_the_projection(anchored):
     """At full rank the projection is a rotation: every theory on it equals the materialized
-    run's value (float32 network evaluations: 1e-6), and both equal closed forms."""
+    run's value (to the float32 rounding both carry, see below), and both equal closed forms.
+
+    Error analysis.  Both quadratic models come from float32 evaluations of the network
+    (the projected one's G, C and H, the materialized one's H), so each input carries a
+    relative rounding error of about ε = 8u (u = 2⁻²⁴, sums over the 8 rows).  Gradient
+    flow, SDE and Lyapunov pass an input error on about unchanged (ηT‖H‖ < 1, no H⁻¹):
+    rel 1e-6 ≥ 2ε (3e-8 measured).  The stationary loss ``V = l − ½xᵀHx + ½tr(HΣ_∞)``,
+    ``x = H⁻¹G``, amplifies it, ``δV ≈ ½xᵀδH x − xᵀδG``: ``|δV|/|V| ≤ ε(½‖x‖²‖H‖ +
+    ‖x‖‖G‖)/|V|``, 24–28ε here (κ(H) = 61), i.e. rel 1.1e-5 to 1.3e-5 (4e-7 measured on
+    one machine, 1.0e-6 on another, where the former bound of 1e-6 failed).
+    """
     materialized, projected = anchored
     assert materialized.config["quadratic_model"] == "materialized"
     assert projected.config["quadratic_model"] == "projected"
@@ -351,6 +362,10 @@ def test_quadratic_theories_above_max_hessian_parameters_run_on_the_projection(a
     assert not any(name in materialized.notes for name in QUADRATIC)
     quad = _anchored_quadratic(_Anchored())
     assert float(torch.linalg.eigvalsh(quad.hess)[0]) > 1e-3  # positive definite
+    eps = 8 * 2.0**-24  # float32 rounding of each input, relative
+    x = torch.linalg.solve(quad.hess, quad.grad)
+    newton = 0.5 * float(x @ x) * float(torch.linalg.matrix_norm(quad.hess, 2))
+    newton += float(x.norm() * quad.grad.norm())  # ½‖x‖²‖H‖ + ‖x‖‖G‖
     for rm, rp in zip(materialized.rows, projected.rows, strict=True):
         lr, b, s = rm["lr"], rm["batch_size"], rm["steps"]
         assert (rp["lr"], rp["batch_size"], rp["steps"]) == (lr, b, s)
@@ -358,8 +373,10 @@ def test_quadratic_theories_above_max_hessian_parameters_run_on_the_projection(a
         want["SDE"] = float(sde_test_loss(quad, lr=lr, steps=s, batch_size=b))
         for name in QUADRATIC:
             value = rp["predictions"][name]["value"]
-            assert value == pytest.approx(rm["predictions"][name]["value"], rel=1e-6), name
-            assert value == pytest.approx(want[name], rel=1e-5), (name, lr, b, s)
+            rel = 1e-6 if name != "stationary" else eps * newton / abs(want[name])
+            assert 1e-6 <= rel < 2e-5, (name, rel)  # the analysis above, checked
+            assert value == pytest.approx(rm["predictions"][name]["value"], rel=rel), name
+            assert value == pytest.approx(want[name], rel=max(rel, 1e-5)), (name, lr, b, s)
 
 
 def test_resummed_predictors_at_every_size(anchored):

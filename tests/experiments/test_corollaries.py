@@ -336,6 +336,36 @@ def test_stic_finite_t_works_for_singular_hessian():
     assert value / 2 == pytest.approx(gap, rel=1e-12)  # two rows: Ĉ = 2C
 
 
+@pytest.mark.parametrize(("lr", "steps"), [(None, None), (0.2, 13)])
+def test_stic_equals_the_closed_form_when_c_and_h_differ(lr, steps):
+    """Generic twin of test_stic_equals_the_engine_gap, whose ``C = H`` makes the limit
+    ``P/N`` whatever the roles of ``C`` and ``H``: random ``H`` and a gradient covariance
+    that does not commute with it; STIC (rescaled to the population ``C``) is
+    ``tr(C (I − K^T) H^{-1})/N`` (``tr(H^{-1}C)/N`` in the limit), written here with
+    numpy, and the engine's gap."""
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+    hess = a @ a.T / 3 + 0.3 * torch.eye(3, dtype=torch.float64)
+    xs = torch.randn(6, 3, generator=gen, dtype=torch.float64) @ torch.randn(
+        3, 3, generator=gen, dtype=torch.float64
+    )
+    pop = perturb.Population(lambda p, x: 0.5 * p @ hess @ p + x @ p, xs)
+    theta0 = torch.randn(3, generator=gen, dtype=torch.float64)
+    h, cov = hess.numpy(), np.cov(xs.numpy().T, bias=True)
+    assert np.abs(cov @ h - h @ cov).max() > 0.1
+    inverse = np.linalg.inv(h)
+    if lr is not None:
+        inverse = (np.eye(3) - np.linalg.matrix_power(np.eye(3) - lr * h, steps)) @ inverse
+    value = float(stic(pop.loss_fn, theta0, xs, train_size=4, lr=lr, steps=steps)) * 5 / 6
+    assert value == pytest.approx(np.trace(cov @ inverse) / 4, rel=1e-12)
+    assert abs(value - np.trace(h @ np.linalg.inv(cov)) / 4) > 0.1 * value  # roles matter
+    if lr is None:
+        assert value == pytest.approx(gap_limit(pop, theta0, train_size=4), rel=1e-12)
+    else:
+        gap = gd_generalization_gap(pop, theta0, lr=lr, steps=steps, train_size=4)
+        assert value == pytest.approx(gap, rel=1e-10)
+
+
 # ============================================================== Corollary 4: GDC
 
 ETA = sp.Symbol("eta")

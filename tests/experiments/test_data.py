@@ -386,6 +386,15 @@ def test_npz_round_trip(tmp_path: Path) -> None:
         load_dataset(f"npz:{path2}", split="test")
 
 
+def test_npz_tabular_rows_are_one_channel_sequences(tmp_path: Path) -> None:
+    x = np.arange(12.0).reshape(4, 3)  # (n, d): 4 rows of 3 features, float64
+    path = tmp_path / "table.npz"
+    np.savez(path, x=x, y=np.array([0, 1, 1, 0]))
+    ds = load_dataset(f"npz:{path}")
+    assert ds.x.shape == (4, 1, 3) and ds.input_shape == (1, 3) and ds.num_classes == 2
+    np.testing.assert_array_equal(ds.x[:, 0].numpy(), x)  # values kept as stored
+
+
 def test_npz_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="missing npz file"):
         load_dataset(f"npz:{tmp_path / 'absent.npz'}")
@@ -398,8 +407,11 @@ def test_npz_errors(tmp_path: Path) -> None:
     np.savez(bad, images=np.zeros((3, 1, 2, 2)), y=np.array([0, 1, 1]))
     with pytest.raises(DataError, match="expected arrays 'x' and 'y'"):
         load_dataset(f"npz:{bad}")
-    np.savez(bad, x=np.zeros((3, 2)), y=np.array([0, 1, 1]))
-    with pytest.raises(DataError, match="shape"):
+    np.savez(bad, x=np.zeros(3), y=np.array([0, 1, 1]))
+    with pytest.raises(DataError, match=r"\(n, d\), got shape \(3,\)"):
+        load_dataset(f"npz:{bad}")
+    np.savez(bad, x=np.zeros((3, 0)), y=np.array([0, 1, 1]))
+    with pytest.raises(DataError, match=r"got shape \(3, 1, 0\)"):
         load_dataset(f"npz:{bad}")
     np.savez(bad, x=np.zeros((3, 2, 2)), y=np.array([0, -1, 1]))
     with pytest.raises(DataError, match="labels >= 0"):

@@ -6,6 +6,7 @@ import math
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from perturb.experiments.judging import judge, validity_lines
 
@@ -21,30 +22,42 @@ def _row(lr, steps, value, actual=1.0, half=0.1, unstable=False):
 
 
 def test_each_reason_for_distrust_and_the_summary():
-    """Start loss 2: a change of 1.  Trusted needs estimate ≤ 0.1 (a tenth of it),
-    displacement within ρ = 1, mean-square excess ≤ 1, a stable value."""
-    rows = [_row(0.1, s, 1.05) for s in (1, 2, 3, 4, 5)]
+    """Start loss 2: a change of 1.  Trusted needs estimate ≤ 0.1 (a tenth of it) or ≤ the
+    resolution, mean-square excess ≤ 1, a stable value; a displacement beyond ρ = 1 is no
+    veto (it enters the estimate, as the floor of its geometric continuation)."""
+    rows = [_row(0.1, s, 1.05) for s in (1, 2, 3, 4, 5, 6)]
     rows.append(_row(0.2, 5, 40.0, unstable=True))
     result = SimpleNamespace(rows=rows, config={"lrs": [0.1, 0.2], "curvature_radius": 1.0})
-    est = {"p": {1: [0.01, 0.0], 2: [0.2, 0.0], 3: [0.01, 0.0], 4: [0.01, 0.0], 5: [0.01, 0.5]}}
+    est = {"p": {1: [0.01, 0.0], 2: [0.2, 0.0], 3: [0.01, 0.0], 4: [0.01, 0.0], 5: [0.01, 0.5],
+                 6: [0.2, 0.0]}}  # fmt: skip
     motion = {
-        s: {"rms_displacement": np.array([d, 0.0]), "mean_square_excess": np.array([e, 0.0])}
-        for s, d, e in ((1, 0.1, 0.0), (2, 0.1, 0.0), (3, 2.0, 0.0), (4, 0.1, 3.0), (5, 0.1, 0))
-    }
+        s: {"rms_displacement": np.array([d, 0.0]), "mean_square_excess": np.array([e, 0.0]),
+            "resolution": np.array([r, 0.0])}
+        for s, d, e, r in ((1, 0.1, 0.0, 0.0), (2, 0.1, 0.0, 0.0), (3, 2.0, 0.0, 0.0),
+                           (4, 0.1, 3.0, 0.0), (5, 0.1, 0, 0.0), (6, 0.1, 0.0, 0.3))
+    }  # fmt: skip
     judge(result, est, motion, start_loss=2.0)
     verdicts = [r["predictions"]["p"]["trusted"] for r in rows]
-    assert verdicts == [True, False, False, False, True, False]
+    assert verdicts == [True, False, True, False, True, True, False]
     assert rows[2]["validity"]["displacement_over_radius"] == 2.0
+    assert rows[5]["validity"]["resolution"] == 0.3
     assert rows[0]["predictions"]["p"]["error_estimate"] == 0.01
     summary = result.validity["p"]
     assert summary["trusted_up_to"] == 0.1  # the first untrusted row is at ηt = 0.2
-    assert summary["trusted_rows"] == 2 and summary["calibration"] == 1.0  # 0.05 ≤ 0.01 + 0.1
+    assert summary["trusted_rows"] == 4 and summary["calibration"] == 1.0  # 0.05 ≤ est + 0.1
     assert summary["far_off_rows"] == 1 and summary["far_off_untrusted"] == 1.0
-    assert summary["within_2ci_up_to"] == 0.5  # |error| = 0.5 until the unstable row at 1.0
+    assert summary["within_2ci_up_to"] == pytest.approx(0.6)  # unstable at ηt = 1.0
     line = validity_lines(result.validity)[0]
     assert line == (
-        "                p: trusted up to ηT ≈ 0.1 (actually within 2 CI up to ηT ≈ 0.5); "
-        "2/2 trusted rows within estimate + CI; 1/1 rows off by > 10 CI untrusted"
+        "                p: trusted up to ηT ≈ 0.1 (actually within 2 CI up to ηT ≈ 0.6); "
+        "4/4 rows it trusts within estimate + CI; 1/1 rows off by > 10 CI untrusted"
+    )
+    # untrusted at the smallest ηT but trusted later: not "never trusted", and the
+    # counted rows say where they lie
+    first = {**result.validity["p"], "trusted_up_to": None}
+    assert validity_lines({"p": first})[0] == (
+        "                p: untrusted at the smallest ηT (actually within 2 CI up to ηT ≈ 0.6); "
+        "4/4 rows it trusts (at larger ηT) within estimate + CI; 1/1 rows off by > 10 CI untrusted"
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -70,11 +72,14 @@ def test_mean_loss_in_chunks_matches_a_direct_mean(monkeypatch, vectorized):
 
 
 def test_loss_limit():
-    assert loss_limit(2.0, cap=1e8, factor=10.0) == 20.0
-    assert loss_limit(2.0, cap=5.0, factor=10.0) == 5.0
-    assert loss_limit(2.0, cap=1e8, factor=None) == 1e8
+    """f·max(L_0, L_∅) over the finite positive levels; none (or no factor): no limit."""
+    assert loss_limit(2.0, factor=10.0) == 20.0
+    assert loss_limit(0.0064, 1.0986, factor=10.0) == 10 * 1.0986  # near a minimum
+    assert loss_limit(2.0, 1.0, factor=10.0) == 20.0
+    assert loss_limit(2.0, 1.0, factor=None) == math.inf
     for start in (0.0, -3.0, float("nan"), float("inf")):
-        assert loss_limit(start, cap=7.0, factor=10.0) == 7.0
+        assert loss_limit(start, 0.5, factor=10.0) == 5.0
+        assert loss_limit(start, start, factor=10.0) == math.inf
 
 
 def test_run_trials_vectorized_equals_loop_and_reports_the_start():
@@ -90,8 +95,8 @@ def test_run_trials_vectorized_equals_loop_and_reports_the_start():
     assert not vec.diverged.any() and vec.curve.shape == (2, 5, 4)
 
 
-def test_a_record_over_the_limit_kills_the_trial_for_good():
-    """A trial over the limit at a recorded step is dead from there on, its θ frozen."""
+def test_a_record_over_the_limit_is_reported_and_the_trial_goes_on():
+    """Above the limit at a recorded step is information only: the trial keeps running."""
 
     def loss_fn(theta, x, y):  # η = 2.5: θ = 1, -1.5, 2.25, ...; loss 0.5, 1.125, 2.53, ...
         return 0.5 * theta[0] ** 2 + 0 * x
@@ -100,9 +105,32 @@ def test_a_record_over_the_limit_kills_the_trial_for_good():
                    Online(steps=4, batch_size=1), lr=2.5, trials=2, record_every=1,
                    diverge_factor=4.0)  # fmt: skip
     out = run_trials(s, vectorized=True)
-    assert out.limit == 2.0 and out.diverged.all()
-    np.testing.assert_allclose(out.curve[0, :, :3], [[0.5, 1.125, np.nan]] * 2)
-    assert np.isnan(out.curve[0, :, 3:]).all() and np.isnan(out.test_loss).all()
+    assert out.limit == 2.0 and out.scale == 0.0 and not out.diverged.any()
+    expected = [0.5 * 1.5 ** (2 * t) for t in range(5)]
+    np.testing.assert_allclose(out.curve[0], [expected] * 2, rtol=1e-15, atol=0)
+    np.testing.assert_allclose(out.test_loss, [[expected[-1]] * 2], rtol=1e-15, atol=0)
+    loop = run_trials(s, vectorized=False)
+    np.testing.assert_array_equal(loop.curve, out.curve)
+
+
+def test_a_non_finite_loss_kills_the_trial_for_good():
+    """θ_0 = 1e153, η = 2.5: θ_t = (−1.5)^t·1e153, and ½θ_t² overflows once
+    |θ_t| > 1.34e154 (t = 7): from that record on the trial is dead, its θ frozen."""
+
+    def loss_fn(theta, x, y):
+        return 0.5 * theta[0] ** 2 + 0 * x
+
+    theta0 = torch.full((1,), 1e153, dtype=torch.float64)
+    s = make_setup(loss_fn, theta0, (torch.zeros(2), torch.zeros(2)),
+                   Online(steps=9, batch_size=1), lr=2.5, trials=2, record_every=1)  # fmt: skip
+    out = run_trials(s, vectorized=True)
+    with np.errstate(over="ignore"):
+        theta = 1e153 * (-1.5) ** np.arange(10)
+        expected = 0.5 * theta**2
+    first = int(np.argmax(~np.isfinite(expected)))
+    assert first == 7 and out.diverged.all() and np.isnan(out.test_loss).all()
+    np.testing.assert_allclose(out.curve[0, :, :first], [expected[:first]] * 2, rtol=1e-14)
+    assert np.isnan(out.curve[0, :, first:]).all()
     loop = run_trials(s, vectorized=False)
     np.testing.assert_array_equal(loop.curve, out.curve)
 

@@ -29,10 +29,10 @@ def test_setup_casts_records_and_divergence_options():
     assert (s.trials, s.first) == (4, 3)
     assert s.theta0.dtype == s.x.dtype == torch.float64 and s.y.dtype == torch.float64
     assert s.x_test is s.x or torch.equal(s.x_test, s.x)
-    assert (s.cap, s.factor) == (1e8, 10.0)
+    assert (s.cap, s.factor) == (math.inf, 10.0)  # no cap: only non-finite values blow up
     none = make_setup(_loss, torch.zeros(2), (x, y), Online(steps=2, batch_size=1), lr=0.1,
-                      trials=1, diverge_above=None, diverge_factor=None)  # fmt: skip
-    assert none.cap == math.inf and none.factor is None and none.record == (2,)
+                      trials=1, diverge_above=1e8, diverge_factor=None)  # fmt: skip
+    assert none.cap == 1e8 and none.factor is None and none.record == (2,)
     labels = torch.zeros(9, dtype=torch.int64)
     s = make_setup(_loss, torch.zeros(2), Dataset("toy", x.view(9, 1, 1, 2), labels, 1),
                    GD(train_size=3, steps=2), lr=0.1, trials=1, dtype=torch.float32)  # fmt: skip

@@ -11,6 +11,7 @@ from scipy import stats
 
 from perturb.cli import main
 from perturb.experiments.data import DataError
+from perturb.experiments.pipeline import DEFAULT_PRETRAIN_LR
 from perturb.experiments.validation import validate
 
 Z_9999 = float(stats.t.ppf(0.99995, 255))  # two-sided 99.99% quantile, 256 trials
@@ -113,30 +114,43 @@ def _strict_json(text: str):
 
 
 def test_divergent_learning_rate_is_reported(tmp_path, tiny):
-    """Every trial at η = 1e9 diverges: reported as divergent, never averaged."""
+    """Every trial at η = 1e38 blows up (float32 overflow): reported as divergent; at
+    η = 1e36 some do (2 of 4 by t = 2, 3 by t = 4), the mean is over the rest; the table
+    and the JSON count them; none of η = 0.01 is dropped.  (At η = 1e9 the losses, ~1e10,
+    are finite: averaged.)"""
     result = validate(
         dataset=tiny,
         model="mlp",
-        lrs=(0.01, 1e9),
-        steps=6,
+        lrs=(0.01, 1e36, 1e38),
+        steps=4,
         trials=4,
         records=2,
         progress=False,
         orders=(0, 1),
         out=tmp_path,
     )
-    rows = [r for r in result.rows if r["lr"] == 1e9]
-    assert rows and all(r["divergent"] and r["divergent_trials"] == 4 for r in rows)
-    assert all(not r["divergent"] for r in result.rows if r["lr"] == 0.01)
+    rows = [r for r in result.rows if r["lr"] == 1e38]
+    assert rows and all(r["divergent"] and r["dropped"] == 4 for r in rows)
+    assert all(not r["divergent"] and r["dropped"] == 0 for r in result.rows if r["lr"] == 0.01)
     assert all(math.isnan(r["actual"]) for r in rows)  # no trial left to average
+    some = [r for r in result.rows if r["lr"] == 1e36]
+    assert [(r["steps"], r["dropped"], r["divergent"]) for r in some] == [
+        (2, 2, False), (4, 3, False)
+    ]  # fmt: skip
+    assert math.isfinite(some[0]["actual"]) and math.isfinite(some[0]["ci_high"])
+    assert math.isfinite(some[1]["actual"]) and math.isnan(some[1]["ci_high"])  # one trial left
     table = result.table()
     assert table.count("divergent 4/4") == 3  # two recorded steps and the gap
-    # breakdown uses the finite learning rate only: its ηt are 0.03 and 0.06
-    assert all(v in (None, 0.03, 0.06) for v in result.breakdown.values())
+    line = "blew up (not finite), left out of the mean: η = 1e+36: 3/4, η = 1e+38: 4/4"
+    assert line in table.splitlines()
+    # breakdown uses the learning rates with a mean only: never η = 1e38's ηt
+    assert all(v in (None, 0.02, 0.04, 2e36, 4e36) for v in result.breakdown.values())
     gap = {g["lr"]: g for g in result.gap}
-    assert gap[1e9]["divergent"] and gap[1e9]["divergent_trials"] == 4
+    assert gap[1e38]["divergent"] and gap[1e38]["dropped"] == 4 and gap[0.01]["dropped"] == 0
     payload = _strict_json((tmp_path / "results.json").read_text())  # NaN became null
-    assert [r["actual"] for r in payload["rows"] if r["lr"] == 1e9] == [None, None]
+    assert [r["actual"] for r in payload["rows"] if r["lr"] == 1e38] == [None, None]
+    assert [r["dropped"] for r in payload["rows"]] == [0, 0, 2, 3, 4, 4]
+    assert payload["config"]["loss_limit"]["scale"] == pytest.approx(math.log(3), rel=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -462,10 +476,10 @@ def test_validate_after_pretraining_starts_lower_and_is_deterministic(tiny):
     ]
     default = validate(dataset=tiny, model="mlp", orders=(0, 1), gap=False, **FAST_API)
     a, b = (r.config["start"] for r in runs)
-    assert a == b and a["pretrain_steps"] == 25 and a["pretrain_lr"] == 1.0
+    assert a == b and a["pretrain_steps"] == 25 and a["pretrain_lr"] == DEFAULT_PRETRAIN_LR
     assert a["loss"] < default.config["start"]["loss"] - 0.05
     assert runs[0].rows == runs[1].rows
-    assert "then 25 steps of full-batch GD at lr 1" in runs[0].table().splitlines()[1]
+    assert "then 25 steps of full-batch GD at lr 0.3" in runs[0].table().splitlines()[1]
 
 
 def test_long_runs_on_a_log_grid(tiny):
@@ -491,7 +505,8 @@ def test_long_runs_on_a_log_grid(tiny):
 
 @pytest.fixture(scope="module")
 def blown_up(tmp_path_factory):
-    """η = 30 on the digits convnet: every SGD trial blows up, so does the series."""
+    """η = 30 on the digits convnet: every SGD trial climbs to a loss of ~450 (finite, so
+    averaged, and above the limit 10·max(l(θ_0), l(0))); the series blows up."""
     out = tmp_path_factory.mktemp("lr30")
     result = validate(
         lrs=(0.01, 30.0),
@@ -508,12 +523,19 @@ def blown_up(tmp_path_factory):
     return result, out
 
 
-def test_lr_30_trials_are_divergent_and_blown_up_predictions_are_unstable(blown_up):
+def test_lr_30_trials_are_averaged_and_blown_up_predictions_are_unstable(blown_up):
     result, _ = blown_up
     table = result.table()
-    assert table.count("divergent 8/8") == 3  # two recorded steps and the gap
+    assert "divergent" not in table and "blew up" not in table
     rows = [r for r in result.rows if r["lr"] == 30.0]
-    assert all(r["divergent"] and r["divergent_trials"] == 8 for r in rows)
+    assert all(not r["divergent"] and r["dropped"] == 0 and r["above_limit"] == 8 for r in rows)
+    assert all(r["actual"] > 100 for r in rows)  # the mean of every run, high as it is
+    limit = result.config["loss_limit"]
+    assert limit["scale"] == pytest.approx(math.log(10), rel=1e-6)  # zero logits
+    assert limit["limit"] == pytest.approx(10 * max(limit["start"], limit["scale"]))
+    line = f"above {limit['limit']:.4g} = 10 × max(l(θ_0) = {limit['start']:.4g}, "
+    line += f"l(0) = {limit['scale']:.4g}), still in the mean: η = 30: 8/8"
+    assert line in table.splitlines()
     start = result.config["start"]["loss"]
     unstable = [(r["steps"], n) for r in rows for n, p in r["predictions"].items() if p["unstable"]]
     assert (6, "order 2") in unstable and (3, "noiseless") in unstable
@@ -593,7 +615,7 @@ def test_outputs_written_when_every_trial_diverged(tmp_path, tiny):
     result = validate(
         dataset=tiny,
         model="mlp",
-        lrs=(1e9,),
+        lrs=(1e38,),
         steps=4,
         trials=4,
         records=2,
@@ -605,7 +627,7 @@ def test_outputs_written_when_every_trial_diverged(tmp_path, tiny):
     for png in ("test_loss_vs_lr.png", "error_vs_eta_t.png", "gap_vs_lr.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result.table().count("divergent 4/4") == 3
-    diverged = "          order 1: not compared (trials diverged at every learning rate)"
+    diverged = "          order 1: not compared (every trial blew up at every learning rate)"
     assert diverged in result.table()
 
 
@@ -665,8 +687,12 @@ def test_every_prediction_carries_a_validity_estimate(small):
     for r in small.rows:
         assert set(r["validity"]) == {
             "rms_displacement", "displacement_over_radius", "mean_square_excess",
-            "overshoot", "overshoot_draws", "hessian_ladder",
+            "overshoot", "overshoot_draws", "hessian_ladder", "resolution", "loss_spread",
         }  # fmt: skip
+        spread, trials = r["validity"]["loss_spread"], small.config["trials"]
+        assert 0 < spread < math.inf  # the resolution: the 95% half-width of `trials` runs
+        half = stats.t.ppf(0.975, trials - 1) * spread / math.sqrt(trials)
+        assert r["validity"]["resolution"] == pytest.approx(half, rel=1e-12)
         ladder = r["validity"]["hessian_ladder"]
         three = r["predictions"]["resummed 3"]["value"]
         assert r["predictions"]["resummed 3+ladder"]["value"] == pytest.approx(three + ladder)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -205,17 +206,14 @@ def test_prediction_weights_order_two_by_hand():
 
 # --------------------------------------------------------------------- plans
 @pytest.fixture
-def fixed_clock(monkeypatch):
-    """Every timed interval of the pilot lasts 1 ms: the plan depends on the data only.
-
-    The pilot times each estimator (work-normalized variance = variance × seconds) and a
-    full-batch gradient; with the real clock the plan changes from run to run (see
-    ``test_auto_plans_are_reproducible``)."""
-    ticks = iter(range(10**9))
-    monkeypatch.setattr(allocation.time, "perf_counter", lambda: next(ticks) * 1e-3)
+def erratic_clock(monkeypatch):
+    """A clock whose intervals jump between 1 µs and 1000 s: a plan that read it would
+    change with it (the pilot records seconds for information only)."""
+    steps = itertools.accumulate(1e3 if t % 3 == 0 else 1e-6 for t in itertools.count())
+    monkeypatch.setattr(allocation.time, "perf_counter", lambda: next(steps))
 
 
-def test_auto_records_its_plan(fixed_clock):
+def test_auto_records_its_plan(erratic_clock):
     rows = _rows(512, seed=1)
     st = _measure(rows=rows, groups=8, lr=[0.1, 0.3], target_se=0.05, seed=2)
     plan = st.meta["plan"]
@@ -233,13 +231,14 @@ def test_auto_records_its_plan(fixed_clock):
         assert entry["text"] == st.contractions[key].text
         assert entry["estimator"] in ESTIMATORS
         for e in ESTIMATORS:
-            assert entry[e]["variance"] >= 0 and entry[e]["seconds"] > 0
+            assert entry[e]["variance"] >= 0 and entry[e]["work"] > 0
+            assert entry[e]["seconds"] > 0  # information only
     # the measurement used the planned rows (each group at least the m = 3 rows)
     each = max(plan["rows"] // 8, 3)
     assert st.rows == 8 * each and st.groups == 8
 
 
-def test_a_looser_target_uses_fewer_rows(fixed_clock):
+def test_a_looser_target_uses_fewer_rows():
     rows = _rows(2048, seed=3)
     kw = dict(rows=rows, groups=8, lr=[0.05], seed=4)
     plans = {t: _measure(target_se=t, **kw).meta["plan"] for t in (0.005, 0.01, 0.02)}
@@ -258,7 +257,7 @@ def test_a_looser_target_uses_fewer_rows(fixed_clock):
     assert hopeless["predicted_se"] > 1e-5
 
 
-def test_budget_plans_within_budget(fixed_clock):
+def test_budget_plans_within_budget():
     rows = _rows(1024, seed=5)
     plans = {
         b: _measure(rows=rows, groups=8, lr=[0.2], budget=b, seed=6).meta["plan"]
@@ -267,16 +266,38 @@ def test_budget_plans_within_budget(fixed_clock):
     for budget, plan in plans.items():
         assert not plan.get("budget_too_small")
         assert 8 <= plan["rows"] <= 1024 - plan["pilot_rows"]
-        # the plan's cost (seconds) within the budget of full-batch gradients
-        assert plan["predicted_seconds"] <= budget * plan["full_batch_gradient_s"] * (1 + 1e-9)
+        # the plan's counted evaluations within the budget of full-batch gradients (one
+        # evaluation per row each)
+        assert plan["full_batch_gradient_evaluations"] == 1024 - plan["pilot_rows"]
+        per_row = plan["evaluations_per_row"]
+        cost = plan["rows"] * (per_row["tuples"] + plan["replicates"] * per_row["sketch"])
+        assert plan["predicted_evaluations"] == cost
+        assert cost <= budget * plan["full_batch_gradient_evaluations"] * (1 + 1e-9)
     assert plans[5.0]["predicted_se"] >= plans[50.0]["predicted_se"]  # less budget, more error
     tiny = _measure(rows=rows, groups=8, lr=[0.2], budget=1e-9, seed=6).meta["plan"]
     assert tiny["budget_too_small"] and tiny["rows"] == tiny["pilot_rows"]  # the floor
 
 
+def test_auto_depends_on_the_seed_only(erratic_clock):
+    # the choice is by counted work × variance: two runs (one on a clock gone wild) give
+    # the same plan and the same values bit for bit
+    rows = _rows(2048, seed=3)
+    runs = [_measure(rows=rows, groups=8, lr=[0.2], target_se=0.01, seed=4) for _ in range(2)]
+    plans = [dict(r.meta["plan"]) for r in runs]
+    for plan in plans:
+        for entry in plan["contractions"].values():
+            for e in ESTIMATORS:
+                del entry[e]["seconds"]  # recorded, never used
+    assert plans[0] == plans[1]
+    for key in runs[0].contractions:
+        assert np.array_equal(runs[0].group_values[key], runs[1].group_values[key])
+    for entry in plans[0]["contractions"].values():  # the smaller variance × work
+        wnv = {e: entry[e]["variance"] * entry[e]["work"] for e in ESTIMATORS}
+        assert entry["estimator"] == min(ESTIMATORS, key=lambda e: (wnv[e], e != "sketch"))
+
+
 def test_a_recorded_choice_replays_deterministically():
-    # the pilot's choice depends on timings (two runs may choose differently); passing
-    # the recorded choice back gives the same values on every run
+    # passing the recorded choice back gives the same values on every run
     rows = _rows(2048, seed=3)
     first = _measure(rows=rows, groups=8, lr=[0.2], seed=4)
     choice = {k: e["estimator"] for k, e in first.meta["plan"]["contractions"].items()}
@@ -293,7 +314,7 @@ def test_a_recorded_choice_replays_deterministically():
         _measure(rows=rows, groups=8, estimator={**by_name, "l": "best"}, seed=4)
 
 
-def test_target_se_plans_meet_their_target(fixed_clock):
+def test_target_se_plans_meet_their_target():
     rows = _rows(2048, seed=3)
     st = _measure(rows=rows, groups=8, lr=[0.2], target_se=0.005, seed=4)
     plan = st.meta["plan"]
@@ -368,3 +389,59 @@ def test_bench_estimators_runs_on_cpu(capsys):
     assert rows[0][-2].strip() == "1.0×"  # the tuples against themselves
     target = float(methods[4].split()[-1])
     assert float(rows[4][6]) <= 2 * target  # the plan's se, at most twice its target
+
+
+def test_estimator_work_counts_what_the_estimators_evaluate():
+    # the model against the sketcher's own counter (rows through nodes), each estimator
+    # on a fresh sketcher: equal for networks that share no message, never below it
+    from perturb.numeric.allocation import estimator_work
+    from perturb.numeric.sketches import Sketcher
+
+    obj = objective(poly_loss, _rows(96), THETA)
+    layout = torch.arange(96).reshape(4, 24)
+    cs = requested_contractions(3, (ONLINE,), ("test", "train"))
+    unshared = {"l", "G·G", "G·H·G", "G_a J_abc G_b G_c", "G·H·H·G"}
+    for c in cs.values():
+        for probed in (1, 3):
+            work = estimator_work(c, 24, parts=4, probed=probed)
+            counted = {}
+            for e in ESTIMATORS:
+                sk = Sketcher(obj, layout, torch.Generator().manual_seed(0), parts=4, probed=probed)
+                sk.tuple_values(c) if e == "tuples" else sk.values(c, replicates=1)
+                counted[e] = sk.evaluations / 96
+            for e in ESTIMATORS:
+                if c.text in unshared:
+                    assert work[e] == counted[e] == 1.0, (c.text, e)
+                assert work[e] >= counted[e], (c.text, e, probed)
+
+
+def test_pilot_progress_bar_and_the_same_plan(capsys):
+    """``progress=True``: a "pilot" bar over the contractions on standard error, nothing
+    on standard output; ``progress=False``: nothing; the same plan and values either way.
+    Through ``measure``: its flag reaches the pilot."""
+    rows = _rows(96, seed=9)
+    obj = objective(poly_loss, rows, THETA)
+    cs = requested_contractions(1, (ONLINE,), ("test",))
+    layout = torch.arange(32).reshape(4, 8)
+    plans = []
+    for progress in (False, True):
+        gen = torch.Generator().manual_seed(0)
+        plans.append(pilot_plan(obj, cs, layout, gen, available=64, progress=progress))
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert ("pilot: 100%" in err and f"{len(cs)}/{len(cs)}" in err) if progress else err == ""
+    assert plans[0].estimators == plans[1].estimators
+    assert (plans[0].rows, plans[0].replicates) == (plans[1].rows, plans[1].replicates)
+    for key in cs:
+        for e in ESTIMATORS:
+            assert plans[0].report["contractions"][key][e]["variance"] == (
+                plans[1].report["contractions"][key][e]["variance"]
+            )
+    quiet = _measure(estimator="auto", groups=4, pilot=24)
+    assert capsys.readouterr() == ("", "")
+    loud = _measure(estimator="auto", groups=4, pilot=24, progress=True)
+    out, err = capsys.readouterr()
+    assert out == "" and "pilot" in err and "measure" in err
+    assert quiet.meta["plan"]["pilot_rows"] == loud.meta["plan"]["pilot_rows"] == 24
+    for key, value in quiet.group_values.items():
+        np.testing.assert_array_equal(value, loud.group_values[key])

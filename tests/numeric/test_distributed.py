@@ -22,6 +22,7 @@ from perturb.symbolic.schedules import Online
 
 _m = importlib.import_module("perturb.numeric.measuring")
 _s = importlib.import_module("perturb.experiments.simulation")
+_stability = importlib.import_module("perturb.numeric.stability")
 
 LAUNCH_TIMEOUT_S = 120
 
@@ -53,6 +54,58 @@ def problem():
     y = torch.randn(23, dtype=torch.float64, generator=g)
     theta0 = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
     return x, y, theta0
+
+def net_loss(theta, x, y):
+    # a 3-4-1 tanh network, P = 20: order-3 statistics, a Krylov subspace of rank 8
+    hidden = torch.tanh(theta[:12].reshape(4, 3) @ x + theta[12:16])
+    return 0.5 * (theta[16:] @ hidden - y) ** 2
+
+def net_problem():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(203, 3, dtype=torch.float64, generator=g)
+    y = torch.randn(203, dtype=torch.float64, generator=g)
+    return x, y, 0.5 * torch.randn(20, dtype=torch.float64, generator=g)
+
+def split_runs():
+    base = dict(order=3, schedules=(Online(),), quantities=("test",), seed=3, groups=5,
+                progress=False)
+    mixed = {"l": "sketch", "G·G": "tuples", "G·H·G": "sketch", "tr(C H)": "tuples"}
+    kryl = dict(resummed=True, rank=8, higher_rank=6, probes=2)
+    return {
+        "sketch": dict(base, estimator="sketch", replicates=2, **kryl),
+        "auto": dict(base, estimator="auto", pilot=70, **kryl),  # 5 pilot groups
+        "mixed": dict(base, order=2, estimator=mixed),
+    }
+
+LADDER = dict(lr=[0.05, 0.2], steps=[3, 10])
+ONLINE = Online(steps=10, batch_size=1)
+
+def split_summary(name, st, hessian_ladder):
+    import numpy as np
+    out = {f"{name}_g_{k}": v for k, v in st.group_values.items()}
+    out.update({f"{name}_se_{k}": st.se(k) for k in st.group_values})
+    out[f"{name}_evaluations"] = st.meta["evaluations"]
+    out[f"{name}_world"] = st.meta.get("world_size", 1)
+    pred = st.predict(ONLINE, lr=[0.05, 0.2])
+    out[f"{name}_predict"] = np.stack([pred.total, pred.se])
+    sub = st.subspace
+    if sub is not None:
+        out[f"{name}_local_rows"] = sub.cost["local_rows"]
+        out[f"{name}_basis"] = sub.basis.numpy()
+        out[f"{name}_hessian"] = sub.hessian.numpy()
+        for m, t in sub.derivs.items():
+            out[f"{name}_derivs{m}"] = t.numpy()
+        for m, t in sub.means.items():
+            out[f"{name}_means{m}"] = t.numpy()
+        out[f"{name}_ladder"] = hessian_ladder(sub, **LADDER)
+        res = st.predict(ONLINE, lr=[0.05, 0.2], resummed=True)
+        out[f"{name}_resummed"] = np.stack([res.total, res.se, res.error])
+    if "plan" in st.meta and "contractions" in st.meta["plan"]:
+        plan = st.meta["plan"]["contractions"]
+        out[f"{name}_pilot_var"] = [[plan[k][e]["variance"] for e in ("tuples", "sketch")]
+                                    for k in sorted(plan)]
+        out[f"{name}_choice"] = [plan[k]["estimator"] for k in sorted(plan)]
+    return out
 
 SCHEDULE = Epochs(train_size=4, batch_size=2, epochs=2)
 MEASURE = dict(order=2, schedules=(Online(), Epochs()), quantities=("test", "displacement"),
@@ -130,6 +183,42 @@ out.update(test=tr.test_loss, train=tr.train_loss, div=tr.diverged, curve=tr.cur
            world=st.meta["world_size"], after=torch.distributed.is_initialized(),
            traffic=traffic)
 np.savez(sys.argv[1] + f"/rank{rank}.npz", **out)
+"""
+
+# The default path split (sketches, pilot, Krylov, per-sample curvatures): one more job.
+SPLIT = """
+import sys
+import numpy as np
+import torch
+from perturb import distributed as D
+from perturb.numeric.krylov import krylov_subspace
+from perturb.numeric.measuring import measure
+from perturb.numeric.stability import per_sample_top_curvatures
+from perturb.numeric.validity import hessian_ladder
+from problem import net_loss, net_problem, split_runs, split_summary
+
+with D.session(timeout_s=60) as (rank, size):
+    x, y, theta0 = net_problem()
+    out = {}
+    for name, kw in split_runs().items():
+        st = measure(net_loss, (x, y), theta0, **kw)
+        out.update(split_summary(name, st, hessian_ladder))
+    idx, lam = per_sample_top_curvatures(net_loss, (x, y), theta0, iterations=6, chunk_size=7)
+    out.update(curv_rows=idx, curv=lam)
+    disagree = []
+    for call in (  # ranks that disagree fail together, before any gather of values
+        lambda: measure(net_loss, (x, y), theta0, order=1, estimator="sketch", seed=rank,
+                        groups=4, progress=False),
+        lambda: krylov_subspace(net_loss, (x, y), theta0, rank=3, seed=rank, distributed=True),
+        lambda: per_sample_top_curvatures(net_loss, (x, y), theta0, iterations=2, seed=rank),
+    ):
+        try:
+            call()
+            disagree.append("")
+        except ValueError as err:
+            disagree.append(str(err))
+    out.update(disagree=disagree)
+np.savez(sys.argv[1] + f"/split{rank}.npz", **out)
 """
 
 FAILING = """
@@ -312,6 +401,60 @@ def test_two_gloo_processes_equal_single_process(two_ranks):
     np.testing.assert_allclose(r0["train"], tref.train_loss, rtol=0, atol=1e-12)
     np.testing.assert_allclose(r0["curve"], tref.curve, rtol=0, atol=1e-12)
     np.testing.assert_array_equal(r0["div"].astype(bool), tref.diverged)
+
+
+@pytest.mark.filterwarnings("ignore:re-summed prediction along unstable directions")
+def test_two_ranks_split_the_default_path(tmp_path):
+    """Sketches, the pilot, the Krylov subspace, the ladder, the predictions and the
+    per-sample curvatures: each rank its share, every rank the single-process result."""
+    proc = _torchrun(tmp_path, SPLIT, str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (np.load(tmp_path / f"split{r}.npz") for r in (0, 1))
+    for r in (r0, r1):
+        assert all("the ranks disagree on" in str(e) for e in r["disagree"]), r["disagree"]
+    for name in r0.files:  # both ranks hold the same gathered result
+        if not name.endswith(("_local_rows", "disagree")):
+            np.testing.assert_array_equal(r0[name], r1[name], err_msg=name)
+
+    p = _problem()
+    from perturb.numeric.validity import hessian_ladder
+
+    x, y, theta0 = p["net_problem"]()
+    ref: dict = {}
+    for name, kw in p["split_runs"]().items():
+        st = _m.measure(p["net_loss"], (x, y), theta0, **kw)
+        ref.update(p["split_summary"](name, st, hessian_ladder))
+    idx, lam = _stability.per_sample_top_curvatures(
+        p["net_loss"], (x, y), theta0, iterations=6, chunk_size=7
+    )
+    ref.update(curv_rows=idx, curv=lam)
+    assert sorted(r0.files) == sorted([*ref, "disagree"])
+    for name, want in ref.items():
+        if name.endswith(("_world", "_local_rows", "_choice")):
+            continue
+        np.testing.assert_allclose(r0[name], want, rtol=0, atol=1e-10, err_msg=name)
+    # the work was split: 2 ranks, Krylov rows 102 + 101 of 203, the same total evaluations
+    for name in ("sketch", "auto", "mixed"):
+        assert int(r0[f"{name}_world"]) == 2 and ref[f"{name}_world"] == 1
+    assert [int(r[f"{n}_local_rows"]) for r in (r0, r1) for n in ("sketch", "auto")] == [
+        102, 102, 101, 101,
+    ]  # fmt: skip
+    assert ref["sketch_local_rows"] == 203
+    assert r0["auto_choice"].tolist() == list(ref["auto_choice"])  # counted work: one plan
+    assert set(ref["auto_choice"]) == {"sketch", "tuples"}  # both estimators exercised
+
+
+def test_sketcher_share_must_be_groups_of_the_layout():
+    from perturb.numeric.adapters import objective
+    from perturb.numeric.sketches import Sketcher
+
+    obj = objective(lambda p, x: (p * x).sum(), torch.ones(6, 1), torch.zeros(1))
+    layout = torch.arange(6).reshape(3, 2)
+    for bad in (range(0), range(2, 4), range(2, 1)):
+        with pytest.raises(ValueError, match="share must be a non-empty range of the 3 groups"):
+            Sketcher(obj, layout, torch.Generator(), share=bad)
+    part = Sketcher(obj, layout, torch.Generator(), share=range(1, 3))
+    assert (part.groups, part.all_groups, part.layout.tolist()) == (2, 3, [[2, 3], [4, 5]])
 
 
 def test_failed_rank_fails_the_job(tmp_path):

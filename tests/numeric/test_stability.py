@@ -509,3 +509,24 @@ def test_bad_top_curvature_options(kwargs, match):
     loss_fn, rows = _quadratic()
     with pytest.raises(ValueError, match=match):
         per_sample_top_curvatures(loss_fn, rows, torch.zeros(3), **kwargs)
+
+
+def test_top_curvatures_progress_bar_and_the_same_numbers(capsys):
+    """``progress=True``: a bar over chunks × iterations on standard error (a row that
+    stops early still completes it: 5 chunks of one row × 30 = 150), nothing on standard
+    output; ``progress=False``: nothing; the same curvatures, ``|x_i|²``, either way."""
+    x = torch.tensor(
+        [[1.0, 2.0], [0.5, 0.0], [3.0, -1.0], [0.0, 0.0], [-2.0, -1.0]], dtype=torch.float64
+    )
+
+    def loss_fn(p, row):
+        return 0.5 * (row @ p) ** 2
+
+    theta = torch.ones(2, dtype=torch.float64)
+    _, quiet = per_sample_top_curvatures(loss_fn, x, theta, chunk_size=1)
+    assert capsys.readouterr() == ("", "")
+    _, loud = per_sample_top_curvatures(loss_fn, x, theta, chunk_size=1, progress=True)
+    out, err = capsys.readouterr()
+    assert out == "" and "sample curvature" in err and "150/150" in err
+    np.testing.assert_array_equal(quiet, loud)
+    np.testing.assert_allclose(quiet, (x**2).sum(dim=1).numpy(), rtol=1e-12)

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 
 import numpy as np
@@ -244,3 +246,178 @@ def test_errors_predict():
     with pytest.raises(KeyError, match="no statistic"):
         stats.value("nothing")
     assert Contraction((-1, 0), ((0,), (1,))) in stats
+
+
+# ---------------------------------------------------------------- files and learning rates checked
+def _saved(tmp_path) -> tuple:
+    """A saved estimate (4 groups; a closed and an open-root statistic): path, header, arrays."""
+    stats = measure(
+        poly_loss,
+        torch.rand(40, 3, dtype=F64, generator=torch.Generator().manual_seed(5)),
+        POLY_TH,
+        order=2,
+        quantities=("test", "displacement"),
+        groups=4,
+        progress=False,
+    )
+    path = tmp_path / "good.npz"
+    stats.save(path)
+    with np.load(path) as z:
+        header = json.loads(str(z["header"]))
+        arrays = {k: np.array(z[k]) for k in z.files if k != "header"}
+    return path, header, arrays
+
+
+def _open_index(header: dict) -> int:
+    return next(i for i, e in enumerate(header["entries"]) if e["open_root"])
+
+
+def _edit_nan(h, a):
+    a["values_0"][1] = np.nan
+
+
+def _edit_shape(h, a):
+    a["values_0"] = a["values_0"][:, None]
+
+
+def _edit_parameters(h, a):
+    i = _open_index(h)
+    a[f"values_{i}"] = np.concatenate([a[f"values_{i}"], a[f"values_{i}"][:, :1]], axis=1)
+
+
+def _edit_count(h, a):
+    a["values_0"] = a["values_0"][:-1]
+
+
+def _set(**fields):
+    def edit(h, a):
+        h.update(fields)
+
+    return edit
+
+
+CORRUPT_HEADERS = [  # (how the stored header or arrays are changed, a fragment of the message)
+    pytest.param(_edit_nan, "not all finite", id="nan-values"),
+    pytest.param(_edit_shape, "expected (K,)", id="closed-shape"),
+    pytest.param(_edit_parameters, "expected (K, 3)", id="open-root-shape"),
+    pytest.param(_edit_count, "holds 3 group values, the header says 4", id="group-count"),
+    pytest.param(_set(exact=True), "exact statistics hold one group", id="exact-flipped"),
+    pytest.param(_set(exact=1), "exact must be true or false", id="exact-not-bool"),
+    pytest.param(_set(groups=-3), "groups must be an integer ≥ 1, got -3", id="groups<0"),
+    pytest.param(_set(groups=41), "groups = 41 is more than rows = 40", id="groups>rows"),
+    pytest.param(_set(rows="40"), "rows must be an integer ≥ 1, got '40'", id="rows-string"),
+    pytest.param(_set(order=9), "order 9, but the diagrams stored have at most 2", id="order-9"),
+    pytest.param(_set(version=2), "version 2, expected 1", id="version"),
+    pytest.param(_set(entries={}), "entries a list", id="entries-dict"),
+    pytest.param(lambda h, a: a.pop("values_1"), "no numeric values", id="values-missing"),
+    pytest.param(lambda h, a: h["entries"][0].pop("parents"), "entry 0: KeyError", id="parents"),
+    pytest.param(lambda h, a: h["entries"][1].update(key=h["entries"][0]["key"]), "repeat", id="2"),
+]
+
+
+@pytest.mark.parametrize(("edit", "fragment"), CORRUPT_HEADERS)
+def test_load_refuses_inconsistent_statistics(tmp_path, edit, fragment):
+    """Each inconsistency of a saved file is one StatisticsFileError naming the file."""
+    from perturb.errors import PerturbError, StatisticsFileError
+
+    _, header, arrays = _saved(tmp_path)
+    edit(header, arrays)
+    path = tmp_path / "edited.npz"
+    np.savez(path, header=np.array(json.dumps(header)), **arrays)
+    with pytest.raises(StatisticsFileError) as err:
+        Statistics.load(path)
+    message = str(err.value)
+    assert isinstance(err.value, PerturbError) and "\n" not in message
+    assert message.startswith(f"{str(path)!r} is not a perturb statistics file (")
+    assert fragment in message
+
+
+def _bytes_random(good):
+    return np.random.default_rng(3).integers(0, 256, 2048, dtype=np.uint8).tobytes()
+
+
+def _bytes_npy(good):
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(3))
+    return buf.getvalue()
+
+
+def _npz_bytes(**arrays) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+CORRUPT_FILES = [  # (the file's bytes from the good file's, what numpy or json raised)
+    pytest.param(_bytes_random, "ValueError", id="random-bytes"),
+    pytest.param(lambda good: good[: len(good) // 2], "BadZipFile", id="truncated"),
+    pytest.param(lambda good: good[:-30], "BadZipFile", id="cut-end"),
+    pytest.param(lambda good: b"", "EOFError", id="empty"),
+    pytest.param(_bytes_npy, "a single array", id="npy"),
+    pytest.param(lambda good: _npz_bytes(x=np.zeros(2)), "no header", id="no-header"),
+    pytest.param(lambda good: _npz_bytes(header=np.array("{oops")), "JSONDecodeError", id="json"),
+    pytest.param(lambda good: _npz_bytes(header=np.array("[]")), "perturb.Statistics", id="list"),
+]
+
+
+@pytest.mark.parametrize(("corrupt", "fragment"), CORRUPT_FILES)
+def test_load_refuses_corrupt_files(tmp_path, corrupt, fragment):
+    """A file numpy cannot read as the archive ``save`` writes is one StatisticsFileError
+    (never BadZipFile, EOFError, KeyError or AttributeError)."""
+    from perturb.errors import StatisticsFileError
+
+    good, _, _ = _saved(tmp_path)
+    path = tmp_path / "corrupt.npz"
+    path.write_bytes(corrupt(good.read_bytes()))
+    with pytest.raises(StatisticsFileError) as err:
+        Statistics.load(path)
+    message = str(err.value)
+    assert "\n" not in message and f"{str(path)!r} is not a perturb statistics file" in message
+    assert fragment in message
+
+
+BAD_LRS = [-0.5, "0.01", True, [], [[0.1]], math.nan, math.inf, None, [0.1, -1.0]]
+BAD_LRS += [np.array([-0.5]), np.array([[0.1]]), {"lr": 0.1}]
+
+
+@functools.cache
+def _small_statistics(resummed: bool) -> Statistics:
+    x = torch.randn(12, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    krylov = {"resummed": True, "rank": 2} if resummed else {}
+    theta0 = torch.tensor([0.3, -0.2], dtype=F64)
+    return measure(_loss, x, theta0, order=2, exact=True, progress=False, **krylov)
+
+
+@pytest.mark.parametrize("lr", BAD_LRS, ids=repr)
+@pytest.mark.parametrize("resummed", [False, True])
+def test_predict_checks_learning_rates_like_perturb_predict(lr, resummed):
+    """Statistics.predict refuses what perturb.predict refuses (perturb.checks): negative,
+    strings, booleans, empty or nested grids, non-finite values; 0 only un-resummed."""
+    kind = "positive" if resummed else "non-negative"
+    with pytest.raises(ValueError, match=f"^lr must be {kind} finite numbers, got "):
+        _small_statistics(resummed).predict(
+            Online(steps=3, batch_size=1), lr=lr, resummed=resummed
+        )
+    if not isinstance(lr, list | np.ndarray | dict):  # perturb.predict takes one number
+        pop, theta0 = Population(_loss, torch.randn(4, 2, dtype=F64)), torch.zeros(2, dtype=F64)
+        with pytest.raises(ValueError, match=r"^lr must be a positive finite number, got "):
+            predict(pop, theta0, Online(steps=3, batch_size=1), lr=lr, order=1)
+
+
+def test_predict_takes_zero_numpy_grids_and_refuses_huge_schedules(stats):
+    """η = 0 is the loss at θ_0 (un-resummed); NumPy grids and scalars are grids and
+    numbers; a schedule past 2^53 steps is refused, not evaluated to NaN."""
+    sched = Online(steps=4, batch_size=1)
+    pred = stats.predict(sched, lr=[0.0, np.float32(0.25)])
+    assert pred.total[0] == pytest.approx(float(stats["l"]), rel=1e-15)
+    grid = stats.predict(sched, lr=np.array([0.0, 0.25]))
+    np.testing.assert_array_equal(grid.total, pred.total)
+    assert stats.predict(sched, lr=np.float64(0.25)).total.tolist() == [pred.total[1]]
+    with pytest.raises(ValueError, match=r"^steps must be at most 2\^53 .* a 401-digit number$"):
+        stats.predict(Online(steps=10**400, batch_size=1), lr=0.1)
+    with pytest.raises(ValueError, match=r"^batch_size must be at most 2\^53 .* 9007199254740993$"):
+        stats.predict(Online(steps=1, batch_size=2**53 + 1), lr=0.1)

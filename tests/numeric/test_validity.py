@@ -210,10 +210,9 @@ def test_ladder_loss_is_the_exact_loss_the_per_sample_hessians_add(batch_size, s
         with_a = expected_loss(loss, rows, zero, sched, lr=lr)
         exact.append(with_a - expected_loss(loss, flat, zero, sched, lr=lr))
     assert exact[-1] > 1e-3  # the ladder is there to be found
-    cov = np.cov(gs.T, bias=True)
     t = torch.as_tensor
     got = ladder_loss(
-        t(h), t(hs), t(gs.mean(0)), t(cov), lr=[lr], steps=list(range(steps + 1)),
+        t(h), t(hs), t(gs.mean(0)), t(gs), lr=[lr], steps=list(range(steps + 1)),
         batch_size=batch_size,
     )[0]  # fmt: skip
     np.testing.assert_allclose(got, exact, rtol=1e-10, atol=1e-14)
@@ -228,15 +227,18 @@ def test_ladder_loss_inputs_and_limits():
     one = torch.ones(1, 1, dtype=torch.float64)
     same = torch.ones(3, 1, 1, dtype=torch.float64)  # every H_i = H: no ladder
     g = torch.ones(1, dtype=torch.float64)
-    assert ladder_loss(one, same, g, one, lr=[0.1, 0.5], steps=[0, 10]).tolist() == [[0, 0]] * 2
+    gs = torch.tensor([[0.0], [1.0], [2.0]], dtype=torch.float64)
+    assert ladder_loss(one, same, g, gs, lr=[0.1, 0.5], steps=[0, 10]).tolist() == [[0, 0]] * 2
     spread = torch.tensor([[[0.0]], [[2.0]]], dtype=torch.float64)
-    assert np.isinf(ladder_loss(one, spread, g, one, lr=[5.0], steps=2000)).all()
+    assert np.isinf(ladder_loss(one, spread, g, gs[:2], lr=[5.0], steps=2000)).all()
     with pytest.raises(ValueError, match=r"per_sample_hessians \(n, m, m\), got \(1, 1\)"):
-        ladder_loss(one, one, g, one, lr=[0.1], steps=1)
+        ladder_loss(one, one, g, gs, lr=[0.1], steps=1)
     with pytest.raises(ValueError, match=r"grad must be \(1,\)"):
-        ladder_loss(one, same, torch.ones(2, dtype=torch.float64), one, lr=[0.1], steps=1)
+        ladder_loss(one, same, torch.ones(2, dtype=torch.float64), gs, lr=[0.1], steps=1)
+    with pytest.raises(ValueError, match=r"per_sample_gradients \(3, 1\), got .* and \(2, 1\)"):
+        ladder_loss(one, same, g, gs[:2], lr=[0.1], steps=1)
     with pytest.raises(ValueError, match="steps must be non-negative"):
-        ladder_loss(one, same, g, one, lr=[0.1], steps=[-1])
+        ladder_loss(one, same, g, gs, lr=[0.1], steps=[-1])
 
 
 def test_hessian_ladder_is_nan_without_per_sample_hessians():

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
+from perturb.symbolic import cost
+from perturb.symbolic import diagrams as diagrams_module
 from perturb.symbolic.cost import (
+    EXACT_ORDERS,
     WORK_BUDGET_SECONDS,
     WorkEstimate,
     bell,
@@ -41,13 +42,28 @@ def test_bell_numbers_count_set_partitions():
     assert [bell(m) for m in range(7)] == [len(list(set_partitions(range(m)))) for m in range(7)]
 
 
-def test_rooted_tree_counts_need_no_enumeration():
+def test_rooted_tree_counts_need_no_enumeration(monkeypatch):
+    """Counted work, not seconds: the recurrence enumerates no tree and makes fewer than
+    30³ calls for the 354,426,847,597 trees of 30 nodes."""
     assert [count_rooted_trees(n) for n in range(1, 12)] == [
         len(rooted_trees(n)) for n in range(1, 12)
     ]
-    start = time.perf_counter()
-    assert count_rooted_trees(30) == 354426847597
-    assert time.perf_counter() - start < 0.5
+    cached = diagrams_module.count_rooted_trees
+    calls = []
+
+    def counted(nodes):
+        calls.append(nodes)
+        return cached(nodes)
+
+    def refuse(nodes):
+        raise AssertionError(f"enumerated the trees of {nodes} nodes")
+
+    monkeypatch.setattr(diagrams_module, "count_rooted_trees", counted)  # the recursion's name
+    monkeypatch.setattr(diagrams_module, "_canonical_trees", refuse)
+    cached.cache_clear()
+    assert counted(30) == 354426847597
+    assert sorted(set(calls)) == list(range(1, 31)) and len(calls) < 30**3, len(calls)
+    cached.cache_clear()  # the counts are right, but leave no cache filled under a patch
 
 
 @pytest.mark.parametrize("quantity", ["test", "train", "displacement"])
@@ -83,15 +99,42 @@ def test_terms_bound_the_series(schedule):
             assert estimate.terms == estimate.labellings
 
 
-def test_order_20_answers_at_once_and_is_refused():
-    start = time.perf_counter()
+def _enumerated_by(order: int, monkeypatch) -> list[tuple[int, int]]:
+    """``(nodes, trees)`` of every tree enumeration that estimating ``order`` runs, from
+    empty caches, for every schedule, quantity and re-summation."""
+    real = diagrams_module.rooted_trees
+    seen: list[tuple[int, int]] = []
+
+    def counted(nodes):
+        trees = real(nodes)
+        seen.append((nodes, len(trees)))
+        return trees
+
+    monkeypatch.setattr(cost, "rooted_trees", counted)
+    cost.labellings.cache_clear()
+    for s in SCHEDULES:
+        for q in ("test", "gap"):
+            for r in (False, True):
+                estimate_work(order, s, quantity=q, resummed=r)
+    cost.labellings.cache_clear()  # computed under the patch: leave no cache behind
+    return seen
+
+
+def test_order_20_answers_at_once_and_is_refused(monkeypatch):
+    """Counted work, not seconds: above EXACT_ORDERS the labellings come from formulas,
+    so order 20 enumerates exactly the trees order 10 does (those of at most 11 nodes,
+    once per quantity: 2 × 3047), nothing that grows with the order."""
+    seen = _enumerated_by(20, monkeypatch)
+    assert seen == _enumerated_by(EXACT_ORDERS, monkeypatch)
+    assert max(nodes for nodes, _ in seen) == EXACT_ORDERS + 1
+    sizes = sum(count_rooted_trees(n) for n in range(1, EXACT_ORDERS + 2))
+    assert sizes == 3047 and sum(k for _, k in seen) == 2 * sizes  # test and train
     estimates = [
         estimate_work(20, s, quantity=q, resummed=r)
         for s in SCHEDULES
         for q in ("test", "gap")
         for r in (False, True)
     ]
-    assert time.perf_counter() - start < 1.0
     for e in estimates:
         assert e.diagrams > 1e12 and e.seconds > 1e6 and e.memory_bytes > 1e12
         with pytest.raises(ValueError, match=r"order 20: about .* diagrams.*pass --force"):

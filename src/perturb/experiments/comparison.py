@@ -75,11 +75,13 @@ from perturb.experiments.baselines import (
     sde_test_loss,
     stationary_excess_loss,
 )
-from perturb.experiments.judging import judge, validity_lines
+from perturb.experiments.judging import judge, trial_lines, validity_lines
+from perturb.experiments.outputs import COMPARISON_FILES, claims_out, staged
 from perturb.experiments.pipeline import (
     DEFAULT_PRETRAIN_LR,
     Setup,
     Start,
+    check_trials_budget,
     curve_intervals,
     json_ready,
     load_population,
@@ -105,8 +107,12 @@ from perturb.experiments.predictors import (
 from perturb.numeric.predictions import UNSTABLE_GROWTH
 from perturb.numeric.stability import per_sample_top_curvatures
 from perturb.numeric.statistics import Statistics
+from perturb.numeric.trust import resolution
 from perturb.numeric.validity import (
     curvature_radius,
+    displacement_ratio,
+    ladder_estimate,
+    loss_spread,
     mean_square_excess,
     overshoot,
     rms_displacement,
@@ -136,11 +142,15 @@ class Comparison:
             ``‖G‖``, checkpoint and pretraining of the start; ``quadratic_model``:
             ``"materialized"``, ``"projected"`` or ``None``; ``resummed_krylov``: the
             extreme Ritz values and, per re-summed predictor, its ranks, largest ``k``
-            vs ``k/2`` difference and growth).
+            vs ``k/2`` difference and growth; ``loss_limit``:
+            :meth:`~perturb.experiments.simulation.Trials.limits`).
         predictors: names of the predictors, in table order.
         rows: one record per ``(η, B, T)``: ``lr``, ``batch_size``, ``steps``, ``eta_t``,
-            ``actual`` (SGD mean), ``ci_half`` (95% half-width), ``trials`` (finite
-            trials), ``divergent``, ``predictions[name] = {"value", "error_ci",
+            ``actual`` (SGD mean over every finite trial), ``ci_half`` (95% half-width),
+            ``trials`` (finite trials), ``dropped`` (trials blown up by ``T``: a loss or
+            parameter not finite), ``above_limit`` (trials above ``config["loss_limit"]``,
+            still averaged), ``divergent`` (every trial blown up),
+            ``predictions[name] = {"value", "error_ci",
             "unstable", "error_estimate", "trusted"}`` with ``error_ci = (value −
             actual)/ci_half``, ``unstable`` whether the value blew up (shown as
             ``unstable``), and the validity estimate; and ``validity`` (the
@@ -181,6 +191,7 @@ class Comparison:
                 f"{actual:>21} " + " ".join(cells)
             )
         lines += ["", "(error) = (prediction − SGD mean) / CI half-width; |error| > 1: outside."]
+        lines += trial_lines(self.rows, self.config["trials"], self.config.get("loss_limit"))
         lines += [f"{name}: {why}" for name, why in self.notes.items()]
         if self.validity:
             lines += ["", "validity estimate (from the statistics at θ_0, before any run):"]
@@ -206,7 +217,8 @@ class Comparison:
         verdict."""
         buf = io.StringIO()
         writer = csv.writer(buf)
-        base = ["lr", "batch_size", "steps", "eta_t", "actual", "ci_half", "trials", "divergent"]
+        base = ["lr", "batch_size", "steps", "eta_t", "actual", "ci_half", "trials", "dropped"]
+        base += ["above_limit", "divergent"]
         names = list(self.predictors)
         fields = ["value", "error_ci", "unstable", "error_estimate", "trusted"]
         writer.writerow(base + [n if f == "value" else f"{n} {f}" for f in fields for n in names])
@@ -218,14 +230,25 @@ class Comparison:
         return buf.getvalue()
 
     def write(self, out: str | Path) -> list[Path]:
-        """Write ``compare.json``, ``compare.csv`` and ``compare.png`` into ``out``."""
+        """Write ``compare.json``, ``compare.csv`` and ``compare.png`` into ``out``.
+
+        All three replace those of an earlier run at once, and only when all are written
+        (:func:`perturb.experiments.outputs.staged`); ``out`` is checked and locked first.
+
+        Returns:
+            The paths written.
+        """
+        with staged(out, known=COMPARISON_FILES) as folder:
+            self._write_into(folder)
+        return [Path(out) / name for name in COMPARISON_FILES]
+
+    def _write_into(self, out: Path) -> list[Path]:
+        """:meth:`write` into the folder ``out`` (a fresh one: no file left from before)."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
         paths = [out / "compare.json", out / "compare.csv", out / "compare.png"]
         paths[0].write_text(json.dumps(self.to_dict(), indent=2))
         paths[1].write_text(self.to_csv())
@@ -293,6 +316,7 @@ def _cell(entry: dict[str, Any]) -> str:
     return f"{entry['value']:9.5f} ({entry['error_ci']:+6.1f})"
 
 
+@claims_out  # out is checked and locked before any work
 def compare(
     *,
     dataset: str = "digits",
@@ -315,6 +339,8 @@ def compare(
     max_hessian_parameters: int = 4000,
     krylov_rank: int = 128,
     krylov_higher_rank: int = 32,
+    max_memory: float | None = None,
+    force: bool = False,
 ) -> Comparison:
     """Run SGD on a grid of ``(η, B, T)`` and put every theory's prediction beside it.
 
@@ -359,6 +385,10 @@ def compare(
             largest difference between the predictions of rank ``k`` and ``k/2``.
         krylov_higher_rank: ``k_3 ≤ k``, the basis vectors the per-sample Hessians and
             third derivatives of the three-edge diagrams are projected on.
+        max_memory: bytes the SGD trials may take (default 4 GiB); their time and
+            memory are estimated before anything is measured
+            (:func:`~perturb.experiments.pipeline.check_trials_budget`).
+        force: run even when that estimate is over one hour or ``max_memory``.
 
     Returns:
         A :class:`Comparison`.
@@ -426,6 +456,10 @@ def compare(
     config["start"] = start.to_dict()
     config["parameters"] = setup.parameters
     schedules = {(b, s): Online(steps=s, batch_size=b) for b in batch_sizes for s in steps}
+    check_trials_budget(  # before anything is measured
+        setup, [Online(steps=max(steps), batch_size=b) for b in batch_sizes], lrs=lrs,
+        trials=trials, record=steps, device=device, max_memory=max_memory, force=force,
+    )  # fmt: skip
 
     with timed(timings, "measure_s"):
         stats = measure_at_start(
@@ -437,7 +471,7 @@ def compare(
             higher_rank=krylov_higher_rank,
             progress=progress,
         )
-        _, lams = per_sample_top_curvatures(setup.net, (setup.x, setup.y))
+        _, lams = per_sample_top_curvatures(setup.net, (setup.x, setup.y), progress=progress)
 
     with timed(timings, "simulate_s"):
         runs = {
@@ -450,9 +484,12 @@ def compare(
                 record=steps,
                 device=device,
                 progress=progress,
+                max_memory=max_memory,
+                force=force,
             )
             for i, b in enumerate(batch_sizes)
         }
+    config["loss_limit"] = runs[batch_sizes[0]].limits()
 
     notes: dict[str, str] = {}
     with timed(timings, "hessian_s"):
@@ -470,19 +507,22 @@ def compare(
         h_min, h_max = _spectrum(quad, kind == "projected", result.notes)
         krylov: dict[str, dict[str, Any]] = {}
         estimates: dict[str, dict[tuple[int, int], np.ndarray]] = {}
-        motion = _motion(stats, quad, schedules, lrs, ladders, lams, int(setup.x.shape[0]))
+        motion = _motion(stats, quad, schedules, lrs, ladders, lams, int(setup.x.shape[0]), trials)
+        radius = curvature_radius(stats.subspace) if do_resum else math.inf
         grid = [(b, s) for b in batch_sizes for s in steps]
         for b, s in tqdm(grid, desc="predict", unit="(B, T)", disable=not progress):
             means, halves, column = curve_intervals(runs[b])
             sched = schedules[(b, s)]
-            columns, errors = series_with_estimates(stats, sched, lrs, orders=orders)
+            moved = motion.get((b, s), {}).get("rms_displacement")
+            ratio = None if moved is None else displacement_ratio(moved, radius)
+            columns, errors = series_with_estimates(stats, sched, lrs, orders=orders, ratio=ratio)
             if do_resum:
-                for name, r in _resummed(stats, sched, lrs, krylov).items():
+                for name, r in _resummed(stats, sched, lrs, krylov, ratio).items():
                     columns[name], errors[name] = r.values, r.estimate
             if do_ladder:
                 ladder, ladder_error = (x[:, steps.index(s)] for x in ladders[b])
                 columns[LADDER] = columns["resummed 3"] + ladder
-                errors[LADDER] = errors["resummed 3"] + ladder_error
+                errors[LADDER] = errors["resummed 3"] + ladder_estimate(ladder, ladder_error, ratio)
             anchor = "resummed 2" if do_resum else f"order {max(orders)}"
             rows = []
             for li, lr in enumerate(lrs):
@@ -501,8 +541,8 @@ def compare(
                         "eta_t": float(lr * s),
                         "actual": mean,
                         "ci_half": half,
-                        "trials": int(runs[b].finite[li]),
-                        "divergent": bool(runs[b].is_divergent[li]),
+                        "trials": int(trials - runs[b].curve_dropped[li, column[s]]),
+                        **runs[b].counts_at(li, s),
                         "predictions": {
                             name: _entry(name, v, mean, half, start.loss)
                             for name, v in values.items()
@@ -534,7 +574,7 @@ def compare(
                 why = f"n/a at η = {bad}: ηh_max ≥ 2, no stationary law"
                 _note(result.notes, "stationary", why)
         result.rows.sort(key=lambda r: (r["lr"], r["batch_size"], r["steps"]))
-        config["curvature_radius"] = curvature_radius(stats.subspace) if do_resum else math.inf
+        config["curvature_radius"] = radius
         judge(result, estimates, motion, start_loss=start.loss, key=_key)
         place = {name: i for i, name in enumerate([*RESUMMED, LADDER, *QUADRATIC])}
         result.notes = dict(sorted(notes.items(), key=lambda item: place[item[0]]))
@@ -573,10 +613,10 @@ def _quadratic(
     return None, None
 
 
-def _resummed(stats: Statistics, sched: Online, lrs, krylov: dict) -> dict:
-    """The re-summed predictions of ``sched``; their Krylov error, growth and ranks are
-    accumulated over the grid in ``krylov[name]``."""
-    resummed = resummed_predictions(stats, sched, lrs)
+def _resummed(stats: Statistics, sched: Online, lrs, krylov: dict, ratio) -> dict:
+    """The re-summed predictions of ``sched`` (``ratio``: their estimates' floor); their
+    Krylov error, growth and ranks are accumulated over the grid in ``krylov[name]``."""
+    resummed = resummed_predictions(stats, sched, lrs, ratio=ratio)
     track_resummed(krylov, resummed)
     return resummed
 
@@ -586,9 +626,12 @@ def _key(row: dict) -> tuple[int, int]:
     return int(row["batch_size"]), int(row["steps"])
 
 
-def _motion(stats, quad, schedules: dict, lrs, ladders: dict, lams, population: int) -> dict:
-    """Per ``(B, T)``: the displacement of the quadratic model, the mean-square excess,
-    the Hessian ladder (``ladders[B]``) and the single-sample overshoot, per rate."""
+def _motion(
+    stats, quad, schedules: dict, lrs, ladders: dict, lams, population: int, trials: int
+) -> dict:
+    """Per ``(B, T)``: the displacement of the quadratic model, the predicted spread of
+    the loss and the resolution of ``trials`` runs, the mean-square excess, the Hessian
+    ladder (``ladders[B]``) and the single-sample overshoot, per rate."""
     if quad is None:
         return {}
     sub = stats.subspace
@@ -601,10 +644,14 @@ def _motion(stats, quad, schedules: dict, lrs, ladders: dict, lams, population: 
         ladder = ladders[b][0]
         for j, s in enumerate(steps):
             kicks = overshoot(lams, lr=lrs, steps=s, batch_size=b, population=population)
+            sched = schedules[(b, s)]
+            spread = loss_spread(quad.hess, quad.grad, quad.cov, lr=lrs, schedule=sched)
             out[(b, s)] = {
                 "rms_displacement": rms_displacement(
-                    quad.hess, quad.grad, quad.cov, lr=lrs, schedule=schedules[(b, s)]
+                    quad.hess, quad.grad, quad.cov, lr=lrs, schedule=sched
                 ),
+                "loss_spread": spread,
+                "resolution": resolution(spread, trials=trials),
                 "mean_square_excess": excess[:, j],
                 **({} if np.isnan(ladder).all() else {"hessian_ladder": ladder[:, j]}),
                 **kicks,

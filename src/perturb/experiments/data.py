@@ -12,7 +12,9 @@ Supported names for :func:`load_dataset`:
 * ``"cifar10"``: the "python version" of CIFAR-10 exactly as distributed
   (``cifar-10-batches-py/data_batch_1`` ... ``test_batch``), read with a restricted unpickler.
 * ``"npz:PATH"``: a NumPy ``.npz`` archive holding arrays ``x`` and ``y`` (and optionally
-  ``x_test`` and ``y_test`` for the test split).
+  ``x_test`` and ``y_test`` for the test split); ``x`` of shape ``(n, C, H, W)``, greyscale
+  images ``(n, H, W)`` or tabular rows ``(n, d)`` (kept as sequences ``(n, 1, d)``: one
+  channel of ``d`` features, for ``--model mlp``).
 
 All images are returned as float32 tensors of shape ``(n, C, H, W)`` with values in ``[0, 1]``
 (``npz`` float data is kept as stored), labels as int64 tensors of shape ``(n,)``.
@@ -39,10 +41,13 @@ import torch
 
 from perturb.errors import DataError
 
-__all__ = ["DATASET_NAMES", "DataError", "Dataset", "load_dataset"]
+__all__ = ["DATASET_NAMES", "SPARSE_LABEL_FACTOR", "DataError", "Dataset", "load_dataset"]
 
 #: Canonical dataset names accepted by :func:`load_dataset` (plus ``"npz:PATH"``).
 DATASET_NAMES: tuple[str, ...] = ("digits", "mnist1d", "fashion-mnist", "cifar10", "npz:PATH")
+
+#: ``npz`` labels are refused when the largest exceeds this many times the distinct ones.
+SPARSE_LABEL_FACTOR = 100
 
 _MNIST1D_SAMPLES = 5000  # the package's default: 4,000 train + 1,000 test sequences of length 40
 _MNIST1D_SEED = 42
@@ -228,7 +233,11 @@ class Dataset:
 
 
 def load_dataset(
-    name: str, *, data_dir: str | os.PathLike[str] | None = None, split: str = "train"
+    name: str,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    split: str = "train",
+    allow_sparse_labels: bool = False,
 ) -> Dataset:
     """Load a dataset by name, never downloading anything.
 
@@ -242,6 +251,9 @@ def load_dataset(
             contain ``cifar-10-batches-py/`` or be that folder itself.
         split: ``"train"`` or ``"test"``. For ``npz`` files the test split is read from arrays
             ``x_test``/``y_test``.
+        allow_sparse_labels: ``npz``: accept labels whose largest value is more than
+            :data:`SPARSE_LABEL_FACTOR` times the number of distinct labels (the model
+            gets ``max label + 1`` outputs); refused by default.
 
     Returns:
         The requested split as a :class:`Dataset` (float32 ``x``: images in ``[0, 1]``,
@@ -261,7 +273,7 @@ def load_dataset(
     if split not in _SPLITS:
         raise DataError(f"split must be one of {_SPLITS}, got {split!r}")
     if name.lower().startswith("npz:"):
-        return _load_npz(name[4:], split=split)
+        return _load_npz(name[4:], split=split, allow_sparse_labels=allow_sparse_labels)
     key = _ALIASES.get(name.strip().lower().replace("_", "-"))
     if key is None:
         raise DataError(
@@ -623,7 +635,32 @@ def _check_npz_magic(path: Path) -> None:
     )
 
 
-def _load_npz(path_str: str, *, split: str) -> Dataset:
+def _check_npz_labels(path: Path, y: np.ndarray, all_labels: list, *, allow_sparse: bool) -> None:
+    """Warn for one row or one class; refuse labels implying far more classes than occur."""
+    if y.shape[0] == 1:
+        warnings.warn(
+            f"npz file {str(path)!r} has one row: SGD samples the same point every step "
+            "and there is no sampling noise to predict",
+            stacklevel=3,
+        )
+    labels = np.unique(np.concatenate([a.reshape(-1) for a in all_labels]))
+    if labels.size == 1:
+        warnings.warn(
+            f"npz file {str(path)!r} has one class (label {int(labels[0])}): the "
+            "cross-entropy of one class is 0 whatever the model, so SGD does not move",
+            stacklevel=3,
+        )
+    top = int(labels.max()) + 1 if labels.size else 1
+    if top > SPARSE_LABEL_FACTOR * labels.size and not allow_sparse:
+        raise DataError(
+            f"npz file {str(path)!r}: labels up to {top - 1} imply {top} classes but only "
+            f"{labels.size} distinct labels occur (more than {SPARSE_LABEL_FACTOR}x): the "
+            f"model would get {top} outputs; relabel them 0..{labels.size - 1} "
+            "(numpy.unique(y, return_inverse=True)) or pass allow_sparse_labels=True"
+        )
+
+
+def _load_npz(path_str: str, *, split: str, allow_sparse_labels: bool = False) -> Dataset:
     if not path_str:
         raise DataError("npz dataset needs a path: use 'npz:/path/to/file.npz'")
     path = Path(path_str).expanduser()
@@ -650,12 +687,12 @@ def _load_npz(path_str: str, *, split: str) -> Dataset:
             f"corrupt npz file {str(path)!r}: expected a readable NumPy .npz archive, got "
             f"a damaged one ({err}); re-create it with numpy.savez(path, x=..., y=...)"
         ) from err
-    if x.ndim == 3:
-        x = x[:, None, :, :]
-    if x.ndim != 4:
+    if x.ndim in (2, 3):  # tabular rows (n, d): one channel of d; greyscale (n, H, W)
+        x = x[:, None]
+    if x.ndim not in (3, 4) or min(x.shape[1:], default=0) < 1:
         raise DataError(
-            f"corrupt npz file {str(path)!r}: expected {xkey!r} of shape (n, C, H, W) or "
-            f"(n, H, W), got shape {x.shape}"
+            f"corrupt npz file {str(path)!r}: expected {xkey!r} of shape (n, C, H, W), "
+            f"(n, H, W) or (n, d), got shape {x.shape}"
         )
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise DataError(f"corrupt npz file {str(path)!r}: {xkey!r} has dtype {x.dtype}")
@@ -675,6 +712,7 @@ def _load_npz(path_str: str, *, split: str) -> Dataset:
         )
     if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
         raise DataError(f"corrupt npz file {str(path)!r}: {xkey!r} contains NaN or inf")
+    _check_npz_labels(path, y, all_labels, allow_sparse=allow_sparse_labels)
     num_classes = max((int(a.max()) + 1 for a in all_labels if a.size), default=1)
     scale = 255.0 if x.dtype == np.uint8 else 1.0
     return _make(f"npz:{path_str}", x, y, num_classes, scale=scale)

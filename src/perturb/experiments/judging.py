@@ -1,18 +1,22 @@
 """A validity estimate on every prediction of a validation run, and its calibration.
 
 Each prediction gets an ``error_estimate`` (same units as its value, from the theory:
-:mod:`perturb.numeric.validity`) and a verdict ``trusted``: finite and not blown up,
-an estimate at most :data:`~perturb.numeric.validity.TRUST_FRACTION` of the change it
-predicts, the root-mean-square displacement of the quadratic model within the radius
-``ρ = ‖H‖/‖J‖`` over which the frozen statistics hold, and no mean-square instability
-(:data:`~perturb.numeric.validity.MEAN_SQUARE_EXCESS`), nor a single sample whose step
-overshoots (``ηλ_max(H_i)/B >`` :data:`OVERSHOOT`, the sample expected to be drawn:
-:func:`perturb.numeric.stability.per_sample_top_curvatures`).  None of it looks at the SGD
+:mod:`perturb.numeric.validity`; its geometric continuation never shrinks slower than the
+quadratic model's displacement against ``ρ = ‖H‖/‖J‖``) and a verdict ``trusted``, by the
+rule :func:`perturb.numeric.trust.trust_mask` that ``Statistics.trust`` and
+``perturb predict`` apply too: finite and not blown up, no mean-square instability, no
+single sample whose step overshoots (``ηλ_max(H_i)/B >`` :data:`OVERSHOOT`) once it is
+expected to be drawn, and an estimate at most a tenth of the change it predicts or at most
+the resolution of the run's ``trials`` (the predicted spread of SGD's loss,
+:func:`perturb.numeric.validity.loss_spread`, as a 95% half-width).  None of it looks at the SGD
 runs; :func:`judge` then compares with them: per predictor the fraction of trusted
 rows within ``error_estimate`` plus the interval's half-width (the calibration), the
 fraction of rows off by more than 10 half-widths that it called untrusted,
 "trusted up to ηT ≈ …", the largest ``ηt`` below the first untrusted one, and the
-largest ``ηt`` up to which it actually stays within 2 half-widths at every row.
+largest ``ηt`` up to which it actually stays within 2 half-widths at every row.  A row is
+compared whenever its trials give a mean and an interval: it is left out only where every
+trial blew up (non-finite), so a learning rate whose runs climb over a bump and come back
+stays in the calibration.
 
 Example:
     >>> from types import SimpleNamespace
@@ -33,14 +37,19 @@ from typing import Any
 
 import numpy as np
 
-from perturb.numeric.validity import MEAN_SQUARE_EXCESS, TRUST_FRACTION
+from perturb.numeric.trust import OVERSHOOT, trust_mask
 
-__all__ = ["FAR_OFF", "OVERSHOOT", "WITHIN", "by_steps", "half_width", "judge", "validity_lines"]
+__all__ = [
+    "FAR_OFF",
+    "OVERSHOOT",
+    "WITHIN",
+    "by_steps",
+    "half_width",
+    "judge",
+    "trial_lines",
+    "validity_lines",
+]
 
-OVERSHOOT = 2.0
-"""A single sample's step amplifies a deviation along its top curvature once
-``ηλ_max(H_i)/B`` exceeds this (``|1 − ηλ/B| > 1``); such a row is untrusted once the
-overshooting samples are expected to be drawn at least once."""
 FAR_OFF = 10.0
 """Rows off by more than this many interval half-widths must be called untrusted."""
 WITHIN = 2.0
@@ -71,8 +80,8 @@ def judge(
     Args:
         result: a :class:`~perturb.experiments.validation.ValidationResult` or a
             :class:`~perturb.experiments.comparison.Comparison` (``rows`` with ``lr``,
-            ``eta_t``, ``actual``, ``divergent``, the interval as ``ci_low``/``ci_high``
-            or ``ci_half``; ``config`` with ``lrs`` and optionally
+            ``eta_t``, ``actual``, ``divergent`` (every trial blew up), the interval as
+            ``ci_low``/``ci_high`` or ``ci_half``; ``config`` with ``lrs`` and optionally
             ``curvature_radius``; ``validity``).
         estimates: ``{name: {key: (L,) error estimates}}``.
         motion: ``{key: {"rms_displacement": (L,), "mean_square_excess": (L,)}}``,
@@ -102,31 +111,35 @@ def judge(
         }
         if rung is not None:  # measured only with per-sample Hessians in the subspace
             row["validity"]["hessian_ladder"] = float(rung[li])
-        frozen_ok = (
-            not moved > radius
-            and not excess > MEAN_SQUARE_EXCESS
-            and not (kick > OVERSHOOT and draws >= 1.0)
-        )
+        res = where.get("resolution") if where is not None else None
+        spread = where.get("loss_spread") if where is not None else None
+        row["validity"]["resolution"] = math.nan if res is None else float(res[li])
+        row["validity"]["loss_spread"] = math.nan if spread is None else float(spread[li])
         for name, entry in row["predictions"].items():
             by_step = estimates.get(name, {})
             est = float(np.asarray(by_step[s])[li]) if s in by_step else math.inf
             entry["error_estimate"] = est
-            change = abs(entry["value"] - start_loss)
             entry["trusted"] = bool(
-                frozen_ok
-                and not entry["unstable"]
-                and math.isfinite(est)
-                and est <= TRUST_FRACTION * change
-            )
+                trust_mask(
+                    np.array([est]), np.array([entry["value"]]), start_loss=start_loss,
+                    resolution=0.0 if res is None else float(np.nan_to_num(res[li])),
+                    unstable=bool(entry["unstable"]), excess=excess, overshoot=kick,
+                    overshoot_draws=draws,
+                )[0]
+            )  # fmt: skip
     result.validity = _summary(result.rows)
 
 
 def _summary(rows: list[dict]) -> dict[str, dict[str, Any]]:
-    """Per predictor: trusted horizon, calibration, and far-off rows called untrusted."""
+    """Per predictor: trusted horizon, calibration, and far-off rows called untrusted.
+
+    A row is compared unless it has no interval: every trial blew up (``divergent``), or
+    fewer than two are left.  Trials that climbed high and came back are in its mean.
+    """
     out: dict[str, dict[str, Any]] = {}
     names = list(rows[0]["predictions"]) if rows else []
+    compared = [r for r in rows if not r["divergent"] and math.isfinite(half_width(r))]
     for name in names:
-        compared = [r for r in rows if not r["divergent"]]
         untrusted_at = [r["eta_t"] for r in rows if not r["predictions"][name]["trusted"]]
         first_bad = min(untrusted_at, default=math.inf)
         horizon = max((r["eta_t"] for r in rows if r["eta_t"] < first_bad), default=None)
@@ -185,19 +198,32 @@ def validity_lines(validity: dict[str, dict[str, Any]]) -> list[str]:
     """The table's lines: per predictor its trusted horizon, the horizon it actually
     stays within 2 half-widths (when known), and the calibration.
 
+    The horizon is the largest ``ηT`` below the first untrusted row; the calibration
+    counts every compared row the predictor trusts, at any ``ηT`` (trust need not be
+    monotone in ``ηT``), so a predictor untrusted at the smallest ``ηT`` is "never
+    trusted" only when it trusts no row at all.
+
     Example:
         >>> validity_lines({"order 1": {"trusted_up_to": 0.2, "trusted_rows": 4,
         ...                 "calibration": 0.75, "far_off_rows": 0, "far_off_untrusted": None}})
-        ['          order 1: trusted up to ηT ≈ 0.2; 3/4 trusted rows within estimate + CI']
+        ['          order 1: trusted up to ηT ≈ 0.2; 3/4 rows it trusts within estimate + CI']
+        >>> (line,) = validity_lines({"p": {"trusted_up_to": None, "trusted_rows": 2,
+        ...     "calibration": 1.0, "far_off_rows": 0, "far_off_untrusted": None}})
+        >>> print(line.strip())
+        p: untrusted at the smallest ηT; 2/2 rows it trusts (at larger ηT) within estimate + CI
     """
     lines = []
     for name, v in validity.items():
         horizon = v["trusted_up_to"]
-        where = "never trusted" if horizon is None else f"trusted up to ηT ≈ {horizon:g}"
+        if horizon is not None:
+            where = f"trusted up to ηT ≈ {horizon:g}"
+        else:
+            where = "untrusted at the smallest ηT" if v["trusted_rows"] else "never trusted"
         calib = ""
         if v["trusted_rows"]:
             hits = round(v["calibration"] * v["trusted_rows"])
-            calib = f"; {hits}/{v['trusted_rows']} trusted rows within estimate + CI"
+            later = " (at larger ηT)" if horizon is None else ""
+            calib = f"; {hits}/{v['trusted_rows']} rows it trusts{later} within estimate + CI"
         far = ""
         if v["far_off_rows"]:
             called = round(v["far_off_untrusted"] * v["far_off_rows"])
@@ -205,4 +231,40 @@ def validity_lines(validity: dict[str, dict[str, Any]]) -> list[str]:
         stays = v.get("within_2ci_up_to")
         actual = "" if stays is None else f" (actually within {WITHIN:g} CI up to ηT ≈ {stays:g})"
         lines.append(f"{name:>17}: {where}{actual}{calib}{far}")
+    return lines
+
+
+def trial_lines(rows: list[dict], trials: int, limit: dict[str, float] | None) -> list[str]:
+    """The table's lines on the SGD trials behind the means, per learning rate.
+
+    How many trials blew up (a loss or parameter not finite) and were left out of the
+    mean, and how many went above the reported loss limit ``f·max(l(θ_0), l(0))``
+    (:meth:`perturb.experiments.simulation.Trials.limits`) and were averaged all the
+    same: the most over the rows of each learning rate (their ``dropped`` and
+    ``above_limit``).  No line when none did.
+
+    Example:
+        >>> rows = [{"lr": 0.2, "dropped": 0, "above_limit": 3},
+        ...         {"lr": 0.5, "dropped": 2, "above_limit": 0}]
+        >>> for line in trial_lines(rows, 500, {"limit": 11.0, "start": 0.0064, "scale": 1.1}):
+        ...     print(line)
+        blew up (not finite), left out of the mean: η = 0.5: 2/500
+        above 11 = 10 × max(l(θ_0) = 0.0064, l(0) = 1.1), still in the mean: η = 0.2: 3/500
+    """
+
+    def most(key: str) -> str:
+        worst: dict[float, int] = {}
+        for r in rows:
+            if r.get(key, 0) > 0:
+                worst[r["lr"]] = max(worst.get(r["lr"], 0), int(r[key]))
+        return ", ".join(f"η = {lr:g}: {n}/{trials}" for lr, n in worst.items())
+
+    lines = []
+    if dropped := most("dropped"):
+        lines.append(f"blew up (not finite), left out of the mean: {dropped}")
+    if (above := most("above_limit")) and limit is not None:
+        level = max(v for v in (limit["start"], limit["scale"], 0.0) if math.isfinite(v))
+        factor = f"{limit['limit'] / level:g} × " if level > 0 else ""
+        where = f"{limit['limit']:.4g} = {factor}max(l(θ_0) = {limit['start']:.4g}, "
+        lines.append(f"above {where}l(0) = {limit['scale']:.4g}), still in the mean: {above}")
     return lines

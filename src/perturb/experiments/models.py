@@ -170,7 +170,8 @@ def mlp(
     """A fully connected network with analytic activations.
 
     Args:
-        input_shape: ``(C, H, W)`` of one input (flattened by the first layer).
+        input_shape: ``(C, H, W)`` or ``(C, L)`` of one input (flattened by the first
+            layer), e.g. ``(1, d)`` for the tabular rows of an ``npz`` dataset.
         num_classes: Number of output logits.
         hidden: Widths of the hidden layers (empty for a linear model).
         activation: ``"tanh"`` or ``"softplus"``.
@@ -183,6 +184,8 @@ def mlp(
         >>> net = mlp((1, 8, 8), 10, hidden=(32,))
         >>> net(torch.zeros(3, 1, 8, 8)).shape, sum(p.numel() for p in net.parameters())
         (torch.Size([3, 10]), 2410)
+        >>> mlp((1, 13), 3)(torch.zeros(5, 1, 13)).shape  # 5 tabular rows of 13 features
+        torch.Size([5, 3])
     """
     shape = _check_shape(input_shape)
     if num_classes < 1 or any(int(k) < 1 for k in hidden):

@@ -39,9 +39,10 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +56,14 @@ from perturb.experiments.baselines import QuadraticModel, mean_hessian, per_samp
 from perturb.experiments.data import Dataset, load_dataset
 from perturb.experiments.models import build_model, load_checkpoint
 from perturb.experiments.simulation import Trials, model_loss, simulate
+from perturb.experiments.simulation_cost import TrialsEstimate, check_trials, estimate_trials
+from perturb.experiments.simulation_setup import make_setup
+from perturb.numeric.adapters import check_forward
 from perturb.numeric.intervals import t_half_width
 from perturb.numeric.measuring import Statistics, measure
+from perturb.numeric.trust import blown_up
 from perturb.symbolic.options import make_schedule
-from perturb.symbolic.schedules import GD, Epochs, Online, Schedule
+from perturb.symbolic.schedules import Schedule, cut
 
 __all__ = [
     "DEFAULT_PRETRAIN_LR",
@@ -66,6 +71,7 @@ __all__ = [
     "Setup",
     "Start",
     "build",
+    "check_trials_budget",
     "ci_error",
     "curve_intervals",
     "cut",
@@ -74,6 +80,7 @@ __all__ = [
     "json_ready",
     "load_population",
     "measure_at_start",
+    "one_thread",
     "prediction_entry",
     "pretrain",
     "quadratic_model",
@@ -84,10 +91,10 @@ __all__ = [
     "timed",
 ]
 
-DEFAULT_PRETRAIN_LR = 1.0
-"""Learning rate of :func:`pretrain`: 200 steps take the digits convnet from 2.392 to 0.558."""
-UNSTABLE_FACTOR = 10.0
-"""A loss prediction is unstable beyond ``UNSTABLE_FACTOR·l(θ_0)`` outside ``[0, 10·l(θ_0)]``."""
+DEFAULT_PRETRAIN_LR = 0.3
+"""Learning rate of :func:`pretrain`: 200 steps take the digits convnet from 2.392 to 1.674,
+stable all the way (the largest Hessian eigenvalue stays below ``2/0.3``; at lr 1 it
+passes 2 by step 50, and the end point then depends on rounding)."""
 
 # the sizes an experiment fills in when they are not given (only where they apply)
 _DEFAULTS = {"online": {"steps": 100, "batch_size": 1}, "epochs": {"batch_size": 1, "epochs": 1}}
@@ -144,6 +151,7 @@ def recorded_steps(schedule: Schedule, records: int, *, log: bool = False) -> li
     that round alike are kept once, so there may be fewer than ``records``).
 
     Example:
+        >>> from perturb.symbolic.schedules import Epochs, Online
         >>> recorded_steps(Online(steps=100, batch_size=1), 5)
         [20, 40, 60, 80, 100]
         >>> recorded_steps(Online(steps=1000, batch_size=1), 5, log=True)
@@ -161,27 +169,6 @@ def recorded_steps(schedule: Schedule, records: int, *, log: bool = False) -> li
     else:
         grid = [last * (i + 1) / records for i in range(records)]
     return [k * unit for k in sorted({max(1, round(v)) for v in grid})]
-
-
-def cut(schedule: Schedule, steps: int) -> Schedule:
-    """The schedule's first ``steps`` steps, itself a schedule (for epochs: whole epochs).
-
-    Example:
-        >>> cut(GD(train_size=8, steps=10), 4).steps
-        4
-        >>> cut(Epochs(train_size=4, batch_size=2, epochs=3), 4).epochs
-        2
-    """
-    if schedule.name == "epochs":
-        return Epochs(
-            train_size=int(schedule.train_size),
-            batch_size=int(schedule.batch_size),
-            epochs=steps // int(schedule.batches),
-            shuffle=schedule.shuffle,
-        )
-    if schedule.name == "gd":
-        return GD(train_size=int(schedule.train_size), steps=steps)
-    return Online(steps=steps, batch_size=int(schedule.batch_size))
 
 
 def record_every(steps: Sequence[int]) -> int:
@@ -277,7 +264,10 @@ def build(
         load_checkpoint(net, checkpoint)
     net = net.to(device)
     loss_fn, theta0 = model_loss(net)
-    return Setup(data, net, data.x.to(device), data.y.to(device), loss_fn, theta0)
+    x = data.x.to(device=device, dtype=theta0.dtype)  # a float64 model reads float64 inputs
+    y = data.y.to(device)
+    check_forward(loss_fn, theta0, (x, y), model=net)
+    return Setup(data, net, x, y, loss_fn, theta0)
 
 
 def _loss_and_gradient(setup: Setup, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,11 +286,38 @@ def _loss_and_gradient(setup: Setup, theta: torch.Tensor) -> tuple[torch.Tensor,
     return total / n, grad / n
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch's intra-op threads set to one inside the block (restored after): a fixed
+    reduction order, so sums over rows round the same whatever the thread count.
+
+    Example:
+        >>> with one_thread():
+        ...     torch.get_num_threads()
+        1
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def pretrain(setup: Setup, *, steps: int, lr: float, progress: bool = False) -> Setup:
     """``steps`` steps of full-batch gradient descent on the population, from ``θ_0``.
 
-    Deterministic: ``θ ← θ − lr·∇L(θ)`` with ``L`` the population's mean loss, in the
-    network's dtype.  The network is copied; the returned setup starts where GD ended.
+    ``θ ← θ − lr·∇L(θ)`` with ``L`` the population's mean loss, computed in float64 on
+    one intra-op thread (:func:`one_thread`: a fixed reduction order), the result cast
+    back to the network's dtype.  So the end point is the same bit for bit whatever
+    ``OMP_NUM_THREADS`` is, and on another machine it differs from this one's only by
+    rounding that GD does not amplify while it is stable, i.e. while ``lr < 2/λ_max(H)``
+    along the path.  Full-batch GD sharpens as it trains (``λ_max`` grows towards
+    ``2/lr``); the default :data:`DEFAULT_PRETRAIN_LR` keeps 200 steps on the digits
+    convnet stable (``λ_max`` from 1.6 to 5.4 < 2/0.3).  A step that raises the loss is a
+    sign of the edge of stability, where the end point depends on rounding: a
+    ``RuntimeWarning`` says so (lower ``lr``).  The network is copied; the returned setup
+    starts where GD ended.
 
     Raises:
         ValueError: a bad ``steps`` or ``lr``, or pretraining that diverged: a loss or
@@ -309,27 +326,45 @@ def pretrain(setup: Setup, *, steps: int, lr: float, progress: bool = False) -> 
 
     Example:
         >>> setup = build("mlp", load_population("digits", population=16, seed=0), seed=0)
-        >>> after = pretrain(setup, steps=20, lr=1.0)
+        >>> after = pretrain(setup, steps=20, lr=0.3)
         >>> float(after.loss_fn(after.theta0, after.x, after.y).mean()) < float(
         ...     setup.loss_fn(setup.theta0, setup.x, setup.y).mean())
         True
     """
     steps = check_int("pretrain steps", steps, minimum=0)
     lr = check_positive("pretrain lr", lr)
-    theta = setup.theta0.detach().clone()
-    limit = math.inf
-    for k in tqdm(range(steps), desc="pretrain", unit="step", disable=not progress):
-        loss, grad = _loss_and_gradient(setup, theta)
-        limit = 10 * abs(float(loss)) if k == 0 else limit
-        theta = theta - lr * grad
-        if not (torch.isfinite(theta).all() and float(loss) <= limit):
-            raise ValueError(
-                f"pretraining diverged at step {k + 1} of {steps} (lr {lr:g}): the loss "
-                f"is {float(loss):.4g}, or a parameter is not finite; lower the pretrain lr"
-            )
+    wide = copy.deepcopy(setup.net).double()
+    x = setup.x.double() if setup.x.is_floating_point() else setup.x
+    loss_fn, theta = model_loss(wide)
+    high = Setup(setup.data, wide, x, setup.y, loss_fn, theta)
+    limit, last, rose = math.inf, math.inf, []
+    with one_thread():
+        for k in tqdm(range(steps), desc="pretrain", unit="step", disable=not progress):
+            loss, grad = _loss_and_gradient(high, theta)
+            limit = 10 * abs(float(loss)) if k == 0 else limit
+            theta = theta - lr * grad
+            if not (torch.isfinite(theta).all() and float(loss) <= limit):
+                raise ValueError(
+                    f"pretraining diverged at step {k + 1} of {steps} (lr {lr:g}): the loss "
+                    f"is {float(loss):.4g}, or a parameter is not finite; lower the pretrain lr"
+                )
+            if float(loss) > last * (1 + 1e-12):
+                rose.append(k)
+            last = float(loss)
+    if rose:
+        warnings.warn(
+            f"pretraining at lr {lr:g} raised the loss at {len(rose)} of {steps} steps "
+            f"(first at step {rose[0]}): GD is past its edge of stability there "
+            "(λ_max > 2/lr), where rounding grows, so the start may differ between "
+            "machines; lower the pretrain lr",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     net = copy.deepcopy(setup.net)
     with torch.no_grad():
-        torch.nn.utils.vector_to_parameters(theta, net.parameters())
+        torch.nn.utils.vector_to_parameters(
+            theta.to(setup.theta0.dtype), [p for p in net.parameters() if p.requires_grad]
+        )
     loss_fn, theta0 = model_loss(net)
     return Setup(setup.data, net, setup.x, setup.y, loss_fn, theta0)
 
@@ -442,6 +477,7 @@ def measure_at_start(
     (:func:`perturb.measure`); the test series is then measured through ``η³`` at least.
 
     Example:
+        >>> from perturb.symbolic.schedules import Online
         >>> setup = build("mlp", load_population("digits", population=4, seed=0), seed=0)
         >>> stats = measure_at_start(setup, order=1, schedules=[Online(steps=2, batch_size=1)])
         >>> len(stats.predict(Online(steps=2, batch_size=1), lr=[0.1], order=1).by_order[0])
@@ -476,13 +512,17 @@ def run_trials(
     record: int | Sequence[int],
     device: str = "cpu",
     progress: bool = False,
+    max_memory: float | None = None,
+    force: bool = False,
 ) -> Trials:
     """``trials`` SGD runs of ``schedule`` from ``θ_0`` per learning rate.
 
     The test loss is recorded every ``record`` steps, or at the steps ``record`` lists
-    (and at 0 and ``T``).
+    (and at 0 and ``T``); ``max_memory`` and ``force`` bound the estimated cost
+    (:func:`check_trials_budget`).
 
     Example:
+        >>> from perturb.symbolic.schedules import Online
         >>> setup = build("mlp", load_population("digits", population=4, seed=0), seed=0)
         >>> run = run_trials(setup, Online(steps=2, batch_size=1), lrs=[0.1], trials=3,
         ...                  seed=0, record=1)
@@ -504,14 +544,66 @@ def run_trials(
         device=device,
         dtype=torch.float32,
         progress=progress,
+        max_memory=max_memory,
+        force=force,
     )
+
+
+def check_trials_budget(
+    setup: Setup,
+    schedules: Sequence[Schedule],
+    *,
+    lrs: Sequence[float],
+    trials: int,
+    record: int | Sequence[int],
+    device: str = "cpu",
+    max_memory: float | None = None,
+    force: bool = False,
+) -> TrialsEstimate:
+    """Refuse, before anything is measured, trials over the time or memory budget.
+
+    The trials of each schedule as :func:`run_trials` runs them, estimated by
+    :func:`~perturb.experiments.simulation_cost.estimate_trials`: their times add up,
+    the memory is the largest one's.
+
+    Returns:
+        The combined estimate.
+
+    Raises:
+        perturb.errors.BudgetError: over one hour or ``max_memory`` (default 4 GiB),
+            unless ``force``; the message gives the estimate.
+
+    Example:
+        >>> from perturb.symbolic.schedules import Online
+        >>> setup = build("mlp", load_population("digits", population=4, seed=0), seed=0)
+        >>> check_trials_budget(setup, [Online(steps=10, batch_size=1)], lrs=[0.1],
+        ...                     trials=8, record=5).pairs
+        8
+    """
+    estimates = []
+    for schedule in schedules:
+        checked = make_setup(
+            setup.loss_fn, setup.theta0, (setup.x, setup.y), schedule, lr=list(lrs),
+            trials=trials, record_every=record if isinstance(record, int) else list(record),
+            device=device, dtype=torch.float32,
+        )  # fmt: skip
+        estimates.append(estimate_trials(checked))
+    largest = max(estimates, key=lambda e: e.memory_bytes)
+    total = replace(
+        largest,
+        pairs=sum(e.pairs for e in estimates),
+        steps=max(e.steps for e in estimates),
+        seconds=sum(e.seconds for e in estimates),
+    )
+    check_trials(total, max_memory=max_memory, force=force)
+    return total
 
 
 def curve_intervals(trials: Trials) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
     """Mean test loss, its 95% t half-width, and the column of each recorded step.
 
-    Means and standard errors are over the trials finite at each step; the degrees of
-    freedom are those of the trials finite at the end.  Shapes ``(L, len(steps))``.
+    Means, standard errors and degrees of freedom are over every trial still finite at
+    each step (only a trial that blew up is left out).  Shapes ``(L, len(steps))``.
 
     Example:
         >>> t = Trials((0.1,), np.array([[1.0, 3.0]]), np.array([[1.0, 3.0]]),
@@ -522,9 +614,10 @@ def curve_intervals(trials: Trials) -> tuple[np.ndarray, np.ndarray, dict[int, i
         ([[2.0, 2.0]], 12.7062, {0: 0, 1: 1})
     """
     means, sems = trials.curve_mean()
+    finite = trials.trials - trials.curve_dropped
     half = np.array(
         [
-            [t_half_width(float(sem), int(trials.finite[li])) for sem in sems[li]]
+            [t_half_width(float(sem), int(n)) for sem, n in zip(sems[li], finite[li], strict=True)]
             for li in range(means.shape[0])
         ]
     ).reshape(means.shape)
@@ -609,23 +702,14 @@ def ci_error(value: float, mean: float, half: float) -> float:
 
 
 def is_unstable(value: float, start_loss: float) -> bool:
-    """Whether a predicted loss is absurd: not finite, or far outside ``[0, 10·l(θ_0)]``.
-
-    A cross-entropy loss is never negative, and SGD is flagged divergent above
-    ``10·l(θ_0)``; a prediction more than ``UNSTABLE_FACTOR·l(θ_0)`` beyond that band,
-    i.e. outside ``[−10·l(θ_0), 20·l(θ_0)]``, is a blow-up of the series, not a value.
-    Without a positive finite ``start_loss`` only non-finite values are unstable.
+    """Whether a predicted loss is absurd (:func:`perturb.numeric.trust.blown_up`: not
+    finite, or outside ``[−10·l(θ_0), 20·l(θ_0)]``), the rule every command shares.
 
     Example:
         >>> [is_unstable(v, 2.0) for v in (1.5, -11.3, -25.0, 41.0, float("inf"))]
         [False, False, True, True, True]
     """
-    if not math.isfinite(value):
-        return True
-    if not (math.isfinite(start_loss) and start_loss > 0):
-        return False
-    margin = UNSTABLE_FACTOR * start_loss
-    return not -margin <= value <= 10 * start_loss + margin
+    return bool(blown_up(value, start_loss))
 
 
 def prediction_entry(value: float, mean: float, half: float, *, start_loss: float) -> dict:

@@ -101,9 +101,11 @@ def series_with_estimates(
     *,
     orders: Sequence[int],
     quantity: str = "test",
+    ratio: np.ndarray | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """:func:`series_predictions` and each one's truncation error estimate
-    (:func:`perturb.numeric.validity.truncation_estimates`), from one prediction.
+    (:func:`perturb.numeric.validity.truncation_estimates`, with ``ratio`` the floor of
+    its geometric continuation, per learning rate), from one prediction.
 
     Example:
         >>> from perturb.experiments.pipeline import build, load_population, measure_at_start
@@ -117,7 +119,7 @@ def series_with_estimates(
     """
     pred = stats.predict(schedule, lr=list(lrs), quantity=quantity, order=max(orders))
     cumulative = np.cumsum(pred.by_order, axis=1)
-    estimates = truncation_estimates(pred.by_order)
+    estimates = truncation_estimates(pred.by_order, ratio=ratio)
     values = {f"order {d}": cumulative[:, d] for d in orders}
     return values, {f"order {d}": estimates[:, d] for d in orders}
 
@@ -177,8 +179,10 @@ def resummed_predictions(
     *,
     orders: Sequence[int] = RESUMMED_ORDERS,
     quantity: str = "test",
+    ratio: np.ndarray | None = None,
 ) -> dict[str, Resummed]:
-    """``"resummed d"`` for each ``d`` in ``orders``, from the measured Krylov subspace.
+    """``"resummed d"`` for each ``d`` in ``orders``, from the measured Krylov subspace
+    (``ratio``: the floor of the estimates' geometric continuation, per learning rate).
 
     Unstable directions are reported in :attr:`Resummed.growth`, not warned about.
 
@@ -201,7 +205,7 @@ def resummed_predictions(
         warnings.simplefilter("ignore", UnstableDirectionWarning)
         pred = stats.predict(schedule, lr=list(lrs), quantity=quantity, order=top, resummed=True)
     cumulative = np.cumsum(pred.by_order, axis=1)
-    estimates = truncation_estimates(pred.by_order, extra=pred.cumulative_error)
+    estimates = truncation_estimates(pred.by_order, extra=pred.cumulative_error, ratio=ratio)
     ranks = stats.subspace.ranks(schedule, quantity, top)
     out = {}
     for d in orders:  # the growth is that of the full rank's Ritz values for every d

@@ -7,17 +7,24 @@ in chunks, :class:`GraphStep` replays the vectorized step as a CUDA graph, and
 :func:`run_trials` runs every (learning rate, trial) pair of a
 :class:`~perturb.experiments.simulation_setup.Setup`, keeping track of divergence.
 
-A trial stays *alive* while every batch loss and its parameters are finite and at most the
-absolute cap ``diverge_above`` in absolute value, and while its test loss at each recorded
-step after 0 and its final test and train losses are finite and at most
-``min(diverge_above, f·L_0)``, with ``f`` the ``diverge_factor`` and
+A trial stays *alive* while every batch loss, its parameters, its test loss at each
+recorded step and its final test and train losses are finite (and, when an absolute cap
+``diverge_above`` is given, at most the cap in absolute value); once dead (*blown up*) its
+parameters are frozen and its later losses are ``NaN``.  No finite loss kills a trial: a
+run that climbs over a bump and comes back stays in every average.  Climbing high is
+reported, as information only, against the limit ``f·max(L_0, L_∅)`` (``f`` the
+``diverge_factor``), with
 
 .. math::
 
-    L_0 = \\frac{1}{n}\\sum_{i=1}^{n} l_{x_i}(θ_0)
+    L_0 = \\frac{1}{n}\\sum_{i=1}^{n} l_{x_i}(θ_0), \\qquad
+    L_∅ = \\frac{1}{n}\\sum_{i=1}^{n} l_{x_i}(0),
 
-the population loss at the shared start ``θ_0`` (the relative limit applies when
-``L_0 > 0``).  Once dead, a trial's parameters are frozen and its later losses are ``NaN``.
+the population loss at the shared start ``θ_0`` and the task's loss scale, the population
+loss at zero parameters (a network whose output vanishes there: ``log C`` for
+cross-entropy over ``C`` classes, the loss of predicting zero for a squared error).  Near a
+minimum ``L_0 ≪ L_∅``, so the limit stays ``f`` times the loss of knowing nothing instead
+of shrinking with ``L_0``.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from perturb.experiments.simulation_setup import LossFn, Setup
+from perturb.experiments.simulation_setup import LossFn, PairIndex, Setup
 
 __all__ = [
     "CUDA_GRAPHS",
@@ -126,14 +133,15 @@ def mean_loss(
     thetas: torch.Tensor,
     x: torch.Tensor,
     y: torch.Tensor,
-    idx: torch.Tensor | None = None,
+    idx: torch.Tensor | PairIndex | None = None,
     *,
     vectorized: bool = True,
 ) -> torch.Tensor:
     """Mean loss ``(1/n) Σ_i l_{x_i}(θ_j)`` of each row ``θ_j`` of ``thetas`` (``(c, P)``).
 
     ``idx`` is ``None`` (all rows of ``x``, shared by every trial) or ``(c, n)`` row
-    indices, one set per trial.  The evaluation is vectorized over trials only for small
+    indices, one set per trial (a tensor, or a :class:`PairIndex` that draws the indices
+    as they are read).  The evaluation is vectorized over trials only for small
     sets (``n < 256``) and ``vectorized``: a large set is a big batch for each trial
     already, and looping over trials then beats ``vmap`` (whose batched convolutions
     become slower grouped ones on CPU).  At most ``2**15`` (trial, sample) losses are held
@@ -185,11 +193,11 @@ def mean_loss(
 
 
 def _test_loss(
-    s: Setup, theta: torch.Tensor, alive: torch.Tensor, vectorized: bool, limit: float
+    s: Setup, theta: torch.Tensor, alive: torch.Tensor, vectorized: bool
 ) -> tuple[np.ndarray, torch.Tensor]:
     """Test losses of the ``(c, P)`` parameters (``NaN`` where dead) and the alive mask."""
     loss = mean_loss(s.loss_fn, theta, s.x_test, s.y_test, vectorized=vectorized)
-    ok = alive & torch.isfinite(loss) & (loss.abs() <= limit)
+    ok = alive & torch.isfinite(loss) & (loss.abs() <= s.cap)
     vals = torch.where(ok, loss, torch.full_like(loss, float("nan")))
     return vals.cpu().numpy(), ok
 
@@ -241,17 +249,18 @@ class Outcome:
     """The raw results of :func:`run_trials`, ``L`` learning rates by ``K`` trials.
 
     Attributes:
-        test_loss: Final test losses, shape ``(L, K)`` (``NaN`` if divergent).
-        train_loss: Final train losses, shape ``(L, K)`` (``NaN`` if divergent).
-        diverged: Divergence flags, shape ``(L, K)``.
+        test_loss: Final test losses, shape ``(L, K)`` (``NaN`` if blown up).
+        train_loss: Final train losses, shape ``(L, K)`` (``NaN`` if blown up).
+        diverged: Whether each trial blew up, shape ``(L, K)``.
         curve: Recorded test losses, shape ``(L, K, S)``.
         start_loss: ``L_0``, the population loss at ``θ_0``.
-        limit: The loss limit ``min(diverge_above, f·L_0)`` (see the module docstring).
+        limit: The reported loss limit ``f·max(L_0, L_∅)`` (see the module docstring).
+        scale: ``L_∅``, the population loss at zero parameters.
 
     Example:
         >>> o = Outcome(np.zeros((1, 2)), np.zeros((1, 2)), np.zeros((1, 2), bool),
-        ...             np.zeros((1, 2, 1)), 2.3, 23.0)
-        >>> o.limit / o.start_loss
+        ...             np.zeros((1, 2, 1)), 0.01, 23.0, 2.3)
+        >>> o.limit / o.scale
         10.0
     """
 
@@ -261,21 +270,26 @@ class Outcome:
     curve: np.ndarray
     start_loss: float
     limit: float
+    scale: float = math.nan
 
 
-def loss_limit(start_loss: float, *, cap: float, factor: float | None) -> float:
-    """The largest evaluated loss a live trial may have: ``min(cap, factor·L_0)``.
+def loss_limit(start_loss: float, scale: float = math.nan, *, factor: float | None) -> float:
+    """The reported loss limit ``f·max(L_0, L_∅)``: information, never a reason to drop.
 
-    The relative part applies only when ``factor`` is given and ``L_0 > 0`` is finite (a
-    multiple of a zero or negative loss is no limit).
+    Of ``L_0`` (the loss at ``θ_0``) and ``L_∅`` (the task's loss scale, the loss at zero
+    parameters) only the finite positive ones count; with neither, or without ``factor``,
+    there is no limit (``inf``).
 
     Example:
-        >>> loss_limit(2.3, cap=1e8, factor=10.0), loss_limit(0.0, cap=1e8, factor=10.0)
-        (23.0, 100000000.0)
+        >>> loss_limit(0.0064, 1.0986, factor=10.0), loss_limit(2.3, factor=10.0)
+        (10.986, 23.0)
+        >>> loss_limit(0.0, 0.0, factor=10.0), loss_limit(2.3, 1.1, factor=None)
+        (inf, inf)
     """
-    if factor is None or not (math.isfinite(start_loss) and start_loss > 0):
-        return cap
-    return min(cap, factor * start_loss)
+    levels = [v for v in (start_loss, scale) if math.isfinite(v) and v > 0]
+    if factor is None or not levels:
+        return math.inf
+    return factor * max(levels)
 
 
 def run_trials(s: Setup, *, vectorized: bool) -> Outcome:
@@ -296,18 +310,21 @@ def run_trials(s: Setup, *, vectorized: bool) -> Outcome:
         >>> s = make_setup(lambda t, x, y: 0.5 * x * t[0] ** 2, torch.ones(1),
         ...                (torch.tensor([2.0, 2.0]), torch.zeros(2)),
         ...                Online(steps=3, batch_size=1), lr=[0.1, 1.5], trials=4)
-        >>> out = run_trials(s, vectorized=True)
+        >>> out = run_trials(s, vectorized=True)  # η = 1.5: θ ← -2θ, finite: every trial kept
         >>> out.start_loss, out.limit, out.diverged.sum(axis=1).tolist()
-        (1.0, 10.0, [0, 4])
+        (1.0, 10.0, [0, 0])
+        >>> out.test_loss[1].tolist()  # θ_3 = -8, loss ½·2·64
+        [64.0, 64.0, 64.0, 64.0]
     """
     L, K, S = len(s.lrs), s.trials, len(s.record)
-    pairs = [(i, k) for i in range(L) for k in range(K)]
+    pairs = [(i, k) for k in range(K) for i in range(L)]  # a trial's learning rates together
     size = (s.chunk or len(pairs)) if vectorized else 1
     groups = [pairs[j : j + size] for j in range(0, len(pairs), size)]
     step = torch.func.vmap(make_step(s.loss_fn, s.cap)) if vectorized else None
     loop_step = None if vectorized else make_loop_step(s.loss_fn, s.cap)
-    start_loss = float(mean_loss(s.loss_fn, s.theta0[None], s.x, s.y, vectorized=vectorized)[0])
-    limit = loss_limit(start_loss, cap=s.cap, factor=s.factor)
+    ends = torch.stack([s.theta0, torch.zeros_like(s.theta0)])
+    start_loss, scale = mean_loss(s.loss_fn, ends, s.x, s.y, vectorized=vectorized).tolist()
+    limit = loss_limit(start_loss, scale, factor=s.factor)
     test = np.full((L, K), np.nan)
     train = np.full((L, K), np.nan)
     diverged = np.zeros((L, K), dtype=bool)
@@ -317,21 +334,20 @@ def run_trials(s: Setup, *, vectorized: bool) -> Outcome:
     bar = tqdm(total=len(groups) * s.steps, disable=not s.progress, desc="simulate")
     for group in groups:
         c = len(group)
-        drawn = [s.batches(k) for _, k in group]
-        train_idx = torch.from_numpy(np.stack([d[0] for d in drawn])).to(device)
-        batch_idx = torch.from_numpy(np.stack([d[1] for d in drawn])).to(device)  # (c, T, B)
+        index = PairIndex(s.schedule, int(s.x.shape[0]), seed=s.seed,
+                          trials=[s.first + k for _, k in group], device=device)  # fmt: skip
         lr = torch.tensor([s.lrs[i] for i, _ in group], dtype=s.dtype, device=device)
         theta = s.theta0.expand(c, -1).clone()
         alive = torch.ones(c, dtype=torch.bool, device=device)
         rows = np.array([i for i, _ in group])
         cols = np.array([k for _, k in group])
         if 0 in record_at:
-            curve[rows, cols, record_at[0]] = _test_loss(s, theta, alive, vectorized, limit)[0]
+            curve[rows, cols, record_at[0]] = _test_loss(s, theta, alive, vectorized)[0]
         graph = None
         if step is not None and device.type == "cuda" and CUDA_GRAPHS and s.steps > 1:
-            graph = GraphStep(step, theta, alive, s.x, s.y, batch_idx[:, 0], lr)
+            graph = GraphStep(step, theta, alive, s.x, s.y, index.batch(0), lr)
         for t in range(s.steps):
-            ib = batch_idx[:, t]
+            ib = index.batch(t)
             with torch.no_grad():
                 if graph is not None:
                     theta, alive = graph.run(ib)
@@ -342,18 +358,18 @@ def run_trials(s: Setup, *, vectorized: bool) -> Outcome:
                     theta, alive = loop_step(theta[0], xb[0], yb[0], lr[0], alive[0])
                     theta, alive = theta[None], alive[None]
             if t + 1 in record_at and t + 1 < s.steps:
-                vals, ok = _test_loss(s, theta, alive, vectorized, limit)
+                vals, ok = _test_loss(s, theta, alive, vectorized)
                 curve[rows, cols, record_at[t + 1]] = vals
                 alive.copy_(ok)  # in place: a CUDA graph reads this buffer at its next replay
             bar.update(1)
-        vals, ok = _test_loss(s, theta, alive, vectorized, limit)
+        vals, ok = _test_loss(s, theta, alive, vectorized)
         curve[rows, cols, -1] = vals
-        tr = mean_loss(s.loss_fn, theta, s.x, s.y, train_idx, vectorized=vectorized)
-        ok = ok & torch.isfinite(tr) & (tr.abs() <= limit)
+        tr = mean_loss(s.loss_fn, theta, s.x, s.y, index, vectorized=vectorized)
+        ok = ok & torch.isfinite(tr) & (tr.abs() <= s.cap)
         ok_np = ok.cpu().numpy()
         diverged[rows, cols] = ~ok_np
         test[rows, cols] = np.where(ok_np, curve[rows, cols, -1], np.nan)
         train[rows, cols] = np.where(ok_np, tr.cpu().numpy(), np.nan)
     bar.close()
     curve[diverged, -1] = np.nan
-    return Outcome(test, train, diverged, curve, start_loss, limit)
+    return Outcome(test, train, diverged, curve, start_loss, limit, scale)

@@ -33,10 +33,13 @@ runs it (``trials=range(a, b)`` runs trials ``a … b-1`` alone; under ``torchru
 rate sees the same samples (common random numbers).  :func:`simulate_loop` runs the
 same trials one after another and serves as the reference.
 
-A trial *diverges* when a batch loss or a parameter becomes non-finite or exceeds the
-absolute cap ``diverge_above``, or an evaluated test or train loss exceeds
-``diverge_factor`` times the starting loss ``L(θ_0)``; divergent trials are counted and
-left out of the averages.  The step itself and the divergence bookkeeping live in
+A trial *blows up* (diverges) when a batch loss, a parameter, or an evaluated test or
+train loss becomes non-finite (or exceeds the optional absolute cap ``diverge_above``);
+such trials are counted and left out of the averages.  Every finite trial is averaged,
+however high it climbed on the way: a trial whose loss went above ``diverge_factor``
+times ``max(L(θ_0), L(0))`` (the larger of the starting loss and the loss at zero
+parameters, the task's loss scale) is reported, not dropped, since dropping the runs
+that pass over a bump would bias the mean low.  The step itself and the bookkeeping live in
 :mod:`perturb.experiments.sgd_step`, the checks of the arguments and the samples of each
 trial in :mod:`perturb.experiments.simulation_setup`.
 """
@@ -53,8 +56,9 @@ import torch
 from torch import nn
 
 from perturb.experiments.sgd_step import run_trials
+from perturb.experiments.simulation_cost import check_trials, estimate_trials
 from perturb.experiments.simulation_setup import LossFn, make_setup, trial_indices
-from perturb.numeric.adapters import cross_entropy_per_sample
+from perturb.numeric.adapters import cross_entropy_per_sample, trainable_parameters
 from perturb.numeric.distributed import all_ints, gather_blocks, same_on_all_ranks, shard, world
 from perturb.numeric.intervals import t_half_width
 from perturb.symbolic.schedules import Schedule
@@ -76,30 +80,33 @@ __all__ = [
 class Trials:
     """Final losses of ``K`` SGD trials at each of ``L`` learning rates.
 
-    A trial is *divergent* when a loss or its parameters became non-finite, or exceeded
-    the absolute cap, or a test or train loss exceeded :attr:`loss_limit` (by default 10
-    times :attr:`start_loss`); its losses are stored as ``NaN``, :attr:`divergent` counts
-    them, and every statistic below is taken over the ``n`` finite trials only.  For
-    values ``v_1 … v_n`` the mean is ``v̄``, the standard error ``s/√n`` with ``s`` the
-    sample standard deviation (``ddof = 1``), and the two-sided level-``α`` interval
-    ``v̄ ± t_{(1+α)/2, n-1}·s/√n`` (Student's t).
+    A trial is *divergent* (blew up) when a loss or its parameters became non-finite (or
+    exceeded the optional absolute cap); its losses are stored as ``NaN``,
+    :attr:`divergent` counts them, and every statistic below is taken over the ``n``
+    finite trials, all of them, however high they climbed.  A finite trial whose loss went
+    above :attr:`loss_limit` stays in every statistic; :attr:`crossed` counts those, as
+    information.  For values ``v_1 … v_n`` the mean is ``v̄``, the standard error
+    ``s/√n`` with ``s`` the sample standard deviation (``ddof = 1``), and the two-sided
+    level-``α`` interval ``v̄ ± t_{(1+α)/2, n-1}·s/√n`` (Student's t).
 
     Attributes:
         lrs: The learning rates ``η``, shape ``(L,)``.
-        test_loss: Final test loss of each trial, shape ``(L, K)`` (``NaN`` if divergent).
+        test_loss: Final test loss of each trial, shape ``(L, K)`` (``NaN`` if blown up).
         train_loss: Final loss on each trial's own training set of ``N`` draws
             (for online SGD: the ``T·B`` samples it drew), shape ``(L, K)``.
-        diverged: Whether each trial diverged, shape ``(L, K)``.
+        diverged: Whether each trial blew up, shape ``(L, K)``.
         steps: The steps at which the test loss was recorded (always ending at ``T``).
         curve: Test loss at each recorded step, shape ``(L, K, len(steps))``; ``NaN``
-            from the first record after a trial diverged.
+            from the first record after a trial blew up.
         schedule: The schedule's name.
         seed: The base seed.
         level: Confidence level of :attr:`ci` (0.95).
         start_loss: ``L(θ_0)``, the population loss at the shared start as the
             simulation evaluated it (``NaN`` if not known).
-        loss_limit: The largest test or train loss a trial may reach and still count as
-            not divergent, ``min(diverge_above, diverge_factor·L(θ_0))`` (``inf``: none).
+        loss_limit: The reported limit ``diverge_factor·max(L(θ_0), L(0))`` (``inf``:
+            none): information only, a trial above it is still averaged.
+        loss_scale: ``L(0)``, the population loss at zero parameters, the task's loss
+            scale (``log C`` for cross-entropy over ``C`` classes; ``NaN`` if not known).
 
     Example:
         >>> t = Trials(
@@ -112,6 +119,8 @@ class Trials:
         ... )
         >>> t.mean.tolist(), t.divergent.tolist(), t.is_divergent.tolist()
         ([2.0], [1], [True])
+        >>> t.curve_dropped.tolist(), t.crossed.tolist()  # no limit given: none crossed
+        ([[1]], [0])
         >>> t.ci.round(3).tolist()
         [[-0.484, 4.484]]
     """
@@ -127,6 +136,7 @@ class Trials:
     level: float = 0.95
     start_loss: float = math.nan
     loss_limit: float = math.inf
+    loss_scale: float = math.nan
 
     @property
     def trials(self) -> int:
@@ -135,18 +145,83 @@ class Trials:
 
     @property
     def divergent(self) -> np.ndarray:
-        """Number of divergent trials per learning rate, shape ``(L,)``."""
+        """Number of trials that blew up (left out of the averages) per learning rate,
+        shape ``(L,)``."""
         return self.diverged.sum(axis=1)
 
     @property
     def is_divergent(self) -> np.ndarray:
-        """Whether any trial diverged, per learning rate, shape ``(L,)``."""
+        """Whether any trial blew up, per learning rate, shape ``(L,)``."""
         return self.divergent > 0
+
+    @property
+    def crossed(self) -> np.ndarray:
+        """Number of trials still averaged whose test loss at a recorded step went above
+        :attr:`loss_limit`, per learning rate, shape ``(L,)``."""
+        with np.errstate(invalid="ignore"):
+            above = (self.curve > self.loss_limit).any(axis=2)
+        return (above & ~self.diverged).sum(axis=1)
+
+    @property
+    def curve_dropped(self) -> np.ndarray:
+        """Number of trials blown up by each recorded step (left out of that step's
+        mean), shape ``(L, len(steps))``."""
+        return (~np.isfinite(self.curve)).sum(axis=1)
+
+    @property
+    def curve_above(self) -> np.ndarray:
+        """Number of finite recorded test losses above :attr:`loss_limit` (averaged all
+        the same) at each recorded step, shape ``(L, len(steps))``."""
+        with np.errstate(invalid="ignore"):
+            return (self.curve > self.loss_limit).sum(axis=1)
 
     @property
     def finite(self) -> np.ndarray:
         """Number of finite (averaged) trials per learning rate, shape ``(L,)``."""
         return np.isfinite(self.test_loss).sum(axis=1)
+
+    def limits(self) -> dict[str, float]:
+        """The reported loss limit and what it is made of, for a report's ``config``.
+
+        Returns:
+            ``limit`` (:attr:`loss_limit`), ``start`` (:attr:`start_loss`) and ``scale``
+            (:attr:`loss_scale`).
+
+        Example:
+            >>> t = Trials((0.1,), np.ones((1, 2)), np.ones((1, 2)), np.zeros((1, 2), bool),
+            ...            (1,), np.ones((1, 2, 1)), start_loss=0.5, loss_limit=23.0,
+            ...            loss_scale=2.3)
+            >>> t.limits()
+            {'limit': 23.0, 'start': 0.5, 'scale': 2.3}
+        """
+        return {
+            "limit": float(self.loss_limit),
+            "start": float(self.start_loss),
+            "scale": float(self.loss_scale),
+        }
+
+    def counts_at(self, lr_index: int, step: int) -> dict[str, Any]:
+        """The trial counts of a report row: learning rate ``lrs[lr_index]`` at ``step``.
+
+        Returns:
+            ``dropped`` (trials blown up by ``step``, left out of its mean),
+            ``above_limit`` (trials above :attr:`loss_limit` there, averaged all the same)
+            and ``divergent`` (every trial blown up: no mean to compare with).
+
+        Example:
+            >>> t = Trials((0.1,), np.array([[1.0, np.nan]]), np.array([[1.0, np.nan]]),
+            ...            np.array([[False, True]]), (0, 3),
+            ...            np.array([[[1.0, 1.0], [1.0, np.nan]]]))
+            >>> t.counts_at(0, 3)
+            {'dropped': 1, 'above_limit': 0, 'divergent': False}
+        """
+        j = self.steps.index(step)
+        dropped = int(self.curve_dropped[lr_index, j])
+        return {
+            "dropped": dropped,
+            "above_limit": int(self.curve_above[lr_index, j]),
+            "divergent": dropped == self.trials,
+        }
 
     @property
     def mean(self) -> np.ndarray:
@@ -243,8 +318,10 @@ class Trials:
             "finite": [int(v) for v in self.finite],
             "divergent": [int(v) for v in self.divergent],
             "is_divergent": [bool(v) for v in self.is_divergent],
+            "crossed": [int(v) for v in self.crossed],
             "start_loss": _jsonable(self.start_loss),
             "loss_limit": _jsonable(self.loss_limit),
+            "loss_scale": _jsonable(self.loss_scale),
             "test_loss": _jsonable(self.test_loss),
             "train_loss": _jsonable(self.train_loss),
             "steps": [int(s) for s in self.steps],
@@ -293,10 +370,11 @@ def model_loss(
 ) -> tuple[LossFn, torch.Tensor]:
     """A per-sample loss on *flat* parameters for ``model``, and its current parameters.
 
-    With ``θ ∈ ℝ^P`` the concatenation of the flattened parameters (in
+    With ``θ ∈ ℝ^P`` the concatenation of the flattened parameters that require grad (in
     ``named_parameters`` order), ``loss_fn(θ, x, y)[i] = loss(model_θ(x), y)[i]``,
-    computed with :func:`torch.func.functional_call`; the model's buffers are passed
-    along unchanged (floating buffers cast to ``θ``'s dtype).  The model itself is
+    computed with :func:`torch.func.functional_call`; the model's buffers and frozen
+    parameters are passed along unchanged (floating ones cast to ``θ``'s dtype; see
+    :func:`perturb.numeric.adapters.trainable_parameters`).  The model itself is
     never modified.
 
     Args:
@@ -317,12 +395,13 @@ def model_loss(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    named = [(name, p.shape, p.numel()) for name, p in model.named_parameters()]
-    if not named:
+    if not any(True for _ in model.parameters()):
         raise ValueError("model has no parameters")
-    buffers = {name: b.detach() for name, b in model.named_buffers()}
+    trainable, frozen = trainable_parameters(model)  # θ: what requires grad
+    named = [(name, p.shape, p.numel()) for name, p in trainable]
+    buffers = {name: b.detach() for name, b in model.named_buffers()} | frozen
     sizes = [n for _, _, n in named]
-    theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+    theta0 = torch.cat([p.detach().reshape(-1) for _, p in trainable]).clone()
 
     def loss_fn(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         pieces = torch.split(theta, sizes)
@@ -355,23 +434,31 @@ _DOC_ARGS = """
             (then the test loss is the exact population loss the theory predicts).
         seed: Base seed; trial ``k`` is seeded from ``(seed, k)`` (see
             :func:`trial_indices`).
-        chunk: Run at most this many (lr, trial) pairs together (default: all).
+        chunk: Run at most this many (lr, trial) pairs together (default: all, or as
+            many as fit in :data:`~perturb.experiments.simulation_cost.GROUP_BYTES`);
+            a trial's learning rates run together and share its draws.
         device: Where to compute (default: ``theta0``'s device).
         dtype: Floating dtype of parameters and inputs (default float64).
         progress: Show a progress bar.
         record_every: Also record the test loss every this many steps (steps
             ``0, r, 2r, …`` and ``T``), for curves against ``T`` from one run; or a
             sequence of steps: exactly those (with ``0`` and ``T``), e.g. a log grid.
-        diverge_above: Absolute cap: a trial diverges once a batch loss, a parameter,
-            or a test or train loss is non-finite or exceeds this in absolute value
-            (``None``: no cap, only non-finite values count).
-        diverge_factor: Relative limit ``f``: a trial also diverges once a test loss
-            (at a recorded step after 0 or at the end) or its final train loss exceeds
-            ``f·L(θ_0)``, with ``L(θ_0)`` the mean loss over the *population* at ``θ_0``
-            as this simulation evaluates it (same device and dtype), reported as
-            :attr:`Trials.start_loss`.  It applies only when ``L(θ_0) > 0``; ``None``
-            turns it off.  Divergent trials are counted in :attr:`Trials.divergent` and
-            left out of every average.
+        diverge_above: Optional absolute cap: a trial also counts as blown up once a
+            batch loss, a parameter, or a test or train loss exceeds this in absolute
+            value (default ``None``: only non-finite values blow a trial up).  Blown-up
+            trials are counted in :attr:`Trials.divergent` and left out of every average.
+        diverge_factor: Factor ``f`` of the reported limit ``f·max(L(θ_0), L(0))``, with
+            ``L(θ_0)`` and ``L(0)`` the mean loss over the *population* at ``θ_0`` and
+            at zero parameters as this simulation evaluates them (same device and
+            dtype), reported as :attr:`Trials.start_loss` and :attr:`Trials.loss_scale`
+            (only finite positive ones count).  A trial whose test loss at a recorded
+            step goes above it is counted in :attr:`Trials.crossed` and still averaged;
+            ``None``: no limit.
+        max_memory: Bytes the trials may take (default 4 GiB); their time and memory
+            are estimated before they start
+            (:func:`~perturb.experiments.simulation_cost.estimate_trials`).
+        force: Run even when the estimate is over the time budget (one hour) or
+            ``max_memory``.
 
     Returns:
         A :class:`Trials` with the final test and train losses of every trial.
@@ -379,6 +466,8 @@ _DOC_ARGS = """
     Raises:
         ValueError: For a bad ``lr``, ``trials < 1``, a symbolic schedule, mismatched
             population/test shapes, or other bad options.
+        perturb.errors.BudgetError: When the estimated time or memory is over the
+            bound (the message gives the estimate), unless ``force``.
         TypeError: If ``loss_fn`` is not callable or ``schedule`` not a Schedule.
 """
 
@@ -398,8 +487,10 @@ def simulate(
     dtype: torch.dtype = torch.float64,
     progress: bool = False,
     record_every: int | Sequence[int] | None = None,
-    diverge_above: float | None = 1e8,
+    diverge_above: float | None = None,
     diverge_factor: float | None = 10.0,
+    max_memory: float | None = None,
+    force: bool = False,
     distributed: bool = True,
 ) -> Trials:
     """Run ``K`` independent SGD trials at once (vectorized over trials with ``vmap``).
@@ -439,12 +530,13 @@ def simulate(
                 loss_fn, theta0, population, schedule, lr=lr, trials=trials, test=test,
                 seed=seed, chunk=chunk, device=device, dtype=dtype, progress=progress,
                 record_every=record_every, diverge_above=diverge_above,
-                diverge_factor=diverge_factor,
+                diverge_factor=diverge_factor, max_memory=max_memory, force=force,
             )  # fmt: skip
     return _run(
         loss_fn, theta0, population, schedule, lr=lr, trials=trials, test=test, seed=seed,
         chunk=chunk, device=device, dtype=dtype, progress=progress, record_every=record_every,
         diverge_above=diverge_above, diverge_factor=diverge_factor, vectorized=True,
+        max_memory=max_memory, force=force,
     )  # fmt: skip
 
 
@@ -463,8 +555,10 @@ def simulate_loop(
     dtype: torch.dtype = torch.float64,
     progress: bool = False,
     record_every: int | Sequence[int] | None = None,
-    diverge_above: float | None = 1e8,
+    diverge_above: float | None = None,
     diverge_factor: float | None = 10.0,
+    max_memory: float | None = None,
+    force: bool = False,
 ) -> Trials:
     """Reference for :func:`simulate`: the same trials, one after another.
 
@@ -488,12 +582,20 @@ def simulate_loop(
         loss_fn, theta0, population, schedule, lr=lr, trials=trials, test=test, seed=seed,
         chunk=chunk, device=device, dtype=dtype, progress=progress, record_every=record_every,
         diverge_above=diverge_above, diverge_factor=diverge_factor, vectorized=False,
+        max_memory=max_memory, force=force,
     )  # fmt: skip
 
 
-def _run(*args: Any, vectorized: bool, **options: Any) -> Trials:
-    """Check the arguments, run the trials (:func:`~perturb.experiments.sgd_step.run_trials`)."""
+def _run(
+    *args: Any, vectorized: bool, max_memory: float | None, force: bool, **options: Any
+) -> Trials:
+    """Check the arguments and the budget, run the trials
+    (:func:`~perturb.experiments.sgd_step.run_trials`)."""
     s = make_setup(*args, **options)
+    estimate = estimate_trials(s)
+    check_trials(estimate, max_memory=max_memory, force=bool(force))
+    if s.chunk is None:
+        s = replace(s, chunk=estimate.group)
     out = run_trials(s, vectorized=vectorized)
     return Trials(
         lrs=s.lrs,
@@ -506,6 +608,7 @@ def _run(*args: Any, vectorized: bool, **options: Any) -> Trials:
         seed=s.seed,
         start_loss=out.start_loss,
         loss_limit=out.limit,
+        loss_scale=out.scale,
     )
 
 
@@ -528,8 +631,10 @@ def simulate_distributed(
     dtype: torch.dtype = torch.float64,
     progress: bool = False,
     record_every: int | Sequence[int] | None = None,
-    diverge_above: float | None = 1e8,
+    diverge_above: float | None = None,
     diverge_factor: float | None = 10.0,
+    max_memory: float | None = None,
+    force: bool = False,
 ) -> Trials:
     """:func:`perturb.experiments.simulation.simulate`, with the trials split across the ranks.
 
@@ -563,7 +668,7 @@ def simulate_distributed(
     options = dict(
         lr=lr, seed=seed, test=test, chunk=chunk, device=device, dtype=dtype,
         record_every=record_every, diverge_above=diverge_above,
-        diverge_factor=diverge_factor, distributed=False,
+        diverge_factor=diverge_factor, distributed=False, max_memory=max_memory, force=force,
     )  # fmt: skip
     if size == 1 or isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 1:
         # one process, or bad trials: simulate's own checks raise on every rank alike

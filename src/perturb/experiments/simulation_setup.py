@@ -6,7 +6,10 @@ once and moves the data to the compute device, as a :class:`Setup`;
 generator is seeded from ``(seed, k)`` alone, so its samples do not depend on the other
 trials: it draws a training set of ``N = M·B`` indices iid uniform on ``{0, …, n-1}``
 (with replacement), then for each of the ``E`` epochs an order of it, cut into ``M``
-batches of ``B``.
+batches of ``B``.  :class:`TrialSamples` draws the same numbers for many trials a few
+steps at a time (its memory does not grow with the steps), and :class:`PairIndex` hands
+them to the (learning rate, trial) pairs run together, every learning rate of a trial
+reading the same draws.
 """
 
 from __future__ import annotations
@@ -22,10 +25,21 @@ import torch
 
 from perturb.symbolic.schedules import Schedule
 
-__all__ = ["LossFn", "Setup", "make_setup", "trial_indices"]
+__all__ = [
+    "INDEX_BUDGET",
+    "LossFn",
+    "PairIndex",
+    "Setup",
+    "TrialSamples",
+    "make_setup",
+    "trial_indices",
+]
 
 #: ``loss_fn(θ, x, y) -> (n,)``: per-sample losses for flat parameters ``θ``.
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: Most sample indices (trials × steps × batch rows) :class:`PairIndex` draws at once.
+INDEX_BUDGET = 1 << 20
 
 # --------------------------------------------------------------------------- sampling
 
@@ -95,6 +109,173 @@ def trial_indices(
     orders = [rng.permutation(n) if schedule.shuffle else np.arange(n) for _ in range(e)]
     batches = train[np.concatenate(orders)].reshape(m * e, b)
     return train, batches
+
+
+class TrialSamples:
+    """The samples of some trials, drawn a few steps at a time, as :func:`trial_indices`.
+
+    Each trial's generator makes the same draws in the same order as
+    :func:`trial_indices` (numpy's bounded integers drawn in pieces continue one stream),
+    so the batches are identical; only what the current steps need is held.  A single
+    unshuffled epoch (online SGD) streams its training set: the batches are drawn as the
+    steps reach them and :meth:`train_rows` draws the set again for the train loss, so
+    memory does not grow with ``T``.  Otherwise the ``N`` training indices of each trial
+    are kept, and each epoch's order is drawn when the epoch begins (``2N`` integers per
+    trial, whatever ``E``).
+
+    Args:
+        schedule: A numeric schedule.
+        population_size: ``n``, the number of population rows.
+        seed: The base seed.
+        trials: The global trial numbers ``k``, distinct.
+
+    Example:
+        >>> from perturb.symbolic.schedules import Epochs
+        >>> schedule = Epochs(train_size=4, batch_size=2, epochs=3, shuffle=True)
+        >>> samples = TrialSamples(schedule, 10, seed=1, trials=[0, 5])
+        >>> first, rest = samples.batches(3), samples.batches(3)
+        >>> ref = trial_indices(schedule, 10, seed=1, trial=5)[1]
+        >>> bool((np.concatenate([first, rest], axis=1)[1] == ref).all())
+        True
+    """
+
+    def __init__(
+        self, schedule: Schedule, population_size: int, *, seed: int, trials: Sequence[int]
+    ) -> None:
+        self.batches_per_epoch, self.batch_size, self.epochs = _sizes(schedule)
+        self.train_size = self.batches_per_epoch * self.batch_size
+        self.population_size = int(population_size)
+        self.seed = _seed(seed)
+        self.trials = tuple(int(k) for k in trials)
+        self.shuffle = bool(schedule.shuffle)
+        self.streamed = self.epochs == 1 and not self.shuffle
+        self._rngs = [_trial_rng(self.seed, k) for k in self.trials]
+        self._train = None
+        if not self.streamed:
+            self._train = np.stack([self._draw(rng, self.train_size) for rng in self._rngs])
+        self._order: np.ndarray | None = None
+        self._epoch = -1
+        self._step = 0
+        self._replay: dict[int, tuple[np.random.Generator, int]] = {}
+
+    def _draw(self, rng: np.random.Generator, count: int) -> np.ndarray:
+        return rng.integers(0, self.population_size, size=count, dtype=np.int64)
+
+    def batches(self, count: int) -> np.ndarray:
+        """The batches of the next ``count`` steps, shape ``(trials, count, B)``."""
+        u, b, m = len(self.trials), self.batch_size, self.batches_per_epoch
+        out = np.empty((u, count, b), dtype=np.int64)
+        done = 0
+        while done < count:
+            if self.streamed:
+                take = count - done
+                for j, rng in enumerate(self._rngs):
+                    out[j, done:] = self._draw(rng, take * b).reshape(take, b)
+            else:
+                epoch, first = divmod(self._step + done, m)
+                if epoch != self._epoch:
+                    self._epoch = epoch
+                    self._order = (
+                        np.stack([rng.permutation(self.train_size) for rng in self._rngs])
+                        if self.shuffle
+                        else None
+                    )
+                take = min(count - done, m - first)
+                cols = slice(first * b, (first + take) * b)
+                assert self._train is not None
+                rows = (
+                    self._train[:, cols]
+                    if self._order is None
+                    else np.take_along_axis(self._train, self._order[:, cols], axis=1)
+                )
+                out[:, done : done + take] = rows.reshape(u, take, b)
+            done += take
+        self._step += count
+        return out
+
+    def train_rows(self, start: int, stop: int, trial: int) -> np.ndarray:
+        """Training-set indices ``start … stop-1`` of local trial ``trial`` (``trials[trial]``).
+
+        Streamed, the set is drawn again from the trial's seed; reading it in increasing
+        pieces draws each index once.
+        """
+        stop = min(int(stop), self.train_size)
+        if self._train is not None:
+            return self._train[trial, start:stop]
+        rng, at = self._replay.get(trial, (None, -1))
+        if rng is None or at > start:
+            rng, at = _trial_rng(self.seed, self.trials[trial]), 0
+        while at < start:  # skip to ``start``
+            skip = min(start - at, INDEX_BUDGET)
+            self._draw(rng, skip)
+            at += skip
+        out = self._draw(rng, max(stop - start, 0))
+        self._replay[trial] = (rng, max(stop, start))
+        return out
+
+
+class PairIndex:
+    """Sample indices of the (learning rate, trial) pairs run together, on the device.
+
+    Pair ``j`` runs trial ``trials[j]``; each distinct trial's samples are drawn once
+    (:class:`TrialSamples`) and shared by its learning rates.  :meth:`batch` gives step
+    ``t``'s batches (``t`` non-decreasing), drawn :data:`INDEX_BUDGET` indices at a time;
+    indexing ``[j, a:b]`` or ``[:, a:b]`` gives training-set indices, as a ``(pairs, N)``
+    index tensor would (what :func:`perturb.experiments.sgd_step.mean_loss` reads).
+
+    Example:
+        >>> from perturb.symbolic.schedules import Online
+        >>> index = PairIndex(Online(steps=4, batch_size=2), 10, seed=0, trials=[3, 3, 4],
+        ...                   device=torch.device("cpu"))
+        >>> index.shape, tuple(index.batch(1).shape), bool((index[0, :8] == index[1, :8]).all())
+        ((3, 8), (3, 2), True)
+        >>> ref = trial_indices(Online(steps=4, batch_size=2), 10, trial=4)[1]
+        >>> index.batch(3)[2].tolist() == ref[3].tolist()
+        True
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        population_size: int,
+        *,
+        seed: int,
+        trials: Sequence[int],
+        device: torch.device,
+    ) -> None:
+        distinct = sorted(set(int(k) for k in trials))
+        where = {k: i for i, k in enumerate(distinct)}
+        self.samples = TrialSamples(schedule, population_size, seed=seed, trials=distinct)
+        self.pos = np.array([where[int(k)] for k in trials])
+        self.device = device
+        self.shape = (len(self.pos), self.samples.train_size)
+        self.steps = self.samples.batches_per_epoch * self.samples.epochs
+        self._rows = torch.as_tensor(self.pos, device=device)
+        self._span = max(1, INDEX_BUDGET // (len(distinct) * self.samples.batch_size))
+        self._start, self._end = 0, 0
+        self._chunk: torch.Tensor | None = None
+
+    def batch(self, t: int) -> torch.Tensor:
+        """Population indices of step ``t``'s batch of every pair, shape ``(pairs, B)``."""
+        if not self._start <= t < self.steps:
+            raise ValueError(f"steps must be read in order, from 0 to {self.steps - 1}; got {t}")
+        while t >= self._end:  # the next steps, in order
+            count = min(self._span, self.steps - self._end)
+            self._chunk = torch.from_numpy(self.samples.batches(count)).to(self.device)
+            self._start, self._end = self._end, self._end + count
+        assert self._chunk is not None
+        return self._chunk[self._rows, t - self._start]
+
+    def __getitem__(self, key: tuple[int | slice, slice]) -> torch.Tensor:
+        pairs, cols = key
+        start = cols.start or 0
+        stop = self.shape[1] if cols.stop is None else cols.stop
+        if isinstance(pairs, slice):
+            chosen = [int(p) for p in self.pos[pairs]]
+            rows = {p: self.samples.train_rows(start, stop, p) for p in sorted(set(chosen))}
+            return torch.from_numpy(np.stack([rows[p] for p in chosen])).to(self.device)
+        rows = self.samples.train_rows(start, stop, int(self.pos[pairs]))
+        return torch.from_numpy(rows).to(self.device)
 
 
 # --------------------------------------------------------------------------- arguments
@@ -187,8 +368,8 @@ class Setup:
         seed: The base seed.
         chunk: Most (lr, trial) pairs run together, or ``None`` for all.
         record: Steps at which the test loss is recorded (ending at ``T``).
-        cap: Absolute divergence cap (``inf`` for none).
-        factor: Relative divergence factor, or ``None`` for none.
+        cap: Absolute cap past which a trial counts as blown up (``inf`` for none).
+        factor: Factor of the reported loss limit, or ``None`` for none.
         progress: Show a progress bar.
         dtype: Floating dtype of parameters and inputs.
         first: Global number of the first trial run here.
@@ -243,7 +424,7 @@ def make_setup(
     dtype: torch.dtype = torch.float64,
     progress: bool = False,
     record_every: int | Sequence[int] | None = None,
-    diverge_above: float | None = 1e8,
+    diverge_above: float | None = None,
     diverge_factor: float | None = 10.0,
 ) -> Setup:
     """Validate the arguments of :func:`perturb.experiments.simulation.simulate`.
@@ -264,7 +445,7 @@ def make_setup(
         >>> s = make_setup(lambda t, x, y: x @ t, torch.zeros(1), data,
         ...                GD(train_size=2, steps=4), lr=[0.1, 0.2], trials=3, record_every=2)
         >>> s.steps, s.lrs, s.record, s.cap, s.factor
-        (4, (0.1, 0.2), (0, 2, 4), 100000000.0, 10.0)
+        (4, (0.1, 0.2), (0, 2, 4), inf, 10.0)
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -296,7 +477,8 @@ def make_setup(
     ):
         raise ValueError(
             f"diverge_factor must be a number >= 1 or None, got {diverge_factor!r}; "
-            "e.g. 10 flags a trial whose loss exceeds 10 times its starting loss"
+            "e.g. 10 reports a trial whose loss exceeds 10 times the larger of its starting "
+            "loss and the loss at zero parameters"
         )
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")

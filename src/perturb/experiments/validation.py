@@ -52,10 +52,12 @@ import numpy as np
 
 from perturb.checks import check_int, check_lrs, check_orders
 from perturb.experiments.baselines import sde_test_loss
-from perturb.experiments.judging import judge, validity_lines
+from perturb.experiments.judging import judge, trial_lines, validity_lines
+from perturb.experiments.outputs import VALIDATION_FILES, claims_out, staged
 from perturb.experiments.pipeline import (
     DEFAULT_PRETRAIN_LR,
     Start,
+    check_trials_budget,
     ci_error,
     curve_intervals,
     cut,
@@ -87,8 +89,12 @@ from perturb.numeric.distributed import is_main
 from perturb.numeric.intervals import mean_interval
 from perturb.numeric.predictions import UNSTABLE_GROWTH
 from perturb.numeric.stability import per_sample_top_curvatures
+from perturb.numeric.trust import resolution
 from perturb.numeric.validity import (
     curvature_radius,
+    displacement_ratio,
+    ladder_estimate,
+    loss_spread,
     mean_square_excess,
     overshoot,
     rms_displacement,
@@ -111,10 +117,13 @@ class ValidationResult:
         config: the settings of the run (``schedule`` and ``description`` name the
             schedule that ran; ``unavailable`` maps predictors that do not apply to it
             to the reason; ``start`` holds ``loss`` ``l(θ_0)``, ``grad_norm`` ``‖G‖``,
-            ``checkpoint``, ``pretrain_steps`` and ``pretrain_lr``).
+            ``checkpoint``, ``pretrain_steps`` and ``pretrain_lr``; ``loss_limit``:
+            :meth:`~perturb.experiments.simulation.Trials.limits`).
         rows: one record per (learning rate, recorded step): ``lr``, ``steps``,
-            ``eta_t``, ``actual``, ``ci_low``, ``ci_high``, ``divergent`` (whether any
-            trial of this learning rate diverged), ``divergent_trials``, and for each
+            ``eta_t``, ``actual``, ``ci_low``, ``ci_high``, ``dropped`` (trials blown up
+            by this step: a loss or parameter not finite), ``above_limit`` (trials above
+            ``config["loss_limit"]``, still averaged), ``divergent`` (every trial blown
+            up), and for each
             predictor its ``value``, ``error_ci`` (error over the interval's
             half-width), ``unstable`` (the value blew up: shown as ``unstable``,
             counted as outside), ``error_estimate`` (its truncation error estimated
@@ -123,9 +132,8 @@ class ValidationResult:
             displacement, its ratio to ``ρ = ‖H‖/‖J‖``, the mean-square excess and
             the Hessian ladder (the loss the per-sample Hessians add, already in every
             ``error_estimate``).
-            ``actual`` and the interval are over the finite trials only; rows of a
-            divergent learning rate are reported as divergent and left out of
-            :attr:`breakdown`.
+            ``actual`` and the interval are over every finite trial; divergent rows are
+            reported as such and left out of :attr:`breakdown` and the calibration.
         breakdown: per predictor, the smallest ``ηt`` from which on it stays outside
             the interval at every later recorded step of that learning rate (``None``
             if never): a single excursion, expected for 5% of the rows from sampling
@@ -134,7 +142,7 @@ class ValidationResult:
             after ``T`` steps: ``actual`` with ``ci_low``/``ci_high`` (paired
             t-interval over the finite trials), the ``order 1``, ``order 2`` and (when
             re-summed) ``resummed 2`` predictions, ``error_ci`` of order 2 and
-            ``resummed 2 error_ci``, ``divergent``, ``divergent_trials``, and
+            ``resummed 2 error_ci``, ``dropped``, ``above_limit``, ``divergent``, and
             ``<name> unstable`` per prediction (empty when the gap was not requested).
         validity: per predictor ``trusted_up_to`` (ηT), ``trusted_rows``,
             ``calibration`` (the fraction of trusted rows within ``error_estimate``
@@ -176,11 +184,12 @@ class ValidationResult:
             lines.append(f"{where} {_actual(r, self.config):>22} " + " ".join(cells))
         lines.append("")
         lines.append("(error) = (prediction − SGD mean) / CI half-width; |error| > 1: outside.")
+        lines += trial_lines(self.rows, self.config["trials"], self.config.get("loss_limit"))
         compared = any(not r["divergent"] for r in self.rows)
         for n in names:
             where = self.breakdown[n]
             if not compared:
-                verdict = "not compared (trials diverged at every learning rate)"
+                verdict = "not compared (every trial blew up at every learning rate)"
             elif where is None:
                 verdict = "never leaves the interval for good"
             else:
@@ -266,11 +275,12 @@ def _cell(value: float, error: float, divergent: bool, unstable: bool = False) -
 
 def _actual(row: dict[str, Any], config: dict[str, Any]) -> str:
     if row["divergent"]:
-        return f"divergent {row['divergent_trials']}/{config['trials']}"
+        return f"divergent {row['dropped']}/{config['trials']}"
     half = (row["ci_high"] - row["ci_low"]) / 2
     return f"{row['actual']:.5f} ± {half:.5f}"
 
 
+@claims_out  # --out is checked and locked before any work
 def validate(
     *,
     dataset: str = "digits",
@@ -300,6 +310,8 @@ def validate(
     max_hessian_parameters: int = 4000,
     krylov_rank: int = 128,
     krylov_higher_rank: int = 32,
+    max_memory: float | None = None,
+    force: bool = False,
 ) -> ValidationResult:
     """Predict SGD's test loss and generalization gap; compare with ``trials`` real runs.
 
@@ -368,6 +380,8 @@ def validate(
         krylov_higher_rank: ``k_3``: the third-order tensors (``J``, per-sample
             Hessians) of "resummed 3" and of GD's "resummed 2" are projected on the
             first ``k_3`` basis vectors (``n·k_3`` per-sample Hessian-vector products).
+        max_memory: bytes the SGD trials may take (default 4 GiB), estimated first.
+        force: run even when the estimate is over one hour or ``max_memory``.
 
     Returns:
         A :class:`ValidationResult`.
@@ -438,6 +452,8 @@ def validate(
     config["parameters"] = setup.parameters
     config["population"] = int(setup.x.shape[0])
 
+    check_trials_budget(setup, [full], lrs=lrs, trials=trials, record=record_steps,
+                        device=device, max_memory=max_memory, force=force)  # fmt: skip
     cuts = [cut(full, s) for s in record_steps]
     with timed(timings, "measure_s"):
         stats = measure_at_start(
@@ -451,7 +467,7 @@ def validate(
             progress=progress,
         )
         if full.name != "gd":  # one-step overshoot of single samples (validity estimate)
-            rows, lams = per_sample_top_curvatures(setup.net, (setup.x, setup.y))
+            rows, lams = per_sample_top_curvatures(setup.net, (setup.x, setup.y), progress=progress)
             config["sample_curvature"] = {"rows": rows.tolist(), "lambda_max": lams.tolist()}
 
     with timed(timings, "simulate_s"):
@@ -464,7 +480,10 @@ def validate(
             record=record_steps,
             device=device,
             progress=progress,
+            max_memory=max_memory,
+            force=force,
         )
+    config["loss_limit"] = trials_out.limits()
 
     with timed(timings, "hessian_s"):
         sde_model = sde_model_for(setup, stats, full, config, max_hessian_parameters, progress)
@@ -479,7 +498,8 @@ def validate(
     if gap:
         result.gap = _gap_rows(trials_out, stats, full, lrs, resummed, start_loss=start.loss)
     if out is not None and is_main():  # under torchrun only rank 0 writes
-        write_outputs(result, Path(out))
+        with staged(out, known=VALIDATION_FILES) as folder:  # all files replaced at once
+            write_outputs(result, folder)
     return result
 
 
@@ -517,14 +537,20 @@ def _predict(stats, sde_model, full, record_steps, lrs, orders, config) -> tuple
         predictions.setdefault(name, {})[s] = values
         estimates.setdefault(name, {})[s] = estimate
 
+    radius = curvature_radius(sub) if sub is not None else np.inf
     for s in record_steps:
         sched = cut(full, s)
-        values, series_estimates = series_with_estimates(stats, sched, lrs, orders=orders)
+        moved = spread = None
+        if quad is not None:
+            moved = rms_displacement(quad.hess, quad.grad, quad.cov, lr=lrs, schedule=sched)
+            spread = loss_spread(quad.hess, quad.grad, quad.cov, lr=lrs, schedule=sched)
+        ratio = None if moved is None else displacement_ratio(moved, radius)
+        values, errs = series_with_estimates(stats, sched, lrs, orders=orders, ratio=ratio)
         for name, value in values.items():
-            put(name, s, value, series_estimates[name])
+            put(name, s, value, errs[name])
         noiseless = noiseless_prediction(stats, sched, lrs, order=max(orders))
         put(NOISELESS, s, noiseless, np.abs(predictions[top][s] - noiseless) + estimates[top][s])
-        resummed = resummed_predictions(stats, sched, lrs) if sub is not None else {}
+        resummed = resummed_predictions(stats, sched, lrs, ratio=ratio) if sub is not None else {}
         if sde_model is not None:
             b = int(sched.batch_size)
             sde = np.array(
@@ -546,12 +572,13 @@ def _predict(stats, sde_model, full, record_steps, lrs, orders, config) -> tuple
                     by_step[s] = with_ladder(by_step[s], rung)
             if full.name == "online" and "resummed 3" in resummed:
                 three = resummed["resummed 3"]
-                put(LADDER, s, three.values + rung, three.estimate + ladder_error[:, j])
+                own = ladder_estimate(rung, ladder_error[:, j], ratio)
+                put(LADDER, s, three.values + rung, three.estimate + own)
         if quad is not None:
             motion[s] = {
-                "rms_displacement": rms_displacement(
-                    quad.hess, quad.grad, quad.cov, lr=lrs, schedule=sched
-                ),
+                "rms_displacement": moved,
+                "loss_spread": spread,
+                "resolution": resolution(spread, trials=config["trials"]),
                 "mean_square_excess": excess[:, j],
                 **({} if np.isnan(rung).all() else {"hessian_ladder": rung}),
                 **(overshoot(sharp["lambda_max"], lr=lrs, steps=s, **kicks) if sharp else {}),
@@ -566,7 +593,7 @@ def _predict(stats, sde_model, full, record_steps, lrs, orders, config) -> tuple
             "error": {name: info["error"] for name, info in krylov.items()},
         }
         config["resummed_ranks"] = {name: info["ranks"] for name, info in krylov.items()}
-        config["curvature_radius"] = curvature_radius(sub)
+        config["curvature_radius"] = radius
         h_min = float(sub.ritz_values().min())
         for name, info in krylov.items():
             if info["growth"] > UNSTABLE_GROWTH:
@@ -600,18 +627,10 @@ def _gap_rows(trials, stats, full, lrs, resummed: bool, *, start_loss: float) ->
 
 
 def _row(trials, li: int, steps: int, mean: float, half: float) -> dict[str, Any]:
-    """The fields every row has: where, the SGD mean and its interval, divergence."""
+    """The fields every row has: where, the SGD mean and its interval, the trial counts."""
     lr = float(trials.lrs[li])
-    return {
-        "lr": lr,
-        "steps": int(steps),
-        "eta_t": lr * steps,
-        "actual": mean,
-        "ci_low": mean - half,
-        "ci_high": mean + half,
-        "divergent": bool(trials.is_divergent[li]),
-        "divergent_trials": int(trials.divergent[li]),
-    }
+    where = {"lr": lr, "steps": int(steps), "eta_t": lr * steps, "actual": mean}
+    return {**where, "ci_low": mean - half, "ci_high": mean + half, **trials.counts_at(li, steps)}
 
 
 def _compare(
@@ -662,7 +681,7 @@ def write_outputs(result: ValidationResult, out: Path) -> list[Path]:
     with paths[1].open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(
-            ["lr", "steps", "eta_t", "actual", "ci_low", "ci_high", "divergent"]
+            ["lr", "steps", "eta_t", "actual", "ci_low", "ci_high", "dropped", "divergent"]
             + [f"{n}" for n in names]
             + [f"{n} error_ci" for n in names]
             + [f"{n} unstable" for n in names]
@@ -676,6 +695,7 @@ def write_outputs(result: ValidationResult, out: Path) -> list[Path]:
                     r["actual"],
                     r["ci_low"],
                     r["ci_high"],
+                    r["dropped"],
                     r["divergent"],
                 ]
                 + [r["predictions"][n]["value"] for n in names]
@@ -743,7 +763,7 @@ def _shown(entry: dict[str, Any], key: str) -> float:
 
 def _write_gap(result: ValidationResult, out: Path, plt) -> list[Path]:
     keys = ["lr", "steps", "eta_t", "actual", "ci_low", "ci_high", "divergent"]
-    keys += ["divergent_trials", "order 1", "order 2", "error_ci"]
+    keys += ["dropped", "above_limit", "order 1", "order 2", "error_ci"]
     keys += ["order 1 unstable", "order 2 unstable"]
     if "resummed 2" in result.gap[0]:
         keys += ["resummed 2", "resummed 2 error_ci", "resummed 2 unstable"]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
+from perturb.errors import ModelSpecError
 from perturb.numeric.population import Population
 
 __all__ = [
@@ -30,12 +31,15 @@ __all__ = [
     "DROPOUT_LAYERS",
     "NON_ANALYTIC_LAYERS",
     "FlatLoss",
+    "FrozenParametersWarning",
     "NonSmoothWarning",
     "Objective",
+    "check_forward",
     "check_model",
     "cross_entropy_per_sample",
     "flat_loss",
     "objective",
+    "trainable_parameters",
 ]
 
 _DTYPES = (torch.float32, torch.float64)
@@ -48,6 +52,164 @@ class NonSmoothWarning(UserWarning):
         >>> issubclass(NonSmoothWarning, UserWarning)
         True
     """
+
+
+class FrozenParametersWarning(UserWarning):
+    """Some of a model's parameters do not require grad: they stay fixed, outside ``θ``.
+
+    Example:
+        >>> issubclass(FrozenParametersWarning, UserWarning)
+        True
+    """
+
+
+def trainable_parameters(
+    model: nn.Module,
+) -> tuple[list[tuple[str, nn.Parameter]], dict[str, torch.Tensor]]:
+    """The parameters that are ``θ`` (those that require grad) and the frozen rest.
+
+    Only parameters with ``requires_grad`` are trained and enter the theory; the others
+    (``requires_grad=False``, and every integer parameter, which cannot require grad)
+    are held fixed at their values, like buffers, with a warning that says how many.
+
+    Args:
+        model: the network.
+
+    Returns:
+        ``(trainable, frozen)``: ``(name, parameter)`` pairs in ``named_parameters``
+        order, and ``{name: detached value}`` of the frozen ones.
+
+    Warns:
+        FrozenParametersWarning: when some parameters are frozen.
+
+    Raises:
+        perturb.errors.ModelSpecError: no parameter requires grad, or a trainable one is
+            not float32 or float64 (half and bfloat16 are refused: convert the model
+            with ``model.float()``).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
+        >>> net[0].weight.requires_grad_(False)  # doctest: +ELLIPSIS
+        Parameter containing:...
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     trainable, frozen = trainable_parameters(net)
+        >>> [n for n, _ in trainable], list(frozen)
+        (['0.bias', '1.weight', '1.bias'], ['0.weight'])
+        >>> print(caught[0].message)  # doctest: +ELLIPSIS
+        1 of 4 parameter tensors (6 of 14 numbers) do not require grad ...
+    """
+    named = list(model.named_parameters())
+    trainable = [(n, p) for n, p in named if p.requires_grad]
+    frozen = {n: p.detach() for n, p in named if not p.requires_grad}
+    label = type(model).__name__
+    if not trainable:
+        raise ModelSpecError(
+            f"{label} has no parameters that require grad ({len(named)} parameter tensors, "
+            "all frozen): expected at least one trainable parameter for SGD to train"
+        )
+    for name, p in trainable:
+        if p.dtype not in _DTYPES:
+            raise ModelSpecError(
+                f"parameter {name!r} of {label} is {str(p.dtype).replace('torch.', '')}: "
+                "perturb computes in float32 or float64; convert the model first, e.g. "
+                "model.float()"
+            )
+    if frozen:
+        numbers = sum(v.numel() for v in frozen.values())
+        total = sum(p.numel() for _, p in named)
+        warnings.warn(
+            f"{len(frozen)} of {len(named)} parameter tensors ({numbers} of {total} numbers) "
+            f"do not require grad ({', '.join(list(frozen)[:3])}"
+            f"{', …' if len(frozen) > 3 else ''}): they stay fixed and are not part of θ, "
+            f"which has the {total - numbers} trainable numbers",
+            FrozenParametersWarning,
+            stacklevel=2,
+        )
+    return trainable, frozen
+
+
+def check_forward(
+    loss_fn: Callable[..., torch.Tensor],
+    theta: torch.Tensor,
+    rows: Sequence[torch.Tensor],
+    *,
+    model: nn.Module | None = None,
+) -> None:
+    """Check that a per-sample loss is a pure function of ``θ`` under :mod:`torch.func`.
+
+    perturb differentiates and vectorizes the loss with ``torch.func`` (``grad`` inside
+    ``vmap``), which needs a forward that is a function of its inputs alone: no
+    ``.item()`` or Python branches on tensor values, no random numbers, no changes to
+    buffers.  The probe takes one ``vmap(grad)`` over two copies of ``θ`` and of the
+    first two rows (random operations are an error there), then checks that the
+    model's buffers and parameters did not change and that two evaluations agree.
+
+    Args:
+        loss_fn: ``loss_fn(θ, *rows) -> (n,)``.
+        theta: a point, 1-D.
+        rows: the data (tensors with a common leading axis; only the first two rows are
+            used).
+        model: the module behind ``loss_fn``, whose state must not change.
+
+    Raises:
+        perturb.errors.ModelSpecError: "your model's forward …", saying what failed.
+
+    Example:
+        >>> net = nn.Linear(3, 2)
+        >>> fn, theta0 = flat_loss(net)
+        >>> check_forward(fn, theta0, (torch.zeros(2, 3), torch.tensor([0, 1])), model=net)
+        >>> class Noisy(nn.Linear):
+        ...     def forward(self, x):
+        ...         return super().forward(x) + torch.randn(2)
+        >>> fn, theta0 = flat_loss(Noisy(3, 2))
+        >>> try:
+        ...     check_forward(fn, theta0, (torch.zeros(2, 3), torch.tensor([0, 1])))
+        ... except ModelSpecError as err:
+        ...     print(str(err)[:60], "random operation" in str(err))
+        your model's forward (or loss) cannot run under torch.func.v True
+    """
+    few = tuple(r[:2] for r in rows)
+    before = (
+        {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if model is not None
+        else {}
+    )
+
+    def total(t: torch.Tensor, *batch: torch.Tensor) -> torch.Tensor:
+        return loss_fn(t, *batch).sum()
+
+    twice = tuple(r.unsqueeze(0).expand(2, *r.shape) for r in few)
+    try:
+        vmap(torch.func.grad(total), randomness="error")(theta.unsqueeze(0).expand(2, -1), *twice)
+    except Exception as err:  # a user's forward can fail in any way under torch.func
+        message = " ".join(str(err).split())[:300]
+        raise ModelSpecError(
+            "your model's forward (or loss) cannot run under torch.func.vmap(grad(...)), "
+            f"which perturb uses to differentiate it: {type(err).__name__}: {message}; "
+            "make it a pure function of its inputs: no .item() or branches on tensor "
+            "values, no random numbers (dropout: model.eval()), no in-place changes to "
+            "buffers"
+        ) from err
+    if model is not None:
+        after = model.state_dict()
+        changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
+        for k, v in before.items():  # put the model back as it was
+            after[k].copy_(v)
+        if changed:
+            raise ModelSpecError(
+                f"your model's forward changes {', '.join(changed[:3])}: perturb "
+                "differentiates a fixed function of θ, so forward must not update state; "
+                "keep running statistics and counters out of it"
+            )
+    with torch.no_grad():
+        first, second = loss_fn(theta, *few), loss_fn(theta, *few)
+    if not torch.equal(first, second):
+        raise ModelSpecError(
+            "your model's forward gives different losses for the same parameters and rows "
+            "(random numbers, e.g. dropout in training mode?): perturb needs a "
+            "deterministic loss; call model.eval() or remove the randomness"
+        )
 
 
 #: Module types :func:`check_model` warns about (not analytic) or rejects (BatchNorm in training
@@ -230,7 +392,8 @@ def flat_loss(
     """Per-sample loss of ``model`` on flat parameters, and the current flat parameters.
 
     The model is checked with :func:`check_model` (a warning for ReLU and other non-analytic
-    pieces, an error for BatchNorm in training mode).
+    pieces, an error for BatchNorm in training mode).  Only parameters that require grad
+    are ``θ`` (:func:`trainable_parameters`); frozen ones are held fixed, as buffers.
 
     Args:
         model: the network.
@@ -252,11 +415,11 @@ def flat_loss(
     if not callable(loss):
         raise TypeError(f"loss must be callable, got {type(loss).__name__}")
     check_model(model)
-    named = [(n, p) for n, p in model.named_parameters()]
-    if not named:
+    if not any(True for _ in model.parameters()):
         raise ValueError(f"{type(model).__name__} has no parameters to differentiate")
+    named, frozen = trainable_parameters(model)
     theta0 = torch.cat([p.detach().reshape(-1) for _, p in named])
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    buffers = {n: b.detach() for n, b in model.named_buffers()} | frozen
     fn = FlatLoss(
         model=model,
         loss=loss,
@@ -420,6 +583,7 @@ def objective(
                 f"the per-sample loss must return one scalar per row, shape ({k},) for {k} "
                 f"rows; got {shape}"
             )
+        check_forward(fn, theta, rows, model=fn.model)
     else:
         user = loss_fn_or_model
         single = user

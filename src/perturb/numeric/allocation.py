@@ -12,7 +12,7 @@ layout, so the batch-means error bar holds for any mix of them):
 **The pilot.**  On ``n_p`` rows of their own (left out of the measurement that follows,
 so the choice is independent of the rows it is applied to and every estimate stays
 exactly unbiased) each contraction ``c`` is measured both ways in ``K`` groups, the
-sketch with two replicates, and timed.  With ``X_{g,1}, X_{g,2}`` the two replicates of
+sketch with two replicates.  With ``X_{g,1}, X_{g,2}`` the two replicates of
 group ``g``,
 
 .. math::  \hat B = \tfrac12\,\overline{(X_{g,1}-X_{g,2})^2},\qquad
@@ -20,7 +20,11 @@ group ``g``,
 
 split a group value's variance into the part of the rows (``A``) and the part of the
 split and the probes (``B``), so ``r`` replicates give ``A + B/r``.  Per contraction the
-estimator with the smaller *work-normalized variance* ``time × variance`` is chosen.
+estimator with the smaller *work-normalized variance* ``work × variance`` is chosen, its
+work counted from the contraction's structure, never timed (:func:`estimator_work`:
+derivative evaluations per row, one row through one node of a moment network counting
+1), so the choice, and every number after it, depends on the seed only, not on the
+machine or its load.  The pilot's seconds are recorded for information.
 
 **The plan.**  With the learning rates and numeric schedules of the predictions wanted
 (``lr`` and ``schedules``), the same decomposition is made for those predictions
@@ -30,12 +34,12 @@ contractions are included), and a prediction's variance on ``n`` rows is modelle
 least as ``1/n`` as the groups grow (for degenerate statistics faster), so the model is
 conservative there; below ``n_p`` it is not (degenerate terms grow faster than ``1/n``
 as groups shrink), so no plan takes fewer rows than the pilot had.  Its cost is
-``n·(c_t + r·c_s)`` (seconds per row of the tuple-measured and of the sketched
-contractions).
+``n·(c_t + r·c_s)`` (:func:`estimator_work`'s evaluations per row of the tuple-measured
+and of the sketched contractions).
 ``target_se``: the cheapest ``(n, r)`` whose largest predicted standard error is at most
 the target (all rows and the best ``r`` when no ``n`` reaches it); ``budget`` (in
-full-batch gradients over the rows, timed in the pilot): the ``(n, r)`` of least variance
-that fits; neither: every row, ``r = 1``.
+full-batch gradients over the rows, i.e. ``budget`` evaluations per row): the ``(n, r)``
+of least variance that fits; neither: every row, ``r = 1``.
 """
 
 from __future__ import annotations
@@ -48,12 +52,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from perturb.checks import check_int
 from perturb.numeric.adapters import Objective
 from perturb.numeric.derivatives import summed
-from perturb.numeric.distributed import all_ints, world
-from perturb.numeric.networks import tuple_size
+from perturb.numeric.distributed import all_ints, gather_blocks, local_share, world
+from perturb.numeric.engine import tree_order
+from perturb.numeric.networks import tuple_networks, tuple_size
 from perturb.numeric.sketches import Sketcher
 from perturb.symbolic.contractions import Contraction
 from perturb.symbolic.schedules import Schedule
@@ -65,6 +71,7 @@ __all__ = [
     "PILOT_ROWS",
     "Plan",
     "check_planning",
+    "estimator_work",
     "fixed_choice",
     "full_gradient_seconds",
     "pilot_plan",
@@ -86,8 +93,9 @@ class Plan:
         estimators: contraction key -> ``"sketch"`` or ``"tuples"``.
         replicates: ``r``, the sketch replicates per group.
         rows: the rows the measurement should use (at most those left after the pilot).
-        report: JSON-able record of the pilot (per contraction: variance and seconds per
-            estimator; the predicted standard error), for ``Statistics.meta``.
+        report: JSON-able record of the pilot (per contraction: variance, counted work
+            per row and, for information, seconds per estimator; the predicted standard
+            error), for ``Statistics.meta``.
     """
 
     estimators: dict[str, str]
@@ -137,6 +145,64 @@ def prediction_weights(
     return np.array(rows).reshape(len(rows), len(keys))
 
 
+def estimator_work(
+    contraction: Contraction, group_size: int, *, parts: int | None = None, probed: int = 1
+) -> dict[str, float]:
+    """Derivative evaluations per row of each estimator: the pilot's cost model.
+
+    Counted from the structure, one row through one node of a moment network counting 1
+    (an open root is no node), each distinct message of the contraction once, as the
+    estimators share them: a node's message is fixed by its rows and the messages it
+    receives.  With ``m`` the contraction's :func:`~perturb.numeric.networks.tuple_size`
+    and ``M = parts`` (default ``m``) the sketch's parts of ``s = ⌊n_g/M⌋`` rows:
+
+    * ``"tuples"``: a node on tuple column ``j`` (its block) over the ``⌊n_g/m⌋`` tuples
+      of the group;
+    * ``"sketch"``: a node of block ``j`` of ``b`` over the ``s·|{j, j + b, …} ∩ [0, M)|``
+      rows of its parts; a network with a block of more than ``probed`` nodes on the
+      tuples, as above.
+
+    Summed over the moment networks (the tree hung from node 0) and divided by ``n_g``.
+    Messages that other contractions share are counted again (a model of the work, not
+    a trace of one run's caches).
+
+    Example:
+        >>> gg = Contraction(parents=(-1, 0), parts=((0,), (1,)))  # G·G: ḡ_(1) · ḡ_(2)
+        >>> estimator_work(gg, 8)  # 2 nodes on 4 tuples; 2 nodes on a 4-row part each
+        {'sketch': 1.0, 'tuples': 1.0}
+        >>> trc = Contraction(parents=(-1, 0), parts=((0, 1),))  # tr(C) = E g·g − G·G
+        >>> estimator_work(trc, 8)  # 2 + 2 messages on 4 tuples, the same by sketch
+        {'sketch': 2.0, 'tuples': 2.0}
+        >>> estimator_work(trc, 8, probed=2)  # probed: E g·g's nodes on all 8 rows
+        {'sketch': 3.0, 'tuples': 2.0}
+    """
+    m = tuple_size(contraction)
+    parts = m if parts is None else parts
+    size, count = group_size // parts, group_size // m
+    tuple_seen: dict[str, set] = {"tuples": set(), "sketch": set()}
+    split_seen: set[tuple] = set()
+    work = {"tuples": 0, "sketch": 0}
+    for net, _ in tuple_networks(contraction):
+        b = len(net.blocks)
+        block_of = {v: j for j, blk in enumerate(net.blocks) for v in blk}
+        split = max((len(blk) for blk in net.blocks), default=0) <= probed
+        children, postorder = tree_order(net.parents)
+        keys: dict[int, tuple] = {}
+        for v in postorder:
+            if v == 0 and net.open_root:
+                break
+            j = block_of[v]
+            keys[v] = (j, len(net.blocks[j]), v == 0, tuple(sorted(keys[c] for c in children[v])))
+            for name in ("tuples",) if split else ("tuples", "sketch"):  # on the tuples
+                if keys[v] not in tuple_seen[name]:
+                    tuple_seen[name].add(keys[v])
+                    work[name] += count
+            if split and (v == 0 or (b, *keys[v]) not in split_seen):  # roots never shared
+                split_seen.add((b, *keys[v]))
+                work["sketch"] += size * len(range(j, parts, b))
+    return {e: work[e] / group_size for e in ("sketch", "tuples")}
+
+
 def full_gradient_seconds(obj: Objective, *, repeat: int = 3) -> float:
     """Seconds of one gradient of the summed loss over the objective's rows: the unit of
     work (median of ``repeat`` after one warm-up call).
@@ -184,8 +250,15 @@ def pilot_plan(
     budget: float | None = None,
     chunk_size: int | None = None,
     probed: int = 1,
+    split: bool = False,
+    progress: bool = False,
 ) -> Plan:
     """Measure every contraction both ways on the pilot ``layout`` and plan the measurement.
+
+    With ``split`` under ``torchrun`` (``W > 1`` ranks, ``K ≥ W``) each rank measures
+    its :func:`~perturb.numeric.distributed.shard` of the ``K`` groups and the group
+    values are all-gathered: the variances are the single-process ones; the seconds are
+    the rank's own, scaled by ``K / |shard|`` (the whole pilot's).
 
     Args:
         obj: the rows (pilot and measurement rows alike).
@@ -196,49 +269,64 @@ def pilot_plan(
         predictions: numeric ``(schedule, quantity)`` pairs the plan serves.
         lr: their learning rates (needed with ``target_se``).
         target_se: largest standard error wanted of any prediction.
-        budget: full-batch gradients (over ``available`` rows) the measurement may cost.
+        budget: full-batch gradients (over ``available`` rows) the measurement may cost,
+            in :func:`estimator_work`'s evaluations (``budget`` per available row).
         chunk_size: rows per batched call.
         probed: the sketches' largest probed block (:class:`~perturb.numeric.sketches.Sketcher`).
+        split: split the pilot's groups across the ranks (above).
+        progress: show a tqdm bar (standard error) over the contractions measured; the
+            plan does not depend on it.
 
     Returns:
         The :class:`Plan`.
     """
     k, size = (int(s) for s in layout.shape)
     m = max(tuple_size(c) for c in contractions.values())
-    sketcher = Sketcher(obj, layout, generator, chunk_size=chunk_size, parts=m, probed=probed)
+    share = local_share(k, distributed=split)
+    scale = k / len(share)
+
+    def whole(v: torch.Tensor) -> np.ndarray:  # every group's values, on every rank
+        host = v.double().cpu().numpy()
+        return gather_blocks(host, k) if len(share) < k else host
+
+    sketcher = Sketcher(
+        obj, layout, generator, chunk_size=chunk_size, parts=m, probed=probed, share=share
+    )
     planning = lr is not None
     values: dict[str, dict[str, np.ndarray]] = {"tuples": {}, "sketch": {}, "sketch2": {}}
-    seconds: dict[str, dict[str, float]] = {"tuples": {}, "sketch": {}}
+    seconds: dict[str, dict[str, float]] = {"tuples": {}, "sketch": {}}  # information only
+    work: dict[str, dict[str, float]] = {}
     report: dict[str, Any] = {"pilot_rows": k * size, "pilot_groups": k, "contractions": {}}
     estimators: dict[str, str] = {}
-    for key, c in contractions.items():
+    bar = tqdm(contractions.items(), desc="pilot", disable=not progress, unit="stat")
+    for key, c in bar:
+        bar.set_postfix_str(c.text, refresh=False)
         start = time.perf_counter()
-        values["tuples"][key] = sketcher.tuple_values(c).double().cpu().numpy()
-        seconds["tuples"][key] = time.perf_counter() - start
+        values["tuples"][key] = whole(sketcher.tuple_values(c))
+        seconds["tuples"][key] = (time.perf_counter() - start) * scale
         start = time.perf_counter()
-        values["sketch"][key] = sketcher.values(c, replicates=1).double().cpu().numpy()
-        seconds["sketch"][key] = time.perf_counter() - start
+        values["sketch"][key] = whole(sketcher.values(c, replicates=1))
+        seconds["sketch"][key] = (time.perf_counter() - start) * scale
         if planning:  # a second replicate, for the split of the variance (module notes)
-            second = sketcher.values(c, replicates=1, start=1)
-            values["sketch2"][key] = second.double().cpu().numpy()
+            values["sketch2"][key] = whole(sketcher.values(c, replicates=1, start=1))
         entry: dict[str, Any] = {"text": c.text}
         if c.open_root:  # vectors: compare the summed variance over coordinates
             var = {e: float(values[e][key].var(axis=0, ddof=1).sum()) for e in ESTIMATORS}
         else:
             var = {e: float(values[e][key].var(ddof=1)) for e in ESTIMATORS}
-        wnv = {e: var[e] * seconds[e][key] for e in ESTIMATORS}
+        work[key] = estimator_work(c, size, parts=m, probed=probed)
+        wnv = {e: var[e] * work[key][e] for e in ESTIMATORS}
         choice = min(ESTIMATORS, key=lambda e: (wnv[e], e != "sketch"))
         estimators[key] = choice
         for e in ESTIMATORS:
-            entry[e] = {"variance": var[e], "seconds": seconds[e][key]}
+            entry[e] = {"variance": var[e], "work": work[key][e], "seconds": seconds[e][key]}
         entry["estimator"] = choice
         report["contractions"][key] = entry
-    per_row = {
-        e: sum(seconds[e][key] for key in contractions if estimators[key] == e) / (k * size)
-        for e in ESTIMATORS
+    per_row = {  # evaluations per row of the measurement
+        e: sum(work[key][e] for key in contractions if estimators[key] == e) for e in ESTIMATORS
     }
-    fb = full_gradient_seconds(obj.select(layout.reshape(-1))) * available / (k * size)
-    report.update(seconds_per_row={e: per_row[e] for e in ESTIMATORS}, full_batch_gradient_s=fb)
+    fb = float(available)  # a full-batch gradient: every row through one node
+    report.update(evaluations_per_row=per_row, full_batch_gradient_evaluations=fb)
     available = available // k * k  # whole groups
     replicates, rows = 1, available
     weights = prediction_weights(contractions, predictions, lr) if lr is not None else None
@@ -291,7 +379,7 @@ def pilot_plan(
                 rows = least
                 report["budget_too_small"] = True
         report["predicted_se"] = math.sqrt(variance(rows, replicates))
-        report["predicted_seconds"] = cost(rows, replicates)
+        report["predicted_evaluations"] = cost(rows, replicates)
     report.update(replicates=replicates, rows=rows)
     return Plan(estimators=estimators, replicates=replicates, rows=rows, report=report)
 
@@ -357,7 +445,8 @@ def fixed_choice(
 
 def same_plan(outline: Plan, keys: Sequence[str]) -> tuple[dict[str, str], int, int]:
     """The plan's choices, replicates and rows; under ``torchrun`` rank 0's on every rank
-    (the plan depends on timings, which differ between processes).
+    (the plan is a function of the pilot's values, whose rounding may differ between
+    processes: one plan for all).
 
     Example:
         >>> same_plan(Plan(estimators={"k": "sketch"}, replicates=1, rows=64), ["k"])

@@ -19,8 +19,16 @@ What is split, and why the results do not depend on the number of processes:
   evaluates only the contiguous block :func:`shard` ``(R, r, W)`` of tuples, and the
   per-tuple values ``Z_r`` (float64) are all-gathered in tuple order.  Every rank ends
   with the same :class:`~perturb.numeric.measuring.Statistics` as a single process.
-  ``exact=True`` and the ``"groups"``, ``"sketch"`` and ``"auto"`` estimators are not
-  split: every rank computes them whole (``"auto"`` with rank 0's plan).
+  ``"sketch"`` and ``"auto"`` (the default): every rank draws the same seeded groups,
+  splits and pilot; rank ``r`` sketches the groups :func:`shard` ``(K, r, W)`` (of the
+  pilot, then of the measurement) and the group values are all-gathered.
+  ``resummed=True`` (estimates): rank ``r`` differentiates the rows
+  :func:`shard` ``(n, r, W)`` of the Krylov build; every Hessian-vector product (and
+  gradient, ``J`` projection) is its partial sum, added over the ranks in rank order,
+  and the projected per-sample tensors are all-gathered.  ``exact=True`` and
+  ``"groups"`` are computed whole on every rank.
+* **per-sample top curvatures** (:func:`perturb.numeric.stability.per_sample_top_curvatures`):
+  rank ``r`` runs the power iterations of the rows :func:`shard` ``(k, r, W)``.
 * **simulation**: rank ``r`` runs the trials :func:`shard` ``(K, r, W)``
   (``simulate(trials=range(a, b))``), each with its own per-trial seed ``(seed, k)``
   (:func:`perturb.experiments.simulation.trial_indices`), and the per-trial losses are
@@ -51,13 +59,16 @@ __all__ = [
     "collective_device",
     "communication_bytes",
     "gather_blocks",
+    "gathered_rows",
     "init_from_env",
     "is_main",
+    "local_share",
     "same_on_all_ranks",
     "session",
     "shard",
     "shutdown",
     "sum_over_ranks",
+    "summed_tensor",
     "world",
 ]
 
@@ -211,7 +222,7 @@ def shard(n: int, rank: int, world: int) -> range:
 def collective_device() -> torch.device:
     """Where collective tensors must live for the current backend."""
     if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.currentcollective_device())
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
@@ -250,6 +261,40 @@ def sum_over_ranks(block: np.ndarray) -> np.ndarray:
     parts = [torch.empty_like(local) for _ in range(size)]
     dist.all_gather(parts, local)
     return sum(p.cpu().numpy() for p in parts)
+
+
+def local_share(n: int, *, distributed: bool) -> range:
+    """This rank's :func:`shard` of ``n`` items when ``distributed`` and a process group of
+    ``1 < W ≤ n`` ranks exists; otherwise all of ``range(n)`` (nothing to split).
+
+    Example:
+        >>> local_share(5, distributed=True)  # no process group here
+        range(0, 5)
+    """
+    rank, size = world() if distributed else (0, 1)
+    return shard(n, rank, size) if 1 < size <= n else range(n)
+
+
+def summed_tensor(partial: torch.Tensor) -> torch.Tensor:
+    """:func:`sum_over_ranks` of a tensor: summed in float64 in rank order (the same bits
+    on every rank), returned in ``partial``'s dtype and device.
+
+    Example:
+        >>> summed_tensor(torch.ones(2))  # one process: itself
+        tensor([1., 1.])
+    """
+    host = sum_over_ranks(partial.detach().to("cpu", torch.float64).numpy())
+    return torch.as_tensor(host).to(partial.device, partial.dtype)
+
+
+def gathered_rows(block: torch.Tensor, n: int) -> torch.Tensor:
+    """:func:`gather_blocks` of a tensor along its first axis: all ``n`` rows, float64, CPU.
+
+    Example:
+        >>> gathered_rows(torch.arange(3.0), 3)  # one process: its own rows
+        tensor([0., 1., 2.], dtype=torch.float64)
+    """
+    return torch.as_tensor(gather_blocks(block.detach().to("cpu", torch.float64).numpy(), n))
 
 
 def all_ints(values: Sequence[int]) -> np.ndarray:

@@ -67,10 +67,19 @@ from typing import Any
 import numpy as np
 import torch
 from torch.func import grad, vmap
+from tqdm.auto import tqdm
 
 from perturb.checks import check_int, check_lr
 from perturb.numeric.adapters import Objective, objective
 from perturb.numeric.derivatives import derivative, summed
+from perturb.numeric.distributed import (
+    all_ints,
+    gathered_rows,
+    local_share,
+    same_on_all_ranks,
+    summed_tensor,
+    world,
+)
 from perturb.numeric.predictions import UNSTABLE_GROWTH, Prediction, warn_if_unstable
 from perturb.numeric.resummation import resummed_by_quantity
 from perturb.symbolic.resummed import check_resummable, resummed_terms
@@ -453,8 +462,13 @@ def _block_lanczos(
     start: torch.Tensor,
     rank: int,
     generator: torch.Generator,
+    *,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Orthonormal ``Q`` (``P×rank``), ``T = QᵀHQ`` and the residual ``‖HQ − QT‖_F``."""
+    """Orthonormal ``Q`` (``P×rank``), ``T = QᵀHQ`` and the residual ``‖HQ − QT‖_F``.
+
+    ``progress`` shows a tqdm bar over the basis vectors (one update per block).
+    """
     p = start.shape[0]
     tol = 1e3 * torch.finfo(start.dtype).eps
     blocks: list[torch.Tensor] = []
@@ -462,6 +476,7 @@ def _block_lanczos(
     block = _orthonormalize(start, [], rank, tol)
     residual = 0.0
     cols = 0
+    bar = tqdm(total=rank, desc="krylov: lanczos", unit="vec", disable=not progress)
     while True:
         if block.shape[1] == 0:  # invariant subspace (or nothing to start from): go on at random
             need = min(max(start.shape[1], 1), rank - cols)
@@ -470,6 +485,7 @@ def _block_lanczos(
         blocks.append(block)
         cols += block.shape[1]
         w = hvp(block)
+        bar.update(block.shape[1])
         coeffs = torch.cat([b.T @ w for b in blocks], dim=0)
         for _ in range(2):
             for b in blocks:
@@ -480,6 +496,7 @@ def _block_lanczos(
             break
         columns.append(coeffs)
         block = _orthonormalize(w, blocks, min(start.shape[1] or 1, rank - cols), tol)
+    bar.close()
     q = torch.cat(blocks, dim=1)
     upper = torch.zeros(cols, cols, dtype=torch.float64)
     offset = 0
@@ -507,6 +524,8 @@ def krylov_subspace(
     dtype: torch.dtype = torch.float64,
     per_sample_gradients: bool = False,
     higher_rank: int | None = None,
+    distributed: bool = False,
+    progress: bool = False,
 ) -> KrylovSubspace:
     r"""Build a Krylov subspace of the mean Hessian and project the diagrams' tensors on it.
 
@@ -545,6 +564,16 @@ def krylov_subspace(
             ``k_3(k_3+1)/2`` third-derivative products instead of ``n·k`` and
             ``k(k+1)/2``; the diagrams that need them are evaluated at rank ``k_3``
             (:meth:`KrylovSubspace.ranks`), the others at ``k``.
+        distributed: under ``torchrun`` (``W > 1`` ranks, ``n ≥ W``) rank ``r``
+            differentiates the rows :func:`~perturb.numeric.distributed.shard` ``(n, r, W)``
+            only (``cost["local_rows"]``): mean derivatives are partial sums added over
+            the ranks (one all-gather per block of products), per-sample tensors are
+            all-gathered; every rank gets the single-process subspace to rounding (which
+            nearly invariant blocks amplify, as a change of ``chunk_size`` does).
+            Default ``False``; :func:`perturb.measure` splits its estimates' subspace.
+        progress: show tqdm bars (on standard error, rank 0 only) over the Lanczos
+            basis vectors and over the directions of each projected tensor of order
+            ``≥ 2``; the numbers do not depend on it.
 
     Returns:
         A :class:`KrylovSubspace`.
@@ -613,57 +642,79 @@ def krylov_subspace(
     start_time = time.perf_counter()
     theta = obj.theta0
     vector = derivative(summed(obj.batch), vector=True)
+    mine = local_share(n, distributed=distributed)  # the rows this rank differentiates
+    cost["local_rows"] = len(mine)
+    split, here = len(mine) < n, obj
+    if split:
+        agree = all_ints([n, p, rank, probes, seed, higher_rank])
+        same_on_all_ranks("rows, parameters, rank, probes, seed, higher_rank", agree)
+        here = obj.select(torch.arange(mine.start, mine.stop, device=obj.rows[0].device))
+    progress = progress and not (split and world()[0] > 0)
 
-    def meanderivative(us: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        total = torch.zeros_like(theta)
-        for s in _chunks(n, chunk_size):
-            total = total + vector(theta, tuple(r[s] for r in obj.rows), us)
-        return total / n
+    def total(partial: torch.Tensor) -> torch.Tensor:  # the sum over the ranks' rows
+        return summed_tensor(partial) if split else partial
+
+    def partial_sum(us: tuple[torch.Tensor, ...]) -> torch.Tensor:  # this rank's rows
+        acc = torch.zeros_like(theta)
+        for s in _chunks(here.n, chunk_size):
+            acc = acc + vector(theta, tuple(r[s] for r in here.rows), us)
+        return acc
 
     def hvp(block: torch.Tensor) -> torch.Tensor:
         cost["hvps"] += block.shape[1]
-        return vmap(lambda u: meanderivative((u,)), in_dims=1, out_dims=1)(block)
+        # out_dims=0, then transposed: vmap cannot place an output that does not depend on
+        # u (H = 0: a linear loss) on axis 1 ("expanded size mismatch")
+        return total(vmap(lambda u: partial_sum((u,)), in_dims=1)(block).T) / n
 
     gen = torch.Generator().manual_seed(seed)
-    mean_grad = meanderivative(())
+    mean_grad = total(partial_sum(())) / n
     cost["gradients"] += 1
     start = [mean_grad]
     for _ in range(probes):
         signs = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(theta.device, theta.dtype)
-        start.append(
-            (_weighted_gradient(obj, signs, chunk_size) - signs.sum() * mean_grad) / math.sqrt(n)
-        )
+        weighted = total(_weighted_gradient(here, signs[mine.start : mine.stop], chunk_size))
+        start.append((weighted - signs.sum() * mean_grad) / math.sqrt(n))
         cost["gradients"] += 1
-    basis, hessian, residual = _block_lanczos(hvp, torch.stack(start, dim=1), rank, gen)
+    basis, hessian, residual = _block_lanczos(
+        hvp, torch.stack(start, dim=1), rank, gen, progress=progress
+    )
     lanczos_seconds = time.perf_counter() - start_time
 
     def cpu(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to("cpu", torch.float64)
 
+    def rows(t: torch.Tensor) -> torch.Tensor:  # every row's values (gathered), float64
+        return gathered_rows(t, n) if split else cpu(t)
+
     losses = torch.cat(
-        [obj.batch(theta, *(r[s] for r in obj.rows)) for s in _chunks(n, chunk_size)]
+        [here.batch(theta, *(r[s] for r in here.rows)) for s in _chunks(here.n, chunk_size)]
     )
-    derivs = {0: cpu(losses)}
-    means = {0: cpu(losses.mean()), 1: cpu(basis.T @ mean_grad), 2: hessian}
+    derivs = {0: rows(losses)}
+    means = {0: derivs[0].mean(), 1: cpu(basis.T @ mean_grad), 2: hessian}
     if 1 in per_sample or per_sample_gradients:
-        derivs[1] = cpu(_per_sample_projected(obj, basis, (), chunk_size))
+        derivs[1] = rows(_per_sample_projected(here, basis, (), chunk_size))
         cost["per_sample_gradients"] += n
     batch = max(1, chunk_size // min(n, chunk_size))  # directions per vectorized call
     high = basis[:, :higher_rank]
     for m in sorted(k for k in per_sample if k >= 2):
-        derivs[m] = _symmetric_projection(
-            lambda us: _per_sample_projected(obj, high, us, chunk_size),
-            high,
-            m,
-            leading=(n,),
-            batch=batch,
+        derivs[m] = rows(
+            _symmetric_projection(
+                lambda us: _per_sample_projected(here, high, us, chunk_size),
+                high,
+                m,
+                leading=(here.n,),
+                batch=batch,
+                desc=f"krylov: per-sample order {m}" if progress else None,
+            )
         )
         calls = math.comb(higher_rank + m - 2, m - 1) * n
         cost["per_sample_hvps" if m == 2 else "per_sample_higher_derivatives"] += calls
     for m in sorted(k for k in mean_orders if k >= 3):
-        means[m] = _symmetric_projection(
-            lambda us: high.T @ meanderivative(us), high, m, leading=(), batch=batch
+        partial = _symmetric_projection(
+            lambda us: high.T @ partial_sum(us), high, m, leading=(), batch=batch,
+            desc=f"krylov: mean order {m}" if progress else None,
         )
+        means[m] = total(partial) / n
         cost["mean_higher_derivatives"] += math.comb(higher_rank + m - 2, m - 1)
     cost["lanczos_seconds"] = lanczos_seconds
     cost["seconds"] = time.perf_counter() - start_time
@@ -714,17 +765,20 @@ def _symmetric_projection(
     *,
     leading: tuple[int, ...],
     batch: int,
+    desc: str | None = None,
 ) -> torch.Tensor:
     """The symmetric order-``m`` tensor ``∇^m[q_a…, ·]`` projected, from sorted index tuples.
 
     ``vector_fn(us)`` returns the projected last index (shape ``leading + (k,)``) of the
     derivative along the directions ``us``; it is vectorized over ``batch`` tuples at once.
+    A ``desc`` shows a tqdm bar of that name over the directions.
     """
     k = basis.shape[1]
     out = torch.zeros((*leading, *([k] * m)), dtype=torch.float64)
     lead = (slice(None),) * len(leading)
     tuples = list(itertools.combinations_with_replacement(range(k), m - 1))
     batched = vmap(lambda *us: vector_fn(us))
+    bar = tqdm(total=len(tuples), desc=desc, unit="dir", disable=desc is None)
     for start in range(0, len(tuples), batch):
         chunk = tuples[start : start + batch]
         index = torch.tensor(chunk, device=basis.device)
@@ -733,4 +787,6 @@ def _symmetric_projection(
         for idx, value in zip(chunk, values, strict=True):
             for perm in set(itertools.permutations(idx)):
                 out[(*lead, *perm)] = value
+        bar.update(len(chunk))
+    bar.close()
     return out

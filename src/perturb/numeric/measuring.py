@@ -31,8 +31,9 @@ split into ``K`` disjoint groups and each contraction is estimated in every grou
 by a *sketch* (:mod:`perturb.numeric.sketches`: split means, every node one batched
 derivative over many rows, at full-batch speed; networks with blocks of two or more
 nodes on tuples, or opt-in random-sign probes) or by disjoint tuples inside the group;
-a pilot on rows of its own picks, per contraction, the one with the smaller time ×
-variance, and with ``lr``, ``target_se`` or ``budget`` plans the rows and sketch
+a pilot on rows of its own picks, per contraction, the one with the smaller work ×
+variance (work counted from the contraction's structure, never timed: a seed fixes the
+choice), and with ``lr``, ``target_se`` or ``budget`` plans the rows and sketch
 replicates (:mod:`perturb.numeric.allocation`).  Every group value is unbiased, so the
 batch-means error bar above holds; it has ``K − 1`` degrees of freedom (the 95% interval
 is ``± t_{0.975, K−1}·SE``).  On the order-3 online test loss of a 25k-parameter convnet
@@ -86,6 +87,7 @@ from perturb.numeric.allocation import (
 from perturb.numeric.distributed import (
     all_ints,
     gather_blocks,
+    local_share,
     same_on_all_ranks,
     shard,
     sum_over_ranks,
@@ -101,9 +103,11 @@ from perturb.numeric.networks import (
     tuple_size,
     tuple_values,
 )
+from perturb.numeric.population import Population
 from perturb.numeric.sketches import MAX_PROBED_BLOCK, Sketcher
 from perturb.numeric.statistics import HostCopy, MeasuredPrediction, Statistics
 from perturb.symbolic.contractions import Contraction
+from perturb.symbolic.cost import check_work, estimate_measure_work
 from perturb.symbolic.resummed import check_resummable
 from perturb.symbolic.schedules import Epochs, Online, Schedule
 from perturb.symbolic.series import QUANTITIES, series
@@ -197,6 +201,17 @@ def _requested(
     if vector_batches is not None:
         check_int("vector_batches", vector_batches, minimum=2)
     return order, schedules, quantities
+
+
+def _row_count(loss_fn_or_model: Any, data: Any, samples: int | None) -> int:
+    """The rows a measurement will use, read without checking (for its cost estimate)."""
+    if samples is not None:
+        return int(samples)
+    if isinstance(loss_fn_or_model, Population):
+        data = loss_fn_or_model.data
+    first = data[0] if isinstance(data, tuple | list) and len(data) else data
+    shape = getattr(first, "shape", ())
+    return int(shape[0]) if len(shape) else 1
 
 
 @dataclass
@@ -316,10 +331,16 @@ def _sketched(
     chunk_size: int | None,
     progress: bool,
     probed: int,
+    split: bool = False,
 ) -> tuple[dict[str, np.ndarray], int]:
-    """Stage 3 (sketch and auto): per-group values, each contraction by its estimator."""
+    """Stage 3 (sketch and auto): per-group values, each contraction by its estimator;
+    ``split``: each rank its :func:`shard` of the groups, the values all-gathered."""
     m = max(tuple_size(c) for c in contractions.values())
-    sketcher = Sketcher(plan.obj, plan.layout, gen, chunk_size=chunk_size, parts=m, probed=probed)
+    k = plan.groups
+    share = local_share(k, distributed=split)
+    sketcher = Sketcher(
+        plan.obj, plan.layout, gen, chunk_size=chunk_size, parts=m, probed=probed, share=share
+    )
     host = HostCopy()
     values: dict[str, np.ndarray] = {}
     bar = tqdm(contractions.items(), desc="measure", disable=not progress, unit="stat")
@@ -330,6 +351,10 @@ def _sketched(
         else:
             v = sketcher.values(c, replicates=replicates)
         values[key] = host(v).astype(np.float64, copy=False)
+        if len(share) < k:
+            values[key] = gather_blocks(values[key], k)
+    if len(share) < k:
+        return values, int(all_ints([sketcher.evaluations]).sum())
     return values, sketcher.evaluations
 
 
@@ -387,6 +412,7 @@ def measure(
     target_se: float | None = None,
     budget: float | None = None,
     probe_blocks: int = 1,
+    force: bool = False,
 ) -> Statistics:
     r"""Measure every contraction of the requested series once at ``θ_0``.
 
@@ -399,8 +425,9 @@ def measure(
       of ``n/8`` and ``max(256, 2mK)``, ``max(128, 2mK)`` with ``target_se`` or
       ``budget``, when there are enough rows, else none) measures
       every contraction both as ``"sketch"`` and as ``"tuples"`` inside groups, and each
-      contraction takes the one with the smaller work-normalized variance (time ×
-      variance); with ``lr`` (and numeric ``schedules``), ``target_se`` or ``budget``
+      contraction takes the one with the smaller work-normalized variance (counted
+      derivative evaluations × variance, deterministic); with ``lr`` (and numeric
+      ``schedules``), ``target_se`` or ``budget``
       plan the rows and sketch replicates (:mod:`perturb.numeric.allocation`).  The rest
       of the rows are split into ``groups`` groups; ``meta["plan"]`` records the pilot
       and the choice.  Without a pilot every contraction is sketched; with fewer than
@@ -467,11 +494,13 @@ def measure(
         distributed: under ``torchrun`` (a default :mod:`torch.distributed` process
             group of ``W > 1`` processes is initialized), split the ``R`` tuples across
             the ranks and all-gather the per-tuple values
-            (:func:`measure_distributed`): every rank must pass the
-            same arguments and gets the single-process result.  ``exact=True`` and the
-            other estimators are computed whole on every rank (``"auto"`` with rank
-            0's plan).  ``False``: compute
-            everything here.
+            (:func:`measure_distributed`); ``"sketch"``/``"auto"``: each rank sketches
+            its :func:`shard` of the groups (pilot and measurement) and the group values
+            are all-gathered; ``resummed`` (estimates): each rank its share of the rows
+            of the Krylov build (:func:`perturb.krylov_subspace`).  Every rank must pass
+            the same arguments and gets the single-process result (to rounding).
+            ``exact=True`` and ``"groups"`` are computed whole on every rank.
+            ``False``: compute everything here.
         vector_batches: most batch means kept per open-root statistic (tuple estimator;
             at least 2); ``None`` keeps every tuple's vector.
         resummed: also build what the re-summed diagrams need: a rank-``rank`` Krylov
@@ -496,15 +525,23 @@ def measure(
         target_se: ``"auto"``: the largest standard error wanted of any planned
             prediction; the plan uses the fewest rows and replicates that reach it.
         budget: ``"auto"``: the measurement's cost in full-batch gradients over the
-            rows (timed in the pilot); the plan takes the least variance within it.
+            rows (counted derivative evaluations); the plan takes the least variance
+            within it.
         probe_blocks: ``"sketch"``/``"auto"``: the largest block (in nodes, 1–3) the
             sketches estimate by random-sign probes; networks with larger blocks are
             measured on tuples inside the groups.  Default 1, no probes: a probe's
             variance does not fall with the rows and its intervals undercover
             (:mod:`perturb.numeric.sketches`).
+        force: measure even when the estimated work
+            (:func:`perturb.symbolic.cost.estimate_measure_work`: the series, then every
+            contraction on the rows) is over a minute.
 
     Returns:
         :class:`Statistics`.
+
+    Raises:
+        perturb.errors.BudgetError: when the estimated work is over a minute (the
+            message gives it), unless ``force``.
 
     Example:
         >>> import torch
@@ -514,7 +551,7 @@ def measure(
         >>> round(float(st.predict(Online(steps=2, batch_size=1), lr=0.1).total[0]), 6)
         0.42
     """
-    if distributed and tuple_range is None:
+    if distributed and tuple_range is None and estimator == "tuples" and not exact:
         if world()[1] > 1:
             return measure_distributed(
                 loss_fn_or_model, data, theta0, order=order, schedules=schedules,
@@ -524,7 +561,7 @@ def measure(
                 estimator=estimator, vector_batches=vector_batches, resummed=resummed,
                 rank=rank, probes=probes, higher_rank=higher_rank, replicates=replicates,
                 pilot=pilot, lr=lr, target_se=target_se, budget=budget,
-                probe_blocks=probe_blocks,
+                probe_blocks=probe_blocks, force=force,
             )  # fmt: skip
     order, schedules, quantities = _requested(
         order,
@@ -535,6 +572,10 @@ def measure(
         estimator=estimator,
         vector_batches=vector_batches,
     )
+    orders = order if isinstance(order, dict) else dict.fromkeys(quantities, order)
+    rows = _row_count(loss_fn_or_model, data, samples)
+    work = estimate_measure_work(orders, schedules, rows=rows)
+    check_work(work, force=force, option="force=True")
     contractions = requested_contractions(order, schedules, quantities)
     fixed = None
     if isinstance(estimator, Mapping):
@@ -551,6 +592,8 @@ def measure(
             f"{estimator!r}"
         )
     obj = objective(loss_fn_or_model, data, theta0, loss=loss, dtype=dtype, device=device)
+    split = distributed and world()[1] > 1  # sketches, pilot, Krylov: each rank its share
+    progress = progress and not (split and world()[0] > 0)
     gen = torch.Generator().manual_seed(int(seed))
     plan = _layout(
         obj,
@@ -567,6 +610,9 @@ def measure(
     )
     meta = dict(plan.meta)
     if plan.sketch and not exact:
+        if split:
+            agree = all_ints([obj.n, obj.size, int(seed), len(contractions), plan.groups])
+            same_on_all_ranks("rows, parameters, seed, contractions, groups", agree)
         chosen = fixed
         if fixed is not None:
             meta["plan"] = {"pilot_rows": 0, "note": "estimators given per contraction"}
@@ -575,7 +621,7 @@ def measure(
             outline = pilot_plan(
                 plan.obj, contractions, plan.pilot, gen, available=int(plan.layout.numel()),
                 predictions=numeric, lr=lrs, target_se=target_se, budget=budget,
-                chunk_size=chunk_size, probed=probe_blocks,
+                chunk_size=chunk_size, probed=probe_blocks, split=split, progress=progress,
             )  # fmt: skip
             chosen, replicates, rows = same_plan(outline, list(contractions))
             each = max(rows // groups, max(tuple_size(c) for c in contractions.values()))
@@ -591,9 +637,9 @@ def measure(
             meta["plan"] = {"pilot_rows": 0, "note": "too few rows for a pilot: all sketched"}
         values, evaluations = _sketched(
             plan, contractions, gen, replicates=replicates, estimators=chosen,
-            chunk_size=chunk_size, progress=progress, probed=probe_blocks,
+            chunk_size=chunk_size, progress=progress, probed=probe_blocks, split=split,
         )  # fmt: skip
-        meta.update(replicates=replicates)
+        meta.update(replicates=replicates, **({"world_size": world()[1]} if split else {}))
         networks_count = 0
     else:
         engine = Engine(
@@ -613,6 +659,8 @@ def measure(
         subspace = _subspace(
             plan.obj, order, schedules, quantities, rank=rank, probes=probes, seed=seed,
             chunk_size=chunk_size, exact=exact, higher_rank=higher_rank,
+            split=split and not exact,  # a population (validate's) is built whole
+            progress=progress,
         )  # fmt: skip
         meta["resummed_groups"] = 1 if exact else min(int(groups), plan.obj.n)
         meta["resummed_rank"] = subspace.rank
@@ -643,8 +691,9 @@ def measure(
 
 
 def _subspace(
-    obj, order, schedules, quantities, *, rank, probes, seed, chunk_size, exact, higher_rank
-):
+    obj, order, schedules, quantities, *, rank, probes, seed, chunk_size, exact, higher_rank, split,
+    progress,
+):  # fmt: skip
     """Stage 3b (``resummed=True``): the Krylov subspace of the re-summable schedules."""
     if rank is None:
         raise ValueError("resummed=True needs rank=k, the dimension of the Krylov subspace")
@@ -667,6 +716,8 @@ def _subspace(
         chunk_size=chunk_size or 256,
         per_sample_gradients=not exact,
         higher_rank=higher_rank,
+        distributed=split,
+        progress=progress,
     )
 
 
@@ -691,11 +742,11 @@ def measure_distributed(
     means, ``vector_batches``, are partial on each rank and summed), so every rank returns the
     :class:`~perturb.numeric.statistics.Statistics` of a single-process ``measure`` (to float64
     rounding); ``meta["evaluations"]`` is the total over the ranks and
-    ``meta["world_size"]`` is ``W``.  Only ``estimator="tuples"`` with ``exact=False``
-    is split: ``exact=True``, ``"groups"``, ``"sketch"`` and ``"auto"`` are computed whole
-    on every rank (same result everywhere, no speed-up; ``"auto"`` takes rank 0's plan).
-    ``measure`` itself calls this under a process group; same arguments; the progress bar
-    shows on rank 0 only.
+    ``meta["world_size"]`` is ``W``.  Other estimators go to ``measure`` under the
+    process group, which splits ``"sketch"`` and ``"auto"`` by groups (and the Krylov
+    subspace of ``resummed=True`` by rows) and computes ``exact=True`` and ``"groups"``
+    whole.  ``measure`` itself calls this for the tuples under a process group; same
+    arguments; the progress bar shows on rank 0 only.
 
     Raises:
         ValueError: For bad arguments (as ``measure``), or when the ranks disagree on the
@@ -710,15 +761,15 @@ def measure_distributed(
         True
     """
     rank, size = world()
-    if size == 1 or exact or estimator != "tuples":
+    if size == 1 or exact or estimator != "tuples":  # split inside measure
         return measure(
             loss_fn_or_model, data, theta0, exact=exact, estimator=estimator,
-            progress=progress and rank == 0, distributed=False, **kw,
+            progress=progress, distributed=True, **kw,
         )  # fmt: skip
-    local = measure(
+    local = measure(  # distributed: the Krylov subspace of resummed=True is split too
         loss_fn_or_model, data, theta0, exact=False, estimator="tuples",
         progress=progress and rank == 0, tuple_range=lambda k: shard(k, rank, size),
-        distributed=False, **kw,
+        distributed=True, **kw,
     )  # fmt: skip
     total = int(local.meta["tuples_total"])
     layout = [total, local.meta["tuple_size"], local.parameters, local.meta["seed"]]

@@ -136,9 +136,15 @@ class Sketcher:
         probed: the largest block (in nodes) estimated by random-sign probes, at most
             :data:`MAX_PROBED_BLOCK`; networks with larger blocks are averaged over
             tuples inside the groups (``1``: split means only).
+        share: the groups this process evaluates (under ``torchrun``: the
+            :func:`~perturb.numeric.distributed.shard` of the ``K`` groups); the splits
+            and weights are still drawn for all ``K`` groups, so each group's value is
+            the one a single process computes, and the values returned hold the
+            ``share`` groups only (``None``: all ``K``).
 
     Attributes:
         evaluations: rows differentiated so far (one row of one batched node counts 1).
+        all_groups: ``K``; :attr:`groups` and :attr:`layout` are those of :attr:`share`.
 
     Example:
         >>> from perturb.numeric.adapters import objective
@@ -160,6 +166,7 @@ class Sketcher:
         chunk_size: int | None = None,
         parts: int | None = None,
         probed: int = MAX_PROBED_BLOCK,
+        share: range | None = None,
     ) -> None:
         if not 1 <= probed <= MAX_PROBED_BLOCK:
             raise ValueError(f"probed must be 1, 2 or {MAX_PROBED_BLOCK}, got {probed!r}")
@@ -170,8 +177,12 @@ class Sketcher:
         self._messages: dict[tuple, torch.Tensor] = {}
         self._networks: dict[tuple, list[tuple[Contraction, torch.Tensor]]] = {}
         self._message_elements = 0
-        self.layout = layout
-        self.groups, self.group_size = (int(s) for s in layout.shape)
+        self.all_groups = int(layout.shape[0])
+        self.share = range(self.all_groups) if share is None else share
+        if not (0 <= self.share.start <= self.share.stop <= self.all_groups and self.share):
+            raise ValueError(f"share must be a non-empty range of the {self.all_groups} groups")
+        self.layout = layout[self.share.start : self.share.stop]
+        self.groups, self.group_size = (int(s) for s in self.layout.shape)
         self.gen = generator
         self.chunk = auto_chunk(obj) if chunk_size is None else int(chunk_size)
         self.evaluations = 0
@@ -183,7 +194,8 @@ class Sketcher:
 
     # ------------------------------------------------------------------ contractions
     def values(self, contraction: Contraction, *, replicates: int, start: int = 0) -> torch.Tensor:
-        """The contraction's sketch in every group, ``(K,)`` or ``(K, P)``, float64.
+        """The contraction's sketch in every group (of :attr:`share`), ``(K,)`` or ``(K, P)``,
+        float64.
 
         The mean over the replicates ``start, …, start + replicates − 1`` (independent
         splits and probe draws); networks with a block of more than :attr:`probed`
@@ -276,15 +288,16 @@ class Sketcher:
         return value
 
     def _draw(self, m: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """A fresh split of every group into ``m`` parts and fresh weights per row."""
-        k, n_g = self.groups, self.group_size
-        order = torch.argsort(torch.rand(k, n_g, generator=self.gen), dim=1)
+        """A fresh split of every group into ``m`` parts and fresh weights per row (drawn
+        for all ``K`` groups, kept for :attr:`share`)."""
+        k, n_g, own = self.all_groups, self.group_size, slice(self.share.start, self.share.stop)
+        order = torch.argsort(torch.rand(k, n_g, generator=self.gen), dim=1)[own]
         size = n_g // m
         split = torch.gather(self.layout, 1, order.to(self.layout.device))[:, : size * m]
-        split = split.reshape(k, m, size)
+        split = split.reshape(self.groups, m, size)
         signs = {
-            2: (torch.randint(0, 2, (k, m, size), generator=self.gen) * 2 - 1).double(),
-            3: skewed_signs((k, m, size), self.gen).double(),
+            2: (torch.randint(0, 2, (k, m, size), generator=self.gen) * 2 - 1).double()[own],
+            3: skewed_signs((k, m, size), self.gen).double()[own],
         }
         return split, signs
 

@@ -104,10 +104,18 @@ import numpy as np
 import scipy.linalg
 import torch
 from torch.func import vmap
+from tqdm.auto import tqdm
 
 from perturb.checks import check_int, check_ints, check_lrs
 from perturb.numeric.adapters import Objective, objective
 from perturb.numeric.derivatives import derivative
+from perturb.numeric.distributed import (
+    all_ints,
+    gather_blocks,
+    local_share,
+    same_on_all_ranks,
+    world,
+)
 
 __all__ = [
     "FLAT_RTOL",
@@ -476,6 +484,8 @@ def per_sample_top_curvatures(
     chunk_size: int | None = None,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
+    distributed: bool = True,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     r"""``λ_max(H_i)``, the largest curvature of each single sample, by batched power iteration.
 
@@ -520,6 +530,14 @@ def per_sample_top_curvatures(
             products.
         dtype: float64 (default) or float32 for the network evaluations.
         device: where the network is evaluated.
+        distributed: under ``torchrun`` (a default process group of ``W > 1`` ranks)
+            rank ``r`` iterates only on the rows examined
+            :func:`~perturb.numeric.distributed.shard` ``(k, r, W)`` (their starts as
+            above) and the curvatures are all-gathered in row order: every rank gets the
+            single-process result.  Every rank must pass the same arguments.  ``False``:
+            every row here.
+        progress: show a tqdm bar (standard error, rank 0 only) over the power
+            iterations of the chunks of rows; the curvatures do not depend on it.
 
     Returns:
         ``(indices, curvatures)``: the rows examined (int, in the order of ``rows``, by
@@ -570,20 +588,34 @@ def per_sample_top_curvatures(
     hvp = derivative(obj.single, vector=True, reverse_first=True)
     batched = vmap(lambda v, *row: hvp(obj.theta0, row, (v,)))
     index = torch.as_tensor(picked, dtype=torch.long, device=obj.rows[0].device)
+    mine = local_share(k, distributed=distributed)
+    if len(mine) < k:
+        agree = all_ints([k, p, int(seed), iterations, int(sum(picked))])
+        same_on_all_ranks("rows examined, parameters, seed, iterations, sum of rows", agree)
     out = torch.zeros(k, dtype=torch.float64)
-    for first in range(0, k, chunk_size):
-        sel = index[first : first + chunk_size]
-        v = starts[first : first + chunk_size].to(obj.theta0)
+    chunks = range(mine.start, mine.stop, chunk_size)
+    bar = tqdm(
+        total=len(chunks) * iterations, desc="sample curvature", unit="it",
+        disable=not progress or (len(mine) < k and world()[0] > 0),
+    )  # fmt: skip
+    for first in chunks:
+        last = min(first + chunk_size, mine.stop)
+        sel = index[first:last]
+        v = starts[first:last].to(obj.theta0)
         lam = torch.zeros(len(sel), dtype=torch.float64, device=v.device)
         live = torch.arange(len(sel), device=v.device)  # rows still iterating
-        for _ in range(iterations):
+        for t in range(iterations):
             w = batched(v[live], *(r[sel[live]] for r in obj.rows)).detach()
             lam[live] = (v[live] * w).sum(dim=1).to(torch.float64)
             norm = torch.linalg.vector_norm(w, dim=1)
             going = norm > 0  # a vanishing product: λ = 0 there, and that row stops
             v[live[going]] = w[going] / norm[going, None]
             live = live[going]
+            bar.update(1 if live.numel() else iterations - t)
             if live.numel() == 0:
                 break
         out[first : first + len(sel)] = lam.cpu()
+    bar.close()
+    if len(mine) < k:
+        return np.asarray(picked, dtype=int), gather_blocks(out[mine.start : mine.stop].numpy(), k)
     return np.asarray(picked, dtype=int), out.numpy()

@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -42,16 +42,23 @@ import numpy as np
 import sympy as sp
 import torch
 
-from perturb.checks import check_int
+from perturb.checks import check_int, check_lrs
+from perturb.errors import StatisticsFileError
 from perturb.numeric.predictions import UNSTABLE_GROWTH, warn_if_unstable
+from perturb.numeric.trust import Trust, assess
 from perturb.symbolic.contractions import Contraction
+from perturb.symbolic.cost import check_work, estimate_work
 from perturb.symbolic.schedules import Schedule
 from perturb.symbolic.series import QUANTITIES, series
 
 if TYPE_CHECKING:
     from perturb.numeric.krylov import KrylovSubspace
 
-__all__ = ["HostCopy", "MeasuredPrediction", "Statistics"]
+__all__ = ["MAX_SIZE", "HostCopy", "MeasuredPrediction", "Statistics", "check_schedule_sizes"]
+
+MAX_SIZE = 2**53
+"""The largest schedule size (steps, batch, training set, epochs) a prediction takes: the
+largest integer float64 holds exactly."""
 
 
 @dataclass(frozen=True)
@@ -259,6 +266,7 @@ class Statistics:
         resummed: bool = False,
         rank: int | None = None,
         integral: bool = False,
+        force: bool = False,
     ) -> MeasuredPrediction:
         r"""Predict ``quantity`` after ``schedule`` for every learning rate in ``lr``.
 
@@ -267,8 +275,10 @@ class Statistics:
         the spread of the same prediction made from each group's values, over ``√K``.
 
         Args:
-            schedule: a numeric schedule.
-            lr: one learning rate or a grid.
+            schedule: a numeric schedule, sizes at most :data:`MAX_SIZE`.
+            lr: one learning rate or a 1-D grid: positive finite numbers (zero too when
+                not re-summed: the loss at ``θ_0``), checked as :func:`perturb.predict`
+                checks its own (:func:`perturb.checks.check_lrs`).
             quantity: ``"test"``, ``"train"``, ``"gap"`` or ``"displacement"``.
             order: highest power of η (default: :attr:`order`); re-summed: highest
                 number of edges.
@@ -278,6 +288,9 @@ class Statistics:
                 and the Krylov error :attr:`MeasuredPrediction.error`.
             rank: re-summed: use the first ``rank`` basis vectors (default all).
             integral: re-summed: Remark 2's integrals of exponentials.
+            force: build the series even when its estimated work
+                (:func:`perturb.symbolic.cost.estimate_work`) is over a minute (a file
+                of high :attr:`order` would otherwise run for hours).
 
         Returns:
             A :class:`MeasuredPrediction`.
@@ -285,6 +298,9 @@ class Statistics:
         Warns:
             UnstableDirectionWarning: re-summed, where some ``|1 − ηh| > 1``.
         """
+        lr = np.asarray(check_lrs(_plain(lr), name="lr", zero=not resummed))
+        if isinstance(schedule, Schedule) and schedule.is_numeric:
+            check_schedule_sizes(schedule)
         if resummed:
             return self._resummed(schedule, lr, quantity, order, rank, integral)
         if integral or rank is not None:
@@ -299,9 +315,9 @@ class Statistics:
             )
         if quantity not in QUANTITIES:
             raise ValueError(f"quantity must be one of {QUANTITIES}, got {quantity!r}")
-        lrs = np.atleast_1d(np.asarray(lr, dtype=float))
-        if lrs.ndim != 1 or not np.all(np.isfinite(lrs)):
-            raise ValueError(f"lr must be a finite number or a 1-D grid of them, got {lr!r}")
+        lrs = lr
+        check_work(estimate_work(order, schedule, quantity=quantity), force=force,
+                   option="force=True or a lower order=")  # fmt: skip
         s = series(order, schedule, quantity)
         missing = [t.contraction.text for t in s.terms if t.contraction not in self]
         if missing:
@@ -345,9 +361,7 @@ class Statistics:
             )
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
-        lrs = np.atleast_1d(np.asarray(lr, dtype=float))
-        if lrs.ndim != 1 or not np.all(np.isfinite(lrs)) or not np.all(lrs > 0):
-            raise ValueError(f"lr must be a positive number or a 1-D grid of them, got {lr!r}")
+        lrs = lr
         rank = check_int("rank", sub.rank if rank is None else rank, minimum=1, maximum=sub.rank)
         order = check_int("order", sub.order if order is None else order, maximum=sub.order)
         sub.check(schedule, quantity, order)
@@ -393,6 +407,38 @@ class Statistics:
         )
 
     # ------------------------------------------------------------------ files
+    def trust(
+        self,
+        schedule: Schedule,
+        *,
+        lr: float | Sequence[float] | np.ndarray,
+        quantity: str = "test",
+        order: int | None = None,
+        resummed: bool = False,
+        trials: int = 1,
+        sample_curvatures: Sequence[float] | None = None,
+        points: int = 12,
+    ) -> Trust:
+        """How far :meth:`predict`'s prediction can be trusted, before any run: its
+        ``error_estimate``, ``trusted`` and the trusted horizon per learning rate
+        (:func:`perturb.numeric.trust.assess`, the computation ``validate`` and
+        ``compare`` use).
+
+        Example:
+            >>> import torch
+            >>> from perturb.numeric.measuring import measure
+            >>> from perturb.symbolic.schedules import Online
+            >>> f = lambda p, x: ((p - x) ** 2).sum() / 2
+            >>> x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+            >>> st = measure(f, x, torch.ones(2), order=2, exact=True, progress=False)
+            >>> st.trust(Online(steps=10, batch_size=1), lr=[0.01]).trusted_steps.tolist()
+            [10]
+        """
+        return assess(
+            self, schedule, lr=lr, order=order, quantity=quantity, resummed=resummed,
+            trials=trials, sample_curvatures=sample_curvatures, points=points,
+        )  # fmt: skip
+
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write to one ``.npz`` file: JSON metadata and float64 arrays (no pickle).
 
@@ -442,38 +488,49 @@ class Statistics:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Statistics:
-        """Read a file written by :meth:`save` (``allow_pickle=False``)."""
+        """Read a file written by :meth:`save` (``allow_pickle=False``), checking all of it.
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            perturb.errors.StatisticsFileError: a file that is no statistics file (not a
+                zip, truncated, fields missing or of the wrong type) or whose statistics
+                are inconsistent: values not finite or not of the shape the header gives
+                (``(groups,)``, ``(groups, parameters)`` for open roots), ``exact`` with
+                more than one value per statistic, ``groups`` outside ``1..rows``, or an
+                ``order`` above the diagrams stored.
+
+        Example:
+            >>> import tempfile, pathlib
+            >>> with tempfile.TemporaryDirectory() as tmp:
+            ...     path = pathlib.Path(tmp) / "stats.npz"
+            ...     np.savez(path, header=np.array('{"format": "perturb.Statistics"}'))
+            ...     try:
+            ...         Statistics.load(path)
+            ...     except StatisticsFileError as err:
+            ...         print(str(err).split("(")[1])
+            version None, expected 1)
+        """
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"statistics file {path!r} does not exist")
+
+        def bad(why: str) -> StatisticsFileError:
+            return StatisticsFileError(f"{path!r} is not a perturb statistics file ({why})")
+
         try:
-            with np.load(path, allow_pickle=False) as z:
+            archive = np.load(path, allow_pickle=False)
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise bad("a single array, not an .npz archive")
+            with archive as z:
+                if "header" not in z.files:
+                    raise bad("no header")
                 header = json.loads(str(z["header"]))
                 arrays = {k: np.array(z[k]) for k in z.files if k != "header"}
-        except (ValueError, KeyError, OSError) as err:
-            raise ValueError(f"{path!r} is not a perturb statistics file: {err}") from err
-        if header.get("format") != "perturb.Statistics":
-            raise ValueError(f"{path!r} is not a perturb statistics file")
-        contractions, values = {}, {}
-        for i, e in enumerate(header["entries"]):
-            c = Contraction(
-                parents=tuple(e["parents"]),
-                parts=tuple(tuple(p) for p in e["parts"]),
-                form=e["form"],
-                open_root=bool(e["open_root"]),
-            )
-            contractions[e["key"]] = c
-            values[e["key"]] = arrays[f"values_{i}"]
-        return cls(
-            order=int(header["order"]),
-            exact=bool(header["exact"]),
-            rows=int(header["rows"]),
-            groups=int(header["groups"]),
-            parameters=int(header["parameters"]),
-            contractions=contractions,
-            group_values=values,
-            meta=dict(header.get("meta", {})),
-        )
+        except (StatisticsFileError, MemoryError):
+            raise
+        except Exception as err:  # anything a corrupt or truncated archive raises
+            raise bad(f"{type(err).__name__}: {err}") from err
+        return cls(**_checked_file(header, arrays, bad))
 
     def communication_bytes(self, world: int) -> int:
         """Bytes each rank receives when ``world`` ranks split this measurement (see
@@ -515,6 +572,96 @@ class HostCopy:
         staged = self.buffer[: tensor.numel()].view(tensor.shape)
         staged.copy_(tensor.to(torch.float64))
         return staged.numpy().copy()
+
+
+def _plain(lr: object) -> object:
+    """``lr`` with NumPy arrays and scalars as Python lists and numbers, for ``check_lrs``."""
+    return lr.tolist() if isinstance(lr, np.ndarray | np.generic) else lr
+
+
+def check_schedule_sizes(schedule: Schedule) -> None:
+    """Refuse schedule sizes past :data:`MAX_SIZE`: the series' coefficients are float64.
+
+    Example:
+        >>> from perturb.symbolic.schedules import Online
+        >>> try:
+        ...     check_schedule_sizes(Online(steps=10**400, batch_size=1))
+        ... except ValueError as err:
+        ...     print(str(err).split(" (")[0])
+        steps must be at most 2^53 = 9007199254740992
+    """
+    for name in ("steps", "batch_size", "train_size", "epochs"):
+        value = getattr(schedule, name, None)
+        if isinstance(value, int | sp.Integer) and int(value) > MAX_SIZE:
+            digits = len(str(int(value)))
+            shown = f"a {digits}-digit number" if digits > 20 else str(int(value))
+            raise ValueError(
+                f"{name} must be at most 2^53 = {MAX_SIZE} (the predictions are float64 "
+                f"numbers), got {shown}"
+            )
+
+
+def _count(header: dict, name: str, minimum: int, bad: Callable) -> int:
+    value = header.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise bad(f"{name} must be an integer ≥ {minimum}, got {value!r}")
+    return value
+
+
+def _checked_file(header: Any, arrays: dict[str, np.ndarray], bad: Callable) -> dict[str, Any]:
+    """The fields of :class:`Statistics` from a file's header and arrays, every one checked."""
+    if not isinstance(header, dict) or header.get("format") != "perturb.Statistics":
+        raise bad("no perturb.Statistics header")
+    if header.get("version") != 1:
+        raise bad(f"version {header.get('version')!r}, expected 1")
+    order, rows = _count(header, "order", 0, bad), _count(header, "rows", 1, bad)
+    groups, parameters = _count(header, "groups", 1, bad), _count(header, "parameters", 1, bad)
+    exact, meta, entries = header.get("exact"), header.get("meta", {}), header.get("entries")
+    if groups > rows:
+        raise bad(f"groups = {groups} is more than rows = {rows}")
+    if not isinstance(exact, bool) or not isinstance(meta, dict) or not isinstance(entries, list):
+        raise bad("exact must be true or false, meta a mapping and entries a list")
+    if exact and groups != 1:
+        raise bad(f"exact statistics hold one group, the header says groups = {groups}")
+    counts = {groups, meta.get("vector_batches")}  # open roots may hold batch means
+    contractions, values = {}, {}
+    for i, e in enumerate(entries):
+        try:
+            c = Contraction(
+                parents=tuple(int(p) for p in e["parents"]),
+                parts=tuple(tuple(int(v) for v in p) for p in e["parts"]),
+                form=e["form"],
+                open_root=e["open_root"],
+            )
+            key = e["key"]
+            if not isinstance(key, str) or not isinstance(c.open_root, bool) or key in values:
+                raise ValueError("a key that is no string or repeats, or open_root not a flag")
+        except (TypeError, KeyError, ValueError, IndexError) as err:
+            raise bad(f"entry {i}: {type(err).__name__}: {err}") from err
+        v = arrays.get(f"values_{i}")
+        if v is None or v.dtype.kind not in "fiu":
+            raise bad(f"no numeric values for {c.text} (values_{i})")
+        want = f"(K, {parameters})" if c.open_root else "(K,)"
+        if v.ndim != 1 + c.open_root or (c.open_root and v.shape[1] != parameters):
+            raise bad(f"values of {c.text} have shape {v.shape}, expected {want}")
+        if v.shape[0] not in (counts if c.open_root else {groups}):
+            raise bad(f"{c.text} holds {v.shape[0]} group values, the header says {groups}")
+        if not np.isfinite(v).all():
+            raise bad(f"values of {c.text} are not all finite")
+        contractions[key], values[key] = c, v.astype(np.float64)
+    edges = max((len(c.parents) - 1 for c in contractions.values()), default=0)
+    if order > edges:
+        raise bad(f"order {order}, but the diagrams stored have at most {edges} edges")
+    return {
+        "order": order,
+        "exact": exact,
+        "rows": rows,
+        "groups": groups,
+        "parameters": parameters,
+        "contractions": contractions,
+        "group_values": values,
+        "meta": dict(meta),
+    }
 
 
 def _se(group_values: np.ndarray, exact: bool) -> np.ndarray:

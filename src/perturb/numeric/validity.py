@@ -28,9 +28,11 @@ the mean dynamics' own growth, in e-folds of the root-mean-square deviation.
 
 **Hessian ladder.**  A step multiplies the deviation by ``I − ηH_b``, not ``I − ηH``: the
 per-sample Hessians ``H_i = H + A_i`` add ``(η²/B) E_i[A_i S A_i]`` to its second moment
-(``S = E[δδᵀ]``), a ladder of Hessian cumulants with four edges and more that no
-predictor holds.  :func:`hessian_ladder` is the test loss it adds on the quadratic model
-with per-sample Hessians; the validity estimate adds its size to every predictor's.
+(``S = E[δδᵀ]``, fed by the gradient noise, the mean path and the mixed cumulant
+``⟨∇l, ∇∇l⟩``), a ladder of Hessian cumulants with four edges and more that no
+truncated predictor holds.  :func:`hessian_ladder` is the test loss it adds on the
+quadratic model with per-sample Hessians ("resummed 3" plus it is exact on every
+quadratic population); the validity estimate adds its size to every other predictor's.
 
 Example:
     >>> import numpy as np
@@ -55,8 +57,11 @@ __all__ = [
     "MEAN_SQUARE_EXCESS",
     "TRUST_FRACTION",
     "curvature_radius",
+    "displacement_ratio",
     "hessian_ladder",
+    "ladder_estimate",
     "ladder_loss",
+    "loss_spread",
     "mean_square_excess",
     "overshoot",
     "rms_displacement",
@@ -72,13 +77,23 @@ MEAN_SQUARE_EXCESS = 1.0
 e-folds (of the root-mean-square deviation) beyond the mean dynamics over the run."""
 
 
-def truncation_estimates(contributions: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
+def truncation_estimates(
+    contributions: np.ndarray,
+    extra: np.ndarray | None = None,
+    *,
+    ratio: np.ndarray | float | None = None,
+) -> np.ndarray:
     """Error estimates of the partial sums ``Σ_{d' ≤ d} c_{d'}`` for every ``d``.
 
     Args:
         contributions: ``c_d`` along the last axis, shape ``(..., D+1)``.
         extra: errors to add to each partial sum (e.g. the Krylov ``k`` vs ``k/2``
             differences of the cumulative re-summed values), same shape.
+        ratio: a floor under the geometric ratio ``|c_D/c_{D−1}|`` that continues the
+            last term, shape ``(...)``: each further edge on a path that moves by ``d``
+            brings one more ``J`` and a factor ``≈ d/ρ`` (:func:`displacement_ratio`),
+            which the two last terms cannot show where the weights move more than they
+            did over the terms measured.
 
     Returns:
         Shape ``(..., D+1)``; ``inf`` for a lone ``c_0`` (nothing to continue from), for
@@ -97,8 +112,10 @@ def truncation_estimates(contributions: np.ndarray, extra: np.ndarray | None = N
         out[...] = np.inf
     else:
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(c[..., -2] > 0, c[..., -1] / c[..., -2], 1.0)
-        out[..., -1] = c[..., -1] * np.minimum(1.0, ratio)
+            last = np.where(c[..., -2] > 0, c[..., -1] / c[..., -2], 1.0)
+        if ratio is not None:
+            last = np.fmax(last, np.asarray(ratio, dtype=float))
+        out[..., -1] = c[..., -1] * np.minimum(1.0, last)
         for d in range(c.shape[-1] - 2, -1, -1):
             out[..., d] = c[..., d + 1] + out[..., d + 1]
     broken = np.cumsum(~np.isfinite(c), axis=-1) > 0  # a sum holding a non-finite term
@@ -106,6 +123,21 @@ def truncation_estimates(contributions: np.ndarray, extra: np.ndarray | None = N
     if extra is not None:
         out = out + np.abs(np.asarray(extra, dtype=float))
     return out
+
+
+def displacement_ratio(displacement: np.ndarray, radius: float) -> np.ndarray:
+    """``d/ρ``: the root-mean-square displacement against the distance over which ``H``
+    changes by its own size, the ratio of successive terms of the expansion in ``J``
+    along the path (``0`` where ``ρ`` is unknown or infinite).
+
+    Example:
+        >>> displacement_ratio(np.array([0.1, 2.0]), 0.5)
+        array([0.2, 4. ])
+    """
+    d = np.asarray(displacement, dtype=float)
+    if not np.isfinite(radius) or radius <= 0:
+        return np.zeros_like(d)
+    return d / radius
 
 
 def curvature_radius(subspace: KrylovSubspace, *, iterations: int = 50) -> float:
@@ -204,27 +236,116 @@ def rms_displacement(
         ...                  schedule=perturb.Online(steps=1, batch_size=1))
         array([0.5])
     """
-    if not isinstance(schedule, Schedule) or not schedule.is_numeric:
-        raise ValueError(f"schedule must be a numeric Schedule, got {schedule!r}")
-    m, b, e = int(schedule.batches), int(schedule.batch_size), int(schedule.epochs)
-    evals, evecs = torch.linalg.eigh((hess + hess.T) / 2)
-    g = (evecs.T @ grad).numpy()
-    c = torch.diagonal(evecs.T @ cov @ evecs).numpy()
-    h = evals.numpy()
-    age = np.arange(m * e - 1, -1, -1, dtype=float)  # T − 1 − t for t = 0 … T − 1
+    h, g, c = _eigenbasis(hess, grad, cov, schedule)
+    steps = int(schedule.batches) * int(schedule.epochs)
     out = []
     for eta in np.asarray(lr, dtype=float).reshape(-1):
+        x = 1.0 - eta * h
         with np.errstate(over="ignore", invalid="ignore"):
-            w = ((1.0 - eta * h)[:, None] ** age[None, :]).reshape(-1, e, m)  # (k, E, M)
-            reach = eta * w.sum(axis=(1, 2))
-            if schedule.shuffle:
-                per_epoch = w.sum(axis=2)
-                pairs = per_epoch.sum(axis=1) ** 2 - (per_epoch**2).sum(axis=1)
-                spread = (w**2).sum(axis=(1, 2)) / b + pairs / (m * b)
-            else:
-                spread = (w.sum(axis=1) ** 2).sum(axis=1) / b
-            total = float(np.sum((reach * g) ** 2 + eta**2 * c * spread))
+            reach = eta * _geometric(x, steps)
+            spread = np.diagonal(_pair_weights(x, schedule))
+            total = float(np.sum((reach * g) ** 2 + eta**2 * np.diagonal(c) * spread))
         out.append(np.sqrt(total) if np.isfinite(total) else np.inf)
+    return np.array(out)
+
+
+def _eigenbasis(
+    hess: torch.Tensor, grad: torch.Tensor, cov: torch.Tensor, schedule: object
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``h``, ``G`` and ``C`` in the eigenbasis of ``H`` (float64 arrays), after checking
+    that ``schedule`` is a numeric :class:`Schedule`."""
+    if not isinstance(schedule, Schedule) or not schedule.is_numeric:
+        raise ValueError(f"schedule must be a numeric Schedule, got {schedule!r}")
+    evals, evecs = torch.linalg.eigh((hess + hess.T) / 2)
+    g = (evecs.T @ grad).double().cpu().numpy()
+    c = (evecs.T @ cov @ evecs).double().cpu().numpy()
+    return evals.double().cpu().numpy(), g, c
+
+
+def _geometric(r: np.ndarray, n: int) -> np.ndarray:
+    """``Σ_{j<n} r^j``, stable where ``r → 1``."""
+    r = np.asarray(r, dtype=float)
+    near = np.abs(1.0 - r) < 1e-9
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        far = (1.0 - r**n) / (1.0 - np.where(near, 0.0, r))
+    return np.where(near, n - (n * (n - 1) / 2) * (1.0 - r), far)
+
+
+def _pair_weights(x: np.ndarray, schedule: Schedule) -> np.ndarray:
+    r"""``S_ab`` with ``Cov(δ_a, δ_b) = η² C_ab S_ab`` for the quadratic model's
+    deviation along eigen-directions with ``x_a = 1 − ηh_a``, every schedule in closed
+    form (the pairwise version of :func:`perturb.numeric.validity.rms_displacement`)."""
+    m, b, e = int(schedule.batches), int(schedule.batch_size), int(schedule.epochs)
+    xx = x[:, None] * x[None, :]
+    steps = m * e
+    if schedule.name == "gd":  # one batch of N, the same every step
+        reach = _geometric(x, steps)
+        return reach[:, None] * reach[None, :] / b
+    if e == 1 or schedule.name == "online":
+        return _geometric(xx, steps) / b
+    repeat = _geometric(x**m, e)  # Σ_e x^{(E−1−e)M}
+    if not schedule.shuffle:  # batch j recurs every epoch: (Σ_e w_{eM+j}) pairs
+        return _geometric(xx, m) * repeat[:, None] * repeat[None, :] / b
+    within = _geometric(x, m)  # W_e = x^{(E−1−e)M} Σ_j x^{M−1−j}
+    total = (within * repeat)[:, None] * (within * repeat)[None, :]
+    diagonal = within[:, None] * within[None, :] * _geometric(xx**m, e)
+    return _geometric(xx, steps) / b + (total - diagonal) / (m * b)
+
+
+def loss_spread(
+    hess: torch.Tensor,
+    grad: torch.Tensor,
+    cov: torch.Tensor,
+    *,
+    lr: Sequence[float],
+    schedule: Schedule,
+) -> np.ndarray:
+    r"""The standard deviation of ``l(θ_T)`` across SGD runs, on the quadratic model.
+
+    On the quadratic model (Hessian ``H``, per-sample gradients ``G + ζ_i`` with
+    ``Cov ζ_i = C``) the deviation ``δ = θ_T − θ_0`` has the mean ``μ`` and covariance
+    ``Σ`` of :func:`perturb.numeric.validity.rms_displacement` (in the eigenbasis of
+    ``H``: ``μ_a = −G_a(1 − x_a^T)/h_a``, ``Σ_ab = η² C_ab S_ab`` with ``S`` the
+    schedule's pair weights, e.g. ``(1 − (x_a x_b)^T)/(B(1 − x_a x_b))`` online).  For a
+    Gaussian ``δ`` the loss ``l = l_0 + G·δ + ½δᵀHδ`` has, exactly, ::
+
+        Var l = bᵀ Σ b + ½ tr((HΣ)²),    b = G + Hμ.
+
+    Args:
+        hess: ``H`` (``(P, P)``, or projected ``(k, k)``).
+        grad: ``G`` in the same basis.
+        cov: ``C`` in the same basis.
+        lr: learning rates.
+        schedule: a numeric :func:`~perturb.Online`, :func:`~perturb.Epochs` or
+            :func:`~perturb.GD` schedule.
+
+    Returns:
+        Shape ``(L,)``; ``inf`` where it overflows.
+
+    Raises:
+        ValueError: for anything but a :class:`~perturb.symbolic.schedules.Schedule`
+            with numeric sizes.
+
+    Example:
+        >>> import torch, perturb
+        >>> one = torch.ones(1, 1, dtype=torch.float64)
+        >>> # one step at η = 1: δ = −(G + ζ), l = ½(1 + δ)², Var = 0 + ½ (C)² = 0.5
+        >>> loss_spread(one, 0 * one[0], one, lr=[1.0],
+        ...             schedule=perturb.Online(steps=1, batch_size=1)) ** 2
+        array([0.5])
+    """
+    h, g, c = _eigenbasis(hess, grad, cov, schedule)
+    steps = int(schedule.batches) * int(schedule.epochs)
+    out = []
+    for eta in np.asarray(lr, dtype=float).reshape(-1):
+        x = 1.0 - eta * h
+        with np.errstate(over="ignore", invalid="ignore"):
+            mean = -eta * g * _geometric(x, steps)
+            sigma = eta**2 * c * _pair_weights(x, schedule)
+            slope = g + h * mean
+            hs = h[:, None] * sigma
+            var = float(slope @ sigma @ slope + 0.5 * np.sum(hs * hs.T))
+        out.append(np.sqrt(max(var, 0.0)) if np.isfinite(var) else np.inf)
     return np.array(out)
 
 
@@ -306,32 +427,41 @@ def ladder_loss(
     hess: torch.Tensor,
     per_sample_hessians: torch.Tensor,
     grad: torch.Tensor,
-    cov: torch.Tensor,
+    per_sample_gradients: torch.Tensor,
     *,
     lr: Sequence[float],
     steps: int | Sequence[int],
     batch_size: int = 1,
 ) -> np.ndarray:
-    r"""The test loss the per-sample Hessian fluctuations add to the quadratic model.
+    r"""The test loss the per-sample Hessian fluctuations add beyond three edges.
 
-    On the quadratic model with per-sample Hessians ``H_i = H + A_i`` (``E A_i = 0``) and
-    gradients ``G + ζ_i`` (``Cov ζ_i = C``), online SGD with ``B`` iid draws per step moves
-    the deviation ``δ = θ − θ_0`` by ``δ ← (I − ηH_b)δ − ηg_b``.  With ``K = I − ηH`` its
-    mean ``m ← Km − ηG`` and covariance ``M`` follow ::
+    On a quadratic population with per-sample Hessians ``H_i = H + A_i`` (``E A_i = 0``)
+    and gradients at ``θ_0`` ``G + ζ_i`` (``E ζ_i = 0``, ``Cov ζ_i = C``), in any
+    correlation with each other, online SGD with ``B`` iid draws per step moves the
+    deviation ``δ = θ − θ_0`` by ``δ ← (I − ηH_b)δ − ηg_b``.  The batch is independent of
+    ``δ``, so with ``K = I − ηH`` the mean follows ``m ← Km − ηG`` and the covariance,
+    exactly, ::
 
-        M ← K M K + (η²/B) C + (η²/B) E_i[A_i S A_i],    S = M + m mᵀ,
+        M ← K M K + (η²/B) (C + E_i[A_i m ζ_iᵀ + ζ_i mᵀ A_i] + E_i[A_i S A_i]),
+        S = M + m mᵀ.
 
-    (plus the mixed term ``(η²/B) E_i[A_i m ζ_iᵀ + ζ_i mᵀ A_i]``, three edges, which the
-    re-summed predictions hold).  Without the last term (``A_i = 0``) this is the
-    quadratic model of "resummed 2" and the SDE; the ladder is what the last term adds,
-    ``X = M − M|_{A=0}`` with ``X ← K X K + (η²/B) E_i[A_i S A_i]``, to the test loss
-    ``½ tr(H X_T)``.
+    The test loss is ``l(θ_0) + G·m + ½ tr(H S)``.  Split ``M = M_C + Y + X`` by source:
+    ``M_C`` (the gradient noise, two edges) and ``Y`` (the mixed cumulant
+    ``⟨∇l, ∇∇l⟩`` fed by the mean path, three edges) are what "resummed 3" holds on a
+    quadratic population; the ladder is the rest, ::
+
+        X ← K X K + (η²/B) E_i[A_i (M_C + Y + X + m mᵀ) A_i],
+
+    diagrams with four edges and more, and this function returns ``½ tr(H X_T)``.
+    "resummed 3" plus it is SGD's exact expected test loss on every quadratic population.
 
     Args:
         hess: ``H``, ``(m, m)``.
         per_sample_hessians: ``H_i``, ``(n, m, m)`` (centred here).
-        grad: ``G``, ``(m,)``.
-        cov: ``C``, ``(m, m)``.
+        grad: ``G``, ``(m,)``: the mean path's gradient.
+        per_sample_gradients: ``G + ζ_i``, ``(n, m)``, the same rows as
+            ``per_sample_hessians`` (centred here: ``C`` and the mixed cumulant are their
+            population moments over the rows).
         lr: learning rates.
         steps: one ``T`` or several (every one is read off a single recursion).
         batch_size: ``B``.
@@ -347,33 +477,39 @@ def ladder_loss(
         >>> import torch
         >>> h = torch.ones(1, 1, dtype=torch.float64)
         >>> hs = torch.tensor([[[0.0]], [[2.0]]], dtype=torch.float64)  # A_i = ∓1
-        >>> g = torch.ones(1, dtype=torch.float64)
-        >>> ladder_loss(h, hs, g, 0 * h, lr=[0.5], steps=2)  # ½ · ¼ · (½ G)²
+        >>> gs = torch.ones(2, 1, dtype=torch.float64)  # no gradient noise
+        >>> ladder_loss(h, hs, gs[0], gs, lr=[0.5], steps=2)  # ½ · ¼ · (½ G)²
         array([0.03125])
     """
     h = torch.as_tensor(hess, dtype=torch.float64).cpu().numpy()
     m = h.shape[0]
     hs = torch.as_tensor(per_sample_hessians, dtype=torch.float64).cpu().numpy()
     g = torch.as_tensor(grad, dtype=torch.float64).cpu().numpy().reshape(-1)
-    c = torch.as_tensor(cov, dtype=torch.float64).cpu().numpy()
+    gs = torch.as_tensor(per_sample_gradients, dtype=torch.float64).cpu().numpy()
     if h.shape != (m, m) or hs.ndim != 3 or hs.shape[1:] != (m, m):
         raise ValueError(
             f"hess must be (m, m) and per_sample_hessians (n, m, m), got {h.shape} and {hs.shape}"
         )
-    if g.shape != (m,) or c.shape != (m, m):
-        raise ValueError(f"grad must be ({m},) and cov ({m}, {m}), got {g.shape} and {c.shape}")
+    if g.shape != (m,) or gs.shape != (len(hs), m):
+        raise ValueError(
+            f"grad must be ({m},) and per_sample_gradients ({len(hs)}, {m}), got {g.shape} "
+            f"and {gs.shape}"
+        )
     many = not isinstance(steps, int | np.integer)
     ts = [int(t) for t in (steps if many else [steps])]
     if not ts or min(ts) < 0:
         raise ValueError(f"steps must be non-negative, got {steps!r}")
     a = hs - hs.mean(axis=0)
+    zeta = gs - gs.mean(axis=0)
+    c = zeta.T @ zeta / len(zeta)
     # q[(a, c), (b, d)] = E[A_ab A_cd]: vec(E[A S A]) = q vec(S) for a symmetric A
     q = np.einsum("iab,icd->acbd", a, a).reshape(m * m, m * m) / len(a)
+    r = np.einsum("iab,ic->abc", a, zeta) / len(a)  # E[A_ab ζ_c]: E[A m ζᵀ] = r·m
     eta = np.asarray(lr, dtype=float).reshape(-1, 1, 1)
     k = np.eye(m)[None] - eta * h[None]  # (L, m, m)
     noise = eta**2 / batch_size
     mean = np.zeros((len(eta), m))
-    base = np.zeros((len(eta), m, m))
+    base = np.zeros((len(eta), m, m))  # M_C + Y: what three edges hold
     ladder = np.zeros((len(eta), m, m))
     out = np.full((len(eta), len(ts)), np.nan)
     wanted = {t: [j for j, s in enumerate(ts) if s == t] for t in set(ts)}
@@ -385,8 +521,9 @@ def ladder_loss(
                 break
             full = base + ladder + mean[:, :, None] * mean[:, None, :]
             kick = (full.reshape(len(eta), -1) @ q.T).reshape(full.shape)
+            mixed = np.einsum("abc,lb->lac", r, mean)
             ladder = k @ ladder @ k + noise * kick
-            base = k @ base @ k + noise * c[None]
+            base = k @ base @ k + noise * (c[None] + mixed + mixed.transpose(0, 2, 1))
             mean = np.einsum("lab,lb->la", k, mean) - eta[:, :, 0] * g[None]
     out[~np.isfinite(out)] = np.inf
     return out if many else out[:, 0]
@@ -401,6 +538,23 @@ def with_ladder(estimate: np.ndarray, ladder: np.ndarray) -> np.ndarray:
         array([0.15, 0.1 ])
     """
     return estimate + np.where(np.isnan(ladder), 0.0, np.abs(ladder))
+
+
+def ladder_estimate(
+    ladder: np.ndarray, rank_error: np.ndarray, ratio: np.ndarray | None
+) -> np.ndarray:
+    """The error estimate of the ladder itself: its Krylov rank difference plus its own
+    size continued by ``min(1, d/ρ)``.  The ladder is the quadratic model's sum of every
+    rung; a path that moves by ``d`` changes the Hessians it is built from by a factor
+    ``≈ d/ρ`` (:func:`displacement_ratio`), the same geometric continuation the truncation
+    estimates take.
+
+    Example:
+        >>> ladder_estimate(np.array([0.02]), np.array([0.001]), np.array([0.5]))
+        array([0.011])
+    """
+    own = np.zeros_like(ladder) if ratio is None else np.abs(ladder) * np.minimum(1.0, ratio)
+    return np.abs(rank_error) + np.where(np.isfinite(own), own, np.inf)
 
 
 def hessian_ladder(
@@ -440,15 +594,11 @@ def hessian_ladder(
     m = subspace.derivs[2].shape[1]
     if rank is not None:
         m = check_int("rank", rank, minimum=1, maximum=m)
-    per_sample = subspace.derivs[2][:, :m, :m]
-    grads = subspace.derivs[1][:, :m]
-    centred = grads - grads.mean(dim=0)
-    cov = centred.T @ centred / len(grads)
     return ladder_loss(
         subspace.hessian[:m, :m],
-        per_sample,
+        subspace.derivs[2][:, :m, :m],
         subspace.means[1][:m],
-        cov,
+        subspace.derivs[1][:, :m],
         lr=lr,
         steps=steps,
         batch_size=batch_size,

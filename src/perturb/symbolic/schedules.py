@@ -42,7 +42,7 @@ import sympy as sp
 
 from perturb.symbolic.diagrams import Diagram, set_partitions
 
-__all__ = ["FORMS", "GD", "Epochs", "Online", "Schedule"]
+__all__ = ["FORMS", "GD", "Epochs", "Online", "Schedule", "cut"]
 
 FORMS = ("cumulant", "moment")
 """The two readings of a part: joint cumulants or joint moments."""
@@ -243,6 +243,27 @@ def GD(*, train_size: int | sp.Expr | None = None, steps: int | sp.Expr | None =
 
 
 # ----------------------------------------------------------------------- counting
+
+
+def cut(schedule: Schedule, steps: int) -> Schedule:
+    """The schedule's first ``steps`` steps, itself a schedule (for epochs: whole epochs).
+
+    Example:
+        >>> cut(GD(train_size=8, steps=10), 4).steps
+        4
+        >>> cut(Epochs(train_size=4, batch_size=2, epochs=3), 4).epochs
+        2
+    """
+    if schedule.name == "epochs":
+        return Epochs(
+            train_size=int(schedule.train_size),
+            batch_size=int(schedule.batch_size),
+            epochs=steps // int(schedule.batches),
+            shuffle=schedule.shuffle,
+        )
+    if schedule.name == "gd":
+        return GD(train_size=int(schedule.train_size), steps=steps)
+    return Online(steps=steps, batch_size=int(schedule.batch_size))
 
 
 def _binomial(n: sp.Expr, k: int) -> sp.Expr:
