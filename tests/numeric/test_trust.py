@@ -42,7 +42,7 @@ def _deviation_moments(hess, grad, cov, lr, schedule):
     return mean, sigma
 
 
-def _gaussian_loss_std(hess, grad, mean, sigma, draws=400_000, seed=0):
+def _gaussian_loss_std(hess, grad, mean, sigma, draws=100_000, seed=0):
     """The loss ``G·δ + ½δᵀHδ`` of ``δ ~ N(μ, Σ)``, its standard deviation by sampling."""
     gen = np.random.default_rng(seed)
     d = gen.multivariate_normal(mean.numpy(), sigma.numpy(), size=draws, method="eigh")
