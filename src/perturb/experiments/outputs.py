@@ -350,7 +350,10 @@ def _interrupts_deferred() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
         if caught:  # delivered now, to the handler that was there (Ctrl-C: KeyboardInterrupt)
-            signal.raise_signal(signal.SIGINT)
+            if callable(previous):  # called here, so its exception leaves this block
+                previous(signal.SIGINT, None)
+            elif previous != signal.SIG_IGN:
+                signal.raise_signal(signal.SIGINT)
 
 
 def remove_stale(folder: Path, known: Iterable[str], keep: Iterable[str] = ()) -> list[Path]:
