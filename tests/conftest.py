@@ -1,10 +1,20 @@
-"""Shared fixtures: small landscapes written both in sympy (exact) and torch."""
+"""Shared fixtures: small landscapes written both in sympy (exact) and torch.
+
+The suite runs on every core with pytest-xdist (``-n auto`` in pyproject.toml), one
+process per core; each worker keeps torch to one intra-op thread, so that the workers do
+not oversubscribe the machine (tests that compare thread counts set them explicitly).
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import sympy as sp
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 def _landscape():

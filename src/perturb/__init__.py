@@ -14,6 +14,11 @@ Example:
     η^0: (1)·l
     η^1: (-T)·G·G
     η^2: (T*(2*T - 1)/2)·G·H·G + (T/2)·tr(C H)
+
+An experiment (what :func:`validate` and :func:`compare` run) is one value:
+
+    >>> perturb.Experiment(trials=64).with_settings(["lrs=0.01,0.02"]).grid.lrs
+    (0.01, 0.02)
 """
 
 from __future__ import annotations
@@ -32,7 +37,11 @@ _MODULES = {  # public modules
 }
 _NAMES = {  # public name -> the module defining it
     "Comparison": "perturb.experiments.comparison",
+    "Experiment": "perturb.experiments.experiment",
     "compare": "perturb.experiments.comparison",
+    "Plan": "perturb.experiments.plan_result",
+    "PlanSettings": "perturb.experiments.planning",
+    "plan": "perturb.experiments.planning",
     "Trials": "perturb.experiments.simulation",
     "simulate": "perturb.experiments.simulation",
     "ValidationResult": "perturb.experiments.validation",
@@ -71,8 +80,11 @@ __all__ = [
     "Contraction",
     "Diagram",
     "Epochs",
+    "Experiment",
     "KrylovSubspace",
     "Online",
+    "Plan",
+    "PlanSettings",
     "Population",
     "Prediction",
     "Schedule",
@@ -93,6 +105,7 @@ __all__ = [
     "krylov_subspace",
     "landscapes",
     "measure",
+    "plan",
     "predict",
     "reference",
     "resummed_terms",

@@ -7,13 +7,15 @@ Subcommands:
 * ``perturb diagrams``: the diagrams of one order with their symmetry factors,
   embedding counts and contractions, optionally drawn to files;
 * ``perturb predict``: SGD's loss predicted from a checkpoint, with error bars;
-* ``perturb validate`` and ``perturb compare``: predictions against real SGD runs.
+* ``perturb validate`` and ``perturb compare``: predictions against real SGD runs;
+* ``perturb plan``: η and B chosen from a checkpoint (:mod:`perturb.cli_plan`).
 
 Every subcommand is a small click command on the group :data:`cli`; the options several
 commands take are declared once in :mod:`perturb.cli_options` and checked where they are
-parsed.  Sizes left out stay symbolic (``T``, ``B``, ``N``, ``E``).  torch and sympy are
-imported inside the commands that use them, so ``perturb --help`` and argument errors
-answer at once.
+parsed; validate and compare build their experiment from them once
+(:mod:`perturb.cli_experiment`: ``--config``, ``--set``).  Sizes left out stay symbolic
+(``T``, ``B``, ``N``, ``E``).  torch and sympy are imported inside the commands that use
+them, so ``perturb --help`` and argument errors answer at once.
 
 Every error a user can cause ends in one line ``error: <message>`` on stderr and exit
 status 2; an unexpected exception ends in one line ``internal error: …`` and status 1.
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from perturb.cli_experiment import build_experiment, experiment_options
 from perturb.cli_options import (
     DIAGRAM_QUANTITIES,
     FORMS,
@@ -54,6 +57,7 @@ from perturb.cli_options import (
     size_option,
     start_options,
 )
+from perturb.cli_plan import plan_command
 from perturb.errors import PerturbError
 
 if TYPE_CHECKING:
@@ -697,22 +701,19 @@ def _pin_threads(options: dict[str, Any]) -> None:
 )
 @budget_options
 @_threads_option
-def validate_command(model_spec: str, **options: Any) -> None:
+@experiment_options
+def validate_command(**options: Any) -> None:
     """Predict SGD's test loss and gap and compare with the mean of many real SGD runs."""
     _pin_threads(options)
     from perturb.experiments.outputs import VALIDATION_FILES, claimed_runs
-    from perturb.experiments.validation import DEFAULT_LRS, validate
+    from perturb.experiments.validation import validate
 
-    options["model"] = model_spec
-    options["lrs"] = tuple(options["lrs"]) or DEFAULT_LRS
-    options["orders"] = tuple(options["orders"]) or (0, 1, 2, 3)
-    if options["schedule"] is None:
-        given = options["epochs"] is not None or options["shuffle"]
-        options["schedule"] = "epochs" if given else "online"
-    seeds = tuple(dict.fromkeys(options.pop("seeds"))) or (0,)
-    with claimed_runs(options.pop("out"), seeds, known=VALIDATION_FILES, name="--out") as runs:
+    out, seeds = options.pop("out"), tuple(dict.fromkeys(options.pop("seeds")))
+    experiment = build_experiment(options)
+    seeds = seeds or (experiment.seed,)
+    with claimed_runs(out, seeds, known=VALIDATION_FILES, name="--out") as runs:
         for seed, folder in runs.items():  # every folder checked and locked before any work
-            result = validate(seed=seed, out=folder, **options)
+            result = validate(experiment.replace(seed=seed), out=folder)
             if len(seeds) > 1:
                 click.echo(f"seed {seed}:")
             click.echo(result.table())
@@ -749,29 +750,22 @@ def validate_command(model_spec: str, **options: Any) -> None:
 @click.option("--out", type=click.Path(file_okay=False), default="compare-out", show_default=True)
 @budget_options
 @_threads_option
-def compare_command(model_spec: str, **options: Any) -> None:
+@experiment_options
+def compare_command(**options: Any) -> None:
     """Real SGD against every theory (orders, re-summed, gradient flow, SDE, Lyapunov)."""
     _pin_threads(options)
-    from perturb.experiments.comparison import (
-        DEFAULT_BATCH_SIZES,
-        DEFAULT_LRS,
-        DEFAULT_STEPS,
-        compare,
-    )
+    from perturb.experiments.comparison import compare
     from perturb.experiments.outputs import claimed
 
-    options["model"] = model_spec
-    for key, default in (
-        ("lrs", DEFAULT_LRS),
-        ("batch_sizes", DEFAULT_BATCH_SIZES),
-        ("steps", DEFAULT_STEPS),
-        ("orders", (1, 2, 3)),
-    ):
-        options[key] = tuple(options[key]) or default
-    with claimed(options["out"], name="--out"):  # checked and locked before any work
-        result = compare(progress=True, **options)
+    out = options.pop("out")
+    experiment = build_experiment(options)
+    with claimed(out, name="--out"):  # checked and locked before any work
+        result = compare(experiment, out=out, progress=True)
     click.echo(result.table())
-    click.echo(f"wrote {options['out']}/compare.json, compare.csv, compare.png")
+    click.echo(f"wrote {out}/compare.json, compare.csv, compare.png")
+
+
+cli.add_command(plan_command)
 
 
 def main(args: Sequence[str] | None = None, *, standalone_mode: bool = True) -> Any:

@@ -21,6 +21,7 @@ from perturb.experiments.models import (
     load_checkpoint,
     mlp,
     smooth_convnet,
+    stem_mlp,
 )
 
 # (input shape, parameter count of smooth_convnet at width 8 with 10 classes)
@@ -118,6 +119,49 @@ def test_smooth_convnet_for_sequences_is_a_1d_convnet() -> None:
     again = smooth_convnet((1, 40), 10, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), again.parameters(), strict=True))
     assert mlp((1, 40), 10, hidden=(16,))(x).shape == (4, 10)
+
+
+def test_stem_mlp_sizes_pieces_and_init() -> None:
+    """Parameters counted layer by layer: pooled input → 3×3 conv → dense → classifier;
+    a million of them for CIFAR-shaped inputs, nearly all in the dense layer."""
+    net = stem_mlp((3, 32, 32), 10)
+    conv, dense, head = 16 * 3 * 9 + 16, 16 * 16 * 16 * 244 + 244, 244 * 10 + 10
+    assert n_params(net) == conv + dense + head == 1_002_566
+    assert dense / n_params(net) > 0.99
+    assert isinstance(net[0], nn.AvgPool2d) and net[0].kernel_size == 2
+    allowed = (nn.Sequential, nn.AvgPool2d, nn.Conv2d, nn.Tanh, nn.Flatten, nn.Linear)
+    assert all(isinstance(m, allowed) for m in net.modules())
+    check_model(net)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = net(x)
+    assert out.shape == (3, 10) and torch.isfinite(out).all()
+    small = stem_mlp((2, 9, 13), 4, channels=3, pool=3, hidden=5, activation="softplus")
+    assert n_params(small) == 3 * 2 * 9 + 3 + 3 * 3 * 4 * 5 + 5 + 5 * 4 + 4
+    assert small(torch.zeros(2, 2, 9, 13)).shape == (2, 4)
+    seq = stem_mlp((1, 40), 10, hidden=8, seed=3)
+    assert isinstance(seq[1], nn.Conv1d) and n_params(seq) == 16 * 3 + 16 + 16 * 20 * 8 + 8 + 90
+    assert seq(torch.zeros(2, 1, 40)).shape == (2, 10)
+    torch.manual_seed(7)
+    before = torch.rand(3)
+    torch.manual_seed(7)
+    a, b = stem_mlp((1, 8, 8), 3, seed=5), stem_mlp((1, 8, 8), 3, seed=5)
+    assert torch.equal(before, torch.rand(3))  # global RNG untouched
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert not torch.equal(a[4].weight, stem_mlp((1, 8, 8), 3, seed=6)[4].weight)
+
+
+def test_stem_mlp_bad_arguments() -> None:
+    with pytest.raises(ValueError, match=r"pool in 1\.\.8, got channels=16, hidden=244.*pool=9"):
+        stem_mlp((1, 8, 8), 10, pool=9)
+    for kwargs in ({"channels": 0}, {"hidden": 0}, {"pool": 0}):
+        with pytest.raises(ValueError, match="must be >= 1 and pool in"):
+            stem_mlp((1, 8, 8), 10, **kwargs)
+    with pytest.raises(ValueError, match=r"must be >= 1 and pool in.*num_classes=0"):
+        stem_mlp((1, 8, 8), 0)
+    with pytest.raises(ValueError, match="unknown activation 'relu'"):
+        stem_mlp((1, 8, 8), 10, activation="relu")
+    with pytest.raises(ValueError, match="input_shape"):
+        stem_mlp((8,), 10)
 
 
 # --------------------------------------------------------------------------- build_model

@@ -281,7 +281,7 @@ def test_validate_failing_while_writing_keeps_the_earlier_results(
     tmp_path, monkeypatch, quick_plots
 ):
     import perturb
-    from perturb.experiments import validation
+    from perturb.experiments import validation_result
 
     kwargs = dict(
         dataset=_tiny_npz(tmp_path), model="mlp", lrs=(0.01,), trials=4, steps=3, records=1,
@@ -294,7 +294,7 @@ def test_validate_failing_while_writing_keeps_the_earlier_results(
     def broken(*args, **kwargs):
         raise RuntimeError("disk full while drawing the gap plot")
 
-    monkeypatch.setattr(validation, "_write_gap", broken)
+    monkeypatch.setattr(validation_result, "_write_gap", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         perturb.validate(**{**kwargs, "seed": 1})
     assert _tree(tmp_path / "o") == before  # no mix of the two runs, no lock left

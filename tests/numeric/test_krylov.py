@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -83,9 +84,13 @@ def test_krylov_full_rank_equals_eigendecomposition_on_a_convnet(steps):
     assert torch.allclose(sub.hessian, q.T @ hess @ q, atol=1e-12)
 
 
-def test_krylov_model_input_equals_population_input():
+@pytest.mark.parametrize("chunk_size", [16, pytest.param(3, marks=pytest.mark.slow)])
+def test_krylov_model_input_equals_population_input(chunk_size):
     """The network given as an nn.Module with (x, y) gives the numbers of the same loss
-    given as a per-row Population (same probes, so the same subspace)."""
+    given as a per-row Population (same probes, so the same subspace), whatever the rows
+    per vectorized call: the model in chunks of 16 (or 3) rows, the population in the
+    default (``vmap_rows``: all 40 rows at once).  Order 3 with ``higher_rank=2``, which
+    cuts the 4-column first block, so the basis order within a block is compared too."""
     from perturb.numeric.adapters import flat_loss
     from perturb.numeric.krylov import krylov_subspace
 
@@ -96,15 +101,23 @@ def test_krylov_model_input_equals_population_input():
         return fn(p, row[:-1].reshape(1, 1, 6, 6), row[-1:].long())[0]
 
     plain = perturb.Population(loss_fn, pop.data)
-    by_model = krylov_subspace(net, (x, y), theta0, rank=27, probes=8, seed=3, chunk_size=7)
-    by_pop = krylov_subspace(plain, None, theta0, rank=27, probes=8, seed=3)
+    kw = dict(rank=12, probes=3, seed=3, order=3, higher_rank=2)
+    by_model = krylov_subspace(net, (x, y), theta0, chunk_size=chunk_size, **kw)
+    by_pop = krylov_subspace(plain, None, theta0, **kw)
+    for got, want in [(by_model.basis, by_pop.basis), (by_model.hessian, by_pop.hessian)]:
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    for m in by_pop.derivs:
+        torch.testing.assert_close(by_model.derivs[m], by_pop.derivs[m], rtol=0, atol=1e-12)
+    for m in by_pop.means:
+        torch.testing.assert_close(by_model.means[m], by_pop.means[m], rtol=0, atol=1e-12)
     sched = perturb.Online(steps=100, batch_size=2)
     a = by_model.predict(sched, lr=0.1)
     b = by_pop.predict(sched, lr=0.1)
-    for u, v in zip(a.by_order, b.by_order, strict=True):
-        assert u == pytest.approx(v, rel=1e-10, abs=1e-13)
-    assert a.cost["hvps"] == 27 and a.cost["gradients"] == 9
-    assert a.cost["per_sample_gradients"] == 40 and a.cost["per_sample_hvps"] == 0
+    for u, v in zip([*a.by_order, *a.coarse_values], [*b.by_order, *b.coarse_values], strict=True):
+        assert u == pytest.approx(v, rel=1e-12, abs=1e-14)
+    assert a.cost["hvps"] == 12 and a.cost["gradients"] == 4
+    assert a.cost["per_sample_gradients"] == 40 and a.cost["per_sample_hvps"] == 40 * 2
+    assert a.cost["mean_higher_derivatives"] == 3  # the sorted pairs of 2 vectors
 
 
 def test_krylov_converges_and_its_error_estimate_bounds_the_error():
@@ -415,7 +428,8 @@ def test_krylov_is_exact_for_a_zero_or_rank_deficient_hessian(hessian, probes, r
 
 
 def test_progress_bars_on_stderr_and_the_same_numbers(capsys):
-    """``progress=True``: tqdm bars on standard error over the Lanczos vectors and the
+    """``progress=True``: tqdm bars on standard error over the Lanczos vectors, the rows
+    of the per-sample gradients and the
     directions of each projected tensor (rank 4, higher rank 2: 2 per-sample Hessian
     directions, 3 sorted pairs for the mean third derivative), nothing on standard
     output; ``progress=False``: nothing at all; the subspace is the same to the bit.
@@ -432,6 +446,7 @@ def test_progress_bars_on_stderr_and_the_same_numbers(capsys):
     out, err = capsys.readouterr()
     assert out == ""
     assert "krylov: lanczos" in err and "4/4" in err
+    assert re.search(r"krylov: per-sample gradients: 100%\|[^|]*\| 4/4 ", err)  # 4 rows
     assert "krylov: per-sample order 2" in err and "2/2" in err
     assert "krylov: mean order 3" in err and "3/3" in err
     torch.testing.assert_close(quiet.hessian, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-12)

@@ -74,8 +74,17 @@ def _old_resummed_values(terms, derivs, *, lr, steps, schedule, integral=False):
     return out
 
 
-@pytest.mark.parametrize("integral", [False, True], ids=["sums", "integral"])
-@pytest.mark.parametrize("schedule", [ONLINE, GD], ids=["online", "gd"])
+@pytest.mark.parametrize(
+    ("schedule", "integral"),
+    [
+        pytest.param(ONLINE, False, id="online-sums"),
+        pytest.param(ONLINE, True, id="online-integral"),
+        pytest.param(GD, False, id="gd-sums"),
+        # GD's order-3 time integrals take ~2,600 matrix exponentials (15-40 s): the two
+        # cases above check the integral weights and GD's terms in the default run
+        pytest.param(GD, True, id="gd-integral", marks=pytest.mark.slow),
+    ],
+)
 def test_batched_values_equal_the_previous_implementation(schedule, integral):
     """Every order-3 term, test/train/displacement, a grid of η and T: ≤ 1e-10 relative."""
     pop, theta = tanh_net(1)

@@ -67,7 +67,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from perturb.checks import check_int, check_ints, check_lrs, check_orders
 from perturb.experiments.baselines import (
     QuadraticModel,
     lyapunov_test_loss,
@@ -75,10 +74,10 @@ from perturb.experiments.baselines import (
     sde_test_loss,
     stationary_excess_loss,
 )
+from perturb.experiments.experiment import Experiment, experiment_of
 from perturb.experiments.judging import judge, trial_lines, validity_lines
 from perturb.experiments.outputs import COMPARISON_FILES, claims_out, staged
 from perturb.experiments.pipeline import (
-    DEFAULT_PRETRAIN_LR,
     Setup,
     Start,
     check_trials_budget,
@@ -120,11 +119,19 @@ from perturb.numeric.validity import (
 )
 from perturb.symbolic.schedules import Online
 
-__all__ = ["Comparison", "compare"]
+__all__ = ["DEFAULTS", "Comparison", "compare"]
 
 DEFAULT_LRS = (0.005, 0.02)
 DEFAULT_BATCH_SIZES = (1, 4)
 DEFAULT_STEPS = (25, 50, 100)
+DEFAULTS = {
+    "lrs": DEFAULT_LRS,
+    "batch_sizes": DEFAULT_BATCH_SIZES,
+    "steps": DEFAULT_STEPS,
+    "trials": 128,
+    "orders": (1, 2, 3),
+}
+"""The fields an experiment may leave to compare, and compare's values for them."""
 GRADIENT_FLOW = "gradient flow"
 """The gradient-flow predictor's name: the ODE ``dθ/dt = −∇l`` on the quadratic model."""
 QUADRATIC = (GRADIENT_FLOW, "SDE", "Lyapunov", "stationary")
@@ -166,6 +173,8 @@ class Comparison:
             ``trusted_rows``, ``calibration`` (the fraction of trusted rows within
             ``error_estimate`` plus the half-width), ``far_off_rows`` and
             ``far_off_untrusted`` (:mod:`perturb.experiments.judging`).
+        experiment: the experiment that ran, with the values it used for the fields it
+            left to :func:`compare` (``None`` when built by hand).
     """
 
     config: dict[str, Any]
@@ -174,6 +183,7 @@ class Comparison:
     notes: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     validity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    experiment: Experiment | None = None
 
     def table(self) -> str:
         """One plain-text table: a line per ``(η, B, T)``, a column per predictor."""
@@ -199,10 +209,12 @@ class Comparison:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: config, predictors, rows, notes, timings and validity (``nan`` →
-        ``None``)."""
+        """JSON-ready: the experiment (when known), config, predictors, rows, notes, timings
+        and validity (``nan`` → ``None``)."""
+        known = {} if self.experiment is None else {"experiment": self.experiment.to_dict()}
         return json_ready(
             {
+                **known,
                 "config": self.config,
                 "predictors": self.predictors,
                 "rows": self.rows,
@@ -318,29 +330,11 @@ def _cell(entry: dict[str, Any]) -> str:
 
 @claims_out  # out is checked and locked before any work
 def compare(
+    experiment: Experiment | None = None,
     *,
-    dataset: str = "digits",
-    data_dir: str | Path | None = None,
-    model: str | torch.nn.Module = "smooth-convnet",
-    lrs: tuple[float, ...] = DEFAULT_LRS,
-    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
-    steps: tuple[int, ...] = DEFAULT_STEPS,
-    trials: int = 128,
-    orders: tuple[int, ...] = (1, 2, 3),
-    resummed: bool = True,
-    seed: int = 0,
-    population: int = 256,
-    checkpoint: str | Path | None = None,
-    pretrain: int = 0,
-    pretrain_lr: float = DEFAULT_PRETRAIN_LR,
-    device: str = "cpu",
     out: str | Path | None = None,
     progress: bool = False,
-    max_hessian_parameters: int = 4000,
-    krylov_rank: int = 128,
-    krylov_higher_rank: int = 32,
-    max_memory: float | None = None,
-    force: bool = False,
+    **options: Any,
 ) -> Comparison:
     """Run SGD on a grid of ``(η, B, T)`` and put every theory's prediction beside it.
 
@@ -353,50 +347,33 @@ def compare(
     module docstring for the predictors.
 
     Args:
-        dataset: ``"digits"`` (built in), ``"mnist1d"`` (generated offline),
-            ``"fashion-mnist"``, ``"cifar10"`` or ``"npz:PATH"``.
-        data_dir: folder with the dataset's files (not needed for digits, mnist1d).
-        model: ``"smooth-convnet"``, ``"mlp"``, ``"pkg.module:factory"``, or a network
-            (an ``nn.Module`` taking the dataset's inputs, moved to ``device``).
-        lrs: learning rates ``η``.
-        batch_sizes: batch sizes ``B``.
-        steps: step counts ``T`` (one run per ``(η, B)`` is recorded at each).
-        trials: SGD runs per ``(η, B)`` (at least 2).
-        orders: orders of perturb's un-resummed series to report (0..4).
-        resummed: also report the re-summed diagrams with up to two and three edges
-            (``"resummed 2"``, ``"resummed 3"``), evaluated in a Krylov subspace of
-            ``H`` (any model size); above ``max_hessian_parameters`` the theories on the
-            quadratic model run on the same subspace.
-        seed: seed of the initialization, the population subset and the trials.
-        population: number of images in the population.
-        checkpoint: start from this weights-only ``state_dict`` of ``model`` instead
-            of its seeded initialization.
-        pretrain: first take this many steps of full-batch gradient descent on the
-            population (deterministic); every run starts where it ends.
-        pretrain_lr: their learning rate.
-        device: ``"cpu"`` or ``"cuda"``.
-        out: folder for ``compare.json``, ``compare.csv`` and ``compare.png``.
+        experiment: what to run (:class:`~perturb.experiments.experiment.Experiment`;
+            default ``Experiment()``).  Left to compare: ``lrs`` (default
+            ``DEFAULT_LRS``), ``batch_sizes`` (``DEFAULT_BATCH_SIZES``), ``steps``
+            (``DEFAULT_STEPS``; one run per ``(η, B)`` is recorded at each), 128 trials
+            and orders 1..3.  The schedule must be online; every ``T`` is recorded
+            (``records``, ``records_log`` and ``gap`` are validate's, not used here).
+            Above ``max_hessian_parameters`` the quadratic model (gradient flow, SDE,
+            Lyapunov, stationary) is projected on the Krylov subspace (needs
+            ``resummed``); ``krylov_higher_rank`` ``k_3 ≤ k`` basis vectors carry the
+            per-sample Hessians and third derivatives of the three-edge diagrams.
+            ``result.experiment`` and ``compare.json`` hold the values used.
+        out: folder for ``compare.json`` (the experiment whole, as ``"experiment"``),
+            ``compare.csv`` and ``compare.png``.
         progress: show progress bars.
-        max_hessian_parameters: largest model whose quadratic model (for gradient flow,
-            SDE, Lyapunov, stationary) is materialized (``P×P`` matrices); larger ones
-            use its projection on the Krylov subspace (needs ``resummed``).
-        krylov_rank: ``k``, the dimension of the Krylov subspace of ``H`` (``k``
-            Hessian-vector products; at most ``P``, exact at ``P``); the notes give the
-            largest difference between the predictions of rank ``k`` and ``k/2``.
-        krylov_higher_rank: ``k_3 ≤ k``, the basis vectors the per-sample Hessians and
-            third derivatives of the three-edge diagrams are projected on.
-        max_memory: bytes the SGD trials may take (default 4 GiB); their time and
-            memory are estimated before anything is measured
-            (:func:`~perturb.experiments.pipeline.check_trials_budget`).
-        force: run even when that estimate is over one hour or ``max_memory``.
+        **options: fields of the experiment to change, by flat name
+            (:meth:`~perturb.experiments.experiment.Experiment.replace`); ``model`` may
+            also be a network (an ``nn.Module`` taking the dataset's inputs, moved to
+            ``device``), recorded by its class name.
 
     Returns:
         A :class:`Comparison`.
 
     Raises:
+        TypeError: an option that is no field of the experiment.
         ValueError: on an empty or malformed grid, ``trials < 2``, orders outside 0..4,
-            a Krylov rank below 2 (or a higher rank below 1), or pretraining that
-            diverged.
+            a Krylov rank below 2 (or a higher rank below 1), a schedule other than
+            online, or pretraining that diverged.
         FileNotFoundError: a ``checkpoint`` that does not exist.
         perturb.errors.ModelSpecError: a checkpoint that is no state dict of ``model``.
 
@@ -414,18 +391,32 @@ def compare(
         >>> r.notes["resummed 3"].startswith("in a Krylov subspace of H of rank 16 (3-edge")
         True
     """
-    lrs = check_lrs(lrs)
-    batch_sizes = tuple(sorted(set(check_ints("batch_sizes", batch_sizes, minimum=1))))
-    steps = tuple(sorted(set(check_ints("steps", steps, minimum=1))))
-    trials = check_int("trials", trials, minimum=2)
-    orders = check_orders(orders)
-    population = check_int("population", population, minimum=1)
-    max_hessian_parameters = check_int("max_hessian_parameters", max_hessian_parameters)
-    krylov_rank = check_int("krylov rank", krylov_rank, minimum=2)
-    krylov_higher_rank = check_int("krylov higher rank", krylov_higher_rank, minimum=1)
+    experiment, network = experiment_of(experiment, options, command="compare")
+    run = experiment.training
+    if (run.schedule, run.train_size, run.epochs, run.shuffle) != ("online", None, None, False):
+        raise ValueError(
+            "compare runs online SGD: the schedule must be online, with no train_size, "
+            f"epochs or shuffle, got {run}"
+        )
+    e = experiment.with_defaults(**DEFAULTS)
+    grid = e.grid
+    e = e.replace(batch_sizes=sorted(set(grid.batch_sizes)), steps=sorted(set(grid.steps)))
+    return _compare(e, network, out=out, progress=progress)
+
+
+def _compare(
+    e: Experiment, network: torch.nn.Module | None, *, out: str | Path | None, progress: bool
+) -> Comparison:
+    """:func:`compare` of the experiment ``e`` (its grid, trials and orders given), on
+    ``network`` when there is one, else on the model ``e.model`` names."""
+    lrs, batch_sizes, steps = e.grid.lrs, e.grid.batch_sizes, e.grid.steps
+    trials, seed, device, population = e.trials, e.seed, e.device, e.data.population
+    measured, max_memory, force = e.measurement, e.budget.max_memory, e.budget.force
+    orders, resummed = measured.orders, measured.resummed
+    max_hessian_parameters = measured.max_hessian_parameters
     config = {
-        "dataset": dataset,
-        "model": model if isinstance(model, str) else type(model).__name__,
+        "dataset": e.data.dataset,
+        "model": e.model,
         "lrs": list(lrs),
         "batch_sizes": list(batch_sizes),
         "steps": list(steps),
@@ -437,20 +428,22 @@ def compare(
         "device": device,
         "schedule": "online",
         "max_hessian_parameters": max_hessian_parameters,
-        "krylov_rank": krylov_rank,
-        "krylov_higher_rank": krylov_higher_rank,
+        "krylov_rank": measured.krylov_rank,
+        "krylov_higher_rank": measured.krylov_higher_rank,
     }
     timings: dict[str, float] = {}
-    data = load_population(dataset, data_dir=data_dir, population=population, seed=seed)
+    data = load_population(
+        e.data.dataset, data_dir=e.data.data_dir, population=population, seed=seed
+    )
     with timed(timings, "start_s"):
         setup, start = start_point(
-            model,
+            e.model if network is None else network,
             data,
             seed=seed,
             device=device,
-            checkpoint=checkpoint,
-            pretrain_steps=pretrain,
-            pretrain_lr=pretrain_lr,
+            checkpoint=e.start.checkpoint,
+            pretrain_steps=e.start.pretrain,
+            pretrain_lr=e.start.pretrain_lr,
             progress=progress,
         )
     config["start"] = start.to_dict()
@@ -467,8 +460,8 @@ def compare(
             order=max(orders),
             schedules=list(schedules.values()),
             resummed=resummed,
-            rank=krylov_rank,
-            higher_rank=krylov_higher_rank,
+            rank=measured.krylov_rank,
+            higher_rank=measured.krylov_higher_rank,
             progress=progress,
         )
         _, lams = per_sample_top_curvatures(setup.net, (setup.x, setup.y), progress=progress)
@@ -503,7 +496,9 @@ def compare(
         predictors = [f"order {d}" for d in orders] + (list(RESUMMED) if do_resum else [])
         predictors += [LADDER] if do_ladder else []
         predictors += list(QUADRATIC) if quad is not None else []
-        result = Comparison(config=config, predictors=predictors, notes=notes, timings=timings)
+        result = Comparison(
+            config=config, predictors=predictors, notes=notes, timings=timings, experiment=e
+        )
         h_min, h_max = _spectrum(quad, kind == "projected", result.notes)
         krylov: dict[str, dict[str, Any]] = {}
         estimates: dict[str, dict[tuple[int, int], np.ndarray]] = {}

@@ -41,29 +41,23 @@ prediction that blew up (not finite, or far outside what the loss can be,
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from perturb.checks import check_int, check_lrs, check_orders
 from perturb.experiments.baselines import sde_test_loss
-from perturb.experiments.judging import judge, trial_lines, validity_lines
+from perturb.experiments.experiment import Experiment, experiment_of
+from perturb.experiments.judging import judge
 from perturb.experiments.outputs import VALIDATION_FILES, claims_out, staged
 from perturb.experiments.pipeline import (
-    DEFAULT_PRETRAIN_LR,
-    Start,
     check_trials_budget,
     ci_error,
     curve_intervals,
     cut,
     experiment_schedule,
     is_unstable,
-    json_ready,
     load_population,
     measure_at_start,
     prediction_entry,
@@ -74,8 +68,6 @@ from perturb.experiments.pipeline import (
 )
 from perturb.experiments.predictors import (
     LADDER,
-    krylov_description,
-    ladder_description,
     ladder_note,
     ladder_terms,
     noiseless_prediction,
@@ -85,6 +77,7 @@ from perturb.experiments.predictors import (
     subspace_quadratic,
     track_resummed,
 )
+from perturb.experiments.validation_result import ValidationResult, write_outputs
 from perturb.numeric.distributed import is_main
 from perturb.numeric.intervals import mean_interval
 from perturb.numeric.predictions import UNSTABLE_GROWTH
@@ -102,216 +95,25 @@ from perturb.numeric.validity import (
 )
 from perturb.symbolic.options import describe
 
-__all__ = ["ValidationResult", "validate"]
+if TYPE_CHECKING:
+    from perturb.symbolic.schedules import Schedule
+
+__all__ = ["DEFAULTS", "DEFAULT_LRS", "ValidationResult", "validate", "write_outputs"]
 
 DEFAULT_LRS = (0.002, 0.005, 0.01, 0.02, 0.05)
+DEFAULTS = {"lrs": DEFAULT_LRS, "trials": 256, "orders": (0, 1, 2, 3)}
+"""The fields an experiment may leave to validate, and validate's values for them."""
 NOISELESS = "noiseless"
 """The noiseless predictor's name: the diagrams without gradient noise (no ``C`` terms)."""
 
 
-@dataclass
-class ValidationResult:
-    """Everything a validation run produced.
-
-    Attributes:
-        config: the settings of the run (``schedule`` and ``description`` name the
-            schedule that ran; ``unavailable`` maps predictors that do not apply to it
-            to the reason; ``start`` holds ``loss`` ``l(θ_0)``, ``grad_norm`` ``‖G‖``,
-            ``checkpoint``, ``pretrain_steps`` and ``pretrain_lr``; ``loss_limit``:
-            :meth:`~perturb.experiments.simulation.Trials.limits`).
-        rows: one record per (learning rate, recorded step): ``lr``, ``steps``,
-            ``eta_t``, ``actual``, ``ci_low``, ``ci_high``, ``dropped`` (trials blown up
-            by this step: a loss or parameter not finite), ``above_limit`` (trials above
-            ``config["loss_limit"]``, still averaged), ``divergent`` (every trial blown
-            up), and for each
-            predictor its ``value``, ``error_ci`` (error over the interval's
-            half-width), ``unstable`` (the value blew up: shown as ``unstable``,
-            counted as outside), ``error_estimate`` (its truncation error estimated
-            from the theory, same units as ``value``) and ``trusted``
-            (:mod:`perturb.experiments.judging`); and ``validity``: the root-mean-square
-            displacement, its ratio to ``ρ = ‖H‖/‖J‖``, the mean-square excess and
-            the Hessian ladder (the loss the per-sample Hessians add, already in every
-            ``error_estimate``).
-            ``actual`` and the interval are over every finite trial; divergent rows are
-            reported as such and left out of :attr:`breakdown` and the calibration.
-        breakdown: per predictor, the smallest ``ηt`` from which on it stays outside
-            the interval at every later recorded step of that learning rate (``None``
-            if never): a single excursion, expected for 5% of the rows from sampling
-            alone, does not count.
-        gap: one record per learning rate for the generalization gap ``test − train``
-            after ``T`` steps: ``actual`` with ``ci_low``/``ci_high`` (paired
-            t-interval over the finite trials), the ``order 1``, ``order 2`` and (when
-            re-summed) ``resummed 2`` predictions, ``error_ci`` of order 2 and
-            ``resummed 2 error_ci``, ``dropped``, ``above_limit``, ``divergent``, and
-            ``<name> unstable`` per prediction (empty when the gap was not requested).
-        validity: per predictor ``trusted_up_to`` (ηT), ``trusted_rows``,
-            ``calibration`` (the fraction of trusted rows within ``error_estimate``
-            plus the half-width), ``far_off_rows`` and ``far_off_untrusted``.
-        timings: seconds spent starting, measuring (the diagrams and the Krylov
-            subspace), simulating, materializing ``H`` for the SDE (``hessian_s``) and
-            evaluating every predictor (``predict_s``).
-    """
-
-    config: dict[str, Any]
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    breakdown: dict[str, float | None] = field(default_factory=dict)
-    gap: list[dict[str, Any]] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    validity: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @property
-    def predictors(self) -> list[str]:
-        """Names of the predictors, in report order."""
-        return list(self.breakdown)
-
-    def table(self) -> str:
-        """A plain-text report: the schedule, one line per (η, t), the gap table."""
-        names = self.predictors
-        lines = [f"{self.config.get('description', self.config.get('schedule', ''))}:"]
-        start = Start(**self.config["start"]) if "start" in self.config else None
-        if start is not None and not start.is_default:
-            lines.append(start.describe())
-        head = f"{'η':>7} {'t':>5} {'ηt':>6} {'SGD mean ± 95% CI':>22} " + " ".join(
-            f"{n:>17}" for n in names
-        )
-        lines += [head, "-" * len(head)]
-        for r in self.rows:
-            cells = []
-            for n in names:
-                p = r["predictions"][n]
-                cells.append(_cell(p["value"], p["error_ci"], r["divergent"], p["unstable"]))
-            where = f"{r['lr']:7.4f} {r['steps']:5d} {_eta_t(r['eta_t'])}"
-            lines.append(f"{where} {_actual(r, self.config):>22} " + " ".join(cells))
-        lines.append("")
-        lines.append("(error) = (prediction − SGD mean) / CI half-width; |error| > 1: outside.")
-        lines += trial_lines(self.rows, self.config["trials"], self.config.get("loss_limit"))
-        compared = any(not r["divergent"] for r in self.rows)
-        for n in names:
-            where = self.breakdown[n]
-            if not compared:
-                verdict = "not compared (every trial blew up at every learning rate)"
-            elif where is None:
-                verdict = "never leaves the interval for good"
-            else:
-                verdict = f"leaves the interval for good at ηt = {where:g}"
-            lines.append(f"{n:>17}: {verdict}")
-        for n, why in self.config.get("unavailable", {}).items():
-            lines.append(f"{n:>17}: not available ({why})")
-        if self.validity:
-            lines += ["", "validity estimate (from the statistics at θ_0, before any run):"]
-            lines += validity_lines(self.validity)
-        if "resummed_krylov" in self.config:
-            info = self.config["resummed_krylov"]
-            for n, err in info["error"].items():
-                ranks = self.config.get("resummed_ranks", {}).get(n, [info["rank"]])
-                lines.append(f"{n:>17}: {krylov_description(ranks, info['parameters'], err)}")
-        if "ladder" in self.config:
-            lines.append(f"{LADDER:>17}: {ladder_description(**self.config['ladder'])}")
-        if "sde_krylov_rank" in self.config:
-            lines.append(
-                f"{'SDE':>17}: on the quadratic model projected on the Krylov subspace "
-                f"(rank {self.config['sde_krylov_rank']})"
-            )
-        for n, info in self.config.get("unstable_directions", {}).items():
-            lines.append(
-                f"{n:>17}: warning: H has a negative eigenvalue (h_min = {info['h_min']:.3g}), "
-                f"so K^T = (I − ηH)^T grows by up to e^{info['growth']:.3g} (max ηT·|h_min|): "
-                "not a long-run prediction"
-            )
-        if self.gap:
-            lines += [
-                "",
-                f"generalization gap (test − train loss) after T = {self.gap[0]['steps']} steps:",
-                f"{'η':>7} {'ηT':>6} {'SGD mean ± 95% CI':>22} {'order 1':>10} {'order 2':>17}"
-                + (f" {'resummed 2':>17}" if "resummed 2" in self.gap[0] else ""),
-            ]
-            for g in self.gap:
-                first = "unstable" if g["order 1 unstable"] else f"{g['order 1']:10.5f}"
-                second = _cell(g["order 2"], g["error_ci"], g["divergent"], g["order 2 unstable"])
-                third = ""
-                if "resummed 2" in g:
-                    third = " " + _cell(
-                        g["resummed 2"],
-                        g["resummed 2 error_ci"],
-                        g["divergent"],
-                        g["resummed 2 unstable"],
-                    )
-                lines.append(
-                    f"{g['lr']:7.4f} {_eta_t(g['eta_t'])} {_actual(g, self.config):>22} "
-                    f"{first:>10} {second}{third}"
-                )
-        return "\n".join(lines)
-
-    def to_json(self) -> str:
-        """The whole result as strict JSON (``NaN`` and infinities become ``null``)."""
-        return json.dumps(
-            json_ready(
-                {
-                    "config": self.config,
-                    "rows": self.rows,
-                    "breakdown": self.breakdown,
-                    "gap": self.gap,
-                    "timings": self.timings,
-                    "validity": self.validity,
-                }
-            ),
-            indent=2,
-            allow_nan=False,
-        )
-
-
-def _eta_t(value: float) -> str:
-    """``ηt`` in six characters: three decimals below 100, one up to 10⁴."""
-    return f"{value:6.3f}" if value < 99.9995 else f"{value:6.1f}"
-
-
-def _cell(value: float, error: float, divergent: bool, unstable: bool = False) -> str:
-    if unstable or not math.isfinite(value):
-        return f"{'unstable':>17}"
-    if divergent or not math.isfinite(error):
-        return f"{value:9.5f} (  n/a)"
-    return f"{value:9.5f} ({error:+5.1f})"
-
-
-def _actual(row: dict[str, Any], config: dict[str, Any]) -> str:
-    if row["divergent"]:
-        return f"divergent {row['dropped']}/{config['trials']}"
-    half = (row["ci_high"] - row["ci_low"]) / 2
-    return f"{row['actual']:.5f} ± {half:.5f}"
-
-
 @claims_out  # --out is checked and locked before any work
 def validate(
+    experiment: Experiment | None = None,
     *,
-    dataset: str = "digits",
-    data_dir: str | Path | None = None,
-    model: str = "smooth-convnet",
-    lrs: tuple[float, ...] = DEFAULT_LRS,
-    schedule: str = "online",
-    steps: int | None = None,
-    batch_size: int | None = None,
-    train_size: int | None = None,
-    epochs: int | None = None,
-    shuffle: bool = False,
-    trials: int = 256,
-    orders: tuple[int, ...] = (0, 1, 2, 3),
-    resummed: bool = True,
-    gap: bool = True,
-    seed: int = 0,
-    population: int = 256,
-    records: int = 5,
-    records_log: bool = False,
-    checkpoint: str | Path | None = None,
-    pretrain: int = 0,
-    pretrain_lr: float = DEFAULT_PRETRAIN_LR,
-    device: str = "cpu",
     out: str | Path | None = None,
     progress: bool = True,
-    max_hessian_parameters: int = 4000,
-    krylov_rank: int = 128,
-    krylov_higher_rank: int = 32,
-    max_memory: float | None = None,
-    force: bool = False,
+    **options: Any,
 ) -> ValidationResult:
     """Predict SGD's test loss and generalization gap; compare with ``trials`` real runs.
 
@@ -339,56 +141,34 @@ def validate(
     mean of the per-trial differences (a paired 95% t-interval).
 
     Args:
-        dataset: ``"digits"`` (built in), ``"mnist1d"`` (generated offline),
-            ``"fashion-mnist"``, ``"cifar10"`` or ``"npz:PATH"``.
-        data_dir: folder with the dataset's files (not needed for digits, mnist1d).
-        model: ``"smooth-convnet"``, ``"mlp"`` or ``"pkg.module:factory"``.
-        lrs: learning rates.
-        schedule: ``"online"``, ``"epochs"`` or ``"gd"``.
-        steps: ``T`` (online, gd); default 100.
-        batch_size: ``B`` (online, epochs); default 1.
-        train_size: ``N`` (epochs, gd; required there).
-        epochs: ``E`` (epochs); default 1.
-        shuffle: reshuffle the training set before each epoch (epochs).
-        trials: ``K`` SGD runs per learning rate.
-        orders: orders of the un-resummed series to report.
-        resummed: also report the re-summed predictions with up to two and three
-            edges ("resummed 2", "resummed 3"; the gap's with two).
-        gap: also predict and simulate the generalization gap (order 2).
-        seed: seed of the model's initialization, the population subset and the trials.
-        population: number of images in the population (a deterministic subset).
-        records: number of recorded steps (evenly spaced, ending at ``T``; for
-            ``"epochs"``, evenly spaced ends of epochs).
-        records_log: space the recorded steps geometrically from 1 to ``T`` instead
-            (rounded, duplicates dropped): long runs, small and large ``ηt`` at once.
-        checkpoint: start from this weights-only ``state_dict`` of ``model`` instead
-            of its seeded initialization.
-        pretrain: first take this many steps of full-batch gradient descent on the
-            population (deterministic); every run starts where it ends.
-        pretrain_lr: their learning rate.
-        device: ``"cpu"`` or ``"cuda"``.
-        out: folder for ``results.json``, ``results.csv``, ``gap.csv`` and PNG plots.
+        experiment: what to run (:class:`~perturb.experiments.experiment.Experiment`;
+            default ``Experiment()``).  Left to validate: the learning rates (default
+            ``DEFAULT_LRS``), ``T = 100`` (online, gd), ``B = 1`` (online, epochs),
+            ``E = 1``, 256 trials and orders 0..3.  One schedule runs: at most one
+            batch size and one step count.  ``result.experiment`` holds the values used.
+        out: folder for ``results.json`` (the experiment whole, as ``"experiment"``),
+            ``results.csv``, ``gap.csv`` and PNG plots.
         progress: show progress bars.
-        max_hessian_parameters: without ``resummed`` (no Krylov subspace), largest
-            model for which the SDE's quadratic model materializes ``H`` (``P``
-            Hessian-vector products, ``P²`` numbers); with it the SDE runs on the
-            quadratic model projected on the subspace.
-        krylov_rank: ``k``, the dimension of the Krylov subspace of ``H`` in which the
-            re-summed series are computed (Hessian-vector products only,
-            :func:`perturb.measure` with ``resummed=True``; at most ``P``); its k vs k/2
-            difference is reported.
-        krylov_higher_rank: ``k_3``: the third-order tensors (``J``, per-sample
-            Hessians) of "resummed 3" and of GD's "resummed 2" are projected on the
-            first ``k_3`` basis vectors (``n·k_3`` per-sample Hessian-vector products).
-        max_memory: bytes the SGD trials may take (default 4 GiB), estimated first.
-        force: run even when the estimate is over one hour or ``max_memory``.
+        **options: fields of the experiment to change, by flat name
+            (:meth:`~perturb.experiments.experiment.Experiment.replace`): ``dataset``,
+            ``data_dir``, ``population``, ``model``, ``checkpoint``, ``pretrain``,
+            ``pretrain_lr``, ``schedule``, ``steps``, ``batch_size`` (one ``B``; or
+            ``batch_sizes``), ``train_size``, ``epochs``, ``shuffle``, ``records``,
+            ``records_log``, ``lrs``, ``trials``, ``orders``, ``resummed``, ``gap``,
+            ``seed``, ``device``, ``max_hessian_parameters`` (without ``resummed``, the
+            largest model whose ``H`` the SDE materializes; with it the SDE runs on the
+            Krylov subspace), ``krylov_rank``, ``krylov_higher_rank`` (the third-order
+            tensors of "resummed 3" and GD's "resummed 2"), ``max_memory``, ``force``;
+            ``model`` may also be a network (an ``nn.Module``), recorded by class name.
 
     Returns:
         A :class:`ValidationResult`.
 
     Raises:
-        ValueError: bad sizes, options the schedule does not take, a missing
-            ``train_size``, or pretraining that diverged.
+        TypeError: an option that is no field of the experiment.
+        ValueError: bad sizes, several batch sizes or step counts, options the
+            schedule does not take, a missing ``train_size``, or pretraining that
+            diverged.
         FileNotFoundError: a ``checkpoint`` that does not exist.
         perturb.errors.ModelSpecError: a checkpoint that is no state dict of ``model``.
         perturb.data.DataError: unknown dataset, missing or corrupt files.
@@ -398,25 +178,45 @@ def validate(
         ...              records=1, progress=False, resummed=False, gap=False)
         >>> sorted(r.breakdown)
         ['SDE', 'noiseless', 'order 0', 'order 1']
-        >>> r.config["schedule"]
-        'online'
+        >>> r.config["schedule"], r.experiment.trials
+        ('online', 8)
     """
+    if "batch_size" in options:  # validate's name for its one batch size
+        options["batch_sizes"] = options.pop("batch_size")
+    experiment, network = experiment_of(experiment, options, command="validate")
+    experiment = experiment.with_defaults(**DEFAULTS)
+    return _validate(experiment, network, out=out, progress=progress)
+
+
+def _one(name: str, values: tuple[int, ...] | None) -> int | None:
+    """The one value of a grid field validate takes (``None`` if left to the schedule)."""
+    if values is not None and len(values) != 1:
+        raise ValueError(f"validate runs one schedule: {name} must be one value, got {values}")
+    return None if values is None else values[0]
+
+
+def _validate(
+    e: Experiment, network: Any, *, out: str | Path | None, progress: bool
+) -> ValidationResult:
+    """:func:`validate` of the experiment ``e`` (its grid, trials and orders given), on
+    ``network`` when there is one (an ``nn.Module``), else on the model ``e.model`` names."""
+    run, grid, measured = e.training, e.grid, e.measurement
     full = experiment_schedule(
-        schedule,
-        steps=steps,
-        batch_size=batch_size,
-        train_size=train_size,
-        epochs=epochs,
-        shuffle=shuffle,
+        run.schedule,
+        steps=_one("steps", grid.steps),
+        batch_size=_one("batch_sizes", grid.batch_sizes),
+        train_size=run.train_size,
+        epochs=run.epochs,
+        shuffle=run.shuffle,
     )
-    record_steps = recorded_steps(full, records, log=records_log)
-    lrs = check_lrs(lrs)
-    trials = check_int("trials", trials, minimum=2)
-    orders = check_orders(orders)
-    population = check_int("population", population, minimum=1)
+    schedule, seed, device, trials = run.schedule, e.seed, e.device, e.trials
+    orders, resummed, gap, lrs = measured.orders, measured.resummed, measured.gap, grid.lrs
+    population, max_memory, force = e.data.population, e.budget.max_memory, e.budget.force
+    record_steps = recorded_steps(full, run.records, log=run.records_log)
+    e = e.replace(**_sizes(full))  # what the schedule filled in, for results.json
     config = {
-        "dataset": dataset,
-        "model": model,
+        "dataset": e.data.dataset,
+        "model": e.model,
         "lrs": list(lrs),
         "schedule": schedule,
         "description": describe(full),
@@ -424,28 +224,30 @@ def validate(
         "batch_size": int(full.batch_size),
         "train_size": None if schedule == "online" else int(full.train_size),
         "epochs": int(full.epochs) if schedule == "epochs" else None,
-        "shuffle": bool(shuffle),
+        "shuffle": run.shuffle,
         "trials": trials,
         "orders": list(orders),
         "resummed": resummed,
         "gap": gap,
         "seed": seed,
         "population": population,
-        "records_log": bool(records_log),
+        "records_log": run.records_log,
         "device": device,
         "unavailable": {},
     }
     timings: dict[str, float] = {}
-    data = load_population(dataset, data_dir=data_dir, population=population, seed=seed)
+    data = load_population(
+        e.data.dataset, data_dir=e.data.data_dir, population=population, seed=seed
+    )
     with timed(timings, "start_s"):
         setup, start = start_point(
-            model,
+            e.model if network is None else network,
             data,
             seed=seed,
             device=device,
-            checkpoint=checkpoint,
-            pretrain_steps=pretrain,
-            pretrain_lr=pretrain_lr,
+            checkpoint=e.start.checkpoint,
+            pretrain_steps=e.start.pretrain,
+            pretrain_lr=e.start.pretrain_lr,
             progress=progress,
         )
     config["start"] = start.to_dict()
@@ -462,8 +264,8 @@ def validate(
             schedules=cuts,
             gap=gap,
             resummed=resummed,
-            rank=krylov_rank,
-            higher_rank=krylov_higher_rank,
+            rank=measured.krylov_rank,
+            higher_rank=measured.krylov_higher_rank,
             progress=progress,
         )
         if full.name != "gd":  # one-step overshoot of single samples (validity estimate)
@@ -486,13 +288,14 @@ def validate(
     config["loss_limit"] = trials_out.limits()
 
     with timed(timings, "hessian_s"):
-        sde_model = sde_model_for(setup, stats, full, config, max_hessian_parameters, progress)
+        largest = measured.max_hessian_parameters
+        sde_model = sde_model_for(setup, stats, full, config, largest, progress)
     with timed(timings, "predict_s"):
         predictions, estimates, motion = _predict(
             stats, sde_model, full, record_steps, lrs, orders, config
         )
 
-    result = ValidationResult(config=config, timings=timings)
+    result = ValidationResult(config=config, timings=timings, experiment=e)
     _compare(result, trials_out, predictions, lrs, record_steps, start_loss=start.loss)
     judge(result, estimates, motion, start_loss=start.loss)
     if gap:
@@ -501,6 +304,18 @@ def validate(
         with staged(out, known=VALIDATION_FILES) as folder:  # all files replaced at once
             write_outputs(result, folder)
     return result
+
+
+def _sizes(full: Schedule) -> dict[str, Any]:
+    """The sizes of the schedule that ran, as experiment fields (those its kind takes)."""
+    sizes: dict[str, Any] = {}
+    if full.name != "epochs":
+        sizes["steps"] = int(full.steps)
+    if full.name != "gd":
+        sizes["batch_sizes"] = int(full.batch_size)
+    if full.name == "epochs":
+        sizes["epochs"] = int(full.epochs)
+    return sizes
 
 
 def _predict(stats, sde_model, full, record_steps, lrs, orders, config) -> tuple:
@@ -660,140 +475,3 @@ def _compare(
                 exits[name] = eta_t if prev is None else min(prev, eta_t)
                 break
     result.breakdown = exits
-
-
-def write_outputs(result: ValidationResult, out: Path) -> list[Path]:
-    """Write ``results.json``, ``results.csv``, ``gap.csv`` and the plots into ``out``.
-
-    Returns:
-        The paths written.
-    """
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "results.json", out / "results.csv"]
-    paths[0].write_text(result.to_json())
-    names = result.predictors
-    with paths[1].open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(
-            ["lr", "steps", "eta_t", "actual", "ci_low", "ci_high", "dropped", "divergent"]
-            + [f"{n}" for n in names]
-            + [f"{n} error_ci" for n in names]
-            + [f"{n} unstable" for n in names]
-        )
-        for r in result.rows:
-            writer.writerow(
-                [
-                    r["lr"],
-                    r["steps"],
-                    r["eta_t"],
-                    r["actual"],
-                    r["ci_low"],
-                    r["ci_high"],
-                    r["dropped"],
-                    r["divergent"],
-                ]
-                + [r["predictions"][n]["value"] for n in names]
-                + [r["predictions"][n]["error_ci"] for n in names]
-                + [r["predictions"][n]["unstable"] for n in names]
-            )
-    final = max(r["steps"] for r in result.rows)
-    rows = [r for r in result.rows if r["steps"] == final]
-    lr = np.array([r["lr"] for r in rows])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.errorbar(
-        lr,
-        [r["actual"] for r in rows],
-        yerr=[(r["ci_high"] - r["ci_low"]) / 2 for r in rows],
-        fmt="ko",
-        capsize=3,
-        label=f"SGD mean, {result.config['trials']} trials (95% CI)",
-    )
-    for n in names:  # unstable predictions are left out of the plots
-        ax.plot(lr, [_shown(r["predictions"][n], "value") for r in rows], "-", marker=".", label=n)
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    actual = [r["actual"] for r in rows if math.isfinite(r["actual"])]
-    if actual:
-        pad = max(3 * (max(actual) - min(actual)), 0.02)
-        ax.set_ylim(min(actual) - pad, max(actual) + pad)  # predictions that blow up leave
-    ax.set_xlabel("learning rate η")
-    ax.set_ylabel(f"test loss after T = {final} steps")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "test_loss_vs_lr.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    shown = 0
-    for n in names:  # errors that exist: not of divergent rows, not of unstable values
-        pts = sorted(
-            (r["eta_t"], e)
-            for r in result.rows
-            if math.isfinite(e := abs(_shown(r["predictions"][n], "error_ci"))) and e > 0
-        )
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], ".", label=n)
-        shown += len(pts)
-    ax.axhline(1.0, color="k", lw=0.8)
-    if shown:  # a log scale needs positive data (none when every trial diverged)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-    ax.set_xlabel("ηt")
-    ax.set_ylabel("|prediction − SGD mean| / CI half-width")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "error_vs_eta_t.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    if result.gap:
-        paths += _write_gap(result, out, plt)
-    return paths
-
-
-def _shown(entry: dict[str, Any], key: str) -> float:
-    """``entry[key]`` for a plot: ``nan`` (left out) when the prediction is unstable."""
-    return math.nan if entry["unstable"] else entry[key]
-
-
-def _write_gap(result: ValidationResult, out: Path, plt) -> list[Path]:
-    keys = ["lr", "steps", "eta_t", "actual", "ci_low", "ci_high", "divergent"]
-    keys += ["dropped", "above_limit", "order 1", "order 2", "error_ci"]
-    keys += ["order 1 unstable", "order 2 unstable"]
-    if "resummed 2" in result.gap[0]:
-        keys += ["resummed 2", "resummed 2 error_ci", "resummed 2 unstable"]
-    with (out / "gap.csv").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(keys)
-        for g in result.gap:
-            writer.writerow([g[k] for k in keys])
-    rows = [g for g in result.gap if not g["divergent"]]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.errorbar(
-        [g["lr"] for g in rows],
-        [g["actual"] for g in rows],
-        yerr=[(g["ci_high"] - g["ci_low"]) / 2 for g in rows],
-        fmt="ko",
-        capsize=3,
-        label=f"SGD mean, {result.config['trials']} trials (95% CI)",
-    )
-    for name in ("order 1", "order 2", "resummed 2"):
-        if rows and name not in rows[0]:
-            continue
-        values = [math.nan if g[f"{name} unstable"] else g[name] for g in rows]
-        ax.plot([g["lr"] for g in rows], values, "-", marker=".", label=name)
-    ax.axhline(0.0, color="k", lw=0.5)
-    if rows:  # a log scale needs data (none when every trial diverged)
-        ax.set_xscale("log")
-    ax.set_xlabel("learning rate η")
-    ax.set_ylabel(f"test − train loss after T = {result.gap[0]['steps']} steps")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "gap_vs_lr.png", dpi=120)
-    plt.close(fig)
-    return [out / "gap.csv", out / "gap_vs_lr.png"]

@@ -364,13 +364,14 @@ class FlatLoss:
         return sum(math.prod(s) for s in self.shapes)
 
     def unflatten(self, params: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Split a flat vector into the model's named parameter tensors."""
-        out, offset = {}, 0
-        for name, shape in zip(self.names, self.shapes, strict=True):
-            k = math.prod(shape)
-            out[name] = params[offset : offset + k].view(shape)
-            offset += k
-        return out
+        """Split a flat vector into the model's named parameter tensors.
+
+        One ``split`` (whose backward concatenates the parts' gradients once), not a slice
+        per tensor (whose backward pads each part to ``P`` with zeros and adds them: ``2P``
+        per tensor per row, the bulk of a per-sample gradient of a wide dense layer).
+        """
+        parts = params.split([math.prod(shape) for shape in self.shapes])
+        return {n: t.view(s) for n, s, t in zip(self.names, self.shapes, parts, strict=True)}
 
     def to(self, dtype: torch.dtype, device: torch.device) -> FlatLoss:
         """The same loss with buffers cast (floating ones) and moved."""

@@ -57,7 +57,6 @@ what ``T = 10²`` does) and no further network evaluations.
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -66,12 +65,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.func import grad, vmap
+from torch.func import vmap
 from tqdm.auto import tqdm
 
 from perturb.checks import check_int, check_lr
 from perturb.numeric.adapters import Objective, objective
-from perturb.numeric.derivatives import derivative, summed
+from perturb.numeric.derivatives import MAX_VMAP_ROWS, derivative, summed, vmap_rows
 from perturb.numeric.distributed import (
     all_ints,
     gathered_rows,
@@ -82,6 +81,12 @@ from perturb.numeric.distributed import (
 )
 from perturb.numeric.predictions import UNSTABLE_GROWTH, Prediction, warn_if_unstable
 from perturb.numeric.resummation import resummed_by_quantity
+from perturb.numeric.row_passes import (
+    per_sample_projected,
+    row_chunks,
+    symmetric_projection,
+    weighted_gradient,
+)
 from perturb.symbolic.resummed import check_resummable, resummed_terms
 from perturb.symbolic.schedules import Online, Schedule
 from perturb.symbolic.series import QUANTITIES
@@ -418,18 +423,16 @@ def _needed_orders(
     return per_sample, means
 
 
-def _chunks(n: int, size: int) -> Iterable[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
-
-
 def _orthonormalize(
     w: torch.Tensor, basis: list[torch.Tensor], max_cols: int, tol: float
 ) -> torch.Tensor:
     """Pivoted Gram–Schmidt (twice) of the columns of ``w`` against ``basis`` and each other.
 
     Columns whose norm after projection falls below ``tol`` times their norm before are
-    dropped (deflation); at most ``max_cols`` columns are kept.
+    dropped (deflation); at most ``max_cols`` columns are kept.  The pivot is the first
+    column whose relative norm is within ``tol`` of the largest: ties (every column of a
+    Lanczos block enters already orthogonal, ratio 1) go by position, not by rounding, so
+    the basis does not depend on how the rows were chunked.
     """
     scale = torch.linalg.vector_norm(w, dim=0)
     kept: list[torch.Tensor] = []
@@ -438,7 +441,8 @@ def _orthonormalize(
             w = w - q @ (q.T @ w)
     while len(kept) < max_cols and w.shape[1]:
         norms = torch.linalg.vector_norm(w, dim=0)
-        best = int(torch.argmax(norms / scale.clamp_min(torch.finfo(w.dtype).tiny)))
+        ratio = norms / scale.clamp_min(torch.finfo(w.dtype).tiny)
+        best = int(torch.nonzero(ratio >= ratio.max() * (1 - tol))[0])
         if not norms[best] > tol * scale[best]:
             break
         q = w[:, best] / norms[best]
@@ -519,7 +523,7 @@ def krylov_subspace(
     probes: int = 8,
     seed: int = 0,
     loss: Callable | None = None,
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float64,
     per_sample_gradients: bool = False,
@@ -552,7 +556,9 @@ def krylov_subspace(
             starting block (``0`` starts from ``G`` alone).
         seed: seed of the probes and of any restart vectors.
         loss: per-sample loss of a model's output (default cross-entropy).
-        chunk_size: rows per vectorized call (memory ``chunk_size·P`` per call).
+        chunk_size: rows per vectorized call.  Default: the per-row passes take
+            :func:`~perturb.numeric.derivatives.vmap_rows` rows (memory bounded whatever
+            ``P``), the summed ones (no per-row ``P``-vector) 256.
         device: where the network is evaluated (default: ``theta0``'s).
         dtype: float64 (default) or float32 for the network evaluations; the projected
             problem is solved in float64.
@@ -594,7 +600,6 @@ def krylov_subspace(
     p, n = obj.size, obj.n
     rank = check_int("rank", rank, minimum=1, maximum=p)
     probes = check_int("probes", probes)
-    chunk_size = check_int("chunk_size", chunk_size, minimum=1)
     higher_rank = check_int(
         "higher_rank", rank if higher_rank is None else higher_rank, minimum=1, maximum=rank
     )
@@ -627,6 +632,11 @@ def krylov_subspace(
         more_per_sample, more_means = _needed_orders(d, (q,), schedules)
         per_sample |= more_per_sample
         mean_orders |= more_means
+    if chunk_size is None:  # per-row passes hold chunk·P numbers, summed ones chunk·activations
+        top, size = max(per_sample | {1}), obj.theta0.element_size()
+        per_row, chunk_size = vmap_rows(p, itemsize=size, order=top), MAX_VMAP_ROWS
+    else:
+        per_row = chunk_size = check_int("chunk_size", chunk_size, minimum=1)
     cost: dict[str, float] = {
         "rank": rank,
         "higher_rank": higher_rank,
@@ -656,7 +666,7 @@ def krylov_subspace(
 
     def partial_sum(us: tuple[torch.Tensor, ...]) -> torch.Tensor:  # this rank's rows
         acc = torch.zeros_like(theta)
-        for s in _chunks(here.n, chunk_size):
+        for s in row_chunks(here.n, chunk_size):
             acc = acc + vector(theta, tuple(r[s] for r in here.rows), us)
         return acc
 
@@ -672,7 +682,7 @@ def krylov_subspace(
     start = [mean_grad]
     for _ in range(probes):
         signs = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(theta.device, theta.dtype)
-        weighted = total(_weighted_gradient(here, signs[mine.start : mine.stop], chunk_size))
+        weighted = total(weighted_gradient(here, signs[mine.start : mine.stop], chunk_size))
         start.append((weighted - signs.sum() * mean_grad) / math.sqrt(n))
         cost["gradients"] += 1
     basis, hessian, residual = _block_lanczos(
@@ -687,33 +697,34 @@ def krylov_subspace(
         return gathered_rows(t, n) if split else cpu(t)
 
     losses = torch.cat(
-        [here.batch(theta, *(r[s] for r in here.rows)) for s in _chunks(here.n, chunk_size)]
+        [here.batch(theta, *(r[s] for r in here.rows)) for s in row_chunks(here.n, chunk_size)]
     )
     derivs = {0: rows(losses)}
     means = {0: derivs[0].mean(), 1: cpu(basis.T @ mean_grad), 2: hessian}
     if 1 in per_sample or per_sample_gradients:
-        derivs[1] = rows(_per_sample_projected(here, basis, (), chunk_size))
+        desc = "krylov: per-sample gradients" if progress else None
+        derivs[1] = rows(per_sample_projected(here, basis, (), per_row, desc=desc))
         cost["per_sample_gradients"] += n
     batch = max(1, chunk_size // min(n, chunk_size))  # directions per vectorized call
     high = basis[:, :higher_rank]
     for m in sorted(k for k in per_sample if k >= 2):
         derivs[m] = rows(
-            _symmetric_projection(
-                lambda us: _per_sample_projected(here, high, us, chunk_size),
+            symmetric_projection(
+                lambda us: per_sample_projected(here, high, us, per_row),
                 high,
                 m,
                 leading=(here.n,),
-                batch=batch,
+                batch=max(1, per_row // min(n, per_row)),
                 desc=f"krylov: per-sample order {m}" if progress else None,
             )
         )
         calls = math.comb(higher_rank + m - 2, m - 1) * n
         cost["per_sample_hvps" if m == 2 else "per_sample_higher_derivatives"] += calls
     for m in sorted(k for k in mean_orders if k >= 3):
-        partial = _symmetric_projection(
+        partial = symmetric_projection(
             lambda us: high.T @ partial_sum(us), high, m, leading=(), batch=batch,
             desc=f"krylov: mean order {m}" if progress else None,
-        )
+        )  # fmt: skip
         means[m] = total(partial) / n
         cost["mean_higher_derivatives"] += math.comb(higher_rank + m - 2, m - 1)
     cost["lanczos_seconds"] = lanczos_seconds
@@ -729,64 +740,3 @@ def krylov_subspace(
         residual=residual,
         cost=cost,
     )
-
-
-def _weighted_gradient(obj: Objective, weights: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """``∇ Σ_i w_i l_i(θ_0)``: one backward pass per chunk, no per-sample gradients."""
-
-    def weighted(t, w, *rows):
-        return (w * obj.batch(t, *rows)).sum()
-
-    total = torch.zeros_like(obj.theta0)
-    for s in _chunks(obj.n, chunk_size):
-        total = total + grad(weighted)(obj.theta0, weights[s], *(r[s] for r in obj.rows))
-    return total
-
-
-def _per_sample_projected(
-    obj: Objective, basis: torch.Tensor, us: tuple[torch.Tensor, ...], chunk_size: int
-) -> torch.Tensor:
-    """``Qᵀ ∇^{len(us)+1} l_i[us…, ·]`` for every row ``i``: shape ``(n, k)``."""
-    fn = derivative(obj.single, vector=True)
-
-    def one(*row):
-        return fn(obj.theta0, row, us)
-
-    out = []
-    for s in _chunks(obj.n, chunk_size):
-        out.append(vmap(one)(*(r[s] for r in obj.rows)) @ basis)
-    return torch.cat(out)
-
-
-def _symmetric_projection(
-    vector_fn: Callable[[tuple[torch.Tensor, ...]], torch.Tensor],
-    basis: torch.Tensor,
-    m: int,
-    *,
-    leading: tuple[int, ...],
-    batch: int,
-    desc: str | None = None,
-) -> torch.Tensor:
-    """The symmetric order-``m`` tensor ``∇^m[q_a…, ·]`` projected, from sorted index tuples.
-
-    ``vector_fn(us)`` returns the projected last index (shape ``leading + (k,)``) of the
-    derivative along the directions ``us``; it is vectorized over ``batch`` tuples at once.
-    A ``desc`` shows a tqdm bar of that name over the directions.
-    """
-    k = basis.shape[1]
-    out = torch.zeros((*leading, *([k] * m)), dtype=torch.float64)
-    lead = (slice(None),) * len(leading)
-    tuples = list(itertools.combinations_with_replacement(range(k), m - 1))
-    batched = vmap(lambda *us: vector_fn(us))
-    bar = tqdm(total=len(tuples), desc=desc, unit="dir", disable=desc is None)
-    for start in range(0, len(tuples), batch):
-        chunk = tuples[start : start + batch]
-        index = torch.tensor(chunk, device=basis.device)
-        dirs = [basis[:, index[:, i]].T for i in range(m - 1)]
-        values = batched(*dirs).detach().to("cpu", torch.float64)
-        for idx, value in zip(chunk, values, strict=True):
-            for perm in set(itertools.permutations(idx)):
-                out[(*lead, *perm)] = value
-        bar.update(len(chunk))
-    bar.close()
-    return out

@@ -475,7 +475,7 @@ def measure(
         samples: use a random subset of this many rows (estimates only).
         exact: exact averages over the rows.
         seed: seed of the subset and of the split into groups.
-        chunk_size: most single-row directional derivatives per ``vmap`` call.
+        chunk_size: rows per ``vmap`` call (default from ``P``: memory bounded, ``vmap_rows``).
         device: where to compute (default: ``theta0``'s or the model's device).
         dtype: ``torch.float32`` or ``torch.float64`` (sums are accumulated in float64).
         groups: ``K``, the number of groups for the error bars (``estimator="groups"``).
@@ -713,7 +713,7 @@ def _subspace(
         schedules=usable or (Online(),),
         probes=probes,
         seed=seed,
-        chunk_size=chunk_size or 256,
+        chunk_size=chunk_size,
         per_sample_gradients=not exact,
         higher_rank=higher_rank,
         distributed=split,
