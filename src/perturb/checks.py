@@ -33,16 +33,30 @@ __all__ = [
     "check_order",
     "check_orders",
     "check_positive",
+    "is_int",
+    "is_real",
 ]
 
 DEVICES = ("cpu", "cuda")
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
+    """Whether ``value`` is an integer (a ``bool`` is not).
+
+    Example:
+        >>> is_int(3), is_int(True), is_int(3.0)
+        (True, False, False)
+    """
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_real(value: object) -> bool:
+def is_real(value: object) -> bool:
+    """Whether ``value`` is a real number (a ``bool`` is not).
+
+    Example:
+        >>> is_real(0.5), is_real(2), is_real(False)
+        (True, True, False)
+    """
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -59,7 +73,7 @@ def check_int(name: str, value: object, *, minimum: int = 0, maximum: int | None
         trials must be an integer ≥ 2, got 1
     """
     bounds = f"in {minimum}..{maximum}" if maximum is not None else f"≥ {minimum}"
-    if not _is_int(value) or value < minimum or (maximum is not None and value > maximum):
+    if not is_int(value) or value < minimum or (maximum is not None and value > maximum):
         raise ValueError(f"{name} must be an integer {bounds}, got {value!r}")
     return int(value)
 
@@ -78,7 +92,7 @@ def check_ints(
     values = tuple(values)
     bounds = f"in {minimum}..{maximum}" if maximum is not None else f"≥ {minimum}"
     if not values or any(
-        not _is_int(v) or v < minimum or (maximum is not None and v > maximum) for v in values
+        not is_int(v) or v < minimum or (maximum is not None and v > maximum) for v in values
     ):
         raise ValueError(
             f"{name} must be a non-empty sequence of integers {bounds}, got {values!r}"
@@ -93,7 +107,7 @@ def check_positive(name: str, value: object) -> float:
         >>> check_positive("width", 0.5)
         0.5
     """
-    if not _is_real(value) or not math.isfinite(float(value)) or float(value) <= 0:
+    if not is_real(value) or not math.isfinite(float(value)) or float(value) <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
@@ -122,14 +136,14 @@ def check_lrs(lrs: object, *, name: str = "lrs", zero: bool = False) -> tuple[fl
         ...     print(err)
         lrs must be positive finite numbers, got (0.1, nan)
     """
-    if _is_real(lrs):
+    if is_real(lrs):
         lrs = (lrs,)
     kind = "non-negative" if zero else "positive"
     if isinstance(lrs, str | bytes) or not isinstance(lrs, Iterable):
         raise ValueError(f"{name} must be {kind} finite numbers, got {lrs!r}")
     lrs = tuple(lrs)
     least = 0.0 if zero else math.ulp(0.0)
-    if not lrs or any(not _is_real(v) or not least <= float(v) < math.inf for v in lrs):
+    if not lrs or any(not is_real(v) or not least <= float(v) < math.inf for v in lrs):
         raise ValueError(f"{name} must be {kind} finite numbers, got {lrs!r}")
     return tuple(float(v) for v in lrs)
 
@@ -141,7 +155,7 @@ def check_order(order: object, *, maximum: int | None = None, name: str = "order
         >>> check_order(3)
         3
     """
-    if not _is_int(order) or order < 0 or (maximum is not None and order > maximum):
+    if not is_int(order) or order < 0 or (maximum is not None and order > maximum):
         top = f" at most {maximum}" if maximum is not None else ""
         raise ValueError(f"{name} must be a non-negative integer{top}, got {order!r}")
     return int(order)
@@ -157,7 +171,7 @@ def check_orders(orders: object, *, maximum: int = 4) -> tuple[int, ...]:
     if isinstance(orders, str | bytes) or not isinstance(orders, Iterable):
         raise ValueError(f"orders must be integers in 0..{maximum}, got {orders!r}")
     orders = tuple(orders)
-    if not orders or any(not _is_int(d) or not 0 <= d <= maximum for d in orders):
+    if not orders or any(not is_int(d) or not 0 <= d <= maximum for d in orders):
         raise ValueError(f"orders must be integers in 0..{maximum}, got {orders!r}")
     return tuple(int(d) for d in orders)
 

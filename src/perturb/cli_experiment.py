@@ -78,12 +78,14 @@ def experiment_options(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
-def build_experiment(options: dict[str, Any]) -> Experiment:
+def build_experiment(options: dict[str, Any], *, run_options: tuple[str, ...] = ()) -> Experiment:
     """The experiment the running command's ``options`` describe (see the module docstring).
 
     Takes ``config`` and ``settings`` out of ``options``; the other options name fields
     (``model_spec`` is ``model``, ``batch_size`` is ``batch_sizes``, ``seeds`` is
-    ``seed``: its first value) or are :data:`RUN_OPTIONS`.  An empty tuple (a repeatable
+    ``seed``: its first value) or are :data:`RUN_OPTIONS` or the command's own
+    ``run_options`` (options that are no field, allowed with ``--config`` too; the caller
+    has taken their values out of ``options``).  An empty tuple (a repeatable
     option left out) leaves the field to the command; ``schedule`` left out means
     ``epochs`` when ``epochs`` or ``shuffle`` is given, else the default.
 
@@ -106,7 +108,9 @@ def build_experiment(options: dict[str, Any]) -> Experiment:
     given = {
         name
         for name in ctx.params
-        if name not in RUN_OPTIONS and ctx.get_parameter_source(name) in _GIVEN
+        if name not in RUN_OPTIONS
+        and name not in run_options
+        and ctx.get_parameter_source(name) in _GIVEN
     }
     try:
         if config is not None:

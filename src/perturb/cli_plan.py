@@ -49,15 +49,13 @@ experiment (so they go with ``--config`` too)."""
 
 def _settings(options: dict[str, Any]) -> Any:
     """The :class:`~perturb.experiments.planning.PlanSettings` of the plan's own options
-    (taken out of ``options`` and out of the command's parameters, which
-    :func:`~perturb.cli_experiment.build_experiment` reads as experiment fields)."""
+    (taken out of ``options``; :func:`~perturb.cli_experiment.build_experiment` is told
+    they are run options)."""
     from perturb.experiments.planning import PlanSettings
     from perturb.experiments.range_test import RangeTestSettings
 
     ctx = click.get_current_context()
     own = {name: options.pop(name) for name in PLAN_OPTIONS}
-    for name in PLAN_OPTIONS:
-        ctx.params.pop(name, None)
     try:
         return PlanSettings(
             samples=own["samples"] or None,
@@ -177,7 +175,7 @@ def plan_command(**options: Any) -> None:
     torch.set_num_threads(options.pop("threads"))
     out = options.pop("out")
     settings = _settings(options)
-    experiment = build_experiment(options)
+    experiment = build_experiment(options, run_options=PLAN_OPTIONS)
     if out is None:
         result = plan(experiment, settings, progress=True)
     else:

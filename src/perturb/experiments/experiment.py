@@ -39,13 +39,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import numbers
 import os
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from perturb.checks import DEVICES, is_int, is_real
 
 __all__ = [
     "DEFAULT_PRETRAIN_LR",
@@ -63,7 +64,6 @@ DEFAULT_PRETRAIN_LR = 0.3
 """Learning rate of the pretraining (:data:`perturb.experiments.pipeline.DEFAULT_PRETRAIN_LR`,
 repeated here so that this module imports no torch; a test checks that they agree)."""
 _SCHEDULES = ("online", "epochs", "gd")
-_DEVICES = ("cpu", "cuda")
 
 
 # ------------------------------------------------------------------------ field checks
@@ -73,24 +73,16 @@ def _fail(name: str, expected: str, value: object) -> ValueError:
     return ValueError(f"{name} must be {expected}, got {value!r}")
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _is_lr(value: object) -> bool:
-    return _is_real(value) and 0 < float(value) < math.inf
+    return is_real(value) and 0 < float(value) < math.inf
 
 
 def _is_size(value: object) -> bool:
-    return _is_int(value) and value >= 1
+    return is_int(value) and value >= 1
 
 
 def _is_order(value: object) -> bool:
-    return _is_int(value) and 0 <= value <= 4
+    return is_int(value) and 0 <= value <= 4
 
 
 def _text(name: str, value: object, *, optional: bool = False) -> str | None:
@@ -107,7 +99,7 @@ def _text(name: str, value: object, *, optional: bool = False) -> str | None:
 def _integer(name: str, value: object, minimum: int, *, optional: bool = False) -> int | None:
     if value is None and optional:
         return None
-    if not _is_int(value) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise _fail(name, f"an integer ≥ {minimum}" + (" or None" * optional), value)
     return int(value)
 
@@ -115,7 +107,7 @@ def _integer(name: str, value: object, minimum: int, *, optional: bool = False) 
 def _positive(name: str, value: object, *, optional: bool = False) -> float | None:
     if value is None and optional:
         return None
-    if not _is_real(value) or not 0 < float(value) < math.inf:
+    if not is_real(value) or not 0 < float(value) < math.inf:
         raise _fail(name, "a positive finite number" + (" or None" * optional), value)
     return float(value)
 
@@ -136,7 +128,7 @@ def _numbers(name: str, value: object, check: Any, one: str, many: str) -> tuple
     """``None``, or one value or a non-empty sequence of them, each passing ``check``."""
     if value is None:
         return None
-    if _is_real(value):
+    if is_real(value):
         if not check(value):
             raise _fail(name, f"{one} (or a non-empty list of them)", value)
         return (value,)
@@ -403,7 +395,7 @@ class Experiment:
         _set(self, "trials", _integer("trials", self.trials, 2, optional=True))
         _set(self, "seed", _integer("seed", self.seed, 0))
         device = self.device
-        if not isinstance(device, str) or _device_kind(device) not in _DEVICES:
+        if not isinstance(device, str) or _device_kind(device) not in DEVICES:
             raise _fail("device", "cpu, cuda or cuda:N", device)
 
     # ------------------------------------------------------------------ flat names
