@@ -402,6 +402,28 @@ def test_cli_builds_the_experiment_and_settings(tmp_path, monkeypatch):
     assert "out" not in seen
 
 
+def test_cli_config_goes_with_the_plans_own_options(tmp_path, monkeypatch):
+    """``--config`` takes the plan's settings (run options) but refuses experiment fields."""
+    seen = {}
+
+    def fake(experiment, settings, **kw):
+        seen.update(experiment=experiment, settings=settings)
+        return Plan(grid={"lrs": [0.1], "batch_sizes": [2], "population": 8,
+                          "schedule": "online", "horizons": []})  # fmt: skip
+
+    monkeypatch.setattr("perturb.experiments.planning.plan", fake)
+    experiment = perturb.Experiment(trials=8, model="mlp").replace(lrs=(0.01,), pretrain=3)
+    config = tmp_path / "plan.json"
+    config.write_text(json.dumps(Plan(experiment=experiment.to_dict()).to_dict()))
+    args = ["plan", "--config", str(config), "--decades", "2", "--range-steps", "20"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert seen["experiment"] == experiment
+    assert seen["settings"].decades == 2 and seen["settings"].range_test.steps == 20
+    refused = CliRunner().invoke(cli, ["plan", "--config", str(config), "--trials", "4"])
+    assert refused.exit_code == 2 and "not --trials" in refused.output
+
+
 def test_plan_json_holds_the_experiment_for_config(tmp_path):
     experiment = perturb.Experiment(trials=8, model="mlp").replace(lrs=(0.01,), pretrain=3)
     plan_file = tmp_path / "plan.json"
