@@ -402,7 +402,12 @@ def test_predict_verbose_prints_the_plan_and_target_se_uses_fewer_points():
     assert json.loads(loose.stdout)["rows"] < full["rows"] == 784
 
 
-def test_predict_resummed_at_full_rank_is_the_eigendecomposition():
+@pytest.mark.parametrize(
+    "lrs",  # the validity verdicts cost most: one learning rate by default, two with -m slow
+    [["0.2"], pytest.param(["0.05", "0.2"], marks=pytest.mark.slow)],
+    ids=["one-lr", "two-lrs"],
+)
+def test_predict_resummed_at_full_rank_is_the_eigendecomposition(lrs):
     """``perturb predict --resummed`` on softmax regression pooled to 2×2 digits (P = 50,
     ``--krylov-rank 64`` ≥ P: the subspace spans everything) equals perturb.predict's
     eigendecomposition of materialized float64 tensors on the same 12 points; the
@@ -418,7 +423,7 @@ def test_predict_resummed_at_full_rank_is_the_eigendecomposition():
 
     args = ["predict", "--model", "mlp", "--steps", "20", "--order", "3", "--samples", "12"]
     args += ["--exact", "--format", "json", "--resummed", "--krylov-rank", "4096"]
-    args += ["--krylov-higher-rank", "4096", "--lr", "0.05", "0.2"]
+    args += ["--krylov-higher-rank", "4096", "--lr", *lrs]
     result = run(*args[:2], "tests.test_cli:pooled_softmax", *args[3:])
     assert result.exit_code == 0, result.output
     got = json.loads(result.stdout[result.stdout.index("{") :])
@@ -439,9 +444,11 @@ def test_predict_resummed_at_full_rank_is_the_eigendecomposition():
     ladder = ladder_loss(per_h.mean(0), per_h, per_g.mean(0), per_g, lr=got["lr"], steps=20)
     np.testing.assert_allclose(got["hessian_ladder"], ladder, rtol=1e-4)
     # the verdict of perturb.numeric.trust on the same prediction, with its horizon
-    assert len(got["trusted"]) == 2 and all(0 <= t <= 20 for t in got["trusted_steps"])
-    assert got["trusted_eta_t"] == pytest.approx([lr * t for lr, t in zip(got["lr"],
-                                                 got["trusted_steps"], strict=True)])
+    assert got["lr"] == [float(lr) for lr in lrs]
+    assert len(got["trusted"]) == len(lrs) and all(0 <= t <= 20 for t in got["trusted_steps"])
+    assert got["trusted_eta_t"] == pytest.approx(
+        [lr * t for lr, t in zip(got["lr"], got["trusted_steps"], strict=True)]
+    )
     assert set(got["validity"]) >= {"resolution", "loss_spread", "rms_displacement"}
     for lr, total, estimate, rung in zip(
         got["lr"], got["total"], got["error_estimate"], ladder, strict=True

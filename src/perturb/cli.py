@@ -46,9 +46,11 @@ from perturb.cli_options import (
     VariadicOption,
     budget_options,
     checkpoint_option,
+    curve_option,
     data_options,
     device_option,
     force_option,
+    krylov_options,
     lr_option,
     schedule_options,
     schedule_size_options,
@@ -508,31 +510,6 @@ def diagrams_command(
             click.echo(f"wrote {path}")
 
 
-_krylov_options = [
-    click.option(
-        "--krylov-rank",
-        type=click.IntRange(min=2),
-        default=128,
-        show_default=True,
-        help="Dimension k of the Krylov subspace of H for the re-summed series.",
-    ),
-    click.option(
-        "--krylov-higher-rank",
-        type=click.IntRange(min=1),
-        default=32,
-        show_default=True,
-        help="Basis vectors for J and the per-sample Hessians (3 edges, GD's 2).",
-    ),
-]
-
-
-def krylov_options(command: Any) -> Any:
-    """``--krylov-rank`` and ``--krylov-higher-rank`` (validate, compare)."""
-    for option in reversed(_krylov_options):
-        command = option(command)
-    return command
-
-
 @cli.command("predict")
 @data_options(model_default=None, alias=True)
 @checkpoint_option
@@ -558,7 +535,7 @@ def krylov_options(command: Any) -> Any:
     help="Re-summed diagrams (edges carry η(I − ηH)^{Δt−1}, --order counts edges, at most "
     "3), in a Krylov subspace of H built from Hessian-vector products.",
 )
-@krylov_options
+@krylov_options()
 @click.option(
     "--estimator",
     type=click.Choice(["auto", "sketch", "tuples"]),
@@ -675,7 +652,8 @@ def _pin_threads(options: dict[str, Any]) -> None:
     show_default=True,
     help="Also report the re-summed predictions (up to two and three edges).",
 )
-@krylov_options
+@krylov_options()
+@curve_option
 @seeds_option
 @_population_option
 @click.option(
@@ -742,7 +720,7 @@ def validate_command(**options: Any) -> None:
 @click.option("--trials", type=click.IntRange(min=2), default=128, show_default=True)
 @_orders_option("1 2 3")
 @click.option("--resummed/--no-resummed", default=True, show_default=True)
-@krylov_options
+@krylov_options()
 @seed_option
 @_population_option
 @start_options

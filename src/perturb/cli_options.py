@@ -47,9 +47,11 @@ __all__ = [
     "VariadicOption",
     "budget_options",
     "checkpoint_option",
+    "curve_option",
     "data_options",
     "device_option",
     "force_option",
+    "krylov_options",
     "lr_option",
     "option_group",
     "schedule_options",
@@ -439,6 +441,67 @@ def start_options(command: Callable[..., Any]) -> Callable[..., Any]:
             callback=_callback(check_lr),
             help="Learning rate of --pretrain.",
         ),
+    )(command)
+
+
+# ------------------------------------------------------------------- measurement
+
+
+def krylov_options(*, defaults: tuple[int, int] = (128, 32)) -> Decorator:
+    """``--krylov-rank`` and ``--krylov-higher-rank`` (predict, validate, compare, plan).
+
+    Args:
+        defaults: the command's ranks ``(k, k_3)``, shown in the help: ``(128, 32)``
+            (predict, validate, compare), a plan's ``(64, 16)``
+            (:data:`perturb.experiments.planning.DEFAULT_KRYLOV_RANKS`).  An experiment
+            command takes only the options given
+            (:func:`perturb.cli_experiment.build_experiment`): left out, the ranks stay
+            ``None`` in its experiment and the command applies its own.
+
+    Example:
+        >>> @click.command()
+        ... @krylov_options()
+        ... def show(krylov_rank, krylov_higher_rank):
+        ...     click.echo((krylov_rank, krylov_higher_rank))
+        >>> show(["--krylov-rank", "16"], standalone_mode=False)
+        (16, 32)
+    """
+    rank, higher = defaults
+    return option_group(
+        click.option(
+            "--krylov-rank",
+            type=click.IntRange(min=2),
+            default=rank,
+            show_default=True,
+            help="Dimension k of the Krylov subspace of H for the re-summed series.",
+        ),
+        click.option(
+            "--krylov-higher-rank",
+            type=click.IntRange(min=1),
+            default=higher,
+            show_default=True,
+            help="Basis vectors for J and the per-sample Hessians (3 edges, GD's 2).",
+        ),
+    )
+
+
+def curve_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--curve``: also the learning curve along the noiseless path (validate, online).
+
+    Example:
+        >>> @click.command()
+        ... @curve_option
+        ... def show(curve):
+        ...     click.echo(curve)
+        >>> show(["--curve"], standalone_mode=False)
+        True
+    """
+    return click.option(
+        "--curve",
+        is_flag=True,
+        help="Also predict the whole learning curve, re-measured along the noiseless path "
+        "(online only): adds curve, noiseless path (GD at the same η) and SDE (path); its "
+        "Krylov rank is --set curve_rank=K (default 32).",
     )(command)
 
 

@@ -26,12 +26,18 @@ from perturb.cli_options import (
     budget_options,
     data_options,
     device_option,
+    krylov_options,
     lr_option,
     seed_option,
     start_options,
 )
 
-__all__ = ["PLAN_OPTIONS", "plan_command"]
+__all__ = ["PLAN_KRYLOV_RANKS", "PLAN_OPTIONS", "plan_command"]
+
+PLAN_KRYLOV_RANKS = (64, 16)
+"""A plan's Krylov ranks ``(k, k_3)`` for the help (those of
+:data:`perturb.experiments.planning.DEFAULT_KRYLOV_RANKS`, repeated so that this module
+imports no torch; ``tests/experiments/test_planning.py`` checks that they agree)."""
 
 PLAN_OPTIONS = (
     "samples",
@@ -125,6 +131,7 @@ def _settings(options: dict[str, Any]) -> Any:
     default=None,
     help="Images in the population SGD samples from.  [default: 256]",
 )
+@krylov_options(defaults=PLAN_KRYLOV_RANKS)
 @click.option(
     "--check",
     is_flag=True,

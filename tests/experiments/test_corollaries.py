@@ -428,7 +428,10 @@ def _gd_series(losses, n, *, correction, order=2):
     return [poly.coeff_monomial(ETA**k) for k in range(order + 1)]
 
 
-@pytest.mark.parametrize("n, rows", [(2, 3), (3, 3), (4, 2)])
+@pytest.mark.parametrize(
+    "n, rows",  # N = 3 (-m slow): between the N = 2 and N = 4 twins
+    [(2, 3), pytest.param(3, 3, marks=pytest.mark.slow), (4, 2)],
+)
 def test_gdc_matches_sgd_through_eta_squared_exactly(n, rows):
     losses = _random_landscape(rows, seed=n)
     sgd = oracle_series(

@@ -45,6 +45,8 @@ FULL = Experiment(
         max_hessian_parameters=10,
         krylov_rank=16,
         krylov_higher_rank=4,
+        curve=True,
+        curve_rank=8,
     ),
     budget=Budget(max_memory=2.5e9, force=True),
 )
@@ -139,8 +141,10 @@ def test_the_pretrain_lr_default_is_the_pipelines():
         ({"resummed": None}, "resummed must be true or false, got None"),
         ({"gap": "no"}, "gap must be true or false, got 'no'"),
         ({"max_hessian_parameters": -1}, "max_hessian_parameters must be an integer ≥ 0"),
-        ({"krylov_rank": 1}, "krylov_rank must be an integer ≥ 2, got 1"),
-        ({"krylov_higher_rank": 0}, "krylov_higher_rank must be an integer ≥ 1, got 0"),
+        ({"krylov_rank": 1}, "krylov_rank must be an integer ≥ 2 or None, got 1"),
+        ({"krylov_higher_rank": 0}, "krylov_higher_rank must be an integer ≥ 1 or None, got 0"),
+        ({"curve": 1}, "curve must be true or false, got 1"),
+        ({"curve_rank": 0}, "curve_rank must be an integer ≥ 1, got 0"),
         ({"max_memory": 0}, "max_memory must be a positive finite number or None, got 0"),
         ({"force": "true"}, "force must be true or false, got 'true'"),
         ({"trials": 1}, "trials must be an integer ≥ 2 or None, got 1"),
@@ -171,6 +175,23 @@ def test_replace_rejects_unknown_names_and_a_group_with_its_fields():
     with pytest.raises(ValueError, match="give the group data or its fields"):
         Experiment().replace(data=Data(), population=3)
     assert Experiment().replace(data=Data(population=3)).data.population == 3
+
+
+def test_krylov_ranks_left_none_or_given_survive_every_form(tmp_path):
+    """``None`` (the command's ranks) and an explicit ``(128, 32)`` (validate's values,
+    given) stay apart through dicts, TOML and ``--set``, so a file re-runs as it ran."""
+    left = Experiment()
+    given = Experiment().replace(krylov_rank=128, krylov_higher_rank=32)
+    assert (left.measurement.krylov_rank, left.measurement.krylov_higher_rank) == (None, None)
+    assert left != given
+    for e in (left, given):
+        assert Experiment.from_dict(json.loads(json.dumps(e.to_dict()))) == e
+        (tmp_path / "e.toml").write_text(e.to_toml())
+        assert Experiment.load(tmp_path / "e.toml") == e
+    assert left.with_settings(["krylov_rank=128", "krylov_higher_rank=32"]) == given
+    assert given.with_settings(["krylov_rank=none", "krylov_higher_rank=none"]) == left
+    assert given.with_defaults(krylov_rank=64, krylov_higher_rank=16) == given
+    assert left.with_defaults(krylov_rank=64).measurement.krylov_rank == 64
 
 
 def test_with_defaults_fills_only_the_fields_left_none():

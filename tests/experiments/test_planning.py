@@ -28,6 +28,7 @@ from scipy.optimize import brentq
 
 import perturb
 from perturb.cli import cli
+from perturb.cli_plan import PLAN_KRYLOV_RANKS, plan_command
 from perturb.experiments.models import mlp
 from perturb.experiments.plan_check import flagged, regret, score
 from perturb.experiments.plan_grid import (
@@ -40,7 +41,7 @@ from perturb.experiments.plan_grid import (
     recommend,
 )
 from perturb.experiments.plan_result import Plan
-from perturb.experiments.planning import PlanSettings, plan
+from perturb.experiments.planning import DEFAULT_KRYLOV_RANKS, PlanSettings, plan
 from perturb.experiments.range_test import RangeTestSettings, range_test, steepest
 from perturb.symbolic.schedules import Epochs, Online
 
@@ -330,6 +331,69 @@ def test_plan_takes_an_experiment_and_settings_only():
         plan(settings=3)
     with pytest.raises(TypeError, match="unexpected keyword argument 'horizon'"):
         plan(horizon=3)
+
+
+class _Measured(Exception):
+    """Stops a plan at its measurement, carrying the ranks it was asked for."""
+
+
+@pytest.mark.parametrize(
+    ("given", "measured"),
+    [
+        ({}, (64, 16)),  # left None: the plan's own ranks, DEFAULT_KRYLOV_RANKS
+        ({"krylov_rank": 128, "krylov_higher_rank": 32}, (128, 32)),  # validate's, given
+        ({"krylov_rank": 16, "krylov_higher_rank": 4}, (16, 4)),
+        ({"krylov_rank": 128}, (128, 16)),  # each rank left None is the plan's
+    ],
+)
+def test_plan_measures_at_its_own_krylov_ranks(monkeypatch, given, measured):
+    """Ranks left ``None`` are the plan's ``(64, 16)``; ranks given are measured as given,
+    validate's and compare's ``(128, 32)`` too."""
+
+    def stop(setup, **kw):
+        raise _Measured((kw["rank"], kw["higher_rank"]))
+
+    monkeypatch.setattr("perturb.experiments.planning.measure_at_start", stop)
+    with pytest.raises(_Measured) as info:
+        plan(model=mlp((1, 8, 8), 10, hidden=()), population=8, steps=2, lrs=(0.1,),
+             batch_sizes=(1,), **given)  # fmt: skip
+    assert info.value.args[0] == measured
+    m = perturb.Experiment().measurement
+    assert (m.krylov_rank, m.krylov_higher_rank) == (None, None)
+
+
+def test_cli_plan_krylov_ranks_left_out_given_or_from_a_file(monkeypatch, tmp_path):
+    """``perturb plan`` measures at (64, 16) unless told otherwise: ``--krylov-rank 128
+    --krylov-higher-rank 32``, ``--set`` or ``--config`` of a file holding them."""
+    asked = []
+
+    def stop(setup, **kw):
+        asked.append((kw["rank"], kw["higher_rank"]))
+        raise _Measured
+
+    monkeypatch.setattr("perturb.experiments.planning.measure_at_start", stop)
+    base = ["plan", "--model", "mlp", "--population", "8", "--steps", "2", "--lr", "0.1",
+            "--batch-size", "1"]  # fmt: skip
+    config = tmp_path / "plan.json"
+    given = perturb.Experiment(model="mlp").replace(
+        population=8, steps=(2,), lrs=(0.1,), batch_sizes=(1,), krylov_rank=128,
+        krylov_higher_rank=32,
+    )  # fmt: skip
+    config.write_text(json.dumps(Plan(experiment=given.to_dict()).to_dict()))
+    runs = [
+        base,
+        [*base, "--krylov-rank", "128", "--krylov-higher-rank", "32"],
+        [*base, "--set", "krylov_rank=128", "--set", "krylov_higher_rank=32"],
+        ["plan", "--config", str(config)],
+    ]
+    for args in runs:
+        CliRunner().invoke(cli, args)
+    assert asked == [(64, 16), (128, 32), (128, 32), (128, 32)]
+    flags = {o: p for p in plan_command.params for o in p.opts}
+    assert (flags["--krylov-rank"].default, flags["--krylov-higher-rank"].default) == (
+        DEFAULT_KRYLOV_RANKS
+    )
+    assert PLAN_KRYLOV_RANKS == DEFAULT_KRYLOV_RANKS  # the help's, repeated without torch
 
 
 def test_grid_rows_need_the_subspace():

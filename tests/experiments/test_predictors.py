@@ -186,7 +186,8 @@ def least_squares_stats(request):
     return x, y, theta0, stats
 
 
-@pytest.mark.parametrize("batch_size", [1, 4])
+# B = 4 (-m slow): the twin of B = 1 here and of the B = 2 populations above
+@pytest.mark.parametrize("batch_size", [1, pytest.param(4, marks=pytest.mark.slow)])
 def test_resummed_3_plus_ladder_is_exact_for_least_squares_on_real_data(
     least_squares_stats, batch_size
 ):

@@ -210,7 +210,13 @@ SCHEDULES = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(SCHEDULES))
+@pytest.fixture(
+    scope="module",
+    # fixed-order epochs (the twin of reshuffled ones through validate): -m slow
+    params=[
+        pytest.param(s, marks=pytest.mark.slow) if s == "epochs" else s for s in sorted(SCHEDULES)
+    ],
+)
 def scheduled(request, tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     kwargs = SCHEDULES[request.param]
@@ -419,6 +425,15 @@ def test_large_models_run_the_sde_on_the_krylov_subspace(tiny):
     assert bare.predictors == ["order 0", "noiseless"] and not bare.gap
 
 
+def test_krylov_ranks_left_out_are_validates(small):
+    """Left ``None``, the ranks are validate's ``(128, 32)``: the subspace is built at them
+    (the model has 1418 parameters, more than 128) and ``results.json`` holds them."""
+    assert small.config["resummed_krylov"]["rank"] == 128
+    assert small.config["resummed_krylov"]["higher_rank"] == 32
+    held = json.loads(small.to_json())["experiment"]["measurement"]
+    assert (held["krylov_rank"], held["krylov_higher_rank"]) == (128, 32)
+
+
 # ------------------------------------------------------------------ where the runs start
 
 
@@ -579,37 +594,6 @@ def test_unstable_predictions_in_results_json_carry_value_and_flag(blown_up):
     assert "order 2 unstable" in (out / "results.csv").read_text().splitlines()[0]
 
 
-# ------------------------------------------------------------------ MNIST-1D
-
-
-def test_mnist1d_runs_end_to_end_with_every_predictor():
-    """Sequences (1, 40), the 1-D convnet (34,202 parameters): the SDE and the re-summed
-    series in a Krylov subspace, the table saying so."""
-    result = validate(
-        dataset="mnist1d",
-        lrs=(0.01,),
-        steps=4,
-        trials=4,
-        population=16,
-        records=2,
-        orders=(0, 1),
-        gap=False,
-        progress=False,
-        krylov_rank=16,
-        krylov_higher_rank=4,
-    )
-    assert result.config["parameters"] == 34202 and result.config["population"] == 16
-    assert result.predictors == [
-        "order 0", "order 1", "noiseless", "SDE", "resummed 2", "resummed 3", "resummed 3+ladder"
-    ]  # fmt: skip
-    assert result.config["unavailable"] == {}
-    table = result.table()
-    assert "       resummed 2: in a Krylov subspace of H of rank 16 (P = 34202)" in table
-    for r in result.rows:
-        assert r["ci_low"] < r["actual"] < r["ci_high"] and not r["divergent"]
-        assert all(math.isfinite(p["value"]) for p in r["predictions"].values())
-
-
 def test_outputs_written_when_every_trial_diverged(tmp_path, tiny):
     """No finite error to plot on a log scale: the plots are still written."""
     result = validate(
@@ -631,7 +615,8 @@ def test_outputs_written_when_every_trial_diverged(tmp_path, tiny):
     assert diverged in result.table()
 
 
-@pytest.mark.parametrize("schedule", ["online", "gd"])
+# GD (-m slow): the twin of online here and of tests/numeric/test_resummed_measure.py's gd-2
+@pytest.mark.parametrize("schedule", ["online", pytest.param("gd", marks=pytest.mark.slow)])
 def test_full_rank_krylov_equals_the_materialized_quadratic_model(schedule):
     """At ``krylov_rank ≥ P`` the subspace spans everything: "resummed 2" and "resummed 3"
     equal perturb.predict's eigendecomposition of materialized tensors (float64, same

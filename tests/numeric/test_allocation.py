@@ -393,16 +393,28 @@ def test_bench_estimators_runs_on_cpu(capsys):
     assert float(rows[4][6]) <= 2 * target  # the plan's se, at most twice its target
 
 
-def test_estimator_work_counts_what_the_estimators_evaluate():
+UNSHARED = {"l", "G·G", "G·H·G", "G_a J_abc G_b G_c", "G·H·H·G"}
+
+
+@pytest.mark.parametrize(
+    "networks",
+    ["order 2 and the unshared", pytest.param("every order 3", marks=pytest.mark.slow)],
+)
+def test_estimator_work_counts_what_the_estimators_evaluate(networks):
     # the model against the sketcher's own counter (rows through nodes), each estimator
-    # on a fresh sketcher: equal for networks that share no message, never below it
+    # on a fresh sketcher: equal for networks that share no message, never below it.
+    # The default run takes every network of order ≤ 2 and the unshared ones of order 3
+    # (-m slow: every order-3 network, the ∇³l and four-part ones included)
     from perturb.numeric.allocation import estimator_work
     from perturb.numeric.sketches import Sketcher
 
     obj = objective(poly_loss, _rows(48), THETA)
     layout = torch.arange(48).reshape(4, 12)
     cs = requested_contractions(3, (ONLINE,), ("test", "train"))
-    unshared = {"l", "G·G", "G·H·G", "G_a J_abc G_b G_c", "G·H·H·G"}
+    if networks != "every order 3":
+        low = requested_contractions(2, (ONLINE,), ("test", "train"))
+        cs = {k: c for k, c in cs.items() if k in low or c.text in UNSHARED}
+        assert sum(c.text not in UNSHARED for c in cs.values()) == 4  # tr(C H), tr(C), ...
     for c in cs.values():
         for probed in (1, 3):
             work = estimator_work(c, 12, parts=4, probed=probed)
@@ -412,7 +424,7 @@ def test_estimator_work_counts_what_the_estimators_evaluate():
                 sk.tuple_values(c) if e == "tuples" else sk.values(c, replicates=1)
                 counted[e] = sk.evaluations / 48
             for e in ESTIMATORS:
-                if c.text in unshared:
+                if c.text in UNSHARED:
                     assert work[e] == counted[e] == 1.0, (c.text, e)
                 assert work[e] >= counted[e], (c.text, e, probed)
 

@@ -24,7 +24,7 @@ _m = importlib.import_module("perturb.numeric.measuring")
 _s = importlib.import_module("perturb.experiments.simulation")
 _stability = importlib.import_module("perturb.numeric.stability")
 
-LAUNCH_TIMEOUT_S = 120
+LAUNCH_TIMEOUT_S = 240
 
 # The tiny problem shared by the workers and the single-process reference.
 PROBLEM = """
@@ -124,17 +124,23 @@ PREDICT = [
     "2", "--samples", "64", "--format", "json",
 ]  # fmt: skip
 
-# Every 2-process check in one torchrun job (each launch costs seconds of imports).
+# Every 2-process check in one torchrun job (each launch costs seconds of imports): the
+# plain API, the command line, and the default path split (sketches, pilot, Krylov,
+# per-sample curvatures).
 WORKER = """
 import contextlib, json, os, sys
 from pathlib import Path
 import numpy as np
 import torch
 from perturb import distributed as D
+from perturb.numeric.krylov import krylov_subspace
 from perturb.numeric.measuring import measure
+from perturb.numeric.stability import per_sample_top_curvatures
+from perturb.numeric.validity import hessian_ladder
 from perturb.experiments.simulation import simulate
 from perturb.cli import main as perturb_cli
 from problem import MEASURE, SCHEDULE, SIMULATE, problem, row_loss, loss_fn
+from problem import net_loss, net_problem, split_runs, split_summary
 
 with D.session(timeout_s=60) as (rank, size):
     assert size == 2 and torch.distributed.is_initialized(), size
@@ -174,6 +180,27 @@ with D.session(timeout_s=60) as (rank, size):
     for name, args in zip(("validate", "predict"), json.loads(sys.argv[2]), strict=True):
         with open(f"{name}.stdout", "w") as fh, contextlib.redirect_stdout(fh):
             perturb_cli(args, standalone_mode=False)
+    # the default path split: each rank its share, every rank the single-process result
+    x, y, theta0 = net_problem()
+    split = {}
+    for name, kw in split_runs().items():
+        split.update(split_summary(name, measure(net_loss, (x, y), theta0, **kw), hessian_ladder))
+    idx, lam = per_sample_top_curvatures(net_loss, (x, y), theta0, iterations=6, chunk_size=7)
+    split.update(curv_rows=idx, curv=lam)
+    split_disagree = []
+    for call in (  # ranks that disagree fail together, before any gather of values
+        lambda: measure(net_loss, (x, y), theta0, order=1, estimator="sketch", seed=rank,
+                        groups=4, progress=False),
+        lambda: krylov_subspace(net_loss, (x, y), theta0, rank=3, seed=rank, distributed=True),
+        lambda: per_sample_top_curvatures(net_loss, (x, y), theta0, iterations=2, seed=rank),
+    ):
+        try:
+            call()
+            split_disagree.append("")
+        except ValueError as err:
+            split_disagree.append(str(err))
+    split.update(disagree=split_disagree)
+np.savez(sys.argv[1] + f"/split{rank}.npz", **split)
 out = {f"g_{k}": v for k, v in st.group_values.items()}
 out.update({f"se_{k}": st.se(k) for k in st.group_values})
 out.update({f"exact_{k}": v for k, v in ex.group_values.items()})
@@ -183,42 +210,6 @@ out.update(test=tr.test_loss, train=tr.train_loss, div=tr.diverged, curve=tr.cur
            world=st.meta["world_size"], after=torch.distributed.is_initialized(),
            traffic=traffic)
 np.savez(sys.argv[1] + f"/rank{rank}.npz", **out)
-"""
-
-# The default path split (sketches, pilot, Krylov, per-sample curvatures): one more job.
-SPLIT = """
-import sys
-import numpy as np
-import torch
-from perturb import distributed as D
-from perturb.numeric.krylov import krylov_subspace
-from perturb.numeric.measuring import measure
-from perturb.numeric.stability import per_sample_top_curvatures
-from perturb.numeric.validity import hessian_ladder
-from problem import net_loss, net_problem, split_runs, split_summary
-
-with D.session(timeout_s=60) as (rank, size):
-    x, y, theta0 = net_problem()
-    out = {}
-    for name, kw in split_runs().items():
-        st = measure(net_loss, (x, y), theta0, **kw)
-        out.update(split_summary(name, st, hessian_ladder))
-    idx, lam = per_sample_top_curvatures(net_loss, (x, y), theta0, iterations=6, chunk_size=7)
-    out.update(curv_rows=idx, curv=lam)
-    disagree = []
-    for call in (  # ranks that disagree fail together, before any gather of values
-        lambda: measure(net_loss, (x, y), theta0, order=1, estimator="sketch", seed=rank,
-                        groups=4, progress=False),
-        lambda: krylov_subspace(net_loss, (x, y), theta0, rank=3, seed=rank, distributed=True),
-        lambda: per_sample_top_curvatures(net_loss, (x, y), theta0, iterations=2, seed=rank),
-    ):
-        try:
-            call()
-            disagree.append("")
-        except ValueError as err:
-            disagree.append(str(err))
-    out.update(disagree=disagree)
-np.savez(sys.argv[1] + f"/split{rank}.npz", **out)
 """
 
 FAILING = """
@@ -404,11 +395,10 @@ def test_two_gloo_processes_equal_single_process(two_ranks):
 
 
 @pytest.mark.filterwarnings("ignore:re-summed prediction along unstable directions")
-def test_two_ranks_split_the_default_path(tmp_path):
+def test_two_ranks_split_the_default_path(two_ranks):
     """Sketches, the pilot, the Krylov subspace, the ladder, the predictions and the
     per-sample curvatures: each rank its share, every rank the single-process result."""
-    proc = _torchrun(tmp_path, SPLIT, str(tmp_path))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tmp_path, _ = two_ranks
     r0, r1 = (np.load(tmp_path / f"split{r}.npz") for r in (0, 1))
     for r in (r0, r1):
         assert all("the ranks disagree on" in str(e) for e in r["disagree"]), r["disagree"]

@@ -101,7 +101,10 @@ SHORT = {
 }
 
 
-@pytest.mark.parametrize("name", list(SHORT))
+# online-T3-B1 (-m slow): the twin of online-T2-B2, the same online path at B = 1
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "online-T3-B1" else n for n in SHORT]
+)
 def test_resummed_3_holds_the_first_order_in_hessian_noise_exactly(name):
     """Twin of the ``linear_gaussian`` order-2 exactness tests (online, GD, epochs): on a
     generic quadratic population, the ``ε⁰`` coefficient of the exact expected test and
@@ -182,7 +185,10 @@ LONG = {
 @pytest.mark.parametrize(
     "method", ["eigh", pytest.param("lanczos", marks=pytest.mark.slow)]
 )  # the Krylov path: about 12 s a case on the shared machine
-@pytest.mark.parametrize("name", list(LONG))
+@pytest.mark.parametrize(
+    "name",  # fixed-order epochs at long times: -m slow (short, exactly: the SHORT cases)
+    [pytest.param(n, marks=pytest.mark.slow) if n.startswith("epochs") else n for n in LONG],
+)
 def test_resummed_3_holds_the_first_order_in_hessian_noise_at_long_times(name, method):
     """Twin of ``test_linear_gaussian_order2_is_exact_at_long_times`` (GD) and
     ``..._for_epochs`` (fixed order), of the Krylov path's

@@ -251,7 +251,11 @@ def test_krylov_full_rank_order3_equals_eigendecomposition(schedule, quantity, i
     "schedule",
     [
         perturb.Online(steps=40, batch_size=1),
-        perturb.Epochs(train_size=3, batch_size=1, epochs=2, shuffle=True),
+        # reshuffled epochs (-m slow): the nesting is the twin of online's and GD's
+        pytest.param(
+            perturb.Epochs(train_size=3, batch_size=1, epochs=2, shuffle=True),
+            marks=pytest.mark.slow,
+        ),
         perturb.GD(train_size=3, steps=40),
     ],
     ids=["online", "epochs-shuffled", "gd"],

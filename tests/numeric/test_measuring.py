@@ -33,7 +33,10 @@ from perturb.numeric.measuring import measure
 from perturb.reference.tensors import derivative_tensors
 
 
-@pytest.mark.parametrize("name", ["poly", "mlp", "convnet"])
+@pytest.mark.parametrize(
+    "name",  # the polynomial (-m slow): the networks are its twins, their derivatives too
+    [pytest.param("poly", marks=pytest.mark.slow), "mlp", "convnet"],
+)
 def test_every_order3_contraction_matches_materialized(name):
     stats, derivs, *_ = _exact(name)
     seen = set()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 from measure_models import (
     F64,
@@ -76,33 +77,34 @@ def test_unbiased_value_is_distinct_tuple_average():
     assert abs(float(got) - want) < 1e-12
 
 
-def test_tuples_average_over_assignments_is_complete_u_statistic():
+@pytest.mark.parametrize("name", ["poly", pytest.param("mlp", marks=pytest.mark.slow)])
+def test_tuples_average_over_assignments_is_complete_u_statistic(name):
     # One tuple uses one assignment of its m rows to the blocks.  Averaged over all m!
     # orderings of the same m rows it is the complete U-statistic of those rows (every
     # injective map of a refinement's blocks into the rows occurs equally often), which the
     # group estimator computes (validated by hand in the test above).  Every order-3
-    # contraction of every schedule and quantity, on the polynomial and the MLP.
+    # contraction of every schedule and quantity, on the polynomial (-m slow: and the MLP,
+    # the same networks on another model).
     perms = torch.tensor(list(itertools.permutations(range(4))))
-    for name in ("poly", "mlp"):
-        model, data, theta0, *_ = _case(name)
-        sub = tuple(d[:4] for d in data) if isinstance(data, tuple) else data[:4]
-        complete = measure(
-            model,
-            sub,
-            theta0,
-            order=3,
-            schedules=SCHEDULES,
-            quantities=QUANTITIES,
-            groups=1,
-            estimator="groups",
-            progress=False,
-        )
-        obj = objective(model, sub, theta0, loss=None, dtype=F64, device=None)
-        engine = Engine(obj, perms, chunk_size=64, budget=None)
-        for key, c in complete.contractions.items():
-            got = tuple_values(engine, c, perms).mean(dim=0)
-            want = complete.group_values[key][0]
-            _assert_close(got.numpy(), want, 1e-10, f"{name} {c.text} (m={tuple_size(c)})")
+    model, data, theta0, *_ = _case(name)
+    sub = tuple(d[:4] for d in data) if isinstance(data, tuple) else data[:4]
+    complete = measure(
+        model,
+        sub,
+        theta0,
+        order=3,
+        schedules=SCHEDULES,
+        quantities=QUANTITIES,
+        groups=1,
+        estimator="groups",
+        progress=False,
+    )
+    obj = objective(model, sub, theta0, loss=None, dtype=F64, device=None)
+    engine = Engine(obj, perms, chunk_size=64, budget=None)
+    for key, c in complete.contractions.items():
+        got = tuple_values(engine, c, perms).mean(dim=0)
+        want = complete.group_values[key][0]
+        _assert_close(got.numpy(), want, 1e-10, f"{name} {c.text} (m={tuple_size(c)})")
     # and explicitly from per-row gradients and Hessians: tr(C H) = E g_b·H_a g_b −
     # g_b·H_a g_c over distinct (a, b, c), with H at the (test) root
     rows = POLY_DATA

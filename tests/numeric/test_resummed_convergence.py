@@ -52,7 +52,8 @@ SCHEDULES = {
 }
 SLOW = {("online-T3-B2", "train"), ("online-T3-B2", "gap")} | {
     ("epochs-N2-E2-shuffled", q) for q in ("train", "gap")
-}
+}  # and the gap (test − train) of fixed epochs and GD, whose test and train run by default
+SLOW |= {("epochs-N2-E2-fixed", "gap"), ("gd-N2-T3", "gap")}
 METHODS = [(True, 2), (True, 3), (False, 2), (False, 3)]
 
 

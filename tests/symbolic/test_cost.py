@@ -75,8 +75,16 @@ def test_labellings_are_exact(quantity, path_condition):
         )
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES, ids=IDS)
-@pytest.mark.parametrize("quantity", ["test", "train", "displacement"])
+# GD's train loss (-m slow): the diagrams of train-epochs (no path condition either) and
+# GD's bound of test-gd
+@pytest.mark.parametrize(
+    ("schedule", "quantity"),
+    [
+        pytest.param(s, q, id=f"{q}-{i}", marks=[pytest.mark.slow] * (q == "train" and i == "gd"))
+        for s, i in zip(SCHEDULES, IDS, strict=True)
+        for q in ("test", "train", "displacement")
+    ],
+)
 def test_the_bound_holds_and_is_tight_at_low_order(schedule, quantity):
     """Labellings bound the diagrams up to isomorphism; at orders 1–5 the ratio is at most
     1.85 (online train, order 5) and 1 at order 1."""

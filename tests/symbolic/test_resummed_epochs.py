@@ -89,9 +89,17 @@ def _brute_force_shuffled(term, n: int, b: int, epochs: int) -> dict:
     return {k: v * scale for k, v in out.items()}
 
 
-@pytest.mark.parametrize("quantity", ["test", "train", "displacement"])
 @pytest.mark.parametrize(
-    "sizes", [(4, 2, 2), (3, 1, 2), (2, 1, 3)], ids=["N4B2E2", "N3B1E2", "N2B1E3"]
+    ("sizes", "quantity"),
+    [
+        # the train loss of N4B2E2 (-m slow): the twin of its test and displacement and of
+        # the train loss of the other sizes
+        pytest.param(
+            s, q, id=f"{i}-{q}", marks=[pytest.mark.slow] * (i == "N4B2E2" and q == "train")
+        )
+        for s, i in (((4, 2, 2), "N4B2E2"), ((3, 1, 2), "N3B1E2"), ((2, 1, 3), "N2B1E3"))
+        for q in ("test", "train", "displacement")
+    ],
 )
 def test_shuffled_exact_sum_is_the_average_over_reshuffles(sizes, quantity):
     """Reshuffled epochs, every re-summed term of order ≤ 3: the grouped closed form
@@ -150,8 +158,10 @@ def _diagonal_landscape():
     return losses, [x, y], [0, 0]
 
 
-def _resummed_coefficients(schedule, quantity, derivs, h, order):
-    """η-coefficients ``0..order`` of the re-summed series (vectors for displacement)."""
+def _resummed_coefficients(schedule, quantity, derivs, h, order, sums=None):
+    """η-coefficients ``0..order`` of the re-summed series (vectors for displacement);
+    ``sums`` memoizes the exact time sums by ``(orders, μ)`` across quantities (the test,
+    train and displacement series share most of their terms' time structures)."""
     from perturb.numeric.resummation import open_network
 
     eta = sp.Symbol("eta")
@@ -160,6 +170,7 @@ def _resummed_coefficients(schedule, quantity, derivs, h, order):
     xs = [1 - hi * t for hi in h]
     width = 2 if quantity == "displacement" else 1
     total = [ring(0) for _ in range(width)]
+    sums = {} if sums is None else sums
     for term in resummed_terms(order, schedule, quantity):
         d = term.diagram.edges
         network = open_network(term, derivs)
@@ -171,7 +182,9 @@ def _resummed_coefficients(schedule, quantity, derivs, h, order):
             if not d:
                 s = ring(1)
             elif isinstance(term.orders, EpochOrders):
-                s = time_sum_exact(term.orders, [xs[m] for m in mu], steps)
+                if (term.orders, mu) not in sums:
+                    sums[term.orders, mu] = time_sum_exact(term.orders, [xs[m] for m in mu], steps)
+                s = sums[term.orders, mu]
             else:  # one epoch (online) or one batch (GD): the matrix-power path
                 s = time_sum_exact(term.orders, [1 - eta * h[m] for m in mu], steps)
                 s = ring(sp.expand(s).subs(eta, sp.Symbol("t")))
@@ -202,10 +215,10 @@ EXPANSION_CASES = [
 ]
 
 
-# the default run keeps one case of each kind (B = 1 and 2, E = 1..3, fixed and reshuffled);
+# the default run keeps one case of each kind: one epoch (the online path), one batch (the
+# GD path), several epochs of several batches fixed (B = 2) and reshuffled (B = 1, E = 3);
 # the whole table (the issue's) runs with -m slow
-FAST_CASES = {(2, 1, 2, False), (2, 1, 3, True), (2, 2, 3, False), (3, 1, 1, False),
-              (4, 2, 2, False), (4, 2, 2, True)}  # fmt: skip
+FAST_CASES = {(3, 1, 1, False), (2, 2, 2, False), (4, 2, 2, False), (2, 1, 3, True)}
 
 
 @pytest.mark.parametrize(
@@ -226,9 +239,9 @@ def test_eta_expansion_reproduces_unresummed_coefficients(case):
     hess = derivs[2].sum(0) / 3
     assert hess[0, 1] == 0 and hess[1, 0] == 0
     h = [sp.Rational(hess[i, i].numerator, hess[i, i].denominator) for i in range(2)]
-    got, expected = {}, {}
+    got, expected, sums = {}, {}, {}
     for quantity in ("test", "train", "displacement"):
-        got[quantity] = _resummed_coefficients(schedule, quantity, derivs, h, 3)
+        got[quantity] = _resummed_coefficients(schedule, quantity, derivs, h, 3, sums)
         expected[quantity] = _unresummed_coefficients(schedule, quantity, derivs, 3)
         assert got[quantity] == expected[quantity], quantity
     gap = [a - c for a, c in zip(got["test"][0], got["train"][0], strict=True)]

@@ -130,6 +130,8 @@ DEFAULTS = {
     "steps": DEFAULT_STEPS,
     "trials": 128,
     "orders": (1, 2, 3),
+    "krylov_rank": 128,
+    "krylov_higher_rank": 32,
 }
 """The fields an experiment may leave to compare, and compare's values for them."""
 GRADIENT_FLOW = "gradient flow"
@@ -350,9 +352,10 @@ def compare(
         experiment: what to run (:class:`~perturb.experiments.experiment.Experiment`;
             default ``Experiment()``).  Left to compare: ``lrs`` (default
             ``DEFAULT_LRS``), ``batch_sizes`` (``DEFAULT_BATCH_SIZES``), ``steps``
-            (``DEFAULT_STEPS``; one run per ``(η, B)`` is recorded at each), 128 trials
-            and orders 1..3.  The schedule must be online; every ``T`` is recorded
-            (``records``, ``records_log`` and ``gap`` are validate's, not used here).
+            (``DEFAULT_STEPS``; one run per ``(η, B)`` is recorded at each), 128 trials,
+            orders 1..3 and Krylov ranks ``(128, 32)``.  The schedule must be online;
+            every ``T`` is recorded (``records``, ``records_log`` and ``gap`` are
+            validate's, not used here).
             Above ``max_hessian_parameters`` the quadratic model (gradient flow, SDE,
             Lyapunov, stationary) is projected on the Krylov subspace (needs
             ``resummed``); ``krylov_higher_rank`` ``k_3 ≤ k`` basis vectors carry the

@@ -6,7 +6,8 @@ every run starts (:class:`Origin`: checkpoint, pretraining), how SGD trains
 (:class:`Training`: the schedule, ``N``, ``E``, the recorded steps), the :class:`Grid` of
 learning rates ``η``, batch sizes ``B`` and step counts ``T``, the number of ``trials``,
 the ``seed``, the ``device``, what is measured and predicted (:class:`Measurement`: the
-orders, re-summation, the Krylov ranks) and the :class:`Budget` of the SGD trials.
+orders, re-summation, the Krylov ranks, the learning curve) and the :class:`Budget` of the
+SGD trials.
 :func:`perturb.validate` and :func:`perturb.compare` run one (their keyword options are
 its fields), ``perturb validate|compare`` build one from their options, and the results
 file of a run holds it whole (``"experiment"``), so the run can be repeated exactly:
@@ -15,13 +16,14 @@ change one field.
 
 Every field has a flat name (``trials``, ``lrs``, ``population``...; the leaf names of all
 groups differ), used by :meth:`Experiment.replace`, :meth:`Experiment.with_settings` and
-:meth:`Experiment.options`.  A field left ``None`` in :class:`Grid`, ``trials`` and
-``orders`` takes the command's default (validate: ``η ∈ {0.002, 0.005, 0.01, 0.02,
-0.05}``, ``T = 100``, ``B = 1``, 256 trials, orders 0..3; compare: ``η ∈ {0.005, 0.02}``,
-``B ∈ {1, 4}``, ``T ∈ {25, 50, 100}``, 128 trials, orders 1..3); a results file holds the
-values the run used.  Every field is checked when the experiment is made, with an
-``X must be …, got Y`` message; whether the fields fit together (a training-set size for
-an online schedule) is the command's to check.
+:meth:`Experiment.options`.  A field left ``None`` in :class:`Grid`, ``trials``,
+``orders`` and the Krylov ranks takes the command's default (validate: ``η ∈ {0.002,
+0.005, 0.01, 0.02, 0.05}``, ``T = 100``, ``B = 1``, 256 trials, orders 0..3; compare:
+``η ∈ {0.005, 0.02}``, ``B ∈ {1, 4}``, ``T ∈ {25, 50, 100}``, 128 trials, orders 1..3;
+both Krylov ranks ``(k, k_3) = (128, 32)``, :func:`perturb.plan` ``(64, 16)``); a
+results file holds the values the run used.  Every field is checked when the experiment
+is made, with an ``X must be …, got Y`` message; whether the fields fit together (a
+training-set size for an online schedule) is the command's to check.
 
 This module imports neither torch nor sympy.  TOML files are read with :mod:`tomllib`
 (Python ≥ 3.11, else the ``tomli`` package if installed).
@@ -274,9 +276,13 @@ class Measurement:
         resummed: also the re-summed predictions (up to two and three edges).
         gap: also predict and simulate the generalization gap (validate).
         max_hessian_parameters: largest model whose quadratic model materializes ``H``.
-        krylov_rank: ``k``, the dimension of the Krylov subspace of ``H`` (≥ 2).
+        krylov_rank: ``k``, the dimension of the Krylov subspace of ``H`` (≥ 2;
+            ``None``: the command's default).
         krylov_higher_rank: ``k_3``, the basis vectors the third-order tensors are
-            projected on (≥ 1).
+            projected on (≥ 1; ``None``: the command's default).
+        curve: also the learning curve along the noiseless path and its baselines
+            (validate, online schedule: :mod:`perturb.experiments.validation_curve`).
+        curve_rank: ``k`` of the curve's Krylov subspace at each checkpoint (≥ 1).
 
     Example:
         >>> Measurement(orders=[0, 1]).orders
@@ -287,8 +293,10 @@ class Measurement:
     resummed: bool = True
     gap: bool = True
     max_hessian_parameters: int = 4000
-    krylov_rank: int = 128
-    krylov_higher_rank: int = 32
+    krylov_rank: int | None = None
+    krylov_higher_rank: int | None = None
+    curve: bool = False
+    curve_rank: int = 32
 
     def __post_init__(self) -> None:
         orders = _numbers(
@@ -299,8 +307,11 @@ class Measurement:
         _set(self, "gap", _flag("gap", self.gap))
         maximum = _integer("max_hessian_parameters", self.max_hessian_parameters, 0)
         _set(self, "max_hessian_parameters", maximum)
-        _set(self, "krylov_rank", _integer("krylov_rank", self.krylov_rank, 2))
-        _set(self, "krylov_higher_rank", _integer("krylov_higher_rank", self.krylov_higher_rank, 1))
+        _set(self, "krylov_rank", _integer("krylov_rank", self.krylov_rank, 2, optional=True))
+        higher = _integer("krylov_higher_rank", self.krylov_higher_rank, 1, optional=True)
+        _set(self, "krylov_higher_rank", higher)
+        _set(self, "curve", _flag("curve", self.curve))
+        _set(self, "curve_rank", _integer("curve_rank", self.curve_rank, 1))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -348,8 +359,8 @@ class Experiment:
     ``schedule``, ``train_size``, ``epochs``, ``shuffle``, ``records``, ``records_log``
     (:class:`Training`); ``lrs``, ``batch_sizes``, ``steps`` (:class:`Grid`);
     ``orders``, ``resummed``, ``gap``, ``max_hessian_parameters``, ``krylov_rank``,
-    ``krylov_higher_rank`` (:class:`Measurement`); ``max_memory``, ``force``
-    (:class:`Budget`); ``model``, ``trials``, ``seed``, ``device``.
+    ``krylov_higher_rank``, ``curve``, ``curve_rank`` (:class:`Measurement`);
+    ``max_memory``, ``force`` (:class:`Budget`); ``model``, ``trials``, ``seed``, ``device``.
 
     Attributes:
         model: ``"smooth-convnet"``, ``"mlp"`` or ``"pkg.module:factory"`` (a network

@@ -8,15 +8,16 @@ rule :func:`perturb.numeric.trust.trust_mask` that ``Statistics.trust`` and
 single sample whose step overshoots (``ηλ_max(H_i)/B >`` :data:`OVERSHOOT`) once it is
 expected to be drawn, and an estimate at most a tenth of the change it predicts or at most
 the resolution of the run's ``trials`` (the predicted spread of SGD's loss,
-:func:`perturb.numeric.validity.loss_spread`, as a 95% half-width).  None of it looks at the SGD
-runs; :func:`judge` then compares with them: per predictor the fraction of trusted
-rows within ``error_estimate`` plus the interval's half-width (the calibration), the
-fraction of rows off by more than 10 half-widths that it called untrusted,
-"trusted up to ηT ≈ …", the largest ``ηt`` below the first untrusted one, and the
-largest ``ηt`` up to which it actually stays within 2 half-widths at every row.  A row is
-compared whenever its trials give a mean and an interval: it is left out only where every
-trial blew up (non-finite), so a learning rate whose runs climb over a bump and come back
-stays in the calibration.
+:func:`perturb.numeric.validity.loss_spread`, as a 95% half-width; for the predictors that
+follow the noiseless path, :mod:`perturb.experiments.validation_curve`, the spread the
+learning curve predicts along it).  None of it looks at the SGD runs; :func:`judge` then
+compares with them: per predictor the fraction of trusted rows within ``error_estimate``
+plus the interval's half-width (the calibration), the fraction of rows off by more than 10
+half-widths that it called untrusted, "trusted up to ηT ≈ …", the largest ``ηt`` below
+the first untrusted one, and the largest ``ηt`` up to which it actually stays within 2
+half-widths at every row.  A row is compared whenever its trials give a mean and an
+interval: it is left out only where every trial blew up (non-finite), so a learning rate
+whose runs climb over a bump and come back stays in the calibration.
 
 Example:
     >>> from types import SimpleNamespace
@@ -74,6 +75,7 @@ def judge(
     *,
     start_loss: float,
     key: Callable[[dict], Hashable] = by_steps,
+    resolutions: dict | None = None,
 ) -> None:
     """Add ``error_estimate`` and ``trusted`` to every prediction of ``result.rows``.
 
@@ -90,6 +92,9 @@ def judge(
         start_loss: ``l(θ_0)``.
         key: a row's key in ``estimates`` and ``motion`` (default its step; a
             comparison's rows are keyed by ``(batch_size, steps)``).
+        resolutions: ``{name: {key: (L,) resolutions}}``: for these predictors the
+            resolution is read from here instead of ``motion`` (the learning curve's,
+            from its own predicted spread along the path; default none).
     """
     lrs = [float(lr) for lr in result.config["lrs"]]
     radius = float(result.config.get("curvature_radius", math.inf))
@@ -115,14 +120,16 @@ def judge(
         spread = where.get("loss_spread") if where is not None else None
         row["validity"]["resolution"] = math.nan if res is None else float(res[li])
         row["validity"]["loss_spread"] = math.nan if spread is None else float(spread[li])
+        read = 0.0 if res is None else float(np.nan_to_num(res[li]))
         for name, entry in row["predictions"].items():
             by_step = estimates.get(name, {})
             est = float(np.asarray(by_step[s])[li]) if s in by_step else math.inf
             entry["error_estimate"] = est
+            own = (resolutions or {}).get(name, {})
             entry["trusted"] = bool(
                 trust_mask(
                     np.array([est]), np.array([entry["value"]]), start_loss=start_loss,
-                    resolution=0.0 if res is None else float(np.nan_to_num(res[li])),
+                    resolution=float(np.asarray(own[s])[li]) if s in own else read,
                     unstable=bool(entry["unstable"]), excess=excess, overshoot=kick,
                     overshoot_draws=draws,
                 )[0]

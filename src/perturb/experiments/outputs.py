@@ -81,8 +81,10 @@ VALIDATION_FILES = (
     "error_vs_eta_t.png",
     "gap.csv",
     "gap_vs_lr.png",
+    "curve.png",
 )
-"""Every file :func:`perturb.validate` can write (``gap*`` only with the gap)."""
+"""Every file :func:`perturb.validate` can write (``gap*`` only with the gap, ``curve.png``
+only with the learning curve)."""
 COMPARISON_FILES = ("compare.json", "compare.csv", "compare.png")
 """Every file :func:`perturb.compare` writes."""
 

@@ -1,14 +1,15 @@
 """Choose ``η`` and ``B`` from a checkpoint before running anything, and prove the choice.
 
 :func:`plan` measures once at the start ``θ_0`` (exact over the population, with the
-Krylov subspace of ``H``) and the samples' top curvatures, then, for every ``(η, B)`` of
-a grid and every horizon, predicts the test loss with its error estimate and the one
-trust rule's verdict, draws the instability boundary and recommends the best trusted
-configuration (:mod:`perturb.experiments.plan_grid`).  Beside it are what the usual
-tools would pick: the gradient noise scale (``B_simple``, the critical batch and its
-optimal step; no run) and the learning-rate range test (one short real run per batch
-size, :mod:`perturb.experiments.range_test`).  With ``check`` it runs real SGD at every
-grid point and at those picks and scores them (:mod:`perturb.experiments.plan_check`).
+Krylov subspace of ``H``, by default of the ranks :data:`DEFAULT_KRYLOV_RANKS`) and the
+samples' top curvatures, then, for every ``(η, B)`` of a grid and every horizon,
+predicts the test loss with its error estimate and the one trust rule's verdict, draws
+the instability boundary and recommends the best trusted configuration
+(:mod:`perturb.experiments.plan_grid`).  Beside it are what the usual tools would pick:
+the gradient noise scale (``B_simple``, the critical batch and its optimal step; no run)
+and the learning-rate range test (one short real run per batch size,
+:mod:`perturb.experiments.range_test`).  With ``check`` it runs real SGD at every grid
+point and at those picks and scores them (:mod:`perturb.experiments.plan_check`).
 
 The experiment (data, model, start, schedule, grid, trials, seed, device, Krylov ranks)
 is an :class:`~perturb.experiments.experiment.Experiment`, the one :func:`perturb.validate`
@@ -63,6 +64,7 @@ from perturb.numeric.stability import per_sample_top_curvatures
 
 __all__ = [
     "DEFAULT_BATCH_SIZES",
+    "DEFAULT_KRYLOV_RANKS",
     "DEFAULT_STEPS",
     "DEFAULT_TRIALS",
     "PlanSettings",
@@ -76,6 +78,13 @@ DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 """Batch sizes of a plan given none: the powers of two up to 64."""
 DEFAULT_TRIALS = 128
 """SGD trials per grid point of a check (and the runs the trust rule's resolution is for)."""
+DEFAULT_KRYLOV_RANKS = (64, 16)
+"""A plan's Krylov ranks ``(k, k_3)`` where its experiment leaves them ``None``
+(validate's and compare's are ``(128, 32)``): the three-edge tensors on ``k_3`` vectors
+take ``k_3(k_3 + 1)/2`` directions, 136 instead of 528.  On the digits starts of
+docs/planning.md ("Krylov ranks and cost") the plan recommends the same point and trusts
+the same points, within their error estimates, as at ``(128, 32)``, for a third to half
+of the cost; at ``(32, 8)`` it trusts points far off."""
 
 
 def _budgets(name: str, value: Any, *, integer: bool) -> tuple[float, ...] | None:
@@ -221,7 +230,9 @@ def plan(
             schedule (``online`` or ``epochs``), grid (``lrs``, ``batch_sizes``,
             ``steps``; defaults in the module notes), ``trials`` (default 128: the runs
             per grid point of the check, and the trust rule's resolution), seed, device
-            and Krylov ranks.
+            and Krylov ranks (``krylov_rank``, ``krylov_higher_rank``; each left
+            ``None`` takes its value in :data:`DEFAULT_KRYLOV_RANKS`, ``(64, 16)``).
+            ``plan.json`` holds the values used.
         settings: the plan's own settings (:class:`PlanSettings`; default: none of the
             budgets, no check).
         out: folder for ``plan.json``, ``plan.csv`` and ``plan.png``.
@@ -252,7 +263,9 @@ def plan(
         'horizon T = 20 (online; n = 16): predict'
     """
     experiment, network = experiment_of(experiment, options, command="plan")
-    e = experiment.with_defaults(trials=DEFAULT_TRIALS, batch_sizes=DEFAULT_BATCH_SIZES)
+    k, k3 = DEFAULT_KRYLOV_RANKS
+    e = experiment.with_defaults(trials=DEFAULT_TRIALS, batch_sizes=DEFAULT_BATCH_SIZES,
+                                 krylov_rank=k, krylov_higher_rank=k3)  # fmt: skip
     settings = PlanSettings() if settings is None else settings
     if not isinstance(settings, PlanSettings):
         raise TypeError(f"plan() takes PlanSettings, got {settings!r}")

@@ -30,6 +30,13 @@ Predictors, all from statistics at ``θ_0``:
 The SDE runs on the quadratic model projected on the same Krylov subspace (or, without
 re-summation, materialized, for models with a few thousand parameters).
 
+With ``curve`` (online only) three predictors that move with the weights join them
+(:mod:`perturb.experiments.validation_curve`): ``curve`` (the learning curve of
+:func:`perturb.numeric.curve.learning_curve`: the noise carried along the noiseless
+path, statistics re-measured on it), ``noiseless path`` (GD at the same ``η`` on the
+population) and ``SDE (path)`` (the SDE with statistics that follow the path);
+``results.json`` then holds the curve whole as ``"curve"``.
+
 Every run starts at the same ``θ_0``: the model's seeded initialization, or a
 checkpoint, optionally after full-batch gradient descent on the population
 (:func:`perturb.experiments.pipeline.start_point`); the loss and gradient norm there are
@@ -77,6 +84,7 @@ from perturb.experiments.predictors import (
     subspace_quadratic,
     track_resummed,
 )
+from perturb.experiments.validation_curve import check_curve_schedule, curve_predictions
 from perturb.experiments.validation_result import ValidationResult, write_outputs
 from perturb.numeric.distributed import is_main
 from perturb.numeric.intervals import mean_interval
@@ -101,7 +109,13 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULTS", "DEFAULT_LRS", "ValidationResult", "validate", "write_outputs"]
 
 DEFAULT_LRS = (0.002, 0.005, 0.01, 0.02, 0.05)
-DEFAULTS = {"lrs": DEFAULT_LRS, "trials": 256, "orders": (0, 1, 2, 3)}
+DEFAULTS = {
+    "lrs": DEFAULT_LRS,
+    "trials": 256,
+    "orders": (0, 1, 2, 3),
+    "krylov_rank": 128,
+    "krylov_higher_rank": 32,
+}
 """The fields an experiment may leave to validate, and validate's values for them."""
 NOISELESS = "noiseless"
 """The noiseless predictor's name: the diagrams without gradient noise (no ``C`` terms)."""
@@ -144,8 +158,9 @@ def validate(
         experiment: what to run (:class:`~perturb.experiments.experiment.Experiment`;
             default ``Experiment()``).  Left to validate: the learning rates (default
             ``DEFAULT_LRS``), ``T = 100`` (online, gd), ``B = 1`` (online, epochs),
-            ``E = 1``, 256 trials and orders 0..3.  One schedule runs: at most one
-            batch size and one step count.  ``result.experiment`` holds the values used.
+            ``E = 1``, 256 trials, orders 0..3 and Krylov ranks ``(128, 32)``.  One
+            schedule runs: at most one batch size and one step count.
+            ``result.experiment`` holds the values used.
         out: folder for ``results.json`` (the experiment whole, as ``"experiment"``),
             ``results.csv``, ``gap.csv`` and PNG plots.
         progress: show progress bars.
@@ -158,7 +173,9 @@ def validate(
             ``seed``, ``device``, ``max_hessian_parameters`` (without ``resummed``, the
             largest model whose ``H`` the SDE materializes; with it the SDE runs on the
             Krylov subspace), ``krylov_rank``, ``krylov_higher_rank`` (the third-order
-            tensors of "resummed 3" and GD's "resummed 2"), ``max_memory``, ``force``;
+            tensors of "resummed 3" and GD's "resummed 2"), ``curve`` (online only: add
+            "curve", "noiseless path" and "SDE (path)"), ``curve_rank``, ``max_memory``,
+            ``force``;
             ``model`` may also be a network (an ``nn.Module``), recorded by class name.
 
     Returns:
@@ -167,8 +184,8 @@ def validate(
     Raises:
         TypeError: an option that is no field of the experiment.
         ValueError: bad sizes, several batch sizes or step counts, options the
-            schedule does not take, a missing ``train_size``, or pretraining that
-            diverged.
+            schedule does not take, a missing ``train_size``, ``curve`` with a schedule
+            other than online, or pretraining that diverged.
         FileNotFoundError: a ``checkpoint`` that does not exist.
         perturb.errors.ModelSpecError: a checkpoint that is no state dict of ``model``.
         perturb.data.DataError: unknown dataset, missing or corrupt files.
@@ -209,6 +226,8 @@ def _validate(
         epochs=run.epochs,
         shuffle=run.shuffle,
     )
+    if measured.curve:
+        check_curve_schedule(run.schedule)
     schedule, seed, device, trials = run.schedule, e.seed, e.device, e.trials
     orders, resummed, gap, lrs = measured.orders, measured.resummed, measured.gap, grid.lrs
     population, max_memory, force = e.data.population, e.budget.max_memory, e.budget.force
@@ -294,10 +313,20 @@ def _validate(
         predictions, estimates, motion = _predict(
             stats, sde_model, full, record_steps, lrs, orders, config
         )
+    curve = None
+    if measured.curve:
+        with timed(timings, "curve_s"):
+            curve = curve_predictions(setup, full, record_steps, lrs, rank=measured.curve_rank,
+                                      trials=trials, device=device)  # fmt: skip
+        predictions.update(curve.values)
+        estimates.update(curve.estimates)
 
     result = ValidationResult(config=config, timings=timings, experiment=e)
     _compare(result, trials_out, predictions, lrs, record_steps, start_loss=start.loss)
-    judge(result, estimates, motion, start_loss=start.loss)
+    judge(result, estimates, motion, start_loss=start.loss,
+          resolutions=None if curve is None else curve.resolutions)  # fmt: skip
+    if curve is not None:
+        result.curve = curve.curve.to_dict(trials)
     if gap:
         result.gap = _gap_rows(trials_out, stats, full, lrs, resummed, start_loss=start.loss)
     if out is not None and is_main():  # under torchrun only rank 0 writes

@@ -26,6 +26,7 @@ from perturb.experiments.experiment import Experiment
 from perturb.experiments.judging import trial_lines, validity_lines
 from perturb.experiments.pipeline import Start, json_ready
 from perturb.experiments.predictors import LADDER, krylov_description, ladder_description
+from perturb.experiments.validation_curve import CURVE, curve_description
 
 __all__ = ["ValidationResult", "write_outputs"]
 
@@ -69,8 +70,12 @@ class ValidationResult:
             ``calibration`` (the fraction of trusted rows within ``error_estimate``
             plus the half-width), ``far_off_rows`` and ``far_off_untrusted``.
         timings: seconds spent starting, measuring (the diagrams and the Krylov
-            subspace), simulating, materializing ``H`` for the SDE (``hessian_s``) and
-            evaluating every predictor (``predict_s``).
+            subspace), simulating, materializing ``H`` for the SDE (``hessian_s``),
+            evaluating every predictor (``predict_s``) and, with the curve, running it
+            (``curve_s``).
+        curve: the learning curve
+            (:meth:`~perturb.numeric.curve.LearningCurve.to_dict` at the run's trials),
+            when the experiment asked for it (``None`` otherwise).
         experiment: the experiment that ran, with the values it used for the fields it
             left to the command (``None`` when built by hand).
     """
@@ -81,6 +86,7 @@ class ValidationResult:
     gap: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     validity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    curve: dict[str, Any] | None = None
     experiment: Experiment | None = None
 
     @property
@@ -142,6 +148,8 @@ class ValidationResult:
                 f"so K^T = (I − ηH)^T grows by up to e^{info['growth']:.3g} (max ηT·|h_min|): "
                 "not a long-run prediction"
             )
+        if self.curve is not None:
+            lines += [f"{CURVE:>17}: {line}" for line in curve_description(self.curve, self.config)]
         if self.gap:
             lines += [
                 "",
@@ -168,8 +176,10 @@ class ValidationResult:
 
     def to_json(self) -> str:
         """The whole result as strict JSON (``NaN`` and infinities become ``null``); the
-        experiment, when known, as ``"experiment"`` (:meth:`Experiment.to_dict`)."""
+        experiment, when known, as ``"experiment"`` (:meth:`Experiment.to_dict`), and the
+        learning curve, when there is one, as ``"curve"``."""
         known = {} if self.experiment is None else {"experiment": self.experiment.to_dict()}
+        curve = {} if self.curve is None else {"curve": self.curve}
         return json.dumps(
             json_ready(
                 {
@@ -180,6 +190,7 @@ class ValidationResult:
                     "gap": self.gap,
                     "timings": self.timings,
                     "validity": self.validity,
+                    **curve,
                 }
             ),
             indent=2,
@@ -208,7 +219,8 @@ def _actual(row: dict[str, Any], config: dict[str, Any]) -> str:
 
 
 def write_outputs(result: ValidationResult, out: Path) -> list[Path]:
-    """Write ``results.json``, ``results.csv``, ``gap.csv`` and the plots into ``out``.
+    """Write ``results.json``, ``results.csv``, ``gap.csv`` and the plots (``curve.png``
+    with the learning curve) into ``out``.
 
     Returns:
         The paths written.
@@ -298,7 +310,41 @@ def write_outputs(result: ValidationResult, out: Path) -> list[Path]:
     plt.close(fig)
     if result.gap:
         paths += _write_gap(result, out, plt)
+    if result.curve is not None:
+        paths.append(_write_curve(result, out, plt))
     return paths
+
+
+def _write_curve(result: ValidationResult, out: Path, plt) -> Path:
+    """``curve.png``: per learning rate, the SGD mean with its 95% band against ``ηt``, the
+    learning curve with its error estimate as a band, the noiseless path and the SDE."""
+    lrs = sorted({r["lr"] for r in result.rows})
+    fig, axes = plt.subplots(1, len(lrs), figsize=(4.5 * len(lrs), 3.6), squeeze=False)
+    for ax, lr in zip(axes[0], lrs, strict=True):
+        rows = sorted((r for r in result.rows if r["lr"] == lr), key=lambda r: r["steps"])
+        x = np.array([r["eta_t"] for r in rows])
+        ax.fill_between(
+            x, [r["ci_low"] for r in rows], [r["ci_high"] for r in rows], color="0.7",
+            label="SGD mean, 95% CI",
+        )  # fmt: skip
+        value = np.array([_shown(r["predictions"]["curve"], "value") for r in rows])
+        band = np.array([r["predictions"]["curve"]["error_estimate"] for r in rows])
+        band = np.where(np.isfinite(band), band, np.nan)
+        ax.plot(x, value, "C0-", label="curve")
+        ax.fill_between(x, value - band, value + band, color="C0", alpha=0.2, lw=0,
+                        label="curve ± error estimate")  # fmt: skip
+        for name, style in (("noiseless path", "C1--"), ("SDE (path)", "C2:")):
+            ax.plot(x, [_shown(r["predictions"][name], "value") for r in rows], style, label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("ηt")
+        ax.set_title(f"η = {lr:g}", fontsize=9)
+    axes[0][0].set_ylabel("test loss")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "curve.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _shown(entry: dict[str, Any], key: str) -> float:
