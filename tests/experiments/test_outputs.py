@@ -208,9 +208,15 @@ def test_ctrl_c_while_files_move_in_is_held_until_all_are_in(tmp_path, monkeypat
         real(src, dst)
 
     monkeypatch.setattr(outputs.os, "replace", replace)
-    with pytest.raises(KeyboardInterrupt), staged(out, known=KNOWN) as folder:
-        for name in ("results.json", "results.csv"):
-            (folder / name).write_text(name)
+    # Ctrl-C as in a terminal, whatever this worker process inherited (a pytest-xdist
+    # worker may have SIGINT ignored, and then nothing is to be raised)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), staged(out, known=KNOWN) as folder:
+            for name in ("results.json", "results.csv"):
+                (folder / name).write_text(name)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert sorted(moved) == ["results.csv", "results.json"]
     assert _tree(out) == {"results.csv": b"results.csv", "results.json": b"results.json"}
 

@@ -615,9 +615,17 @@ def test_outputs_written_when_every_trial_diverged(tmp_path, tiny):
     assert diverged in result.table()
 
 
-# GD (-m slow): the twin of online here and of tests/numeric/test_resummed_measure.py's gd-2
-@pytest.mark.parametrize("schedule", ["online", pytest.param("gd", marks=pytest.mark.slow)])
-def test_full_rank_krylov_equals_the_materialized_quadratic_model(schedule):
+# The default run pools the digits to 1×1 (P = 20); -m slow to 2×2 (P = 50), online and
+# GD (the twin of online here and of tests/numeric/test_resummed_measure.py's gd-2)
+@pytest.mark.parametrize(
+    ("schedule", "pool"),
+    [
+        ("online", 8),
+        pytest.param("online", 4, marks=pytest.mark.slow),
+        pytest.param("gd", 4, marks=pytest.mark.slow),
+    ],
+)
+def test_full_rank_krylov_equals_the_materialized_quadratic_model(schedule, pool):
     """At ``krylov_rank ≥ P`` the subspace spans everything: "resummed 2" and "resummed 3"
     equal perturb.predict's eigendecomposition of materialized tensors (float64, same
     population and θ_0), and the SDE on the projected model equals the SDE on the
@@ -629,9 +637,11 @@ def test_full_rank_krylov_equals_the_materialized_quadratic_model(schedule):
     from perturb.experiments.simulation import model_loss
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(  # 8×8 digits pooled to 2×2, softmax regression: P = 50
-        torch.nn.AvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(4, 10)
+    features = (8 // pool) ** 2
+    model = torch.nn.Sequential(  # 8×8 digits pooled to 1×1 or 2×2, softmax regression
+        torch.nn.AvgPool2d(pool), torch.nn.Flatten(), torch.nn.Linear(features, 10)
     )
+    p = 10 * features + 10  # P = 20 or 50
     sizes = dict(steps=6) if schedule == "online" else dict(train_size=8, steps=6)
     common = dict(
         model=model, lrs=(0.05, 0.2), schedule=schedule, trials=4, population=12,
@@ -639,7 +649,7 @@ def test_full_rank_krylov_equals_the_materialized_quadratic_model(schedule):
     )  # fmt: skip
     krylov = validate(**common, krylov_rank=10**6, krylov_higher_rank=10**6)
     info = krylov.config["resummed_krylov"]
-    assert info["rank"] == info["higher_rank"] == info["parameters"] == 50
+    assert info["rank"] == info["higher_rank"] == info["parameters"] == p
     setup = build(model, load_population("digits", population=12, seed=2), seed=2)
     loss_fn, theta = model_loss(setup.net)
     x, y = setup.x.double(), setup.y

@@ -380,7 +380,7 @@ def test_bench_estimators_runs_on_cpu(capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     # one thread: the bench's default 2 oversubscribe a busy machine (and an xdist worker)
-    args = ["--width", "2", "--rows", "1040", "--steps", "5", "--seeds", "1", "--target"]
+    args = ["--width", "1", "--rows", "1040", "--steps", "5", "--seeds", "1", "--target"]
     bench.main([*args, "--threads", "1"])
     out = capsys.readouterr().out
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")]
