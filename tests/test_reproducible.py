@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -27,11 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from perturb.cli import cli
-from perturb.experiments.pipeline import build, load_population, pretrain
+from perturb.experiments.pipeline import build, load_population, one_thread, pretrain
 
 SMALL = [
     "--model", "mlp", "--population", "32", "--trials", "4", "--steps", "4", "--records", "2",
@@ -96,17 +94,6 @@ def two_threads(table, tmp_path_factory) -> tuple[str, dict]:
     return (tmp / "digest").read_text(), json.loads((tmp / "out" / "results.json").read_text())
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """One intra-op thread inside, the count restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _without_timings(value):
     if isinstance(value, dict):
         return {k: _without_timings(v) for k, v in value.items() if k != "timings"}
@@ -123,7 +110,7 @@ def _check_equal_but_the_timings(first: dict, second: dict) -> None:
 
 
 def test_pretrain_is_the_same_bit_for_bit_with_one_and_two_threads(two_threads) -> None:
-    with _one_thread():
+    with one_thread():
         data = load_population("digits", population=32, seed=0)
         after = pretrain(build("smooth-convnet", data, seed=0), steps=20, lr=0.3)
     here = hashlib.sha256(after.theta0.numpy().tobytes()).hexdigest()
@@ -133,7 +120,7 @@ def test_pretrain_is_the_same_bit_for_bit_with_one_and_two_threads(two_threads) 
 def test_validate_gives_the_same_results_with_one_and_two_threads(
     table, tmp_path, two_threads
 ) -> None:
-    with _one_thread():
+    with one_thread():
         args = _validate_args(table, tmp_path / "here")
         result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 from scipy import stats
 
@@ -188,18 +187,6 @@ def test_cli_reports_bad_dataset():
 # A tiny model keeps these fast: 16 points of 2×2 "images" in 3 classes (npz) and the
 # built-in mlp (259 parameters), so the Hessian, its eigendecomposition and the
 # per-sample Hessians of the re-summed GD series are cheap.
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("tiny") / "tiny.npz"
-    np.savez(
-        path,
-        x=(1.5 * rng.normal(size=(16, 2, 2))).astype(np.float32),
-        y=rng.integers(0, 3, 16),
-    )
-    return f"npz:{path}"
 
 
 SCHEDULES = {

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -22,19 +21,6 @@ from perturb.numeric.validity import MEAN_SQUARE_EXCESS
 SEED = 2
 LRS = (0.003, 0.01)
 STEPS, BATCH = 6, 2
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """16 points of 2×2 "images" in 3 classes and the built-in mlp (259 parameters)."""
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("tiny") / "tiny.npz"
-    np.savez(
-        path,
-        x=(1.5 * rng.normal(size=(16, 2, 2))).astype(np.float32),
-        y=rng.integers(0, 3, 16),
-    )
-    return f"npz:{path}"
 
 
 OPTIONS = dict(lrs=LRS, steps=STEPS, batch_size=BATCH, trials=16, records=3, population=16)
