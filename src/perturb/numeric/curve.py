@@ -54,13 +54,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.func import jvp
 
 from perturb.checks import check_int, check_positive
 from perturb.numeric.adapters import Objective, objective
+from perturb.numeric.derivatives import vmap_rows
 from perturb.numeric.krylov import krylov_subspace
 from perturb.numeric.path_noise import NoiseState, SdeState, Segment, segment_from
-from perturb.numeric.row_passes import row_chunks
+from perturb.numeric.row_passes import per_sample_projected, row_chunks
 from perturb.numeric.trust import resolution, trust_mask
 
 __all__ = ["CurveSettings", "LearningCurve", "checkpoint_steps", "learning_curve"]
@@ -231,8 +231,9 @@ def _value_and_gradient(
 def _segment(obj: Objective, theta: torch.Tensor, settings: CurveSettings, cost: dict) -> Segment:
     """Measure the statistics at ``θ`` (see the module notes)."""
     rank = min(settings.rank, obj.size)
+    at = replace(obj, theta0=theta.detach())
     sub = krylov_subspace(
-        replace(obj, theta0=theta.detach()),
+        at,
         None,
         rank=rank,
         order=3,
@@ -251,40 +252,16 @@ def _segment(obj: Objective, theta: torch.Tensor, settings: CurveSettings, cost:
         + 2 * c["per_sample_hvps"] / n
         + 3 * c["mean_higher_derivatives"]
     )
-    cost["checkpoints"] += 4  # the per-sample third derivatives along one direction
-    return segment_from(
-        theta,
-        sub.basis,
-        sub.hessian,
-        sub.derivs[1],
-        sub.derivs.get(2),
-        sub.means.get(3),
-        _per_sample_third(obj, theta, sub, chunk=settings.chunk_size or 256),
+    seg = segment_from(
+        theta, sub.basis, sub.hessian, sub.derivs[1], sub.derivs.get(2), sub.means.get(3)
     )
-
-
-def _per_sample_third(obj: Objective, theta: torch.Tensor, sub: Any, *, chunk: int) -> float:
-    """``(E_i J_i[u,u,u]²)^{1/2}`` along the top Ritz vector ``u``: how fast the per-sample
-    curvatures change along the direction of largest curvature (a mean ``J`` averages
-    their changes away)."""
-    lam, vec = torch.linalg.eigh((sub.hessian + sub.hessian.T) / 2)
-    top = int(torch.argmax(lam.abs()))
-    u = (sub.basis @ vec[:, top].to(sub.basis.dtype)).detach()
-    third = []
-    for s in row_chunks(obj.n, chunk):
-        rows = tuple(r[s] for r in obj.rows)
-
-        def f(t, rows=rows):
-            return obj.batch(t, *rows)
-
-        def d1(t, f=f):
-            return jvp(f, (t,), (u,))[1]
-
-        def d2(t, d1=d1):
-            return jvp(d1, (t,), (u,))[1]
-
-        third.append(jvp(d2, (theta,), (u,))[1].detach().to("cpu", torch.float64))
-    return float(torch.cat(third).pow(2).mean().sqrt())
+    cost["checkpoints"] += 4  # the per-sample third derivatives along one direction
+    u = torch.as_tensor(seg.top, dtype=sub.basis.dtype, device=sub.basis.device)
+    top = (sub.basis @ u).detach()
+    chunk = settings.chunk_size or vmap_rows(obj.size, itemsize=theta.element_size(), order=3)
+    third = per_sample_projected(at, top[:, None], (top, top), chunk)  # J_i[u, u, u]
+    rms = float(third.detach().to("cpu", torch.float64).pow(2).mean().sqrt())
+    return replace(seg, top_third=rms)
 
 
 def learning_curve(
@@ -389,6 +366,8 @@ def learning_curve(
                 seg, half = new, new_half
             value, gradient = _value_and_gradient(obj, theta, chunk)
             cost["path"] += 1
+            if settings.sde:  # the flow's value here and Heun's first stage
+                flow_value, g1 = _value_and_gradient(obj, flow_theta, chunk)
             m = seg.project(theta - seg.theta)
             if t == recorded[col]:
                 g = seg.project(gradient)
@@ -406,7 +385,7 @@ def learning_curve(
                 spread[i, :, col] = sigma
                 estimate[i, :, col] = rank_part + own + state.dropped
                 if settings.sde:
-                    flow[i, col] = _value_and_gradient(obj, flow_theta, chunk)[0]
+                    flow[i, col] = flow_value
                     sde[i, :, col] = flow[i, col] + diffusion.loss(seg, m)
                 col += 1
             if t == horizon:
@@ -416,7 +395,6 @@ def learning_curve(
                 small.step(half, m[: half.rank])
             if settings.sde:
                 diffusion.step(seg, m)
-                _, g1 = _value_and_gradient(obj, flow_theta, chunk)
                 _, g2 = _value_and_gradient(obj, flow_theta - eta * g1, chunk)
                 flow_theta = flow_theta - 0.5 * eta * (g1 + g2)
                 cost["flow"] += 2

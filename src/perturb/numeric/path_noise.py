@@ -58,6 +58,7 @@ class Segment:
         kick: ``q`` with ``vec(E[A S A]) = q vec(S)`` on the ``k_3`` block, ``(k_3², k_3²)``.
         third: ``J``, ``(k_3, k_3, k_3)`` (zeros when not measured).
         top: ``u``, the top Ritz vector of ``QᵀHQ`` (``(k,)``, unit).
+        curvature: ``‖H‖``, its Ritz value's magnitude.
         top_third: ``(E_i J_i[u,u,u]²)^{1/2}``, the per-sample third derivatives along ``u``
             (``0``: not measured).
     """
@@ -70,6 +71,7 @@ class Segment:
     kick: np.ndarray
     third: np.ndarray
     top: np.ndarray
+    curvature: float
     top_third: float
 
     @property
@@ -97,6 +99,7 @@ class Segment:
             kick=kick,
             third=self.third[:k3, :k3, :k3],
             top=self.top[:rank],
+            curvature=self.curvature,
             top_third=self.top_third,
         )
 
@@ -116,7 +119,7 @@ class Segment:
 
         The recursion is the first term in ``r``."""
         k3 = self.higher_rank
-        scale = float(np.abs(np.linalg.eigvalsh((self.hess + self.hess.T) / 2)).max())
+        scale = self.curvature
         noise = float(self.top @ self.cov @ self.top)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             mean = np.einsum("abc,abd,...cd->...", self.third, self.third, cov[..., :k3, :k3])
@@ -182,6 +185,7 @@ def segment_from(
         kick=np.einsum("iab,icd->acbd", a, a).reshape(k3 * k3, k3 * k3) / n,
         third=j,
         top=vec[:, int(np.argmax(np.abs(lam)))],
+        curvature=float(np.abs(lam).max()),
         top_third=float(top_third),
     )
 
