@@ -721,6 +721,7 @@ def validate_command(**options: Any) -> None:
 @_orders_option("1 2 3")
 @click.option("--resummed/--no-resummed", default=True, show_default=True)
 @krylov_options()
+@curve_option
 @seed_option
 @_population_option
 @start_options

@@ -486,7 +486,8 @@ def krylov_options(*, defaults: tuple[int, int] = (128, 32)) -> Decorator:
 
 
 def curve_option(command: Callable[..., Any]) -> Callable[..., Any]:
-    """``--curve``: also the learning curve along the noiseless path (validate, online).
+    """``--curve``: also the learning curve along the noiseless path (validate, compare;
+    online).
 
     Example:
         >>> @click.command()

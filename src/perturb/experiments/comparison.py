@@ -39,6 +39,11 @@ are Ritz values, which lie inside ``H``'s spectrum: a negative one proves ``H``
 indefinite, but positive ones do not prove it positive definite, so ``stationary`` is
 then the stationary law of SGD restricted to the subspace.
 
+With ``curve`` (``perturb compare --curve``) one learning curve for the whole grid adds
+``curve``, ``noiseless path`` and ``SDE (path)``, the predictors that follow the weights
+(:mod:`perturb.experiments.validation_curve`, as in :func:`perturb.validate`), and
+``compare.json`` holds the curve whole as ``"curve"``.
+
 Each prediction gets the validity estimate of :func:`perturb.validate`
 (:mod:`perturb.experiments.judging`): an ``error_estimate`` from the theory (the
 series' and re-summed diagrams' truncation estimates; for the theories on the quadratic
@@ -102,6 +107,14 @@ from perturb.experiments.predictors import (
     series_with_estimates,
     subspace_quadratic,
     track_resummed,
+)
+from perturb.experiments.validation_curve import (
+    CURVE,
+    CURVE_PREDICTORS,
+    check_curve_budget,
+    check_curve_schedule,
+    curve_description,
+    curve_grid_predictions,
 )
 from perturb.numeric.predictions import UNSTABLE_GROWTH
 from perturb.numeric.stability import per_sample_top_curvatures
@@ -169,14 +182,17 @@ class Comparison:
             ``k/2`` difference, the projected quadratic model), warnings (unstable
             directions), and why it is ``nan`` where it is, or not available at all.
         timings: seconds spent starting, measuring (the diagrams and the Krylov
-            subspace), simulating, building the quadratic model (``hessian_s``) and
-            predicting.
+            subspace), simulating, building the quadratic model (``hessian_s``),
+            predicting and, with the curve, running it (``curve_s``).
         validity: per predictor ``trusted_up_to`` (ηT), ``within_2ci_up_to``,
             ``trusted_rows``, ``calibration`` (the fraction of trusted rows within
             ``error_estimate`` plus the half-width), ``far_off_rows`` and
             ``far_off_untrusted`` (:mod:`perturb.experiments.judging`).
         experiment: the experiment that ran, with the values it used for the fields it
             left to :func:`compare` (``None`` when built by hand).
+        curve: the learning curve
+            (:meth:`~perturb.numeric.curve.LearningCurve.to_dict` at the run's trials),
+            when ``curve`` was on.
     """
 
     config: dict[str, Any]
@@ -186,6 +202,7 @@ class Comparison:
     timings: dict[str, float] = field(default_factory=dict)
     validity: dict[str, dict[str, Any]] = field(default_factory=dict)
     experiment: Experiment | None = None
+    curve: dict[str, Any] | None = None
 
     def table(self) -> str:
         """One plain-text table: a line per ``(η, B, T)``, a column per predictor."""
@@ -205,15 +222,18 @@ class Comparison:
         lines += ["", "(error) = (prediction − SGD mean) / CI half-width; |error| > 1: outside."]
         lines += trial_lines(self.rows, self.config["trials"], self.config.get("loss_limit"))
         lines += [f"{name}: {why}" for name, why in self.notes.items()]
+        if self.curve is not None:
+            lines += [f"{CURVE}: {line}" for line in curve_description(self.curve, self.config)]
         if self.validity:
             lines += ["", "validity estimate (from the statistics at θ_0, before any run):"]
             lines += validity_lines(self.validity)
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: the experiment (when known), config, predictors, rows, notes, timings
-        and validity (``nan`` → ``None``)."""
+        """JSON-ready: the experiment (when known), config, predictors, rows, notes, timings,
+        validity and the learning curve when there is one (``nan`` → ``None``)."""
         known = {} if self.experiment is None else {"experiment": self.experiment.to_dict()}
+        curve = {} if self.curve is None else {"curve": self.curve}
         return json_ready(
             {
                 **known,
@@ -223,6 +243,7 @@ class Comparison:
                 "notes": self.notes,
                 "timings": self.timings,
                 "validity": self.validity,
+                **curve,
             }
         )
 
@@ -353,7 +374,8 @@ def compare(
             default ``Experiment()``).  Left to compare: ``lrs`` (default
             ``DEFAULT_LRS``), ``batch_sizes`` (``DEFAULT_BATCH_SIZES``), ``steps``
             (``DEFAULT_STEPS``; one run per ``(η, B)`` is recorded at each), 128 trials,
-            orders 1..3 and Krylov ranks ``(128, 32)``.  The schedule must be online;
+            orders 1..3 and Krylov ranks ``(128, 32)``.  ``curve`` adds the learning
+            curve's three predictors (rank ``curve_rank``).  The schedule must be online;
             every ``T`` is recorded (``records``, ``records_log`` and ``gap`` are
             validate's, not used here).
             Above ``max_hessian_parameters`` the quadratic model (gradient flow, SDE,
@@ -396,6 +418,8 @@ def compare(
     """
     experiment, network = experiment_of(experiment, options, command="compare")
     run = experiment.training
+    if experiment.measurement.curve:
+        check_curve_schedule(run.schedule)
     if (run.schedule, run.train_size, run.epochs, run.shuffle) != ("online", None, None, False):
         raise ValueError(
             "compare runs online SGD: the schedule must be online, with no train_size, "
@@ -456,6 +480,9 @@ def _compare(
         setup, [Online(steps=max(steps), batch_size=b) for b in batch_sizes], lrs=lrs,
         trials=trials, record=steps, device=device, max_memory=max_memory, force=force,
     )  # fmt: skip
+    if measured.curve:
+        check_curve_budget(setup, lrs=lrs, steps=max(steps), rank=measured.curve_rank,
+                           device=device, max_memory=max_memory, force=force)  # fmt: skip
 
     with timed(timings, "measure_s"):
         stats = measure_at_start(
@@ -486,6 +513,11 @@ def _compare(
             for i, b in enumerate(batch_sizes)
         }
     config["loss_limit"] = runs[batch_sizes[0]].limits()
+    curve = None
+    if measured.curve:
+        with timed(timings, "curve_s"):
+            curve = curve_grid_predictions(setup, lrs, batch_sizes, steps, device=device,
+                                           rank=measured.curve_rank, trials=trials)  # fmt: skip
 
     notes: dict[str, str] = {}
     with timed(timings, "hessian_s"):
@@ -499,6 +531,7 @@ def _compare(
         predictors = [f"order {d}" for d in orders] + (list(RESUMMED) if do_resum else [])
         predictors += [LADDER] if do_ladder else []
         predictors += list(QUADRATIC) if quad is not None else []
+        predictors += list(CURVE_PREDICTORS) if curve is not None else []
         result = Comparison(
             config=config, predictors=predictors, notes=notes, timings=timings, experiment=e
         )
@@ -530,6 +563,8 @@ def _compare(
                     values["stationary"] = _stationary(
                         quad, lr=lr, batch_size=b, h_min=h_min, h_max=h_max
                     )
+                for name, by_key in {} if curve is None else curve.values.items():
+                    values[name] = float(by_key[(b, s)][li])
                 mean, half = float(means[li, column[s]]), float(halves[li, column[s]])
                 rows.append(
                     {
@@ -573,7 +608,11 @@ def _compare(
                 _note(result.notes, "stationary", why)
         result.rows.sort(key=lambda r: (r["lr"], r["batch_size"], r["steps"]))
         config["curvature_radius"] = radius
-        judge(result, estimates, motion, start_loss=start.loss, key=_key)
+        if curve is not None:  # the curve carries the ladder: no rung added
+            estimates.update(curve.estimates)
+            result.curve = curve.curve.to_dict(trials)
+        judge(result, estimates, motion, start_loss=start.loss, key=_key,
+              resolutions=None if curve is None else curve.resolutions)  # fmt: skip
         place = {name: i for i, name in enumerate([*RESUMMED, LADDER, *QUADRATIC])}
         result.notes = dict(sorted(notes.items(), key=lambda item: place[item[0]]))
     if out is not None:

@@ -281,7 +281,8 @@ class Measurement:
         krylov_higher_rank: ``k_3``, the basis vectors the third-order tensors are
             projected on (≥ 1; ``None``: the command's default).
         curve: also the learning curve along the noiseless path and its baselines
-            (validate, online schedule: :mod:`perturb.experiments.validation_curve`).
+            (validate and compare, online schedule:
+            :mod:`perturb.experiments.validation_curve`).
         curve_rank: ``k`` of the curve's Krylov subspace at each checkpoint (≥ 1).
 
     Example:

@@ -84,7 +84,11 @@ from perturb.experiments.predictors import (
     subspace_quadratic,
     track_resummed,
 )
-from perturb.experiments.validation_curve import check_curve_schedule, curve_predictions
+from perturb.experiments.validation_curve import (
+    check_curve_budget,
+    check_curve_schedule,
+    curve_predictions,
+)
 from perturb.experiments.validation_result import ValidationResult, write_outputs
 from perturb.numeric.distributed import is_main
 from perturb.numeric.intervals import mean_interval
@@ -275,6 +279,9 @@ def _validate(
 
     check_trials_budget(setup, [full], lrs=lrs, trials=trials, record=record_steps,
                         device=device, max_memory=max_memory, force=force)  # fmt: skip
+    if measured.curve:
+        check_curve_budget(setup, lrs=lrs, steps=max(record_steps), rank=measured.curve_rank,
+                           device=device, max_memory=max_memory, force=force)  # fmt: skip
     cuts = [cut(full, s) for s in record_steps]
     with timed(timings, "measure_s"):
         stats = measure_at_start(

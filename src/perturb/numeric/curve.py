@@ -72,7 +72,9 @@ class CurveSettings:
 
     Attributes:
         rank: ``k``, the Krylov subspace at each checkpoint.
-        higher_rank: ``k_3 ≤ k``, the per-sample Hessians and third derivative's rank.
+        higher_rank: ``k_3 ≤ k``, the per-sample Hessians and third derivative's rank
+            (16: from a fresh initialization the third derivative's pull needs it, 8 left a
+            third of the noise's effect out; docs/curves.md).
         probes: random combinations of centred per-sample gradients in the Krylov start.
         first: ``ηt`` of the first checkpoint after ``t = 0``.
         per_decade: checkpoints a decade of ``ηt`` after the first.
@@ -82,11 +84,11 @@ class CurveSettings:
 
     Example:
         >>> CurveSettings(rank=16).higher_rank
-        8
+        16
     """
 
     rank: int = 32
-    higher_rank: int = 8
+    higher_rank: int = 16
     probes: int = 4
     first: float = 0.1
     per_decade: int = 4

@@ -15,8 +15,10 @@ records it (:attr:`Prediction.unstable`, :attr:`Prediction.growth`).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
@@ -124,6 +126,8 @@ class Prediction:
             :data:`UNSTABLE_GROWTH`; an :class:`UnstableDirectionWarning` was issued.
         growth: :func:`growth`, ``log`` of the largest factor by which ``K^T`` grows
             (``≈ ηT|h_min|`` for a small negative ``h_min``; 0 when stable).
+        assessor: ``assessor(lr)`` returns :attr:`trust` at ``lr`` (set by
+            :func:`perturb.predict`; ``None``: no trust, :attr:`trust` is ``None``).
 
     Example:
         >>> pred = Prediction("test", lr=0.1, values=(0.5, -0.15), coefficients=(0.5, -1.5))
@@ -142,6 +146,16 @@ class Prediction:
     cost: Mapping[str, float] | None = None
     unstable: bool = False
     growth: float = 0.0
+    assessor: Callable[[float], Any] | None = field(default=None, repr=False, compare=False)
+
+    @cached_property
+    def trust(self) -> Any:
+        """How far this prediction can be trusted, before any run: a :class:`perturb.Trust`
+        (``error_estimate``, ``trusted``, ``trusted_steps``, ``trusted_eta_t``, arrays of
+        one entry, at :attr:`lr`), computed on first access by :attr:`assessor`
+        (:func:`perturb.predict` documents how, and where it is ``None``).
+        """
+        return None if self.assessor is None else self.assessor(self.lr)
 
     @property
     def error(self) -> list | None:
@@ -168,7 +182,8 @@ class Prediction:
         return _plain(sum(self.values))
 
     def at(self, lr: float) -> Prediction:
-        """The same un-resummed prediction at another learning rate (no re-evaluation).
+        """The same un-resummed prediction at another learning rate (no re-evaluation; its
+        :attr:`trust`, where it has one, is assessed at ``lr`` when read).
 
         ``lr`` is a positive finite number or zero (the series at ``η = 0`` is its zeroth
         order, the loss at ``θ_0``).
@@ -183,6 +198,7 @@ class Prediction:
             values=values,
             series=self.series,
             coefficients=self.coefficients,
+            assessor=self.assessor,
         )
 
 
