@@ -458,6 +458,27 @@ def test_predict_resummed_at_full_rank_is_the_eigendecomposition(model, paramete
         assert 0 < rung < estimate <= abs(want.by_order[3]) + rung + 1e-6
 
 
+def test_predict_resummed_order_2_reads_the_three_edge_terms_as_compare_does():
+    """``--resummed --order 2`` measures through 3 edges for its estimate (issue 25 item 4:
+    the CLI's estimate was the 2-edge continuation alone, a fraction of compare's): the
+    Hessian ladder is there and equals the order-3 run's, and the estimate covers the
+    3-edge contribution that order 3 adds."""
+    base = ["predict", "--model", "tests.test_cli:pooled_softmax_1x1", "--steps", "20"]
+    base += ["--samples", "12", "--exact", "--format", "json", "--resummed"]
+    base += ["--krylov-rank", "4096", "--krylov-higher-rank", "4096", "--lr", "0.05", "0.2"]
+    got = {}
+    for order in ("2", "3"):
+        result = run(*base, "--order", order)
+        assert result.exit_code == 0, result.output
+        got[order] = json.loads(result.stdout[result.stdout.index("{") :])
+    assert got["2"]["hessian_ladder"] is not None
+    np.testing.assert_allclose(got["2"]["hessian_ladder"], got["3"]["hessian_ladder"], rtol=1e-6)
+    for two, three, estimate in zip(
+        got["2"]["total"], got["3"]["total"], got["2"]["error_estimate"], strict=True
+    ):
+        assert estimate >= abs(three - two) > 0
+
+
 def pooled_softmax(input_shape, num_classes, seed):
     """A 50-parameter model for the CLI tests: 8×8 digits pooled to 2×2, then softmax."""
     import torch

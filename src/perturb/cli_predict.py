@@ -114,6 +114,7 @@ def run_predict(
     from perturb.experiments.models import build_model, load_checkpoint
     from perturb.experiments.pipeline import is_unstable, json_ready
     from perturb.numeric.measuring import measure
+    from perturb.numeric.prediction import TRUST_ORDER
     from perturb.numeric.stability import per_sample_top_curvatures
     from perturb.numeric.statistics import check_schedule_sizes
     from perturb.numeric.trust import BLOW_UP
@@ -146,7 +147,7 @@ def run_predict(
     stats = measure(
         model,
         (data.x.to(device), data.y.to(device)),
-        order=order,
+        order=max(order, TRUST_ORDER) if resummed else order,  # the estimate reads 3 edges
         schedules=[schedule],
         quantities=(quantity,),
         exact=exact,

@@ -7,22 +7,39 @@
 ``exact=True`` the expectations are exact averages over the population's rows, computed
 in float64 from materialized derivative tensors (:mod:`perturb.reference.tensors`), which
 suits models with a few dozen parameters.
+
+Every prediction carries its trust (:attr:`Prediction.trust`), assessed when first read
+by the one computation ``Statistics.trust``, ``perturb predict``, ``validate`` and
+``compare`` use (:func:`perturb.numeric.trust.assess`), on the population's statistics
+measured exactly through order ``max(d, TRUST_ORDER)``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
+import numpy as np
 import torch
 
-from perturb.checks import check_lr, check_order
+from perturb.checks import check_int, check_lr, check_order
 from perturb.numeric.population import Population
 from perturb.numeric.predictions import UNSTABLE_GROWTH, Prediction, warn_if_unstable
 from perturb.numeric.resummation import resummed_by_quantity
 from perturb.symbolic.schedules import Schedule
 from perturb.symbolic.series import QUANTITIES, series
 
-__all__ = ["METHODS", "Population", "Prediction", "predict"]
+__all__ = ["METHODS", "TRUST_HIGHER_RANK", "TRUST_ORDER", "Population", "Prediction", "predict"]
 
 METHODS = ("eigh", "lanczos")
+TRUST_ORDER = 3
+"""The statistics behind an order-``d`` prediction's trust are measured through order
+``max(d, TRUST_ORDER)`` (edges, re-summed): what ``validate`` and ``compare`` measure by
+default, so the error estimate reads the same measured terms beyond ``d`` as theirs."""
+TRUST_HIGHER_RANK = 32
+"""Re-summed, the per-sample Hessians and third derivatives behind a prediction's trust are
+projected on at most this many Krylov vectors (``perturb predict``'s and ``compare``'s
+default ``--krylov-higher-rank``): on ``m`` of them the mean-square check's dense map has
+``(m(m+1)/2)²`` entries (:func:`perturb.numeric.stability.mean_square_rate`)."""
 
 
 def predict(
@@ -40,6 +57,7 @@ def predict(
     rank: int | None = None,
     probes: int = 8,
     seed: int = 0,
+    trials: int = 1,
 ) -> Prediction:
     """Predict SGD's expected ``quantity`` after ``schedule`` from ``θ_0``.
 
@@ -67,6 +85,8 @@ def predict(
         rank: the subspace dimension ``k`` (``method="lanczos"`` only, required there).
         probes: random centred-gradient combinations in the starting block (Lanczos).
         seed: seed of the probes (Lanczos).
+        trials: the number of SGD runs whose mean the prediction will be read against,
+            for its :attr:`~Prediction.trust` (``1``: one run, as ``Statistics.trust``).
 
     Returns:
         A :class:`Prediction`; ``by_order[d]`` is the ``η^d`` contribution.  A re-summed
@@ -75,6 +95,32 @@ def predict(
         log of the factor by which ``K^T`` grows, and warns
         (:class:`~perturb.numeric.predictions.UnstableDirectionWarning`).
 
+        Its :attr:`~Prediction.trust`, computed when first read, is
+        :meth:`perturb.Statistics.trust` (:func:`perturb.numeric.trust.assess`, the
+        computation of ``perturb predict``, ``validate`` and ``compare``) of this
+        population's statistics measured exactly (:func:`perturb.measure` with
+        ``exact=True``) through order ``max(order, TRUST_ORDER)``, so that its error
+        estimate reads the terms measured beyond ``order``, as ``compare``'s do for its
+        default orders.  Re-summed, the statistics are in a Krylov subspace of rank ``P``
+        (the whole space: the eigendecomposition's values; ``method="lanczos"``: the same
+        rank-``rank`` subspace), the per-sample Hessians and third derivatives on its
+        first ``min(rank, TRUST_HIGHER_RANK)`` vectors (so with more than 32 parameters,
+        or a Lanczos rank above 32, its value may differ from :attr:`~Prediction.total`
+        by what the 3-edge diagrams lose on 32 vectors).  The overshoot check reads
+        every sample's ``λ_max(H_i)``: exact from the materialized per-sample Hessians
+        (Lanczos: by power iteration,
+        :func:`perturb.numeric.stability.per_sample_top_curvatures`).  The trust is
+        ``None`` for ``quantity="displacement"`` (a vector: the rule judges a scalar
+        loss) and with ``integral=True`` (the estimate is of the exact sums over steps,
+        not of Remark 2's integrals).
+
+    Raises:
+        TypeError, ValueError: bad arguments (``trials`` below one included), checked
+            here; reading :attr:`~Prediction.trust` may raise what
+            :func:`perturb.measure` raises (a
+            :class:`~perturb.errors.BudgetError` for statistics estimated over a minute
+            of work).
+
     Example:
         >>> import torch
         >>> from perturb.symbolic.schedules import Online
@@ -82,6 +128,8 @@ def predict(
         >>> p = predict(pop, torch.zeros(2), Online(steps=2, batch_size=1), lr=0.1, order=2)
         >>> round(p.total, 6)
         0.42
+        >>> p.trust.trusted, p.trust.trusted_steps
+        (array([ True]), array([2]))
     """
     if not isinstance(population, Population):
         raise TypeError(f"population must be a Population, got {type(population).__name__}")
@@ -113,7 +161,13 @@ def predict(
         )
     lr = check_lr(lr)
     order = check_order(order)
+    trials = check_int("trials", trials, minimum=1)
     theta0 = torch.as_tensor(theta0, dtype=torch.float64)
+    assessor = _Assessor(
+        population=population, theta0=theta0, schedule=schedule, order=order,
+        quantity=quantity, resummed=resummed, integral=integral,
+        rank=rank if method == "lanczos" else None, probes=probes, seed=seed, trials=trials,
+    )  # fmt: skip
     if method == "lanczos":
         from perturb.numeric.krylov import krylov_subspace
 
@@ -128,8 +182,10 @@ def predict(
             probes=probes,
             seed=seed,
         )
-        return subspace.predict(schedule, lr=lr, quantity=quantity, order=order, integral=integral)
+        pred = subspace.predict(schedule, lr=lr, quantity=quantity, order=order, integral=integral)
+        return replace(pred, assessor=assessor)
     derivs = population.derivatives(theta0, max(order, 2))
+    assessor = replace(assessor, hessians=derivs[2])
     if resummed:
         eigh = torch.linalg.eigh(derivs[2].mean(0))
         growth = warn_if_unstable(eigh[0], lr, int(schedule.steps), integral=integral, stacklevel=3)
@@ -144,8 +200,57 @@ def predict(
             resummed=True,
             unstable=growth > UNSTABLE_GROWTH,
             growth=growth,
+            assessor=assessor,
         )
     s = series(order, schedule, quantity)
     coefficients = tuple(s.evaluate(derivs, lr=1))
     values = tuple(c * lr**d for d, c in enumerate(coefficients))
-    return Prediction(quantity=quantity, lr=lr, values=values, series=s, coefficients=coefficients)
+    return Prediction(
+        quantity=quantity, lr=lr, values=values, series=s, coefficients=coefficients,
+        assessor=assessor,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Assessor:
+    """What :attr:`Prediction.trust` is assessed from: the prediction's population, point
+    and options (:func:`predict` documents the computation); called with the rate."""
+
+    population: Population
+    theta0: torch.Tensor
+    schedule: Schedule
+    order: int
+    quantity: str
+    resummed: bool
+    integral: bool
+    rank: int | None  # Lanczos: the subspace's rank; None: the whole space
+    probes: int
+    seed: int
+    trials: int
+    hessians: torch.Tensor | None = None  # the materialized H_i, (n, P, P)
+
+    def __call__(self, lr: float):
+        if self.quantity == "displacement" or self.integral:
+            return None
+        from perturb.numeric.measuring import measure
+        from perturb.numeric.stability import per_sample_top_curvatures
+
+        top = max(self.order, TRUST_ORDER)
+        krylov = {}
+        if self.resummed:
+            rank = int(self.theta0.numel()) if self.rank is None else self.rank
+            krylov = {"resummed": True, "rank": rank, "probes": self.probes,
+                      "higher_rank": min(rank, TRUST_HIGHER_RANK)}  # fmt: skip
+        stats = measure(
+            self.population, None, self.theta0, order=top, schedules=[self.schedule],
+            quantities=(self.quantity,), exact=True, seed=self.seed, progress=False, **krylov,
+        )  # fmt: skip
+        if self.hessians is None:
+            _, curvatures = per_sample_top_curvatures(self.population, None, self.theta0)
+        else:
+            curvatures = torch.linalg.eigvalsh(self.hessians)[:, -1].cpu().numpy()
+        return stats.trust(
+            self.schedule, lr=[lr], quantity=self.quantity, order=self.order,
+            resummed=self.resummed, trials=self.trials,
+            sample_curvatures=np.asarray(curvatures, dtype=float),
+        )  # fmt: skip
