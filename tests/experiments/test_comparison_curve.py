@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from curve_runs import assert_only_the_curve_added
 
 from perturb.cli import cli
 from perturb.experiments.comparison import compare
@@ -101,22 +102,14 @@ def test_the_plain_run_is_left_as_it_was(runs):
     plain_dict = json.loads(json.dumps(plain.to_dict()))
     assert "curve" not in plain_dict and "curve_s" not in plain_dict["timings"]
     assert plain_dict["predictors"] + list(CURVE_PREDICTORS) == curved["predictors"]
-    for a, b in zip(plain_dict["rows"], curved["rows"], strict=True):
-        extra = {k: v for k, v in b["predictions"].items() if k not in CURVE_PREDICTORS}
-        assert a["predictions"] == extra
-        assert {k: v for k, v in a.items() if k != "predictions"} == {
-            k: v for k, v in b.items() if k != "predictions"
-        }
-    assert {k: v for k, v in curved["validity"].items() if k not in CURVE_PREDICTORS} == (
-        plain_dict["validity"]
-    )
+    assert_only_the_curve_added(plain_dict, curved)
     assert "curve:" not in plain.table()
 
 
 def test_the_columns_are_one_learning_curve_for_the_whole_grid(runs, tiny):
     """compare's three columns are :func:`learning_curve` called once on the population
     and ``θ_0`` compare runs from, at every η, B and T, with the curve's settings at rank
-    ``curve_rank`` (``k_3 = min(8, k)``), in float64."""
+    ``curve_rank`` (``k_3 = min(16, k)``, the default), in float64."""
     (curved, _, _), _ = runs
     setup = build("mlp", load_population(tiny, population=POPULATION, seed=SEED), seed=SEED)
     direct = learning_curve(

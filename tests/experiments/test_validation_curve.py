@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from curve_runs import assert_only_the_curve_added
 
 from perturb.cli import cli
 from perturb.experiments.data import load_dataset
@@ -82,15 +83,7 @@ def test_the_default_run_is_left_as_it_was(runs):
     was (values, estimates, verdicts), and its validity summary too."""
     (plain, _), (curved, _) = runs
     assert len(plain["rows"]) == len(curved["rows"]) == 6
-    for a, b in zip(plain["rows"], curved["rows"], strict=True):
-        extra = {k: v for k, v in b["predictions"].items() if k not in CURVE_PREDICTORS}
-        assert a["predictions"] == extra
-        assert {k: v for k, v in a.items() if k != "predictions"} == {
-            k: v for k, v in b.items() if k != "predictions"
-        }
-    assert {k: v for k, v in curved["validity"].items() if k not in CURVE_PREDICTORS} == (
-        plain["validity"]
-    )
+    assert_only_the_curve_added(plain, curved)
 
 
 def test_the_curve_verdict_is_the_curves_own_rule_where_the_start_checks_are_quiet(runs):

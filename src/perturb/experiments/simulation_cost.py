@@ -213,20 +213,39 @@ def check_trials(
         ...
         perturb.errors.BudgetError: the SGD trials would take 10 runs ... pass --force ...
     """
+    _refuse(
+        "the SGD trials", estimate, max_memory, force,
+        slower="use fewer --trials, --steps or --epochs, or pass --force (force=True) to run "
+        "them anyway",
+        larger="use fewer --trials, or pass --force (force=True)",
+    )  # fmt: skip
+
+
+def _refuse(
+    what: str,
+    estimate: TrialsEstimate | CurveEstimate,
+    max_memory: float | None,
+    force: bool,
+    *,
+    slower: str,
+    larger: str,
+) -> None:
+    """Raise a :class:`~perturb.errors.BudgetError` naming ``what``, the estimate, the bound
+    it passes and the advice (``slower`` past :data:`TRIALS_BUDGET_SECONDS`, ``larger``
+    past ``max_memory``), unless ``force``; ``max_memory`` is checked either way."""
     max_memory = _bound(max_memory)
     if force:
         return
     if estimate.seconds > TRIALS_BUDGET_SECONDS:
         raise BudgetError(
-            f"the SGD trials would take {estimate.describe()}: over the "
-            f"{TRIALS_BUDGET_SECONDS:.0f} s budget; use fewer --trials, --steps or --epochs, "
-            "or pass --force (force=True) to run them anyway"
+            f"{what} would take {estimate.describe()}: over the "
+            f"{TRIALS_BUDGET_SECONDS:.0f} s budget; {slower}"
         )
     if estimate.memory_bytes > max_memory:
         raise BudgetError(
-            f"the SGD trials would take {estimate.describe()}: over the "
+            f"{what} would take {estimate.describe()}: over the "
             f"{_short(max_memory / 2**30)} GiB memory bound; raise --max-memory "
-            "(max_memory=bytes), use fewer --trials, or pass --force (force=True)"
+            f"(max_memory=bytes), {larger}"
         )
 
 
@@ -353,18 +372,9 @@ def check_curve(
         ...
         perturb.errors.BudgetError: the learning curve would take 1 path ... pass --force ...
     """
-    max_memory = _bound(max_memory)
-    if force:
-        return
-    if estimate.seconds > TRIALS_BUDGET_SECONDS:
-        raise BudgetError(
-            f"the learning curve would take {estimate.describe()}: over the "
-            f"{TRIALS_BUDGET_SECONDS:.0f} s budget; use fewer --steps or learning rates, a "
-            "lower curve_rank, or pass --force (force=True) to run it anyway"
-        )
-    if estimate.memory_bytes > max_memory:
-        raise BudgetError(
-            f"the learning curve would take {estimate.describe()}: over the "
-            f"{_short(max_memory / 2**30)} GiB memory bound; raise --max-memory "
-            "(max_memory=bytes), use a lower curve_rank, or pass --force (force=True)"
-        )
+    _refuse(
+        "the learning curve", estimate, max_memory, force,
+        slower="use fewer --steps or learning rates, a lower curve_rank, or pass --force "
+        "(force=True) to run it anyway",
+        larger="use a lower curve_rank, or pass --force (force=True)",
+    )  # fmt: skip
