@@ -416,9 +416,6 @@ def test_predict_resummed_at_full_rank_is_the_eigendecomposition(model, paramete
     import torch
 
     import perturb
-    from perturb.experiments.data import load_dataset
-    from perturb.experiments.models import build_model
-    from perturb.experiments.simulation import model_loss
 
     args = ["predict", "--model", "mlp", "--steps", "20", "--order", "3", "--samples", "12"]
     args += ["--exact", "--format", "json", "--resummed", "--krylov-rank", "4096"]
@@ -427,17 +424,7 @@ def test_predict_resummed_at_full_rank_is_the_eigendecomposition(model, paramete
     assert result.exit_code == 0, result.output
     got = json.loads(result.stdout[result.stdout.index("{") :])
     assert got["resummed"] and got["krylov_rank"] == parameters
-    data = load_dataset("digits", split="train").subset(12, seed=0)
-    net = build_model(f"tests.test_cli:{model}", data.input_shape, data.num_classes, seed=0)
-    loss_fn, theta = model_loss(net)
-    x, y = data.x.double(), data.y
-    rows = torch.cat([x.reshape(len(y), -1), y[:, None].double()], 1)
-
-    def row_loss(p, row):
-        return loss_fn(p, row[None, :-1].reshape(1, *x.shape[1:]), row[None, -1].long())[0]
-
-    pop = perturb.Population(row_loss, rows)
-    t0 = theta.detach().double()
+    pop, t0, row_loss, rows = _digits_population(model)
     per_h = torch.func.vmap(lambda r: torch.func.hessian(row_loss)(t0, r))(rows)
     per_g = torch.func.vmap(lambda r: torch.func.grad(row_loss)(t0, r))(rows)
     ladder = ladder_loss(per_h.mean(0), per_h, per_g.mean(0), per_g, lr=got["lr"], steps=20)
@@ -477,6 +464,53 @@ def test_predict_resummed_order_2_reads_the_three_edge_terms_as_compare_does():
         got["2"]["total"], got["3"]["total"], got["2"]["error_estimate"], strict=True
     ):
         assert estimate >= abs(three - two) > 0
+
+
+def _digits_population(model: str):
+    """The CLI tests' 12 digits rows as a float64 :class:`perturb.Population` for
+    ``tests.test_cli:<model>`` at its seed-0 initialization: ``(pop, θ_0, row_loss, rows)``."""
+    import torch
+
+    import perturb
+    from perturb.experiments.data import load_dataset
+    from perturb.experiments.models import build_model
+    from perturb.experiments.simulation import model_loss
+
+    data = load_dataset("digits", split="train").subset(12, seed=0)
+    net = build_model(f"tests.test_cli:{model}", data.input_shape, data.num_classes, seed=0)
+    loss_fn, theta = model_loss(net)
+    x, y = data.x.double(), data.y
+    rows = torch.cat([x.reshape(len(y), -1), y[:, None].double()], 1)
+
+    def row_loss(p, row):
+        return loss_fn(p, row[None, :-1].reshape(1, *x.shape[1:]), row[None, -1].long())[0]
+
+    return perturb.Population(row_loss, rows), theta.detach().double(), row_loss, rows
+
+
+def test_predict_series_order_2_reads_the_third_order_terms_as_perturb_predict_does():
+    """The un-resummed twin (issue 25 item 4): ``perturb predict --order 2`` measures
+    through η³ for its estimate, so it equals ``perturb.predict(..., order=2).trust``'s on
+    the same rows in float64 (before: the order-2 measurement alone, a different and
+    smaller estimate) and covers the η³ term that ``--order 3`` adds."""
+    import perturb
+
+    base = ["predict", "--model", "tests.test_cli:pooled_softmax_1x1", "--steps", "20"]
+    base += ["--samples", "12", "--exact", "--format", "json", "--lr", "0.05", "0.2"]
+    got = {}
+    for order in ("2", "3"):
+        result = run(*base, "--order", order)
+        assert result.exit_code == 0, result.output
+        got[order] = json.loads(result.stdout[result.stdout.index("{") :])
+    pop, t0, _, _ = _digits_population("pooled_softmax_1x1")
+    for lr, two, three, estimate in zip(
+        got["2"]["lr"], got["2"]["total"], got["3"]["total"], got["2"]["error_estimate"],
+        strict=True,
+    ):  # fmt: skip
+        assert estimate >= abs(three - two) > 0
+        want = perturb.predict(pop, t0, perturb.Online(steps=20, batch_size=1), lr=lr, order=2)
+        assert two == pytest.approx(want.total, rel=1e-5)
+        assert estimate == pytest.approx(want.trust.error_estimate, rel=1e-4)
 
 
 def pooled_softmax(input_shape, num_classes, seed):

@@ -147,7 +147,7 @@ def run_predict(
     stats = measure(
         model,
         (data.x.to(device), data.y.to(device)),
-        order=max(order, TRUST_ORDER) if resummed else order,  # the estimate reads 3 edges
+        order=max(order, TRUST_ORDER),  # the estimate reads the 3-edge (η³) terms
         schedules=[schedule],
         quantities=(quantity,),
         exact=exact,

@@ -35,8 +35,10 @@ learning rate ``T + 1`` for the path, ``2T`` for the SDE's gradient flow (with
 (:func:`~perturb.numeric.curve.checkpoint_steps`) the Krylov start ``1 + p`` (``p``
 probes), ``k`` Hessian-vector products (2 each), the ``n`` per-sample gradients (1), the
 ``n·k_3`` per-sample Hessian-vector products (``2k_3``), the ``k_3(k_3+1)/2`` mean
-third-derivative products (3 each) and the per-sample third derivative along one
-direction (4): the count is the run's own, to the gradient.  A full-batch gradient takes
+third-derivative products (3 each), the per-sample third derivative along one
+direction (4) and, when ``k < P``, the noise outside the subspaces (``5m``: ``m``
+:attr:`~perturb.numeric.curve.CurveSettings.outside_probes` weighted gradients and ``2m``
+Hessian-vector products): the count is the run's own, to the gradient.  A full-batch gradient takes
 ``2P(a + b n)`` (the trials' constants for a batch of ``n`` rows, twice for float64; a
 GPU 20 times faster) plus ``g`` a call of 256 rows, and every step of every learning rate
 ``h = 10⁻³ s`` more for the noise recursions (rank 32).  Timed on one CPU core beside
@@ -318,8 +320,8 @@ def estimate_curve(
         >>> from perturb.numeric.curve import CurveSettings
         >>> e = estimate_curve(parameters=259, rows=16, lrs=[0.1], steps=10,
         ...                    settings=CurveSettings(rank=8, higher_rank=4))
-        >>> e.checkpoints, e.gradients  # path 11, flow 20, 5 × (5 + 16 + 1 + 8 + 30 + 4)
-        (5, 351.0)
+        >>> e.checkpoints, e.gradients  # path 11, flow 20, 5 × (5 + 16 + 1 + 8 + 30 + 4 + 40)
+        (5, 551.0)
     """
     p = check_int("parameters", parameters, minimum=1)
     n = check_int("rows", rows, minimum=1)
@@ -330,6 +332,8 @@ def estimate_curve(
     k3 = min(settings.higher_rank, k)
     probes = min(settings.probes, max(k - 1, 0))
     per_checkpoint = (1 + probes) + 2 * k + 1 + 2 * k3 + 3 * k3 * (k3 + 1) / 2 + 4
+    if k < p:  # the noise outside the rank-k and rank-k/2 subspaces
+        per_checkpoint += 5 * settings.outside_probes
     marks = sum(
         len(checkpoint_steps(float(eta), max(steps, 1), first=settings.first,
                              per_decade=settings.per_decade))

@@ -16,20 +16,25 @@ The curve follows the *noiseless path* instead and carries the noise along it:
    covariance ``M`` of ``θ_t`` follow the exact second-moment recursion of online SGD
    about the path (:mod:`perturb.numeric.path_noise`): gradient noise, the per-sample
    Hessian ladder and mixed cumulant with the per-sample gradients moved along the path,
-   and the third derivative's pull on the mean.  The prediction is
-   ``l(θ̄_t) + g_t·δ + ½ tr(H_t (M + δδᵀ))``.
+   and the third derivative's pull on the mean.  The noise the subspace does not span
+   is carried apart, between two bounds over every curvature spectrum it could have
+   (:class:`~perturb.numeric.path_noise.OutsideNoise`, measured by
+   :func:`outside_noise`).  The prediction is
+   ``l(θ̄_t) + g_t·δ + ½ tr(H_t (M + δδᵀ))`` plus the midpoint of those bounds.
 
 On a quadratic population (any per-sample ``H_i`` and gradients, in any correlation) with
 a subspace that spans the path's Krylov space, this is SGD's exact expected loss at every
 ``t`` and ``B``.  One path serves every batch size.
 
 **Error estimate** (before any run): the subspace's ``k`` vs ``k/2`` difference of the
-noise term (nothing when the subspace is the whole space), plus the noise term continued
-geometrically, ``r/(1 − r)`` times it, with ``r`` the relative size of what a Gaussian,
-linearly moving noise leaves out (:meth:`~perturb.numeric.path_noise.Segment.nonlinearity`:
-the mean third derivative across the spread against ``‖H‖``, and the per-sample third
-derivatives along the top curvature direction against the gradient noise there), plus
-the loss the basis changes dropped.  **Trusted**
+noise term, outside share included (nothing when the subspace is the whole space), plus
+the outside share's half-width (its bounds' half-difference and its probes' standard
+error), plus the noise term continued geometrically, ``r/(1 − r)`` times it, with ``r``
+the relative size of what a Gaussian, linearly moving noise leaves out
+(:meth:`~perturb.numeric.path_noise.Segment.nonlinearity`: the mean third derivative
+across the spread against ``‖H‖``, and the per-sample third derivatives along the top
+curvature direction against the gradient noise there), plus the loss the basis changes
+dropped.  **Trusted**
 is :func:`perturb.numeric.trust.trust_mask` on it, with the resolution from the predicted
 spread of the loss across runs.
 
@@ -41,7 +46,9 @@ method, the linearized diffusion along it with the same statistics).
 learning rate for the path (``2T`` more for the SDE's flow), and per checkpoint ``k``
 Hessian-vector products, ``n`` per-sample gradients, ``n·k_3`` per-sample
 Hessian-vector products, ``k_3(k_3+1)/2`` third-derivative products and one per-sample
-third derivative along the top direction (counted as 4 gradients).
+third derivative along the top direction (counted as 4 gradients), and for the outside
+share, :attr:`CurveSettings.outside_probes` weighted gradients and twice as many
+Hessian-vector products (for ``k`` and ``k/2``).
 """
 
 from __future__ import annotations
@@ -54,16 +61,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.func import vmap
 
 from perturb.checks import check_int, check_positive
 from perturb.numeric.adapters import Objective, objective
-from perturb.numeric.derivatives import vmap_rows
+from perturb.numeric.derivatives import derivative, summed, vmap_rows
 from perturb.numeric.krylov import krylov_subspace
-from perturb.numeric.path_noise import NoiseState, SdeState, Segment, segment_from
-from perturb.numeric.row_passes import per_sample_projected, row_chunks
+from perturb.numeric.path_noise import (
+    NoiseState,
+    OutsideNoise,
+    SdeState,
+    Segment,
+    segment_from,
+)
+from perturb.numeric.row_passes import per_sample_projected, row_chunks, weighted_gradient
 from perturb.numeric.trust import resolution, trust_mask
 
-__all__ = ["CurveSettings", "LearningCurve", "checkpoint_steps", "learning_curve"]
+__all__ = ["CurveSettings", "LearningCurve", "checkpoint_steps", "learning_curve", "outside_noise"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +90,9 @@ class CurveSettings:
             (16: from a fresh initialization the third derivative's pull needs it, 8 left a
             third of the noise's effect out; docs/curves.md).
         probes: random combinations of centred per-sample gradients in the Krylov start.
+        outside_probes: fresh random combinations that measure the noise the subspace
+            leaves out (:class:`~perturb.numeric.path_noise.OutsideNoise`; ``0``: leave
+            it out of the prediction too).
         first: ``ηt`` of the first checkpoint after ``t = 0``.
         per_decade: checkpoints a decade of ``ηt`` after the first.
         sde: also run the path-following SDE (its gradient flow costs ``2T`` gradients).
@@ -90,6 +107,7 @@ class CurveSettings:
     rank: int = 32
     higher_rank: int = 16
     probes: int = 4
+    outside_probes: int = 8
     first: float = 0.1
     per_decade: int = 4
     sde: bool = True
@@ -100,6 +118,7 @@ class CurveSettings:
         check_int("rank", self.rank, minimum=1)
         check_int("higher_rank", self.higher_rank, minimum=1)
         check_int("probes", self.probes)
+        check_int("outside_probes", self.outside_probes)
         check_positive("first", self.first)
         check_int("per_decade", self.per_decade, minimum=1)
         if self.chunk_size is not None:
@@ -138,6 +157,8 @@ class LearningCurve:
         curve: the prediction, ``(L, N_B, S)``.
         error_estimate: its estimate, ``(L, N_B, S)``.
         spread: the predicted standard deviation of the loss across runs, ``(L, N_B, S)``.
+        outside: the share of ``curve`` from the noise the subspace leaves out,
+            ``(L, N_B, S)`` (:class:`~perturb.numeric.path_noise.OutsideNoise`).
         sde: the path-following SDE, ``(L, N_B, S)``, or ``None``.
         flow: ``l`` on the gradient-flow path, ``(L, S)``, or ``None``.
         checkpoints: the checkpoint steps per learning rate.
@@ -153,6 +174,7 @@ class LearningCurve:
     curve: np.ndarray
     error_estimate: np.ndarray
     spread: np.ndarray
+    outside: np.ndarray
     sde: np.ndarray | None
     flow: np.ndarray | None
     checkpoints: tuple[tuple[int, ...], ...]
@@ -204,6 +226,7 @@ class LearningCurve:
             "curve": nulls(clean(self.curve)),
             "error_estimate": nulls(clean(self.error_estimate)),
             "spread": nulls(clean(self.spread)),
+            "outside": nulls(clean(self.outside)),
             "sde": nulls(clean(self.sde)),
             "flow": nulls(clean(self.flow)),
             "trials": trials,
@@ -228,6 +251,55 @@ def _value_and_gradient(
             (g,) = torch.autograd.grad(part, point)
             total, value = total + g, value + float(part.detach())
     return value / obj.n, total / obj.n
+
+
+def outside_noise(
+    obj: Objective, bases: Sequence[torch.Tensor], *, probes: int, seed: int, chunk: int
+) -> list[tuple[float, float, float]]:
+    r"""What each basis ``Q`` leaves out of the gradient noise at ``obj.theta0``:
+    ``(a, b, se(b))`` with ``a = tr C − tr(QᵀCQ)`` and ``b = tr(H (C − ΠCΠ))``.
+
+    Each probe is a fresh centred combination ``s = n^{-1/2} Σ_i σ_i (∇l_i − ∇l)``
+    (Rademacher ``σ``, one weighted gradient), so ``E ssᵀ = C``; with ``r = s − Πs``,
+    ``E|r|² = a`` and ``E[rᵀHr + 2 (Πs)ᵀHr] = b`` (one Hessian-vector product a probe and
+    basis).  ``se(b)`` is the probes' standard error (``inf`` with one probe).
+
+    Example:
+        >>> from perturb.numeric.adapters import objective
+        >>> x = torch.tensor([[1.0, 2.0], [-1.0, -2.0], [1.0, -2.0], [-1.0, 2.0]],
+        ...                  dtype=torch.float64)          # C = diag(1, 4), H = I
+        >>> obj = objective(lambda p, x: (p * p).sum() / 2 + (x * p).sum(), x,
+        ...                 torch.zeros(2, dtype=torch.float64))
+        >>> q, whole = torch.tensor([[1.0], [0.0]], dtype=torch.float64), torch.eye(2).double()
+        >>> (a, b, se), rest = outside_noise(obj, [q, whole], probes=400, seed=0, chunk=4)
+        >>> round(a, 1), round(se, 2), a == b, rest   # E a = C_22 = 4; H = I: b = a
+        (3.7, 0.23, True, (0.0, 0.0, 0.0))
+    """
+    n, theta = obj.n, obj.theta0
+    vector = derivative(summed(obj.batch), vector=True)
+
+    def total(us: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        acc = torch.zeros_like(theta)
+        for s in row_chunks(n, chunk):
+            acc = acc + vector(theta, tuple(r[s] for r in obj.rows), us)
+        return acc
+
+    gen = torch.Generator().manual_seed(seed + 1)  # not the Krylov start's signs
+    combos = []
+    for _ in range(probes):
+        signs = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(theta.device, theta.dtype)
+        combos.append(weighted_gradient(obj, (signs - signs.mean()) / math.sqrt(n), chunk))
+    s = torch.stack(combos, dim=1)  # (P, probes)
+    out = []
+    for q in bases:
+        inside = q @ (q.T @ s)
+        rest = s - inside
+        hr = vmap(lambda u: total((u,)), in_dims=1)(rest).T / n
+        a = (rest * rest).sum(0).to("cpu", torch.float64)
+        b = (rest * hr + 2 * inside * hr).sum(0).to("cpu", torch.float64)
+        se = float(b.std() / math.sqrt(probes)) if probes > 1 else math.inf
+        out.append((float(a.mean()), float(b.mean()), se))
+    return out
 
 
 def _segment(obj: Objective, theta: torch.Tensor, settings: CurveSettings, cost: dict) -> Segment:
@@ -264,6 +336,22 @@ def _segment(obj: Objective, theta: torch.Tensor, settings: CurveSettings, cost:
     third = per_sample_projected(at, top[:, None], (top, top), chunk)  # J_i[u, u, u]
     rms = float(third.detach().to("cpu", torch.float64).pow(2).mean().sqrt())
     return replace(seg, top_third=rms)
+
+
+def _measured_outside(
+    obj: Objective, segs: tuple[Segment, Segment], settings: CurveSettings, chunk: int, cost: dict
+) -> tuple[Segment, Segment]:
+    """Both segments (rank ``k`` and ``k/2``) with what their bases leave out of the noise."""
+    at = replace(obj, theta0=segs[0].theta)
+    found = outside_noise(
+        at, [s.basis for s in segs], probes=settings.outside_probes, seed=settings.seed,
+        chunk=chunk,
+    )  # fmt: skip
+    cost["checkpoints"] += settings.outside_probes * (1 + 2 * len(segs))
+    return tuple(
+        replace(s, outside_trace=a, outside_curvature=b, outside_error=e)
+        for s, (a, b, e) in zip(segs, found, strict=True)
+    )
 
 
 def learning_curve(
@@ -339,6 +427,7 @@ def learning_curve(
     path = np.full(shape[::2], np.nan)
     flow = np.full(shape[::2], np.nan) if settings.sde else None
     curve, estimate, spread = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
+    outside = np.full(shape, np.nan)
     sde = np.full(shape, np.nan) if settings.sde else None
     cost = {"path": 0.0, "flow": 0.0, "checkpoints": 0.0}
     started = time.perf_counter()
@@ -357,9 +446,13 @@ def learning_curve(
             if t in marks:
                 new = _segment(obj, theta, settings, cost)
                 new_half = new.truncated(max(1, new.rank // 2), max(1, new.higher_rank // 2))
+                if settings.outside_probes and not whole_space:
+                    new, new_half = _measured_outside(obj, (new, new_half), settings, chunk, cost)
                 if seg is None:
                     state = NoiseState.start(new, lr=eta, batch_sizes=sizes)
                     small = NoiseState.start(new_half, lr=eta, batch_sizes=sizes)
+                    out = OutsideNoise.start(lr=eta, batch_sizes=sizes)
+                    small_out = OutsideNoise.start(lr=eta, batch_sizes=sizes)
                     diffusion = SdeState.start(new, lr=eta, batch_sizes=sizes)
                 else:
                     state.moved(seg, new)
@@ -377,15 +470,17 @@ def learning_curve(
                 ratio = seg.nonlinearity(state.cov)
                 with np.errstate(invalid="ignore", divide="ignore"):
                     own = np.abs(noise) * np.where(ratio < 1, ratio / (1 - ratio), np.inf)
-                rank_part = (
-                    0.0
-                    if whole_space
-                    else np.abs(noise - small.loss(half, m[: half.rank], g[: half.rank])[0])
-                )
+                rest, rest_error = out.loss(seg)
+                if whole_space:
+                    rank_part = 0.0
+                else:
+                    small_noise = small.loss(half, m[: half.rank], g[: half.rank])[0]
+                    rank_part = np.abs(noise + rest - small_noise - small_out.loss(half)[0])
                 path[i, col] = value
-                curve[i, :, col] = value + noise
+                curve[i, :, col] = value + noise + rest
+                outside[i, :, col] = rest
                 spread[i, :, col] = sigma
-                estimate[i, :, col] = rank_part + own + state.dropped
+                estimate[i, :, col] = rank_part + own + rest_error + state.dropped
                 if settings.sde:
                     flow[i, col] = flow_value
                     sde[i, :, col] = flow[i, col] + diffusion.loss(seg, m)
@@ -393,8 +488,10 @@ def learning_curve(
             if t == horizon:
                 break
             state.step(seg, m)
+            out.step(seg)
             if not whole_space:
                 small.step(half, m[: half.rank])
+                small_out.step(half)
             if settings.sde:
                 diffusion.step(seg, m)
                 _, g2 = _value_and_gradient(obj, flow_theta - eta * g1, chunk)
@@ -414,6 +511,7 @@ def learning_curve(
         curve=curve,
         error_estimate=estimate,
         spread=spread,
+        outside=outside,
         sde=sde,
         flow=flow,
         checkpoints=tuple(checkpoints),

@@ -23,6 +23,10 @@ from a non-zero ``M``): nothing is truncated but the subspace.  On other landsca
 terms it leaves out are the third and higher cumulants of ``x`` against ``J`` and the
 change of ``A_i``, ``ζ_i`` beyond linear order in ``m``.
 
+The noise the subspace does not span (``C − ΠCΠ``, ``Π = QQᵀ``) is carried apart,
+between the bounds on its loss over every curvature spectrum with the measured trace and
+mean curvature (:class:`OutsideNoise`).
+
 When the path reaches the next point ``θ̄_{s'}`` the state moves to its basis ``Q'``:
 ``δ ← Rδ``, ``M ← RMRᵀ``, ``R = Q'ᵀQ``; what ``Q'`` does not span is dropped and counted
 (:attr:`NoiseState.dropped`).
@@ -42,7 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["NoiseState", "SdeState", "Segment", "segment_from"]
+__all__ = ["NoiseState", "OutsideNoise", "SdeState", "Segment", "segment_from"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,6 +65,11 @@ class Segment:
         curvature: ``‖H‖``, its Ritz value's magnitude.
         top_third: ``(E_i J_i[u,u,u]²)^{1/2}``, the per-sample third derivatives along ``u``
             (``0``: not measured).
+        outside_trace: ``a = tr C − tr(QᵀCQ)``, the gradient noise ``Q`` does not span
+            (``0``: not measured; :class:`OutsideNoise`).
+        outside_curvature: ``b = tr(H (C − ΠCΠ))``, ``Π = QQᵀ``: the curvature that noise
+            feels, cross terms with ``Q`` included.
+        outside_error: the standard error of the estimate of ``b``.
     """
 
     theta: torch.Tensor
@@ -73,6 +82,9 @@ class Segment:
     top: np.ndarray
     curvature: float
     top_third: float
+    outside_trace: float = 0.0
+    outside_curvature: float = 0.0
+    outside_error: float = 0.0
 
     @property
     def rank(self) -> int:
@@ -284,6 +296,96 @@ class NoiseState:
             var = np.einsum("na,nab,nb->n", b, self.cov, b) + 0.5 * np.einsum("nab,nba->n", hm, hm)
             sigma = np.where(np.isfinite(var), np.sqrt(np.maximum(var, 0.0)), np.inf)
         return value, sigma
+
+
+@dataclass
+class OutsideNoise:
+    r"""The noise the subspace leaves out, between the bounds its trace and mean curvature
+    allow, at one ``η`` and several ``B``.
+
+    The recursion of :class:`NoiseState` injects ``(η²/B) QᵀCQ`` a step; the rest,
+    ``C − ΠCΠ`` (``Π = QQᵀ``), also spreads the weights and raises the loss by
+    ``½ tr(H M_out)``, ``M_out ← K M_out K + (η²/B)(C − ΠCΠ)``.  Two numbers of it are
+    measured at each checkpoint (:attr:`Segment.outside_trace` ``a`` and
+    :attr:`Segment.outside_curvature` ``b``, from random centred combinations of the
+    per-sample gradients with ``Π`` taken out), not its spectrum.  A mode of curvature
+    ``h`` and unit weight adds ``φ_t(h) = ½ h v_t(h)``, ``v ← (1 − ηh)² v + η² a/B``; over
+    every spectrum in ``[0, ‖H‖]`` with weight ``a`` and mean ``h̄ = b/a`` the loss lies
+    between ``a`` times the convex and the concave envelope of ``φ_t`` at ``h̄`` (a mean
+    of ``φ`` under a law of given mean is extreme on two points).  ``φ_t`` is carried on
+    :attr:`GRID` points of ``[0, ‖H‖]``; after one step it is linear and both bounds are
+    ``(η²/2B) b``.  The prediction is the bounds' midpoint, the estimate their
+    half-difference plus the midpoint's share of ``b``'s standard error.  The bounds are
+    exact (up to the grid) for frozen statistics, ``Q`` invariant under ``H`` and no
+    per-sample Hessians outside ``Q``.
+
+    Attributes:
+        lr: ``η``.
+        batch_sizes: the ``B``s, ``(N_B,)``.
+        modes: ``v_t`` at the grid's curvatures (fractions of the segment's ``‖H‖``),
+            ``(N_B, GRID)``.
+
+    Example:
+        >>> import dataclasses, torch
+        >>> q = torch.eye(1, dtype=torch.float64)
+        >>> gs = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+        >>> seg = segment_from(torch.zeros(1), q, q, gs, None, None)
+        >>> seg = dataclasses.replace(seg, outside_trace=2.0, outside_curvature=1.0)
+        >>> s = OutsideNoise.start(lr=0.5, batch_sizes=[1])
+        >>> s.step(seg); s.loss(seg)   # (η²/2B) b = 0.125 after one step, either bound
+        (array([0.125]), array([0.]))
+    """
+
+    GRID = 129
+
+    lr: float
+    batch_sizes: np.ndarray
+    modes: np.ndarray
+
+    @classmethod
+    def start(cls, *, lr: float, batch_sizes: Sequence[int]) -> OutsideNoise:
+        """No spread at the start."""
+        return cls(lr, np.asarray(batch_sizes, dtype=float), np.zeros((len(batch_sizes), cls.GRID)))
+
+    def _curvatures(self, seg: Segment) -> np.ndarray:
+        return np.linspace(0.0, seg.curvature, self.GRID)
+
+    def step(self, seg: Segment) -> None:
+        """One SGD step with the segment's ``a`` and ``‖H‖``."""
+        decay = (1 - self.lr * self._curvatures(seg)) ** 2
+        with np.errstate(over="ignore", invalid="ignore"):
+            kick = self.lr**2 * seg.outside_trace / self.batch_sizes
+            self.modes = decay * self.modes + kick[:, None]
+
+    def bounds(self, seg: Segment) -> tuple[np.ndarray, np.ndarray]:
+        """``(low, high)`` per ``B``: ``a`` times the convex and concave envelopes of the
+        per-unit-weight losses ``φ_t`` at ``h̄`` (both ``0`` with nothing outside)."""
+        a, top = seg.outside_trace, seg.curvature
+        zero = np.zeros(len(self.batch_sizes))
+        if a <= 0 or top <= 0:
+            return zero, zero
+        mean = float(np.clip(seg.outside_curvature / a, 0.0, top))
+        x = self._curvatures(seg)
+        with np.errstate(over="ignore", invalid="ignore"):
+            y = 0.5 * x * self.modes / a  # φ per unit weight (modes carry a)
+            left, right = x <= mean, x >= mean
+            xl, xr = x[left][:, None], x[right][None, :]
+            width = xr - xl
+            share = np.where(width > 0, (mean - xl) / np.where(width > 0, width, 1), 0.0)
+            yl, yr = y[:, left][:, :, None], y[:, right][:, None, :]
+            line = yl + share * (yr - yl)  # (N_B, left, right): every chord through h̄
+            low, high = line.min(axis=(1, 2)), line.max(axis=(1, 2))
+        return a * low, a * high
+
+    def loss(self, seg: Segment) -> tuple[np.ndarray, np.ndarray]:
+        """``(value, estimate)`` per ``B``: the midpoint of :meth:`bounds` and their
+        half-difference plus ``|value|`` times ``b``'s relative standard error."""
+        low, high = self.bounds(seg)
+        b = abs(seg.outside_curvature)
+        relative = seg.outside_error / b if b > 0 else 0.0
+        with np.errstate(over="ignore", invalid="ignore"):
+            value = 0.5 * (low + high)
+            return value, 0.5 * (high - low) + np.abs(value) * relative
 
 
 @dataclass
