@@ -74,9 +74,7 @@ def test_runaway_trials_are_refused_before_anything_is_measured(
     monkeypatch, tmp_path, args, fragment
 ):
     for module in ("validation", "comparison"):
-        monkeypatch.setattr(
-            f"perturb.experiments.{module}.measure_at_start", _fail("measuring")
-        )
+        monkeypatch.setattr(f"perturb.experiments.{module}.measure_at_start", _fail("measuring"))
     monkeypatch.setattr("perturb.experiments.sgd_step.run_trials", _fail("SGD"))
     result = CliRunner().invoke(cli, [*args, "--population", "16", "--out", str(tmp_path / "o")])
     line = _one_error_line(result, fragment)
@@ -142,8 +140,9 @@ def test_pair_index_draws_what_trial_indices_draws_in_small_chunks(monkeypatch, 
         np.testing.assert_array_equal(got[j], batches)
         pieces = [index[j, a : a + 4] for a in range(0, len(train), 4)]
         np.testing.assert_array_equal(torch.cat(pieces).numpy(), train)
-    np.testing.assert_array_equal(index[:, 0:3].numpy()[1], trial_indices(schedule, 11, seed=4,
-                                                                          trial=2)[0][:3])
+    np.testing.assert_array_equal(
+        index[:, 0:3].numpy()[1], trial_indices(schedule, 11, seed=4, trial=2)[0][:3]
+    )
     with pytest.raises(ValueError, match="steps must be read in order"):
         index.batch(0)
 
@@ -158,7 +157,7 @@ def test_samples_are_drawn_once_per_trial_whatever_the_learning_rates(monkeypatc
 
     monkeypatch.setattr(sampling, "_trial_rng", counted)
     x = torch.randn(10, 2, generator=torch.Generator().manual_seed(0))
-    args = (lambda t, xb, yb: ((xb @ t) ** 2), torch.ones(2), (x, torch.zeros(10)))
+    args = (lambda t, xb, yb: (xb @ t) ** 2, torch.ones(2), (x, torch.zeros(10)))
     for lrs in ([0.1], [0.1, 0.2, 0.3]):
         drawn.clear()
         simulate(*args, Epochs(train_size=4, batch_size=2, epochs=50), lr=lrs, trials=5)

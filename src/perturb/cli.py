@@ -44,6 +44,7 @@ from perturb.cli_options import (
     QUANTITIES,
     SCHEDULES,
     VariadicOption,
+    batch_sizes_option,
     budget_options,
     checkpoint_option,
     curve_option,
@@ -702,14 +703,7 @@ def validate_command(**options: Any) -> None:
 @cli.command("compare")
 @data_options()
 @lr_option(default="0.005 0.02")
-@click.option(
-    "--batch-size",
-    "batch_sizes",
-    cls=VariadicOption,
-    type=POSITIVE,
-    metavar="B...",
-    help="Batch sizes: --batch-size 1 4 (or repeat).  [default: 1 4]",
-)
+@batch_sizes_option(example="1 4", default="1 4")
 @click.option(
     "--steps",
     cls=VariadicOption,

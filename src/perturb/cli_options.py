@@ -45,6 +45,7 @@ __all__ = [
     "QUANTITIES",
     "SCHEDULES",
     "VariadicOption",
+    "batch_sizes_option",
     "budget_options",
     "checkpoint_option",
     "curve_option",
@@ -212,6 +213,33 @@ def lr_option(*, required: bool = False, default: str | None = None) -> Decorato
         required=required,
         callback=_callback(_each_lr),
         help=text,
+    )
+
+
+def batch_sizes_option(*, example: str, default: str) -> Decorator:
+    """``--batch-size B...``: a grid of batch sizes, each a positive integer.
+
+    The command receives ``batch_sizes``, a tuple (empty when the option is left out).
+
+    Args:
+        example: the sizes the help shows, e.g. ``"1 4"``.
+        default: the default the command applies when it is left out, for the help.
+
+    Example:
+        >>> @click.command()
+        ... @batch_sizes_option(example="1 4", default="1 4")
+        ... def show(batch_sizes):
+        ...     click.echo(batch_sizes)
+        >>> show(["--batch-size", "1", "8"], standalone_mode=False)
+        (1, 8)
+    """
+    return click.option(
+        "--batch-size",
+        "batch_sizes",
+        cls=VariadicOption,
+        type=POSITIVE,
+        metavar="B...",
+        help=f"Batch sizes: --batch-size {example} (or repeat).  [default: {default}]",
     )
 
 

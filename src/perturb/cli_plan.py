@@ -23,6 +23,7 @@ from perturb.cli_experiment import build_experiment, experiment_options
 from perturb.cli_options import (
     POSITIVE,
     VariadicOption,
+    batch_sizes_option,
     budget_options,
     data_options,
     device_option,
@@ -80,14 +81,7 @@ def _settings(options: dict[str, Any]) -> Any:
 @click.command("plan")
 @data_options()
 @lr_option(default="geometric, 3 decades, 2 a decade, up to GD's edge 2/h_max")
-@click.option(
-    "--batch-size",
-    "batch_sizes",
-    cls=VariadicOption,
-    type=POSITIVE,
-    metavar="B...",
-    help="Batch sizes: --batch-size 1 4 16 (or repeat).  [default: 1 2 4 8 16 32 64]",
-)
+@batch_sizes_option(example="1 4 16", default="1 2 4 8 16 32 64")
 @click.option(
     "--steps",
     cls=VariadicOption,

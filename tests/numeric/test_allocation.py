@@ -448,8 +448,9 @@ def test_pilot_progress_bar_and_the_same_plan(capsys):
     assert (plans[0].rows, plans[0].replicates) == (plans[1].rows, plans[1].replicates)
     for key in cs:
         for e in ESTIMATORS:
-            assert plans[0].report["contractions"][key][e]["variance"] == (
-                plans[1].report["contractions"][key][e]["variance"]
+            assert (
+                plans[0].report["contractions"][key][e]["variance"]
+                == (plans[1].report["contractions"][key][e]["variance"])
             )
     quiet = _measure(estimator="auto", groups=4, pilot=24)
     assert capsys.readouterr() == ("", "")

@@ -411,9 +411,7 @@ def test_predict_checks_learning_rates_like_perturb_predict(lr, resummed):
     strings, booleans, empty or nested grids, non-finite values; 0 only un-resummed."""
     kind = "positive" if resummed else "non-negative"
     with pytest.raises(ValueError, match=f"^lr must be {kind} finite numbers, got "):
-        _small_statistics(resummed).predict(
-            Online(steps=3, batch_size=1), lr=lr, resummed=resummed
-        )
+        _small_statistics(resummed).predict(Online(steps=3, batch_size=1), lr=lr, resummed=resummed)
     if not isinstance(lr, list | np.ndarray | dict):  # perturb.predict takes one number
         pop, theta0 = Population(_loss, torch.randn(4, 2, dtype=F64)), torch.zeros(2, dtype=F64)
         with pytest.raises(ValueError, match=r"^lr must be a positive finite number, got "):

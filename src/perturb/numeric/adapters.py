@@ -171,9 +171,7 @@ def check_forward(
     """
     few = tuple(r[:2] for r in rows)
     before = (
-        {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if model is not None
-        else {}
+        {k: v.detach().clone() for k, v in model.state_dict().items()} if model is not None else {}
     )
 
     def total(t: torch.Tensor, *batch: torch.Tensor) -> torch.Tensor:
