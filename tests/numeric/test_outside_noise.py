@@ -125,9 +125,9 @@ def test_a_whole_basis_leaves_nothing_out():
 
 def test_a_small_subspace_of_a_network_against_the_whole_space():
     """A tanh network on real digits (P = 67): the curve at rank 8 against the curve in
-    the whole space (rank 67, nothing outside).  Carrying the outside noise brings rank 8
-    closer at the first steps (t ≤ 10, where its bounds are tight), and the estimate
-    covers rank 8's error at every recorded step, both batch sizes."""
+    the whole space (rank 67, nothing outside), to ηT = 1.  Carrying the outside noise
+    at least halves rank 8's error at every recorded step ``t ≥ 1`` (its bounds are
+    tight there), and the estimate covers rank 8's error at every recorded step, both B."""
     from sklearn.datasets import load_digits
 
     from perturb.numeric.curve import CurveSettings, learning_curve
@@ -138,18 +138,20 @@ def test_a_small_subspace_of_a_network_against_the_whole_space():
     y = torch.tensor(digits.target[:200]) % 4
     net = torch.nn.Sequential(torch.nn.Linear(16, 3), torch.nn.Tanh(), torch.nn.Linear(3, 4))
     net = net.double()
-    steps, kw = [0, 1, 3, 10, 30], {"lr": [0.1], "batch_sizes": [1, 8]}
+    steps, kw = [0, 1, 3, 10], {"lr": [0.1], "batch_sizes": [1, 8]}
     curves = {
         name: learning_curve(net, (x, y), steps=steps, settings=settings, **kw)
         for name, settings in {
-            "whole": CurveSettings(rank=67, higher_rank=8, sde=False),
-            "k8": CurveSettings(rank=8, higher_rank=8, sde=False),
-            "k8 inside only": CurveSettings(rank=8, higher_rank=8, sde=False, outside_probes=0),
+            "whole": CurveSettings(rank=67, higher_rank=8, per_decade=2, sde=False),
+            "k8": CurveSettings(rank=8, higher_rank=8, per_decade=2, sde=False),
+            "k8 inside only": CurveSettings(
+                rank=8, higher_rank=8, per_decade=2, sde=False, outside_probes=0
+            ),
         }.items()
     }
     exact = curves["whole"].curve[0]
     error = np.abs(curves["k8"].curve[0] - exact)
     inside_only = np.abs(curves["k8 inside only"].curve[0] - exact)
     assert np.all(curves["k8"].outside[0, :, 1:] > 0)
-    assert np.all(error[:, 1:4] < 0.5 * inside_only[:, 1:4])
+    assert np.all(error[:, 1:] < 0.5 * inside_only[:, 1:])
     assert np.all(error <= curves["k8"].error_estimate[0])
