@@ -16,6 +16,7 @@ from perturb.experiments.pipeline import (
     build,
     is_unstable,
     load_population,
+    measure_at_start,
     pretrain,
     recorded_steps,
     run_trials,
@@ -149,3 +150,34 @@ def test_unstable_band():
     assert all(is_unstable(v, 2.0) for v in (-20.1, 40.1, math.inf, -math.inf, math.nan))
     assert not is_unstable(1e9, math.nan)  # no start loss: only non-finite values
     assert is_unstable(math.nan, math.nan)
+
+
+# ------------------------------------------------------------------ measurement
+
+
+@pytest.mark.parametrize("gap", [False, True])
+def test_a_shorter_series_keeps_the_same_subspace_and_trust(digits, gap):
+    """``series_order=2`` (a plan's): the Krylov subspace, the order-2 statistics and the
+    re-summed predictions with their trust are those of the full measurement; only the
+    η³ statistics are left out (a plan reads none of them)."""
+    setup = build("mlp", digits, seed=0)
+    schedules = [Epochs(train_size=8, batch_size=4, epochs=2, shuffle=True)] if gap else [
+        Online(steps=6, batch_size=2)
+    ]  # fmt: skip
+    kw = {"order": 3, "schedules": schedules, "gap": gap, "resummed": True, "rank": 12,
+          "higher_rank": 4}  # fmt: skip
+    full = measure_at_start(setup, **kw)
+    short = measure_at_start(setup, series_order=2, **kw)
+    assert (full.order, short.order) == (3, 2)
+    assert set(short.contractions) < set(full.contractions)
+    for key in short.contractions:
+        np.testing.assert_array_equal(short.group_values[key], full.group_values[key])
+    torch.testing.assert_close(short.subspace.basis, full.subspace.basis, rtol=0, atol=0)
+    np.testing.assert_array_equal(short.subspace.hessian, full.subspace.hessian)
+    judge = {"lr": [0.01, 0.1], "quantity": "gap" if gap else "test", "order": 2,
+             "resummed": True, "trials": 16}  # fmt: skip
+    want, got = full.trust(schedules[0], **judge), short.trust(schedules[0], **judge)
+    for name in ("value", "error_estimate", "trusted", "trusted_steps"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+    with pytest.raises(ValueError, match="series order"):
+        measure_at_start(setup, series_order=0, **kw)

@@ -60,6 +60,7 @@ from perturb.experiments.simulation_cost import TrialsEstimate, check_trials, es
 from perturb.experiments.simulation_setup import make_setup
 from perturb.numeric.adapters import check_forward
 from perturb.numeric.intervals import t_half_width
+from perturb.numeric.krylov import krylov_subspace
 from perturb.numeric.measuring import Statistics, measure
 from perturb.numeric.trust import blown_up
 from perturb.symbolic.options import make_schedule
@@ -466,6 +467,7 @@ def measure_at_start(
     resummed: bool = False,
     rank: int = 128,
     higher_rank: int = 32,
+    series_order: int | None = None,
     progress: bool = False,
 ) -> Statistics:
     """The diagrams at ``θ_0``, exact over the population, for every predictor.
@@ -474,7 +476,11 @@ def measure_at_start(
     through ``η²``; with ``resummed`` also the Krylov subspace of ``H`` of dimension
     ``rank`` (at most ``P``) with the tensors of the re-summed diagrams with up to three
     edges (test) and two (gap), third-order ones on ``higher_rank`` vectors
-    (:func:`perturb.measure`); the test series is then measured through ``η³`` at least.
+    (:func:`perturb.measure`); the test series is then measured through ``η³`` at least,
+    unless ``series_order`` (with ``resummed``) asks for less: the series through that
+    order and the same subspace built apart (:func:`perturb.krylov_subspace`, as
+    :func:`perturb.measure` builds it), for a caller that reads no η³ term of the series
+    (a plan: its η³ statistics, exact, cost more than everything else it measures).
 
     Example:
         >>> from perturb.symbolic.schedules import Online
@@ -490,16 +496,29 @@ def measure_at_start(
         rank = min(check_int("krylov rank", rank, minimum=2), setup.parameters)
         higher = min(check_int("krylov higher rank", higher_rank, minimum=1), rank)
         kw = {"resummed": True, "rank": rank, "higher_rank": higher}
-    return measure(
+    apart = resummed and series_order is not None
+    if apart:
+        series = check_int("series order", series_order, minimum=1, maximum=test)
+        series = {q: min(d, series) for q, d in orders.items()}
+    stats = measure(
         setup.net,
         (setup.x, setup.y),
-        order=orders,
+        order=series if apart else orders,
         schedules=list(schedules),
         exact=True,
         dtype=torch.float32,
         progress=progress,
-        **kw,
+        **({} if apart else kw),
     )
+    if not apart:
+        return stats
+    sub = krylov_subspace(
+        setup.net, (setup.x, setup.y), rank=kw["rank"], order=orders, quantities=tuple(orders),
+        schedules=list(schedules),
+        higher_rank=kw["higher_rank"], dtype=torch.float32, progress=progress,
+    )  # fmt: skip
+    meta = {**stats.meta, "resummed_groups": 1, "resummed_rank": sub.rank}
+    return replace(stats, subspace=sub, meta=meta)
 
 
 def run_trials(

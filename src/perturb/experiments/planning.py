@@ -1,8 +1,9 @@
 """Choose ``η`` and ``B`` from a checkpoint before running anything, and prove the choice.
 
-:func:`plan` measures once at the start ``θ_0`` (exact over the population, with the
-Krylov subspace of ``H``, by default of the ranks :data:`DEFAULT_KRYLOV_RANKS`) and the
-samples' top curvatures, then, for every ``(η, B)`` of a grid and every horizon,
+:func:`plan` measures once at the start ``θ_0`` (exact over the population: the
+Krylov subspace of ``H``, by default of the ranks :data:`DEFAULT_KRYLOV_RANKS`, and the
+un-re-summed series through ``η²`` only, which the noise scale reads) and the samples'
+top curvatures, then, for every ``(η, B)`` of a grid and every horizon,
 predicts the test loss with its error estimate and the one trust rule's verdict, draws
 the instability boundary and recommends the best trusted configuration
 (:mod:`perturb.experiments.plan_grid`).  Beside it are what the usual tools would pick:
@@ -302,7 +303,7 @@ def plan(
             setup, order=3, schedules=[probe.schedule_at(horizons[0], b) for b in grid_b],
             gap=t.schedule == "epochs" and e.measurement.gap, resummed=True,
             rank=e.measurement.krylov_rank, higher_rank=e.measurement.krylov_higher_rank,
-            progress=progress,
+            series_order=2, progress=progress,  # the noise scale reads G·H·G and tr(C H)
         )  # fmt: skip
         _, curvatures = per_sample_top_curvatures(setup.net, (setup.x, setup.y), progress=progress)
         noise = noise_scale(setup.net, (setup.x, setup.y), stats=stats)
