@@ -155,3 +155,12 @@ def test_a_small_subspace_of_a_network_against_the_whole_space():
     assert np.all(curves["k8"].outside[0, :, 1:] > 0)
     assert np.all(error[:, 1:] < 0.5 * inside_only[:, 1:])
     assert np.all(error <= curves["k8"].error_estimate[0])
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"probes": 0}, "probes"), ({"chunk": 0}, "chunk")])
+def test_outside_noise_errors(kwargs, match):
+    obj = objective(lambda t, x: (t * x).sum(), torch.ones(3, 2, dtype=torch.float64),
+                    torch.zeros(2, dtype=torch.float64))  # fmt: skip
+    args = {"probes": 2, "seed": 0, "chunk": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        outside_noise(obj, [torch.eye(2, dtype=torch.float64)], **args)

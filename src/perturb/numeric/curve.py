@@ -275,6 +275,8 @@ def outside_noise(
         >>> round(a, 1), round(se, 2), a == b, rest   # E a = C_22 = 4; H = I: b = a
         (3.7, 0.23, True, (0.0, 0.0, 0.0))
     """
+    probes = check_int("probes", probes, minimum=1)
+    chunk = check_int("chunk", chunk, minimum=1)
     n, theta = obj.n, obj.theta0
     vector = derivative(summed(obj.batch), vector=True)
 
