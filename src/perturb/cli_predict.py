@@ -154,7 +154,7 @@ def run_predict(
     stats = measure(
         model,
         (data.x.to(device), data.y.to(device)),
-        order=max(order, TRUST_ORDER) if exact or resummed else order,  # see below
+        order=max(order, TRUST_ORDER) if exact or resummed else order,  # see the docstring
         schedules=[schedule],
         quantities=(quantity,),
         exact=exact,

@@ -367,15 +367,14 @@ class OutsideNoise:
         mean = float(np.clip(seg.outside_curvature / a, 0.0, top))
         x = self._curvatures(seg)
         with np.errstate(over="ignore", invalid="ignore"):
-            y = 0.5 * x * self.modes / a  # φ per unit weight (modes carry a)
+            y = 0.5 * x * self.modes  # a·φ_t: the modes carry the weight a
             left, right = x <= mean, x >= mean
             xl, xr = x[left][:, None], x[right][None, :]
             width = xr - xl
             share = np.where(width > 0, (mean - xl) / np.where(width > 0, width, 1), 0.0)
             yl, yr = y[:, left][:, :, None], y[:, right][:, None, :]
             line = yl + share * (yr - yl)  # (N_B, left, right): every chord through h̄
-            low, high = line.min(axis=(1, 2)), line.max(axis=(1, 2))
-        return a * low, a * high
+        return line.min(axis=(1, 2)), line.max(axis=(1, 2))
 
     def loss(self, seg: Segment) -> tuple[np.ndarray, np.ndarray]:
         """``(value, estimate)`` per ``B``: the midpoint of :meth:`bounds` and their
